@@ -1,0 +1,84 @@
+"""Pure-PyTorch reference implementations of the ops.
+
+Short and obviously correct: the tests compare the kernels with these, and they serve as the
+fallback when the compiled extension is absent. They perform the same floating-point operations in
+the same order as the kernels (see csrc/ops/soft_couple.h), so float results agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def default_bandwidth(n: int) -> float:
+    """The triangular kernel's default bandwidth for n coupled blocks (SPEC 2: h = T / 2, at least 1)."""
+    return max(1.0, n / 2.0)
+
+
+def mixing_coefficients(kernel: str, lam: float, bandwidth: Optional[float], n: int):
+    """Coefficients of one group's mix, in double precision.
+
+    Returns ("uniform", a, b) with out_t = a * g_t + b * sum_u g_u, or ("matrix", M) with
+    out_t = sum_u M[t][u] g_u and M = (1 - lam) I + lam K, K's rows summing to 1.
+    """
+    if kernel == "uniform":
+        return ("uniform", 1.0 - lam, lam / n)
+    h = default_bandwidth(n) if bandwidth is None else float(bandwidth)
+    matrix = []
+    for t in range(n):
+        weights = [max(0.0, 1.0 - abs(float(t - u)) / h) for u in range(n)]
+        row_sum = 0.0
+        for w in weights:
+            row_sum += w
+        matrix.append([lam * (w / row_sum) + ((1.0 - lam) if t == u else 0.0) for u, w in enumerate(weights)])
+    return ("matrix", matrix)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # A 0-dim tensor of the accumulation dtype: the coefficient is rounded to that dtype first, as in C++.
+    return torch.tensor(value, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def soft_couple_(
+    groups: Sequence[Sequence[torch.Tensor]],
+    lam: float,
+    *,
+    kernel: str = "uniform",
+    bandwidth: Optional[float] = None,
+    skip_first: int = 0,
+) -> None:
+    """Reference soft gradient coupling, in place. Expects validated arguments (see ops.soft_couple_)."""
+    if lam == 0.0:
+        return
+    for group in groups:
+        members = list(group)[skip_first:]
+        n = len(members)
+        if n <= 1 or members[0].numel() == 0:
+            continue
+        acc = _acc_dtype(members[0].dtype)
+        device = members[0].device
+        values = [g.to(acc) for g in members]
+        coeffs = mixing_coefficients(kernel, lam, bandwidth, n)
+        if coeffs[0] == "uniform":
+            a, b = _scalar(coeffs[1], acc, device), _scalar(coeffs[2], acc, device)
+            total = values[0].clone()
+            for v in values[1:]:
+                total = total + v
+            shared = b * total
+            mixed = [a * v + shared for v in values]
+        else:
+            m = [[_scalar(c, acc, device) for c in row] for row in coeffs[1]]
+            mixed = []
+            for t in range(n):
+                out = m[t][0] * values[0]
+                for u in range(1, n):
+                    out = out + m[t][u] * values[u]
+                mixed.append(out)
+        for g, out in zip(members, mixed):
+            g.copy_(out)

@@ -1,0 +1,69 @@
+"""Build of itconv_fast._C, the C++/CUDA extension.
+
+C++ CPU sources are always compiled. CUDA sources are compiled when a CUDA toolkit and a CUDA build
+of torch are present; ITCONV_FAST_CUDA=1 forces them on (fail if impossible), ITCONV_FAST_CUDA=0 off.
+Without a visible GPU set TORCH_CUDA_ARCH_LIST explicitly (e.g. "8.0;9.0"). Build with
+`pip install --no-build-isolation .` so the extension is compiled against the torch that runs it.
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def want_cuda() -> bool:
+    flag = os.environ.get("ITCONV_FAST_CUDA", "auto").lower()
+    available = CUDA_HOME is not None and torch.version.cuda is not None
+    if flag in ("0", "false", "off", "no"):
+        return False
+    if flag in ("1", "true", "on", "yes"):
+        if not available:
+            raise RuntimeError(
+                "ITCONV_FAST_CUDA=1 but no CUDA toolkit (CUDA_HOME) or no CUDA build of torch was found"
+            )
+        return True
+    return available
+
+
+def wheel_cuda_include_dirs() -> list[str]:
+    """Header folders of the CUDA libraries that ship inside torch's wheels (nvidia/*/include).
+
+    torch's CUDA headers include e.g. cusparse.h, which a bare CUDA toolkit may lack; those folders are
+    searched after the toolkit's own (-idirafter), so the toolkit's headers always win.
+    """
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(
+        {os.path.dirname(h) for root in nvidia.__path__ for h in glob.glob(os.path.join(root, "*", "include", "cusparse.h"))}
+    )
+
+
+def extension():
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "ops", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "ops", "cpu", "*.cpp")))
+    torch_version = torch.__version__.split("+")[0]
+    # -ffp-contract=off: no fused multiply-adds, so the kernels round exactly like the reference.
+    cxx = ["-O3", "-ffp-contract=off", f'-DITCONV_TORCH_VERSION="{torch_version}"']
+    kwargs = dict(include_dirs=[os.path.join(here, "csrc")])
+    if want_cuda():
+        sources += sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu")))
+        cxx.append("-DITCONV_WITH_CUDA")
+        nvcc = ["-O3", "--fmad=false", "-DITCONV_WITH_CUDA", "--expt-relaxed-constexpr"]
+        for folder in wheel_cuda_include_dirs():
+            cxx += ["-idirafter", folder]
+            nvcc += [f"-Xcompiler=-idirafter{folder}"]
+        return CUDAExtension("itconv_fast._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+    return CppExtension("itconv_fast._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
