@@ -51,7 +51,13 @@ def extension():
     torch_version = torch.__version__.split("+")[0]
     # -ffp-contract=off: no fused multiply-adds, so the kernels round exactly like the reference.
     cxx = ["-O3", "-ffp-contract=off", f'-DITCONV_TORCH_VERSION="{torch_version}"']
-    kwargs = dict(include_dirs=[os.path.join(here, "csrc")])
+    link = []
+    if torch.backends.openmp.is_available():
+        # at::parallel_for is an inline OpenMP region in ATen's headers: without -fopenmp our kernels
+        # would silently run on one thread. libgomp.so.1 resolves to the copy torch already loaded.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
+    kwargs = dict(include_dirs=[os.path.join(here, "csrc")], extra_link_args=link)
     if want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu")))
         cxx.append("-DITCONV_WITH_CUDA")

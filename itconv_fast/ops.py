@@ -47,7 +47,8 @@ def _memory_span(t: torch.Tensor):
     return (t.device, base + start * item, base + (start + extent + 1) * item)
 
 
-def _validate_coupling(groups, lam, kernel, bandwidth, skip_first) -> list[list[torch.Tensor]]:
+def _check_coupling_settings(lam, kernel, bandwidth, skip_first) -> tuple[float, Optional[float]]:
+    """Checks the scalar arguments; returns lam and bandwidth as floats."""
     if isinstance(lam, bool) or not isinstance(lam, (int, float)):
         raise TypeError(f"soft_couple_: lam must be a number, got {type(lam).__name__}")
     lam = float(lam)
@@ -60,15 +61,19 @@ def _validate_coupling(groups, lam, kernel, bandwidth, skip_first) -> list[list[
             raise TypeError(f"soft_couple_: bandwidth must be a number or None, got {type(bandwidth).__name__}")
         if math.isnan(bandwidth) or bandwidth < 1:
             raise ValueError(f"soft_couple_: bandwidth must be >= 1, got {bandwidth}")
+        bandwidth = float(bandwidth)
     if isinstance(skip_first, bool) or not isinstance(skip_first, int):
         raise TypeError(f"soft_couple_: skip_first must be an int, got {type(skip_first).__name__}")
     if skip_first < 0:
         raise ValueError(f"soft_couple_: skip_first must be >= 0, got {skip_first}")
+    return lam, bandwidth
+
+
+def _as_groups(groups) -> list[list[torch.Tensor]]:
+    """Checks the structure (a sequence of sequences of tensors) and returns it as lists."""
     if isinstance(groups, torch.Tensor) or not isinstance(groups, Sequence):
         raise TypeError("soft_couple_: groups must be a sequence of groups (sequences of tensors)")
-
-    checked = []
-    spans = []
+    out = []
     for gi, group in enumerate(groups):
         if isinstance(group, torch.Tensor) or not isinstance(group, Sequence):
             raise TypeError(f"soft_couple_: group {gi} must be a sequence of tensors, got {type(group).__name__}")
@@ -76,34 +81,44 @@ def _validate_coupling(groups, lam, kernel, bandwidth, skip_first) -> list[list[
         for j, t in enumerate(members):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"soft_couple_: group {gi}, member {j} is a {type(t).__name__}, not a tensor")
+        out.append(members)
+    return out
+
+
+def _check_groups(groups: list[list[torch.Tensor]], skip_first: int) -> None:
+    """Per-tensor checks, in Python (the compiled op makes the same checks, with the same messages, in C++)."""
+    spans = []
+    for gi, members in enumerate(groups):
         if not members:
-            checked.append(members)  # an empty group couples nothing
-            continue
+            continue  # an empty group couples nothing
         if skip_first >= len(members):
             raise ValueError(f"soft_couple_: group {gi}: skip_first={skip_first} must be < T={len(members)}")
         first = members[0]
         if first.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"soft_couple_: group {gi}: dtype {first.dtype} is not supported; use one of {_FLOAT_DTYPES}")
-        for j, t in enumerate(members[1:], start=1):
+            raise TypeError(
+                f"soft_couple_: group {gi}: dtype {first.dtype} is not supported; "
+                "use float32, float64, float16 or bfloat16"
+            )
+        for j, t in enumerate(members):
             if t.shape != first.shape:
-                raise ValueError(f"soft_couple_: group {gi}: member {j} has shape {tuple(t.shape)}, member 0 has {tuple(first.shape)}")
+                raise ValueError(f"soft_couple_: group {gi}: member {j} has shape {list(t.shape)}, member 0 has {list(first.shape)}")
             if t.dtype != first.dtype:
                 raise TypeError(f"soft_couple_: group {gi}: member {j} has dtype {t.dtype}, member 0 has {first.dtype}")
             if t.device != first.device:
                 raise ValueError(f"soft_couple_: group {gi}: member {j} is on {t.device}, member 0 on {first.device}")
-        for j, t in enumerate(members):
             if t.requires_grad and torch.is_grad_enabled():
                 raise ValueError(f"soft_couple_: group {gi}, member {j} requires grad; pass gradients (p.grad), not parameters")
-            span = _memory_span(t)
-            if span is not None:
-                spans.append((span, gi, j))
-        checked.append(members)
-    # Writes to memory shared by two members would race (and couple twice): refuse any overlap.
-    spans.sort(key=lambda s: (str(s[0][0]), s[0][1]))
-    for (prev, pg, pj), (cur, cg, cj) in zip(spans, spans[1:]):
-        if prev[0] == cur[0] and cur[1] < prev[2]:
-            raise ValueError(f"soft_couple_: group {cg}, member {cj} overlaps in memory with group {pg}, member {pj}")
-    return checked
+            if t.numel() > 0:
+                if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+                    raise ValueError(f"soft_couple_: group {gi}: member {j} has internally overlapping memory (expanded?)")
+                extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+                start = t.data_ptr()
+                spans.append((str(t.device), start, start + extent * t.element_size(), gi, j))
+    # Two members sharing memory would be written twice (and race): refuse any overlap.
+    spans.sort(key=lambda s: (s[0], s[1]))
+    for (dev0, _, end0, g0, j0), (dev1, start1, _, g1, j1) in zip(spans, spans[1:]):
+        if dev0 == dev1 and start1 < end0:
+            raise ValueError(f"soft_couple_: group {g1}, member {j1} overlaps in memory with group {g0}, member {j0}")
 
 
 def soft_couple_(
@@ -133,20 +148,22 @@ def soft_couple_(
     Raises ValueError / TypeError naming the offending group before touching any tensor.
     Accumulates in float32 (float64 for float64 tensors).
     """
-    checked = _validate_coupling(groups, lam, kernel, bandwidth, skip_first)
-    lam = float(lam)
-    bandwidth = None if bandwidth is None else float(bandwidth)
-    if lam == 0.0:
-        return
+    lam, bandwidth = _check_coupling_settings(lam, kernel, bandwidth, skip_first)
+    checked = _as_groups(groups)
+    devices = list(dict.fromkeys(members[0].device for members in checked if members))
+    if not _extension.loaded() or len(devices) > 1:
+        # The reference, and several per-device op calls, need every group checked up front.
+        _check_groups(checked, skip_first)
     if not _extension.loaded():
-        _extension.warn_fallback("soft_couple_")
-        _reference.soft_couple_(checked, lam, kernel=kernel, bandwidth=bandwidth, skip_first=skip_first)
+        if lam != 0.0:
+            _extension.warn_fallback("soft_couple_")
+            _reference.soft_couple_(checked, lam, kernel=kernel, bandwidth=bandwidth, skip_first=skip_first)
         return
-    by_device: dict[torch.device, list[list[torch.Tensor]]] = {}
-    for members in checked:
-        if members:
-            by_device.setdefault(members[0].device, []).append(members)
-    for device_groups in by_device.values():
-        flat = [t for members in device_groups for t in members]
-        sizes = [len(members) for members in device_groups]
-        torch.ops.itconv_fast.soft_couple_(flat, sizes, lam, kernel, bandwidth, skip_first)
+    # The op checks every group in C++ (naming it by its index here) before writing anything, and is
+    # the identity for lam = 0.
+    calls = [checked] if len(devices) <= 1 else [[m for m in checked if m and m[0].device == d] for d in devices]
+    for call in calls:
+        flat = [t for members in call for t in members]
+        if not flat:
+            continue  # nothing to dispatch on (and nothing to couple)
+        torch.ops.itconv_fast.soft_couple_(flat, [len(m) for m in call], lam, kernel, bandwidth, skip_first)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from itconv_fast import _reference, ops
+from itconv_fast import _extension, _reference, ops
 from conftest import devices
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -165,6 +165,18 @@ def test_many_groups_mixed_dtypes_one_call():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["extension", "reference"])
+def path(request, monkeypatch):
+    """Run a test through the compiled op (its C++ checks) and through the fallback (Python checks)."""
+    if request.param == "extension":
+        if not ops.extension_loaded():
+            pytest.skip("compiled extension not built")
+    else:
+        monkeypatch.setattr(_extension, "_loaded", False)
+        monkeypatch.setattr(_extension, "_warned", True)
+    return request.param
+
+
 def _good_groups():
     return [[torch.randn(3, 3) for _ in range(4)], [torch.randn(5) for _ in range(4)]]
 
@@ -183,7 +195,7 @@ BAD_CALLS = [
 
 
 @pytest.mark.parametrize("kwargs,exc,match", BAD_CALLS)
-def test_bad_arguments_raise_and_modify_nothing(kwargs, exc, match):
+def test_bad_arguments_raise_and_modify_nothing(path, kwargs, exc, match):
     groups = _good_groups()
     before = clone_groups(groups)
     with pytest.raises(exc, match=match):
@@ -200,10 +212,13 @@ def test_bad_arguments_raise_and_modify_nothing(kwargs, exc, match):
         (lambda gs: gs.append([gs[0][0], torch.randn(3, 3)]), ValueError, "overlaps"),
         (lambda gs: gs[0].__setitem__(1, gs[0][0].view(-1)[:9].view(3, 3)), ValueError, "overlaps"),
         (lambda gs: gs.append(torch.randn(3)), TypeError, "group 2"),
+        (lambda gs: gs.insert(1, []) or gs[2].__setitem__(0, torch.randn(4)), ValueError, "group 2: member 1 has shape"),
+        (lambda gs: gs.append([torch.zeros(1).expand(3), torch.zeros(3)]), ValueError, "group 2: member 0 has internally"),
+        (lambda gs: gs.append([torch.zeros(3, requires_grad=True), torch.zeros(3)]), ValueError, "requires grad"),
         (lambda gs: gs.append([1.0, 2.0]), TypeError, "group 2, member 0"),
     ],
 )
-def test_bad_groups_raise_naming_the_group_and_modify_nothing(corrupt, exc, match):
+def test_bad_groups_raise_naming_the_group_and_modify_nothing(path, corrupt, exc, match):
     groups = _good_groups()
     corrupt(groups)
     before = clone_groups(groups)
@@ -214,7 +229,7 @@ def test_bad_groups_raise_naming_the_group_and_modify_nothing(corrupt, exc, matc
 
 
 @pytest.mark.cuda
-def test_mismatched_devices_rejected():
+def test_mismatched_devices_rejected(path):
     groups = [[torch.randn(3), torch.randn(3, device="cuda")]]
     before = [t.clone() for t in groups[0]]
     with pytest.raises(ValueError, match="group 0: member 1 is on"):

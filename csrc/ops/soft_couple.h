@@ -5,8 +5,12 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <ATen/core/grad_mode.h>
+
+#include <algorithm>
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace itconv_fast {
@@ -95,6 +99,8 @@ inline std::vector<DenseGroup> prepare_groups(
   TORCH_CHECK_VALUE(total == static_cast<int64_t>(grads.size()), "soft_couple_: group_sizes sum to ", total,
                     " but ", grads.size(), " tensors were given");
 
+  // (device, first byte, one past the last byte, group, member) of every non-empty member.
+  std::vector<std::tuple<c10::Device, uintptr_t, uintptr_t, size_t, int64_t>> spans;
   int64_t offset = 0;
   for (size_t g = 0; g < group_sizes.size(); ++g) {
     const int64_t size = group_sizes[g];
@@ -102,21 +108,46 @@ inline std::vector<DenseGroup> prepare_groups(
       TORCH_CHECK_VALUE(skip_first < size, "soft_couple_: group ", g, ": skip_first=", skip_first,
                         " must be < T=", size);
       const at::Tensor& first = grads[offset];
-      TORCH_CHECK_TYPE(at::isFloatingType(first.scalar_type()), "soft_couple_: group ", g,
-                       ": gradients must be floating point, got ", first.scalar_type());
+      const auto dtype = first.scalar_type();
+      TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                       "soft_couple_: group ", g, ": dtype ", dtype,
+                       " is not supported; use float32, float64, float16 or bfloat16");
       for (int64_t j = 0; j < size; ++j) {
         const at::Tensor& t = grads[offset + j];
         TORCH_CHECK_VALUE(t.sizes() == first.sizes(), "soft_couple_: group ", g, ": member ", j, " has shape ",
                           t.sizes(), ", member 0 has ", first.sizes());
-        TORCH_CHECK_TYPE(t.scalar_type() == first.scalar_type(), "soft_couple_: group ", g, ": member ", j,
-                         " has dtype ", t.scalar_type(), ", member 0 has ", first.scalar_type());
-        TORCH_CHECK_VALUE(t.device() == first.device(), "soft_couple_: group ", g, ": member ", j,
-                          " is on ", t.device(), ", member 0 on ", first.device());
+        TORCH_CHECK_TYPE(t.scalar_type() == dtype, "soft_couple_: group ", g, ": member ", j, " has dtype ",
+                         t.scalar_type(), ", member 0 has ", dtype);
+        TORCH_CHECK_VALUE(t.device() == first.device(), "soft_couple_: group ", g, ": member ", j, " is on ",
+                          t.device(), ", member 0 on ", first.device());
+        TORCH_CHECK_VALUE(!(t.requires_grad() && at::GradMode::is_enabled()), "soft_couple_: group ", g,
+                          ", member ", j, " requires grad; pass gradients (p.grad), not parameters");
         TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, "soft_couple_: group ", g,
                           ": member ", j, " has internally overlapping memory (expanded?)");
+        if (t.numel() > 0) {
+          int64_t extent = 1;
+          for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+          const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+          spans.emplace_back(t.device(), start, start + extent * t.element_size(), g, j);
+        }
       }
     }
     offset += size;
+  }
+  // Two members sharing memory would be written twice (and race): refuse any overlap.
+  std::sort(spans.begin(), spans.end(), [](const auto& x, const auto& y) {
+    const auto& dx = std::get<0>(x);
+    const auto& dy = std::get<0>(y);
+    return std::make_tuple(static_cast<int>(dx.type()), dx.index(), std::get<1>(x)) <
+           std::make_tuple(static_cast<int>(dy.type()), dy.index(), std::get<1>(y));
+  });
+  for (size_t k = 1; k < spans.size(); ++k) {
+    const auto& [dev0, start0, end0, g0, j0] = spans[k - 1];
+    const auto& [dev1, start1, end1, g1, j1] = spans[k];
+    if (dev0 == dev1 && start1 < end0) {
+      TORCH_CHECK_VALUE(false, "soft_couple_: group ", g1, ", member ", j1, " overlaps in memory with group ", g0,
+                        ", member ", j0);
+    }
   }
 
   std::vector<DenseGroup> groups;

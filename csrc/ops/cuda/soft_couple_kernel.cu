@@ -83,15 +83,14 @@ void soft_couple_cuda(
     c10::string_view kernel,
     c10::optional<double> bandwidth,
     int64_t skip_first) {
-  TORCH_CHECK_VALUE(!grads.empty(), "soft_couple_ (CUDA): no gradients");
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
+  const auto groups = prepare_groups(grads, group_sizes, lam, std::string(kernel), bandwidth, skip_first, write_back);
+  if (groups.empty()) return;
   const auto device = grads[0].device();
   for (const auto& t : grads) {
     TORCH_CHECK_VALUE(t.device() == device, "soft_couple_ (CUDA): every gradient must be on ", device, ", got ",
                       t.device());
   }
-  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
-  const auto groups = prepare_groups(grads, group_sizes, lam, std::string(kernel), bandwidth, skip_first, write_back);
-  if (groups.empty()) return;
   for (const auto& group : groups) {
     TORCH_CHECK_VALUE(group.coeffs.uniform || group.members.size() <= 64,
                       "soft_couple_ (CUDA): non-uniform kernels support at most 64 coupled blocks, got ",
