@@ -59,6 +59,9 @@ def extension():
         link.append("-fopenmp")
     kwargs = dict(include_dirs=[os.path.join(here, "csrc")], extra_link_args=link)
     if want_cuda():
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # torch cannot detect an architecture without a visible GPU: build for A100 and H100.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         sources += sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu")))
         cxx.append("-DITCONV_WITH_CUDA")
         nvcc = ["-O3", "--fmad=false", "-DITCONV_WITH_CUDA", "--expt-relaxed-constexpr"]

@@ -122,8 +122,20 @@ void soft_couple_cpu(
     bound[g].coeffs = &group.coeffs;
     for (int64_t begin = 0; begin < group.numel; begin += kChunk) items.emplace_back(g, begin);
   }
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k) {
+  // Items differ in cost (T x chunk length); at::parallel_for splits a range evenly, so split the
+  // running total of the cost instead: each thread takes the items whose cost starts in its share.
+  std::vector<int64_t> cost_before(items.size() + 1, 0);
+  for (size_t k = 0; k < items.size(); ++k) {
+    const auto& [g, begin] = items[k];
+    const int64_t len = std::min(kChunk, groups[g].numel - begin);
+    cost_before[k + 1] = cost_before[k] + len * static_cast<int64_t>(groups[g].members.size());
+  }
+  const int64_t total_cost = cost_before.back();
+  const int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size()));
+  at::parallel_for(0, n_parts, 1, [&](int64_t first_part, int64_t last_part) {
+    const int64_t lo = total_cost * first_part / n_parts, hi = total_cost * last_part / n_parts;
+    auto k = std::lower_bound(cost_before.begin(), cost_before.end() - 1, lo) - cost_before.begin();
+    for (; k < static_cast<int64_t>(items.size()) && cost_before[k] < hi; ++k) {
       const auto& [g, begin] = items[k];
       const auto& group = bound[g];
       group.run(group, begin, std::min(begin + kChunk, groups[g].numel));

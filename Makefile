@@ -1,0 +1,43 @@
+# Set-up from nothing and the project's commands. `make test` is the test command CI runs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.itconv-fast-installed
+TORCH_VERSION ?= 2.14.1
+
+# Compile the CUDA kernels whenever a CUDA toolkit is present (no GPU is needed to compile them).
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+ifneq ($(CUDA_HOME),)
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+endif
+export MAX_JOBS ?= 2
+
+SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
+
+.PHONY: setup test test-fast train bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) numpy click tqdm matplotlib ninja pybind11 pytest pytest-benchmark hypothesis
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -c "import itconv_fast, sys; sys.exit(0 if itconv_fast.extension_loaded() else 'extension failed to load')"
+	touch $(STAMP)
+
+test: $(STAMP)
+	ITCONV_FAST_REQUIRE_EXTENSION=1 $(PY) -m pytest tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow"
+
+train: $(STAMP)
+	$(VENV)/bin/itconv-fast train $(ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/itconv-fast bench coupling --out benchmarks/results/coupling-cpu.json
+
+clean:
+	rm -rf build itconv_fast/_C*.so $(STAMP)

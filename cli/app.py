@@ -1,0 +1,75 @@
+"""The `itconv-fast` command line (Click)."""
+
+from __future__ import annotations
+
+import json
+import platform
+
+import click
+import torch
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="itconv-fast")
+def main() -> None:
+    """Measure and manipulate iterative convergent computation in residual networks."""
+
+
+@main.command()
+def info() -> None:
+    """Versions, devices and the kernel backend in use."""
+    from itconv_fast import _extension, ops
+
+    report = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "extension_loaded": ops.extension_loaded(),
+        "extension_cuda_kernels": _extension.cuda_compiled(),
+        "threads": torch.get_num_threads(),
+    }
+    if not ops.extension_loaded():
+        report["fallback_reason"] = _extension._reason
+    click.echo(json.dumps(report, indent=2))
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks against pure PyTorch (torch.utils.benchmark, side by side in one process)."""
+
+
+def _device_option(f):
+    return click.option(
+        "--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."
+    )(f)
+
+
+@bench.command("coupling")
+@click.option("--width", "widths", type=click.IntRange(min=1), multiple=True, default=(16, 64), show_default=True,
+              help="Base width of the ResNet-101 whose gradients are coupled (repeatable).")
+@click.option("--min-run-time", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              help="Seconds of timing per case.")
+@click.option("--no-compile", is_flag=True, help="Skip the torch.compile baseline (c).")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the report as JSON here.")
+@_device_option
+def bench_coupling(widths, min_run_time, no_compile, out, device) -> None:
+    """One soft-coupling step on ResNet-101 gradients: fused op vs loop, _foreach, compile, copy."""
+    from itconv_fast import bench as bench_lib
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    report, table = bench_lib.run_coupling_benchmark(
+        widths=widths, device=device, min_run_time=min_run_time, compile_reference=not no_compile
+    )
+    click.echo(table)
+    for width, ratios in report["ratios"].items():
+        parts = ", ".join(f"{name}: {ratio:.2f}x" for name, ratio in ratios.items())
+        click.echo(f"{width}: time relative to the fused op -> {parts}")
+    if out:
+        bench_lib.save_report(report, out)
+        click.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
