@@ -14,7 +14,7 @@ import torch
 
 from . import _extension, _reference
 
-__all__ = ["extension_loaded", "soft_couple_", "COUPLING_KERNELS"]
+__all__ = ["extension_loaded", "soft_couple_", "COUPLING_KERNELS", "batched_spectral_norm", "SPECTRAL_MODES"]
 
 COUPLING_KERNELS = ("uniform", "triangular")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -167,3 +167,143 @@ def soft_couple_(
         if not flat:
             continue  # nothing to dispatch on (and nothing to couple)
         torch.ops.itconv_fast.soft_couple_(flat, [len(m) for m in call], lam, kernel, bandwidth, skip_first)
+
+
+# --------------------------------------------------------------------------------------------
+# batched_spectral_norm
+# --------------------------------------------------------------------------------------------
+
+SPECTRAL_MODES = ("operator", "matrix", "gram")
+
+if _extension.loaded():
+
+    @torch.library.register_fake("itconv_fast::power_iteration_operator_")
+    def _power_iteration_operator_fake(weight, u, n_iter):
+        return weight.new_empty((weight.shape[0], weight.shape[2], u.shape[2], u.shape[3]))
+
+    @torch.library.register_fake("itconv_fast::power_iteration_matrix_")
+    def _power_iteration_matrix_fake(weight, u, n_iter):
+        return weight.new_empty((weight.shape[0], weight.shape[2] * weight.shape[3] * weight.shape[4]))
+
+
+def _check_spectral(weight, u, mode, n_iter, input_size):
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 5:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"batched_spectral_norm: weight must be a 5-D tensor [B, C_out, C_in, kh, kw], got {shape}")
+    if weight.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"batched_spectral_norm: weight must be float32 or float64, got {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError(f"batched_spectral_norm: weight is empty {tuple(weight.shape)}")
+    if mode not in SPECTRAL_MODES:
+        raise ValueError(f"batched_spectral_norm: unknown mode {mode!r}; expected one of {SPECTRAL_MODES}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"batched_spectral_norm: n_iter must be an int >= 1, got {n_iter!r}")
+    B, c_out, c_in, kh, kw = weight.shape
+    if mode == "operator":
+        if kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(f"batched_spectral_norm: operator mode needs odd kernel sizes, got {kh}x{kw}")
+        if input_size is None and u is None:
+            raise ValueError("batched_spectral_norm: operator mode needs input_size=(H, W) (or u)")
+        if input_size is not None:
+            if len(tuple(input_size)) != 2 or any(int(s) < 1 for s in input_size):
+                raise ValueError(f"batched_spectral_norm: input_size must be (H, W) with H, W >= 1, got {input_size!r}")
+        expected = (B, c_out) + (tuple(int(s) for s in input_size) if input_size is not None else tuple(u.shape[2:]))
+    else:
+        expected = (B, c_out)
+    if u is not None and mode != "gram":
+        if not isinstance(u, torch.Tensor) or tuple(u.shape) != expected:
+            got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
+            raise ValueError(f"batched_spectral_norm: u must have shape {expected} for mode {mode!r}, got {got}")
+        if u.dtype != weight.dtype or u.device != weight.device:
+            raise ValueError(f"batched_spectral_norm: u is {u.dtype} on {u.device}, weight {weight.dtype} on {weight.device}")
+    return expected
+
+
+def init_power_vector(weight: torch.Tensor, mode: str, input_size=None, generator=None) -> torch.Tensor:
+    """A random unit starting vector u for `batched_spectral_norm` (one per kernel)."""
+    B, c_out = weight.shape[:2]
+    shape = (B, c_out) + (tuple(input_size) if mode == "operator" else ())
+    u = torch.randn(shape, generator=generator, dtype=weight.dtype).to(weight.device)
+    return _reference._normalize_rows(u)
+
+
+def spectral_sigma(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, mode: str) -> torch.Tensor:
+    """sigma_b = <u_b, W_b v_b>, differentiable in weight with u and v held constant (Miyato et al. 2018):
+    d sigma_b / d W_b = u_b v_b^T (in the convolution's sense for operator mode)."""
+    u, v = u.detach(), v.detach()
+    B, c_out, c_in, kh, kw = weight.shape
+    if mode == "operator":
+        H, W = u.shape[2:]
+        wv = torch.nn.functional.conv2d(
+            v.reshape(1, B * c_in, H, W), weight.reshape(B * c_out, c_in, kh, kw), padding=(kh // 2, kw // 2), groups=B
+        )
+        return (wv.view(B, -1) * u.reshape(B, -1)).sum(dim=1)
+    return torch.einsum("bo,bok,bk->b", u, weight.reshape(B, c_out, -1), v)
+
+
+def gram_spectral_bound(weight: torch.Tensor, n_iter: int = 6) -> torch.Tensor:
+    """Certified upper bound on each zero-padded convolution's spectral norm, valid for every input size,
+    by Gram iteration (Delattre, Barthelemy & Allauzen 2024, arXiv 2402.00240).
+
+    n_iter times the kernel G is replaced by its normalised Gram kernel: G <- G G^T in the convolution
+    algebra (a grouped conv of G with itself at padding k-1, so it grows by k-1 per step), keeping the log
+    of the normaliser. The bound is max_o (sum_{i,taps} |G[o, i]|)^(1/2^t) times the carried scale.
+    One grouped conv per step for all B kernels; differentiable (autograd through the ATen ops).
+    """
+    B, c_out, c_in = weight.shape[:3]
+    g = weight if c_out >= c_in else weight.transpose(1, 2)  # |W| = |W^T|; work with the wider side out
+    log_scale = torch.zeros(B, dtype=weight.dtype, device=weight.device)
+    for _ in range(n_iter):
+        b, co, ci, kh, kw = g.shape
+        norm = g.reshape(b, -1).norm(dim=1).clamp_min(_reference._NORM_EPS)
+        g = g / norm.view(-1, 1, 1, 1, 1)
+        log_scale = 2 * (log_scale + norm.log())
+        # out[o, o'] = sum_i g[o, i] (x) g[o', i]: the input batch is o, channels (b, i); groups = b.
+        gram = torch.nn.functional.conv2d(
+            g.permute(1, 0, 2, 3, 4).reshape(co, b * ci, kh, kw),
+            g.reshape(b * co, ci, kh, kw),
+            padding=(kh - 1, kw - 1),
+            groups=b,
+        )  # [co, b * co, 2kh-1, 2kw-1]
+        g = gram.view(co, b, co, 2 * kh - 1, 2 * kw - 1).permute(1, 2, 0, 3, 4)
+    power = 2.0 ** (-n_iter)
+    row_sums = g.abs().sum(dim=(2, 3, 4))  # [B, C]
+    return (row_sums.pow(power) * torch.exp(log_scale * power).unsqueeze(1)).amax(dim=1)
+
+
+def batched_spectral_norm(
+    weight: torch.Tensor,
+    u: Optional[torch.Tensor] = None,
+    *,
+    mode: str = "operator",
+    n_iter: int = 1,
+    input_size=None,
+) -> torch.Tensor:
+    """The largest singular value of each of B same-shaped convolution kernels, in one batched call.
+
+    Args:
+        weight: [B, C_out, C_in, kh, kw] (stride 1, zero padding kh//2, kw//2), float32 or float64.
+        u: the persistent power-iteration vectors, updated in place: [B, C_out, H, W] for "operator",
+            [B, C_out] for "matrix"; unused by "gram". None starts from a random vector (not kept).
+        mode: "operator" (power iteration on the convolution as a linear map on input_size = (H, W); tight,
+            from below), "matrix" (on the weight reshaped to [C_out, C_in*kh*kw]: the paper's and torch's
+            spectral_norm), or "gram" (a certified upper bound for every input size).
+        n_iter: power iterations (operator, matrix) or Gram iterations (gram).
+
+    Returns sigma [B], differentiable in weight with the iteration vectors held constant.
+    Raises ValueError naming the problem before anything is modified.
+    """
+    expected = _check_spectral(weight, u, mode, n_iter, input_size)
+    if mode == "gram":
+        return gram_spectral_bound(weight, n_iter)
+    if u is None:
+        u = init_power_vector(weight, mode, expected[2:] if mode == "operator" else None)
+    w = weight.detach()
+    if _extension.loaded():
+        op = torch.ops.itconv_fast.power_iteration_operator_ if mode == "operator" else torch.ops.itconv_fast.power_iteration_matrix_
+        v = op(w, u, n_iter)
+    else:
+        _extension.warn_fallback("batched_spectral_norm")
+        ref = _reference.power_iteration_operator_ if mode == "operator" else _reference.power_iteration_matrix_
+        v = ref(w, u, n_iter)
+    return spectral_sigma(weight, u, v, mode)

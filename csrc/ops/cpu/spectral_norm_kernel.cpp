@@ -1,0 +1,80 @@
+// CPU kernel of the matrix-mode power iteration: every matrix W_b = weight[b] reshaped to
+// [C_out, C_in*kh*kw] runs all n_iter steps (v = W^T u / |.|, u = W v / |.|) in one parallel pass
+// over b. Accumulates in float32 (float64 for float64).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../spectral_norm.h"
+
+namespace itconv_fast {
+namespace spectral {
+namespace {
+
+template <typename scalar_t>
+void power_iteration_one(const scalar_t* w, scalar_t* u, scalar_t* v, int64_t rows, int64_t cols, int64_t n_iter) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> acc(cols);
+  for (int64_t it = 0; it < n_iter; ++it) {
+    // v = W^T u, row by row (contiguous reads of W).
+    std::fill(acc.begin(), acc.end(), acc_t(0));
+    for (int64_t o = 0; o < rows; ++o) {
+      const acc_t uo = static_cast<acc_t>(u[o]);
+      const scalar_t* row = w + o * cols;
+      for (int64_t k = 0; k < cols; ++k) acc[k] += static_cast<acc_t>(row[k]) * uo;
+    }
+    acc_t norm = 0;
+    for (int64_t k = 0; k < cols; ++k) norm += acc[k] * acc[k];
+    norm = std::max<acc_t>(std::sqrt(norm), static_cast<acc_t>(kNormEps));
+    for (int64_t k = 0; k < cols; ++k) v[k] = static_cast<scalar_t>(acc[k] / norm);
+    // u = W v.
+    acc_t unorm = 0;
+    std::vector<acc_t> un(rows);
+    for (int64_t o = 0; o < rows; ++o) {
+      const scalar_t* row = w + o * cols;
+      acc_t dot = 0;
+      for (int64_t k = 0; k < cols; ++k) dot += static_cast<acc_t>(row[k]) * static_cast<acc_t>(v[k]);
+      un[o] = dot;
+      unorm += dot * dot;
+    }
+    unorm = std::max<acc_t>(std::sqrt(unorm), static_cast<acc_t>(kNormEps));
+    for (int64_t o = 0; o < rows; ++o) u[o] = static_cast<scalar_t>(un[o] / unorm);
+  }
+}
+
+at::Tensor power_iteration_matrix_cpu(const at::Tensor& weight, at::Tensor& u, int64_t n_iter) {
+  check_common(weight, u, n_iter, "power_iteration_matrix_");
+  const int64_t B = weight.size(0), rows = weight.size(1);
+  const int64_t cols = weight.size(2) * weight.size(3) * weight.size(4);
+  TORCH_CHECK_VALUE(u.dim() == 2 && u.size(0) == B && u.size(1) == rows, "power_iteration_matrix_: u must have shape [B=",
+                    B, ", C_out=", rows, "], got ", u.sizes());
+  const at::Tensor w = weight.contiguous();
+  at::Tensor uc = u.contiguous();
+  at::Tensor v = at::empty({B, cols}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "power_iteration_matrix_cpu", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* up = uc.data_ptr<scalar_t>();
+    scalar_t* vp = v.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t first, int64_t last) {
+      for (int64_t b = first; b < last; ++b) {
+        power_iteration_one<scalar_t>(wp + b * rows * cols, up + b * rows, vp + b * cols, rows, cols, n_iter);
+      }
+    });
+  });
+  if (!uc.is_same(u)) u.copy_(uc);
+  return v;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(itconv_fast, CPU, m) {
+  m.impl("power_iteration_matrix_", &power_iteration_matrix_cpu);
+}
+
+}  // namespace spectral
+}  // namespace itconv_fast

@@ -1,0 +1,102 @@
+// CUDA kernel of the matrix-mode power iteration: one launch runs all n_iter steps for all B
+// matrices, one thread block per matrix (v = W^T u with coalesced column sweeps, u = W v with one
+// warp per row, norms by block reduction). v lives in the returned tensor, u is updated in place.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../spectral_norm.h"
+
+namespace itconv_fast {
+namespace spectral {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t value, acc_t* scratch) {
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffff, value, offset);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) scratch[warp] = value;
+  __syncthreads();
+  acc_t total = 0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kThreads / 32; ++w) total += scratch[w];
+    scratch[0] = total;
+  }
+  __syncthreads();
+  total = scratch[0];
+  __syncthreads();
+  return total;
+}
+
+template <typename scalar_t>
+__global__ void power_iteration_matrix_kernel(const scalar_t* __restrict__ weight, scalar_t* __restrict__ u,
+                                              scalar_t* __restrict__ v, int64_t rows, int64_t cols, int64_t n_iter) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t scratch[kThreads / 32];
+  const int64_t b = blockIdx.x;
+  const scalar_t* w = weight + b * rows * cols;
+  scalar_t* ub = u + b * rows;
+  scalar_t* vb = v + b * cols;
+  for (int64_t it = 0; it < n_iter; ++it) {
+    // v = W^T u (unnormalised), each thread a set of columns.
+    acc_t local = 0;
+    for (int64_t k = threadIdx.x; k < cols; k += kThreads) {
+      acc_t acc = 0;
+      for (int64_t o = 0; o < rows; ++o) acc += static_cast<acc_t>(w[o * cols + k]) * static_cast<acc_t>(ub[o]);
+      vb[k] = static_cast<scalar_t>(acc);
+      local += acc * acc;
+    }
+    const acc_t vnorm = max(sqrt(block_sum(local, scratch)), static_cast<acc_t>(kNormEps));
+    for (int64_t k = threadIdx.x; k < cols; k += kThreads) vb[k] = static_cast<scalar_t>(static_cast<acc_t>(vb[k]) / vnorm);
+    __syncthreads();
+    // u = W v (unnormalised), one warp per row.
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    acc_t row_sq = 0;
+    for (int64_t o = warp; o < rows; o += kThreads / 32) {
+      acc_t dot = 0;
+      for (int64_t k = lane; k < cols; k += 32) dot += static_cast<acc_t>(w[o * cols + k]) * static_cast<acc_t>(vb[k]);
+      for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_down_sync(0xffffffff, dot, offset);
+      if (lane == 0) {
+        ub[o] = static_cast<scalar_t>(dot);
+        row_sq += dot * dot;
+      }
+    }
+    __syncthreads();
+    const acc_t unorm = max(sqrt(block_sum(row_sq, scratch)), static_cast<acc_t>(kNormEps));
+    for (int64_t o = threadIdx.x; o < rows; o += kThreads) ub[o] = static_cast<scalar_t>(static_cast<acc_t>(ub[o]) / unorm);
+    __syncthreads();
+  }
+}
+
+at::Tensor power_iteration_matrix_cuda(const at::Tensor& weight, at::Tensor& u, int64_t n_iter) {
+  check_common(weight, u, n_iter, "power_iteration_matrix_");
+  const int64_t B = weight.size(0), rows = weight.size(1);
+  const int64_t cols = weight.size(2) * weight.size(3) * weight.size(4);
+  TORCH_CHECK_VALUE(u.dim() == 2 && u.size(0) == B && u.size(1) == rows, "power_iteration_matrix_: u must have shape [B=",
+                    B, ", C_out=", rows, "], got ", u.sizes());
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor w = weight.contiguous();
+  at::Tensor uc = u.contiguous();
+  at::Tensor v = at::empty({B, cols}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "power_iteration_matrix_cuda", [&] {
+    power_iteration_matrix_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        w.data_ptr<scalar_t>(), uc.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), rows, cols, n_iter);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (!uc.is_same(u)) u.copy_(uc);
+  return v;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(itconv_fast, CUDA, m) {
+  m.impl("power_iteration_matrix_", &power_iteration_matrix_cuda);
+}
+
+}  // namespace spectral
+}  // namespace itconv_fast

@@ -1,0 +1,29 @@
+// Helpers shared by the spectral-norm kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace itconv_fast {
+namespace spectral {
+
+// Below this norm a vector is left as it is rather than divided by (almost) zero.
+constexpr double kNormEps = 1e-12;
+
+inline void check_common(const at::Tensor& weight, const at::Tensor& u, int64_t n_iter, const char* op) {
+  TORCH_CHECK_VALUE(weight.dim() == 5, op, ": weight must be 5-D [B, C_out, C_in, kh, kw], got ", weight.dim(), "-D");
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, op,
+                   ": weight must be float32 or float64, got ", weight.scalar_type());
+  TORCH_CHECK_TYPE(u.scalar_type() == weight.scalar_type(), op, ": u has dtype ", u.scalar_type(), ", weight ",
+                   weight.scalar_type());
+  TORCH_CHECK_VALUE(u.device() == weight.device(), op, ": u is on ", u.device(), ", weight on ", weight.device());
+  TORCH_CHECK_VALUE(n_iter >= 1, op, ": n_iter must be >= 1, got ", n_iter);
+  TORCH_CHECK_VALUE(weight.numel() > 0, op, ": weight is empty ", weight.sizes());
+}
+
+// x [B, N] -> each row divided by its 2-norm (rows of norm < eps are left unscaled).
+inline at::Tensor normalize_per_batch(const at::Tensor& x) {
+  return x / x.norm(2, {1}, /*keepdim=*/true).clamp_min(kNormEps);
+}
+
+}  // namespace spectral
+}  // namespace itconv_fast
