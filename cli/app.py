@@ -71,6 +71,33 @@ def bench_coupling(widths, min_run_time, no_compile, out, device) -> None:
         click.echo(f"wrote {out}")
 
 
+@bench.command("spectral")
+@click.option("--width", "widths", type=click.IntRange(min=1), multiple=True, default=(16, 64), show_default=True,
+              help="Base width of the ResNet-101 whose 96 block convolutions are normalised (repeatable).")
+@click.option("--min-run-time", type=click.FloatRange(min=0.01), default=1.0, show_default=True)
+@click.option("--tightness/--no-tightness", default=True, show_default=True,
+              help="Also report the Gram bound's tightness (bound / exact) on random kernels.")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None, help="Write the report as JSON here.")
+@_device_option
+def bench_spectral(widths, min_run_time, tightness, out, device) -> None:
+    """One power step for all block convs of ResNet-101: batched vs per-layer (torch spectral_norm, conv loop)."""
+    from itconv_fast import bench as bench_lib
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    report, table = bench_lib.run_spectral_benchmark(widths=widths, device=device, min_run_time=min_run_time)
+    click.echo(table)
+    for width, ratios in report["ratios"].items():
+        click.echo(f"{width}: " + ", ".join(f"{name}: {ratio:.2f}x" for name, ratio in ratios.items()))
+    if tightness:
+        report["gram_tightness_random"] = bench_lib.gram_tightness()
+        for key, stats in report["gram_tightness_random"].items():
+            click.echo(f"gram bound / exact, random 3x3 kernels, {key}: mean {stats['mean']:.3f} (min {stats['min']:.3f}, max {stats['max']:.3f})")
+    if out:
+        bench_lib.save_report(report, out)
+        click.echo(f"wrote {out}")
+
+
 @main.group()
 def data() -> None:
     """Data sets: pre-generate Digitclutter, fetch MNIST / CIFAR."""

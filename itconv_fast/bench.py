@@ -110,37 +110,141 @@ def machine_description(device: str) -> dict:
     return info
 
 
-def run_coupling_benchmark(widths=(16, 64), device="cpu", min_run_time=1.0, compile_reference=True, lam=0.5):
-    """Times every case side by side (torch.utils.benchmark) and returns a JSON-ready report."""
+def run_comparison(cases_by_width: dict, *, label: str, reference: str, device="cpu", min_run_time=1.0, name="") -> tuple[dict, str]:
+    """Times every case side by side (torch.utils.benchmark) and returns (JSON-ready report, table).
+
+    cases_by_width: {width: {case name: zero-argument callable}}; `reference` names the toolkit's case,
+    against which the report's ratios (other case's time / reference time) are given.
+    """
     from torch.utils import benchmark
 
-    results = []
-    rows = []
-    for width in widths:
-        groups = resnet_gradient_groups(width=width, device=device)
-        nbytes = sum(g.numel() * g.element_size() for group in groups for g in group)
-        cases = coupling_cases(groups, lam, compile_reference)
-        for name, fn in cases.items():
+    results, rows = [], []
+    for width, cases in cases_by_width.items():
+        for case, fn in cases.items():
             for _ in range(2):  # warm-up (and compilation)
                 fn()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             m = benchmark.Timer(
-                stmt="fn()", globals={"fn": fn}, label="soft gradient coupling, ResNet-101 gradients",
-                sub_label=name, description=f"width {width}", num_threads=torch.get_num_threads(),
+                stmt="fn()", globals={"fn": fn}, label=label, sub_label=case, description=f"width {width}",
+                num_threads=torch.get_num_threads(),
             ).blocked_autorange(min_run_time=min_run_time)
             results.append(m)
-            rows.append({"width": width, "case": name, "median_s": m.median, "iqr_s": m.iqr, "bytes": nbytes})
+            rows.append({"width": width, "case": case, "median_s": m.median, "iqr_s": m.iqr})
     compare = benchmark.Compare(results)
     compare.trim_significant_figures()
-    report = {"benchmark": "coupling", "machine": machine_description(device), "rows": rows}
-    for width in widths:
+    report = {"benchmark": name or label, "machine": machine_description(device), "rows": rows, "ratios": {}}
+    for width in cases_by_width:
         by_case = {r["case"]: r["median_s"] for r in rows if r["width"] == width}
-        fused = by_case["fused soft_couple_"]
-        report.setdefault("ratios", {})[f"width {width}"] = {
-            name: t / fused for name, t in by_case.items() if name != "fused soft_couple_"
-        }
+        report["ratios"][f"width {width}"] = {c: t / by_case[reference] for c, t in by_case.items() if c != reference}
     return report, str(compare)
+
+
+def run_coupling_benchmark(widths=(16, 64), device="cpu", min_run_time=1.0, compile_reference=True, lam=0.5):
+    """One coupling step on the ResNet-101 gradient set, every implementation side by side."""
+    cases = {}
+    for width in widths:
+        groups = resnet_gradient_groups(width=width, device=device)
+        cases[width] = coupling_cases(groups, lam, compile_reference)
+    return run_comparison(cases, label="soft gradient coupling, ResNet-101 gradients", reference="fused soft_couple_",
+                          device=device, min_run_time=min_run_time, name="coupling")
+
+
+# ---------------------------------------------------------------------------------------------
+# Spectral norms
+# ---------------------------------------------------------------------------------------------
+
+
+def resnet_block_convs(width=16, blocks=16, stages=3, input_size=32, device="cpu", seed=0):
+    """The 2 x T block convolutions of every stage of the paper's ResNet: [(weights list, (H, W))] per slot."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    slots = []
+    for s in range(stages):
+        c, h = width * 2**s, input_size // 2**s
+        for _ in range(2):
+            ws = [torch.randn(c, c, 3, 3, generator=gen, device=device) * (2.0 / (9 * c)) ** 0.5 for _ in range(blocks)]
+            slots.append((ws, (h, h)))
+    return slots
+
+
+def spectral_cases(slots, device="cpu") -> dict[str, Callable[[], object]]:
+    """One power step for every block conv: batched (one call per stage and slot) against per-layer loops."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    # Batched: the stacking of each slot's weights is part of the cost (the model must do it too).
+    u_op = [ops.init_power_vector(torch.stack(ws), "operator", size) for ws, size in slots]
+    u_mat = [ops.init_power_vector(torch.stack(ws), "matrix") for ws, _ in slots]
+
+    def batched(mode, us):
+        def run():
+            for (ws, size), u in zip(slots, us):
+                ops.batched_spectral_norm(torch.stack(ws), u, mode=mode, n_iter=1, input_size=size)
+        return run
+
+    # Per layer, matrix: torch's own parametrization (one power step per weight access in training mode).
+    convs = []
+    for ws, _ in slots:
+        for w in ws:
+            conv = torch.nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1, bias=False).to(device)
+            with torch.no_grad():
+                conv.weight.copy_(w)
+            convs.append(spectral_norm(conv).train())
+
+    def per_layer_matrix():
+        for conv in convs:
+            conv.weight  # noqa: B018  (runs the power step and the division)
+
+    # Per layer, operator: the conv / conv_transpose loop written by hand.
+    per_layer_u = [[torch.nn.functional.normalize(torch.randn((1, w.shape[0]) + size, device=device).flatten(), dim=0).view((1, w.shape[0]) + size) for w in ws] for ws, size in slots]
+
+    def per_layer_operator():
+        with torch.no_grad():
+            for (ws, _), us in zip(slots, per_layer_u):
+                for w, u in zip(ws, us):
+                    v = torch.nn.functional.conv_transpose2d(u, w, padding=1)
+                    v = v / v.norm().clamp_min(1e-12)
+                    wv = torch.nn.functional.conv2d(v, w, padding=1)
+                    sigma = wv.norm()
+                    u.copy_(wv / sigma.clamp_min(1e-12))
+
+    return {
+        "batched operator": batched("operator", u_op),
+        "per-layer operator loop": per_layer_operator,
+        "batched matrix": batched("matrix", u_mat),
+        "per-layer torch spectral_norm (matrix)": per_layer_matrix,
+        "batched gram (3 steps)": lambda: [ops.gram_spectral_bound(torch.stack(ws), 3) for ws, _ in slots],
+    }
+
+
+def run_spectral_benchmark(widths=(16, 64), device="cpu", min_run_time=1.0):
+    cases = {w: spectral_cases(resnet_block_convs(width=w, device=device), device) for w in widths}
+    report, table = run_comparison(cases, label="one power step, all 96 block convs of ResNet-101",
+                                   reference="batched operator", device=device, min_run_time=min_run_time, name="spectral")
+    for width in widths:
+        by_case = {r["case"]: r["median_s"] for r in report["rows"] if r["width"] == width}
+        report["ratios"][f"width {width}"]["per-layer matrix / batched matrix"] = (
+            by_case["per-layer torch spectral_norm (matrix)"] / by_case["batched matrix"]
+        )
+    return report, table
+
+
+def gram_tightness(sizes=((3, 3), (8, 8), (16, 16)), channels=4, n_kernels=8, steps=(3, 4, 5, 6), kernels=None, seed=0):
+    """bound / exact for random (or given) 3x3 kernels: exact = the materialised operator's 2-norm."""
+    gen = torch.Generator().manual_seed(seed)
+    if kernels is None:
+        kernels = torch.randn(n_kernels, channels, channels, 3, 3, generator=gen, dtype=torch.float64)
+    out = {}
+    for h, w in sizes:
+        c_in = kernels.shape[2]
+        n = c_in * h * w
+        eye = torch.eye(n, dtype=torch.float64).view(n, c_in, h, w)
+        exact = torch.stack([
+            torch.linalg.matrix_norm(torch.nn.functional.conv2d(eye, k, padding=1).reshape(n, -1).T, ord=2) for k in kernels
+        ])
+        for t in steps:
+            ratio = ops.gram_spectral_bound(kernels, t) / exact
+            out[f"{h}x{w}, {t} steps"] = {"min": ratio.min().item(), "mean": ratio.mean().item(), "max": ratio.max().item()}
+    return out
 
 
 def save_report(report: dict, path: str) -> None:

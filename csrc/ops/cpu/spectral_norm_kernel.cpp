@@ -16,33 +16,37 @@ namespace itconv_fast {
 namespace spectral {
 namespace {
 
+// Dot product with 8 independent partial sums: the compiler vectorises it (a single running sum is a
+// strict FP dependency chain that it may not reorder).
+template <typename acc_t, typename a_t, typename b_t>
+acc_t dot8(const a_t* a, const b_t* b, int64_t n) {
+  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    for (int j = 0; j < 8; ++j) part[j] += static_cast<acc_t>(a[k + j]) * static_cast<acc_t>(b[k + j]);
+  }
+  acc_t total = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; k < n; ++k) total += static_cast<acc_t>(a[k]) * static_cast<acc_t>(b[k]);
+  return total;
+}
+
 template <typename scalar_t>
 void power_iteration_one(const scalar_t* w, scalar_t* u, scalar_t* v, int64_t rows, int64_t cols, int64_t n_iter) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> acc(cols);
+  std::vector<acc_t> acc(cols), un(rows);
   for (int64_t it = 0; it < n_iter; ++it) {
-    // v = W^T u, row by row (contiguous reads of W).
+    // v = W^T u, row by row (contiguous reads of W, vectorised over columns).
     std::fill(acc.begin(), acc.end(), acc_t(0));
     for (int64_t o = 0; o < rows; ++o) {
       const acc_t uo = static_cast<acc_t>(u[o]);
       const scalar_t* row = w + o * cols;
       for (int64_t k = 0; k < cols; ++k) acc[k] += static_cast<acc_t>(row[k]) * uo;
     }
-    acc_t norm = 0;
-    for (int64_t k = 0; k < cols; ++k) norm += acc[k] * acc[k];
-    norm = std::max<acc_t>(std::sqrt(norm), static_cast<acc_t>(kNormEps));
-    for (int64_t k = 0; k < cols; ++k) v[k] = static_cast<scalar_t>(acc[k] / norm);
+    const acc_t vnorm = std::max<acc_t>(std::sqrt(dot8<acc_t>(acc.data(), acc.data(), cols)), static_cast<acc_t>(kNormEps));
+    for (int64_t k = 0; k < cols; ++k) v[k] = static_cast<scalar_t>(acc[k] / vnorm);
     // u = W v.
-    acc_t unorm = 0;
-    std::vector<acc_t> un(rows);
-    for (int64_t o = 0; o < rows; ++o) {
-      const scalar_t* row = w + o * cols;
-      acc_t dot = 0;
-      for (int64_t k = 0; k < cols; ++k) dot += static_cast<acc_t>(row[k]) * static_cast<acc_t>(v[k]);
-      un[o] = dot;
-      unorm += dot * dot;
-    }
-    unorm = std::max<acc_t>(std::sqrt(unorm), static_cast<acc_t>(kNormEps));
+    for (int64_t o = 0; o < rows; ++o) un[o] = dot8<acc_t>(w + o * cols, v, cols);
+    const acc_t unorm = std::max<acc_t>(std::sqrt(dot8<acc_t>(un.data(), un.data(), rows)), static_cast<acc_t>(kNormEps));
     for (int64_t o = 0; o < rows; ++o) u[o] = static_cast<scalar_t>(un[o] / unorm);
   }
 }

@@ -1,0 +1,114 @@
+"""Spectral normalization of residual functions: a Lipschitz bound mu per block (SPEC section 3).
+
+For the residual function f(z) = Conv2(ReLU(BN2(Conv1(ReLU(BN1(z)))))) of block t the upper bound is
+
+    L^_t = sigma(Conv2) * sigma(D2 . Conv1 . D1),    D = diag(gamma / sqrt(running_var + eps)),
+
+with BN's linear parts folded into Conv1's kernel (K'[o, i] = d2[o] K1[o, i] d1[i]). The block then
+computes f~_t = f_t / c_t with c_t = max(L^_t / mu, 1): unchanged when L^_t <= mu, bounded by mu otherwise.
+(The paper prints c = max(mu / L^, 1), a typo: with it the constraint would not hold.)
+
+`StageSpectralNorm` holds the persistent power-iteration vectors of a stage's T blocks as buffers and
+computes every block's correction with one batched call per conv slot.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .ops import SPECTRAL_MODES, batched_spectral_norm, init_power_vector
+
+__all__ = ["StageSpectralNorm", "fold_batchnorm", "bn_scale", "check_mu"]
+
+
+def check_mu(mu) -> float:
+    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or math.isnan(mu) or mu <= 0:
+        raise ValueError(f"spectral normalization: mu must be a number > 0, got {mu!r}")
+    return float(mu)
+
+
+def bn_scale(weight: torch.Tensor, running_var: torch.Tensor, eps: float) -> torch.Tensor:
+    """The diagonal of a BatchNorm's linear part in eval form: gamma / sqrt(running_var + eps)."""
+    return weight / torch.sqrt(running_var + eps)
+
+
+def fold_batchnorm(conv1: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+    """K'[t, o, i] = d2[t, o] * K1[t, o, i] * d1[t, i] for stacked kernels [T, C_out, C_in, kh, kw]."""
+    return d2[:, :, None, None, None] * conv1 * d1[:, None, :, None, None]
+
+
+class StageSpectralNorm(nn.Module):
+    """Lipschitz bound mu on the T residual functions of one stage, batched over the blocks.
+
+    Args:
+        blocks: T. channels: the stage's width C. input_size: (H, W), the stage's feature-map size
+        (operator mode measures the convolution on exactly this size).
+        mu: the bound (> 0). mode: "operator" (default), "matrix" or "gram" (see batched_spectral_norm).
+        n_power_iterations: power steps per training forward (default 1; gram: Gram steps, default 4: the
+            kernel doubles in size each step, so a 6-step bound of a 64-channel stage costs seconds).
+        init_iterations: power steps run at construction so the first bounds are already tight.
+    """
+
+    def __init__(
+        self,
+        blocks: int,
+        channels: int,
+        input_size: tuple[int, int],
+        mu: float,
+        mode: str = "operator",
+        n_power_iterations: Optional[int] = None,
+        kernel_size: int = 3,
+        init_iterations: int = 20,
+    ) -> None:
+        super().__init__()
+        self.mu = check_mu(mu)
+        if mode not in SPECTRAL_MODES:
+            raise ValueError(f"spectral normalization: unknown mode {mode!r}; expected one of {SPECTRAL_MODES}")
+        self.mode = mode
+        self.input_size = tuple(int(s) for s in input_size)
+        self.n_power_iterations = n_power_iterations or (4 if mode == "gram" else 1)
+        if self.n_power_iterations < 1:
+            raise ValueError(f"spectral normalization: n_power_iterations must be >= 1, got {n_power_iterations}")
+        self.init_iterations = init_iterations
+        shape_w = torch.empty(blocks, channels, channels, kernel_size, kernel_size)
+        gen = torch.Generator().manual_seed(0)
+        for name in ("u1", "u2"):
+            if mode == "gram":
+                self.register_buffer(name, torch.empty(0))
+            else:
+                self.register_buffer(name, init_power_vector(shape_w, mode, self.input_size, generator=gen))
+
+    def extra_repr(self) -> str:
+        return f"mu={self.mu}, mode={self.mode!r}, input_size={self.input_size}, n_power_iterations={self.n_power_iterations}"
+
+    def _sigma(self, weight: torch.Tensor, u: torch.Tensor, n_iter: int, update: bool) -> torch.Tensor:
+        if self.mode == "gram":
+            return batched_spectral_norm(weight, mode="gram", n_iter=n_iter)
+        if u.dtype != weight.dtype:  # e.g. a float64 model: the vectors follow the weights
+            u.data = u.data.to(weight.dtype)
+        target = u if update else u.clone()
+        return batched_spectral_norm(weight, target, mode=self.mode, n_iter=n_iter, input_size=self.input_size)
+
+    def bounds(self, conv1, conv2, d1, d2, *, n_iter: Optional[int] = None, update: Optional[bool] = None):
+        """L^ for every block: sigma(conv2) * sigma(D2 . conv1 . D1). conv1/conv2: [T, C, C, k, k]; d1/d2: [T, C].
+        Updates the persistent vectors in training mode (or when update=True)."""
+        n_iter = n_iter or self.n_power_iterations
+        update = self.training if update is None else update
+        s1 = self._sigma(fold_batchnorm(conv1, d1, d2), self.u1, n_iter, update)
+        s2 = self._sigma(conv2, self.u2, n_iter, update)
+        return s1 * s2
+
+    def forward(self, conv1, conv2, d1, d2) -> torch.Tensor:
+        """The corrections c_t = max(L^_t / mu, 1), shape [T] (divide each block's residual by its c_t)."""
+        return torch.clamp(self.bounds(conv1, conv2, d1, d2) / self.mu, min=1.0)
+
+    @torch.no_grad()
+    def refresh(self, conv1, conv2, d1, d2, n_iter: int = 50) -> torch.Tensor:
+        """Runs n_iter power steps on the current weights (converging the vectors); returns the bounds."""
+        if self.mode == "gram":
+            return self.bounds(conv1, conv2, d1, d2, update=False)  # nothing to converge: a certified bound
+        return self.bounds(conv1, conv2, d1, d2, n_iter=n_iter, update=True)

@@ -1,0 +1,186 @@
+"""Batched spectral norms against the exact largest singular value of the materialised operator."""
+
+import pytest
+import torch
+
+from conftest import devices
+from itconv_fast import _extension, _reference, ops
+from itconv_fast.spectral import StageSpectralNorm, bn_scale, fold_batchnorm
+
+needs_extension = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not built")
+
+
+def operator_matrix(w, H, W):
+    """The zero-padded, same-size convolution with kernel w [C_out, C_in, kh, kw] as a dense matrix."""
+    c_out, c_in, kh, kw = w.shape
+    n = c_in * H * W
+    eye = torch.eye(n, dtype=w.dtype, device=w.device).view(n, c_in, H, W)
+    return torch.nn.functional.conv2d(eye, w, padding=(kh // 2, kw // 2)).reshape(n, -1).T
+
+
+def exact_norms(weight, H, W):
+    return torch.stack([torch.linalg.matrix_norm(operator_matrix(w, H, W), ord=2) for w in weight])
+
+
+@pytest.fixture(params=["extension", "reference"])
+def path(request, monkeypatch):
+    if request.param == "extension":
+        if not ops.extension_loaded():
+            pytest.skip("compiled extension not built")
+    else:
+        monkeypatch.setattr(_extension, "_loaded", False)
+        monkeypatch.setattr(_extension, "_warned", True)
+    return request.param
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,size", [((3, 4, 2, 3, 3), (5, 5)), ((2, 3, 3, 3, 3), (4, 6)), ((2, 2, 5, 1, 3), (3, 3))])
+def test_operator_mode_converges_to_exact_norm_from_below(path, device, dtype, shape, size):
+    torch.manual_seed(0)
+    w = torch.randn(shape, dtype=dtype, device=device)
+    exact = exact_norms(w.double(), *size).to(dtype)
+    u = ops.init_power_vector(w, "operator", size)
+    sigma = ops.batched_spectral_norm(w, u, mode="operator", n_iter=3000, input_size=size)
+    rounding = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.all(sigma <= exact * (1 + rounding))
+    torch.testing.assert_close(sigma, exact, rtol=1e-3, atol=0)
+    # u is persistent: one more step from the converged vector stays converged.
+    again = ops.batched_spectral_norm(w, u, mode="operator", n_iter=1, input_size=size)
+    torch.testing.assert_close(again, sigma, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matrix_mode_equals_reshaped_matrix_norm(path, device, dtype):
+    torch.manual_seed(1)
+    w = torch.randn(5, 6, 4, 3, 3, dtype=dtype, device=device)
+    u = ops.init_power_vector(w, "matrix")
+    sigma = ops.batched_spectral_norm(w, u, mode="matrix", n_iter=3000)
+    exact = torch.linalg.matrix_norm(w.double().reshape(5, 6, -1), ord=2).to(dtype)
+    torch.testing.assert_close(sigma, exact, rtol=1e-5 if dtype == torch.float32 else 1e-9, atol=0)
+
+
+@needs_extension
+@pytest.mark.parametrize("mode", ["operator", "matrix"])
+def test_kernels_match_reference_step_by_step(mode):
+    torch.manual_seed(2)
+    w = torch.randn(4, 8, 8, 3, 3, dtype=torch.float64)
+    u = ops.init_power_vector(w, mode, (6, 6))
+    u_ref = u.clone()
+    op = getattr(torch.ops.itconv_fast, f"power_iteration_{mode}_")
+    v = op(w, u, 3)
+    v_ref = getattr(_reference, f"power_iteration_{mode}_")(w, u_ref, 3)
+    torch.testing.assert_close(u, u_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(3, 3), (5, 5), (8, 8), (12, 12)])
+def test_gram_bound_is_never_below_exact_and_reasonably_tight(size):
+    torch.manual_seed(3)
+    w = torch.randn(4, 3, 3, 3, 3, dtype=torch.float64)
+    exact = exact_norms(w, *size)
+    bound = ops.batched_spectral_norm(w, mode="gram", n_iter=6)
+    assert torch.all(bound >= exact * (1 - 1e-12))
+    assert torch.all(bound <= exact * 1.6)  # loosest on tiny maps (SPEC: 1.24-1.42 at 3 x 3)
+
+
+def test_gram_bound_with_more_inputs_than_outputs():
+    torch.manual_seed(4)
+    w = torch.randn(2, 2, 5, 3, 3, dtype=torch.float64)
+    assert torch.all(ops.gram_spectral_bound(w, 5) >= exact_norms(w, 6, 6))
+
+
+@pytest.mark.parametrize("mode", ["operator", "matrix"])
+def test_gradient_matches_svd_gradient_at_convergence(path, mode):
+    torch.manual_seed(5)
+    size = (4, 4)
+    w = torch.randn(2, 3, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    u = ops.init_power_vector(w.detach(), mode, size)
+    sigma = ops.batched_spectral_norm(w, u, mode=mode, n_iter=3000, input_size=size)
+    (grad,) = torch.autograd.grad(sigma.sum(), w)
+    if mode == "operator":
+        exact = torch.stack([torch.linalg.matrix_norm(operator_matrix(wb, *size), ord=2) for wb in w])
+    else:
+        exact = torch.linalg.matrix_norm(w.reshape(2, 3, -1), ord=2)
+    (expected,) = torch.autograd.grad(exact.sum(), w)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_gram_bound_is_differentiable():
+    w = torch.randn(2, 3, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: ops.gram_spectral_bound(x, 3), (w,))
+
+
+@needs_extension
+@pytest.mark.parametrize("device", devices())
+def test_opcheck(device):
+    w = torch.randn(3, 4, 2, 3, 3, device=device)
+    torch.library.opcheck(torch.ops.itconv_fast.power_iteration_operator_.default,
+                          (w, ops.init_power_vector(w, "operator", (5, 5)), 2))
+    torch.library.opcheck(torch.ops.itconv_fast.power_iteration_matrix_.default, (w, ops.init_power_vector(w, "matrix"), 2))
+
+
+BAD = [
+    (lambda w, u: dict(weight=w[0]), ValueError, "5-D"),
+    (lambda w, u: dict(weight=w, u=u[:, :1]), ValueError, "u must have shape"),
+    (lambda w, u: dict(weight=w, u=u[:2]), ValueError, "u must have shape"),
+    (lambda w, u: dict(weight=w, u=u, mode="frobenius"), ValueError, "unknown mode"),
+    (lambda w, u: dict(weight=w, mode="operator"), ValueError, "input_size"),
+    (lambda w, u: dict(weight=w, u=u, n_iter=0), ValueError, "n_iter"),
+    (lambda w, u: dict(weight=w.int(), u=u), TypeError, "float32 or float64"),
+    (lambda w, u: dict(weight=w[..., :2, :2], u=u), ValueError, "odd"),
+]
+
+
+@pytest.mark.parametrize("make,exc,match", BAD)
+def test_bad_input_raises_and_modifies_nothing(make, exc, match):
+    w = torch.randn(3, 4, 2, 3, 3)
+    u = ops.init_power_vector(w, "operator", (5, 5))
+    u_before, w_before = u.clone(), w.clone()
+    kwargs = make(w, u)
+    if "input_size" not in kwargs and kwargs.get("mode", "operator") == "operator" and "u" in kwargs:
+        kwargs["input_size"] = (5, 5)
+    with pytest.raises(exc, match=match):
+        ops.batched_spectral_norm(**kwargs)
+    assert torch.equal(u, u_before) and torch.equal(w, w_before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-level bound
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fold_batchnorm_is_the_composed_linear_map():
+    torch.manual_seed(6)
+    k1 = torch.randn(1, 4, 3, 3, 3, dtype=torch.float64)
+    d1, d2 = torch.rand(1, 3, dtype=torch.float64) + 0.5, torch.rand(1, 4, dtype=torch.float64) + 0.5
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    direct = d2[0, :, None, None] * torch.nn.functional.conv2d(d1[0, :, None, None] * x, k1[0], padding=1)
+    folded = torch.nn.functional.conv2d(x, fold_batchnorm(k1, d1, d2)[0], padding=1)
+    torch.testing.assert_close(direct, folded)
+
+
+@pytest.mark.parametrize("mode", ["operator", "matrix", "gram"])
+def test_stage_norm_corrections(mode):
+    torch.manual_seed(7)
+    T, C, size = 3, 4, (6, 6)
+    conv1 = torch.randn(T, C, C, 3, 3, dtype=torch.float64)
+    conv2 = torch.randn(T, C, C, 3, 3, dtype=torch.float64)
+    bn_w, bn_var = torch.rand(T, C, dtype=torch.float64) + 0.5, torch.rand(T, C, dtype=torch.float64) + 0.5
+    d = bn_scale(bn_w, bn_var, 1e-5)
+    sn = StageSpectralNorm(T, C, size, mu=0.9, mode=mode).double()
+    bounds = sn.refresh(conv1, conv2, d, d, n_iter=500)
+    exact1 = exact_norms(fold_batchnorm(conv1, d, d), *size)
+    exact2 = exact_norms(conv2, *size)
+    if mode == "operator":
+        torch.testing.assert_close(bounds, exact1 * exact2, rtol=2e-3, atol=0)
+    elif mode == "gram":
+        assert torch.all(bounds >= exact1 * exact2)
+    c = sn(conv1, conv2, d, d)
+    torch.testing.assert_close(c, torch.clamp(bounds / 0.9, min=1.0), rtol=1e-3, atol=0)
+    assert set(dict(sn.named_buffers())) == {"u1", "u2"}  # persistent, in the state_dict
+    with pytest.raises(ValueError, match="mu"):
+        StageSpectralNorm(T, C, size, mu=0.0)
+    with pytest.raises(ValueError, match="mu"):
+        StageSpectralNorm(T, C, size, mu=float("nan"))
