@@ -1,0 +1,240 @@
+"""The paper's ResNet family (SPEC section 1): pre-activation blocks, ICR/PCR updates, spectral norms.
+
+    model = IterResNet(num_classes=10, in_channels=1, width=16, blocks=16, stages=3, sn_mu=0.95)
+    model.stem, model.stages[s].blocks[t] (bn1, conv1, bn2, conv2, residual(z)), model.transitions[s],
+    model.head, model.pcr
+
+Block update: z_t = z_{t-1} + f~_t(z_{t-1}) (ordinary, ICR) or z_t = x_s + f~_t(z_{t-1}) (PCR), with
+f~_t = f_t / c_t under spectral normalization (itconv_fast.spectral) and f~_t = f_t without it.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .coupling import groups_from_blocks
+from .spectral import StageSpectralNorm, bn_scale, check_mu
+
+__all__ = ["IterResNet", "Stage", "Block", "Transition", "load_checkpoint", "INITS"]
+
+INITS = ("nonrecurrent", "recurrent")
+
+
+def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+
+
+class Block(nn.Module):
+    """One residual block: f(z) = conv2(relu(bn2(conv1(relu(bn1(z))))))."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv1 = _conv3x3(channels, channels)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv2 = _conv3x3(channels, channels)
+        self._stage = None  # weak reference to the owning stage (for the spectral correction)
+        self.index = 0
+
+    def f(self, z: torch.Tensor) -> torch.Tensor:
+        """The residual function without spectral normalization."""
+        return self.conv2(torch.relu(self.bn2(self.conv1(torch.relu(self.bn1(z))))))
+
+    def residual(self, z: torch.Tensor) -> torch.Tensor:
+        """f~(z): the residual function, divided by its spectral correction c_t when the stage has one."""
+        stage = self._stage() if self._stage is not None else None
+        out = self.f(z)
+        if stage is not None and stage.sn is not None:
+            out = out / stage.corrections()[self.index].to(out.dtype)
+        return out
+
+
+class Stage(nn.Module):
+    """T blocks of one width; optionally spectrally normalised (one batched call per conv slot)."""
+
+    def __init__(self, channels: int, blocks: int, input_size: int, pcr: bool, sn_mu: Optional[float], sn_mode: str) -> None:
+        super().__init__()
+        self.pcr = pcr
+        self.blocks = nn.ModuleList(Block(channels) for _ in range(blocks))
+        for t, block in enumerate(self.blocks):
+            block._stage = weakref.ref(self)
+            block.index = t
+        self.sn = StageSpectralNorm(blocks, channels, (input_size, input_size), sn_mu, sn_mode) if sn_mu is not None else None
+        self._cached = None  # (key, corrections) for evaluation
+
+    def _stacked(self):
+        b = self.blocks
+        conv1 = torch.stack([x.conv1.weight for x in b])
+        conv2 = torch.stack([x.conv2.weight for x in b])
+        d1 = torch.stack([bn_scale(x.bn1.weight, x.bn1.running_var, x.bn1.eps) for x in b])
+        d2 = torch.stack([bn_scale(x.bn2.weight, x.bn2.running_var, x.bn2.eps) for x in b])
+        return conv1, conv2, d1, d2
+
+    def _state_key(self):
+        tensors = [t for x in self.blocks for t in (x.conv1.weight, x.conv2.weight, x.bn1.weight, x.bn2.weight,
+                                                     x.bn1.running_var, x.bn2.running_var)]
+        tensors += [self.sn.u1, self.sn.u2]
+        return tuple((id(t), t._version) for t in tensors)
+
+    def corrections(self, update: bool = False) -> torch.Tensor:
+        """c_t = max(L^_t / mu, 1) for every block, [T]. With update=True (training forward) the power
+        vectors take one step; otherwise nothing changes and the result is cached until the weights change."""
+        if update:
+            self._cached = None
+            return self.sn(*self._stacked())
+        key = self._state_key()
+        if self._cached is None or self._cached[0] != key or torch.is_grad_enabled():
+            was = self.sn.training
+            self.sn.eval()  # no vector update
+            try:
+                c = self.sn(*self._stacked())
+            finally:
+                self.sn.train(was)
+            if torch.is_grad_enabled():
+                return c
+            self._cached = (key, c)
+        return self._cached[1]
+
+    @torch.no_grad()
+    def refresh(self, n_iter: int = 50) -> torch.Tensor:
+        """Converges the power vectors on the current weights; returns the bounds L^_t."""
+        self._cached = None
+        return self.sn.refresh(*self._stacked(), n_iter=n_iter) if self.sn is not None else None
+
+    def forward(self, x: torch.Tensor, *, stop_after: Optional[int] = None) -> torch.Tensor:
+        c = self.corrections(update=self.training) if self.sn is not None else None
+        z = x
+        for t, block in enumerate(self.blocks):
+            if stop_after is not None and t >= stop_after:
+                break
+            r = block.f(z)
+            if c is not None:
+                r = r / c[t].to(r.dtype)
+            z = (x if self.pcr else z) + r
+        return z
+
+
+class Transition(nn.Sequential):
+    """Between stages: BN -> ReLU -> conv3x3, stride 2 (w_s -> w_{s+1})."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(nn.BatchNorm2d(c_in), nn.ReLU(), _conv3x3(c_in, c_out, stride=2))
+
+
+class IterResNet(nn.Module):
+    """The paper's pre-activation ResNet with S stages of T same-shaped blocks (SPEC section 1).
+
+    Args:
+        num_classes: K. in_channels: 1 (MNIST, Digitclutter) or 3 (CIFAR). width: w (stage s has w * 2^s).
+        blocks: T per stage. stages: S. input_size: the input's side (for operator-mode spectral norms).
+        pcr: properly convergent updates z_t = x_s + f~_t(z_{t-1}). sn_mu: the Lipschitz bound (None: off).
+        sn_mode: "operator", "matrix" or "gram". init: "nonrecurrent" or "recurrent" (every block of a stage
+        a copy of the first). bn_gamma_init: initial BN gamma (the paper's variant: 0.1).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        width: int = 16,
+        blocks: int = 16,
+        stages: int = 3,
+        input_size: int = 32,
+        pcr: bool = False,
+        sn_mu: Optional[float] = None,
+        sn_mode: str = "operator",
+        init: str = "nonrecurrent",
+        bn_gamma_init: float = 1.0,
+    ) -> None:
+        super().__init__()
+        for name, value, low in (("num_classes", num_classes, 1), ("in_channels", in_channels, 1), ("width", width, 1),
+                                 ("blocks", blocks, 1), ("stages", stages, 1), ("input_size", input_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"IterResNet: {name} must be an int >= {low}, got {value!r}")
+        if init not in INITS:
+            raise ValueError(f"IterResNet: init must be one of {INITS}, got {init!r}")
+        if sn_mu is not None:
+            sn_mu = check_mu(sn_mu)
+        if input_size % 2 ** (stages - 1):
+            raise ValueError(f"IterResNet: input_size {input_size} is not divisible by 2^(stages-1) = {2 ** (stages - 1)}")
+        self.config = dict(num_classes=num_classes, in_channels=in_channels, width=width, blocks=blocks, stages=stages,
+                           input_size=input_size, pcr=pcr, sn_mu=sn_mu, sn_mode=sn_mode, init=init,
+                           bn_gamma_init=bn_gamma_init)
+        self.pcr = pcr
+        widths = [width * 2**s for s in range(stages)]
+        self.stem = _conv3x3(in_channels, width)
+        self.stages = nn.ModuleList(
+            Stage(widths[s], blocks, input_size // 2**s, pcr, sn_mu, sn_mode) for s in range(stages)
+        )
+        self.transitions = nn.ModuleList(Transition(widths[s], widths[s + 1]) for s in range(stages - 1))
+        self.head = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(widths[-1], num_classes))
+        self._initialise(init, bn_gamma_init)
+
+    def _initialise(self, init: str, gamma: float) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, gamma)
+                nn.init.zeros_(m.bias)
+        if init == "recurrent":
+            with torch.no_grad():
+                for stage in self.stages:
+                    first = dict(stage.blocks[0].named_parameters())
+                    for block in stage.blocks[1:]:
+                        for name, p in block.named_parameters():
+                            p.copy_(first[name])
+        for stage in self.stages:
+            if stage.sn is not None:
+                stage.refresh(stage.sn.init_iterations)
+
+    def coupling_groups(self) -> list[list[nn.Parameter]]:
+        """The 6 parameter slots of every stage, as groups for GradientCoupler (BN statistics are never shared)."""
+        return groups_from_blocks(*(stage.blocks for stage in self.stages))
+
+    @torch.no_grad()
+    def refresh_spectral(self, n_iter: int = 50) -> None:
+        """Converges every stage's power vectors on the current weights (e.g. before measuring)."""
+        for stage in self.stages:
+            stage.refresh(n_iter)
+
+    def stage_input(self, x: torch.Tensor, s: int) -> torch.Tensor:
+        """x_s: the input of stage s (stem, earlier stages and transitions)."""
+        z = self.stem(x)
+        for i in range(s):
+            z = self.transitions[i](self.stages[i](z))
+        return z
+
+    def after_stage(self, z: torch.Tensor, s: int) -> torch.Tensor:
+        """The rest of the network after stage s: transitions, later stages, head."""
+        for i in range(s + 1, len(self.stages)):
+            z = self.stages[i](self.transitions[i - 1](z))
+        return self.head(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.stem(x)
+        for s, stage in enumerate(self.stages):
+            if s > 0:
+                z = self.transitions[s - 1](z)
+            z = stage(z)
+        return self.head(z)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> IterResNet:
+    """The model of a training checkpoint (written by itconv_fast.train), in eval mode."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
+        raise ValueError(f"{path} is not an itconv-fast checkpoint (missing model_config / model)")
+    model = IterResNet(**state["model_config"])
+    model.load_state_dict(state["model"])
+    return model.eval()

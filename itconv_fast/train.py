@@ -1,0 +1,319 @@
+"""Training with soft gradient coupling and spectral normalization (the paper's protocol, SPEC 1-3).
+
+    result = train(TrainConfig(lam=0.5, sn_mu=0.95), out_dir="runs/x")
+
+SGD with momentum 0.9 and weight decay, linear warm-up then cosine decay (per step; lr scaled linearly with
+batch size from a base of 128), coupling after backward (after DDP's all-reduce), one spectral power step
+per training forward, evaluation after every epoch; bf16 autocast and channels_last on CUDA. Outputs in
+out_dir: metrics.json and checkpoint.pt, both written atomically every epoch; resume=True continues a
+killed run from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import ops
+from .coupling import GradientCoupler
+from .data import datasets
+from .models import IterResNet
+
+__all__ = ["TrainConfig", "PRESETS", "train", "evaluate", "build_model", "atomic_save", "atomic_write_json"]
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "digitclutter"
+    data_dir: Optional[str] = None
+    download: bool = False
+    n_digits: int = 3
+    train_size: Optional[int] = None
+    test_size: Optional[int] = None
+    width: int = 16
+    blocks: int = 16
+    stages: int = 3
+    lam: float = 0.0
+    coupling_kernel: str = "uniform"
+    coupling_bandwidth: Optional[float] = None
+    skip_first: int = 0
+    sn_mu: Optional[float] = None
+    sn_mode: str = "operator"
+    pcr: bool = False
+    init: str = "auto"  # "auto": recurrent when lam > 0 (the paper), else nonrecurrent
+    bn_gamma_init: float = 1.0
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 0.1  # at batch size 128; scaled linearly with the batch size
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    cache_dir: Optional[str] = None
+    preset: str = "quick"
+
+    def resolved_init(self) -> str:
+        if self.init == "auto":
+            return "recurrent" if self.lam > 0 else "nonrecurrent"
+        return self.init
+
+
+# Presets: values that differ from the dataclass defaults. Any option overrides its preset value.
+PRESETS = {
+    # Small network and data set: under 10 minutes on 2 CPU cores, well above chance.
+    "quick": dict(width=8, blocks=4, train_size=12000, test_size=2000, epochs=6, batch_size=128, lr=0.1, warmup_epochs=0.5),
+    # The paper: 3 x 16 blocks, width 16, the full data set, a paper-length schedule.
+    "paper": dict(width=16, blocks=16, train_size=None, test_size=None, epochs=60, batch_size=128, lr=0.1),
+}
+
+
+def config_from(preset: str = "quick", **overrides) -> TrainConfig:
+    """A TrainConfig from a preset plus explicit overrides (None means: keep the preset's value)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    values = dict(PRESETS[preset])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values["preset"] = preset
+    return TrainConfig(**values)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file, fsync, rename: a kill never leaves a partial checkpoint."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but CUDA is not available")
+    return device
+
+
+def build_model(config: TrainConfig, task: datasets.Task) -> IterResNet:
+    side = task.train.images.shape[-1]
+    return IterResNet(
+        num_classes=task.num_classes, in_channels=task.in_channels, width=config.width, blocks=config.blocks,
+        stages=config.stages, input_size=side, pcr=config.pcr, sn_mu=config.sn_mu, sn_mode=config.sn_mode,
+        init=config.resolved_init(), bn_gamma_init=config.bn_gamma_init,
+    )
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate(model, task: datasets.Task, split: datasets.Split, device, batch_size: int = 500) -> tuple[float, float]:
+    """(mean loss, error) of the model on a split, in eval mode."""
+    was = model.training
+    model.eval()
+    loss_sum, wrong, n = 0.0, 0, 0
+    for x, y in datasets.batches(task, split, batch_size, train=False, device=device):
+        with _autocast(device):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += task.loss(logits, y).item() * x.shape[0]
+        wrong += (~task.correct(logits, y)).sum().item()
+        n += x.shape[0]
+    model.train(was)
+    return loss_sum / max(n, 1), wrong / max(n, 1)
+
+
+def _autocast(device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _environment(device) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "extension_backend": "compiled" if ops.extension_loaded() else "reference",
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+    }
+    return env
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "data": generator.get_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
+          task: Optional[datasets.Task] = None, stop_after_epochs: Optional[int] = None) -> dict:
+    """Trains (or resumes) a run; returns the metrics dict also written to out_dir/metrics.json.
+
+    stop_after_epochs: end after this many epochs of this call (for tests of interruption and resume).
+    Under torchrun (WORLD_SIZE > 1) every rank trains on its shard of each global batch with
+    DistributedDataParallel (gloo on CPU, nccl on CUDA); only rank 0 writes.
+    """
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = resolve_device(config.device)
+    if distributed and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if config.batch_size % world:
+        raise ValueError(f"batch size {config.batch_size} is not divisible by the {world} processes")
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    if task is None:
+        task = datasets.load(config.dataset, data_dir=config.data_dir, download=config.download and rank == 0,
+                             n_digits=config.n_digits, train_size=config.train_size, test_size=config.test_size,
+                             seed=config.seed, cache_dir=config.cache_dir or datasets.default_cache_dir())
+    model = build_model(config, task).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    coupler = GradientCoupler(model, config.lam, kernel=config.coupling_kernel, bandwidth=config.coupling_bandwidth,
+                              skip_first=config.skip_first)
+    lr = config.lr * config.batch_size / 128
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(task.train) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup))
+    generator = torch.Generator().manual_seed(config.seed)
+
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    metrics = {"config": dataclasses.asdict(config), "environment": _environment(device), "epochs": []}
+    start_epoch = 0
+    if resume and os.path.exists(ckpt_path):
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if state["config"] != dataclasses.asdict(config):
+            changed = sorted(k for k in state["config"] if state["config"][k] != dataclasses.asdict(config).get(k))
+            raise ValueError(f"cannot resume {out_dir}: its configuration differs in {changed}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], generator)
+        metrics["epochs"] = state["epochs"]
+        start_epoch = state["epoch"] + 1
+
+    net = model
+    if distributed:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        net = torch.compile(net)
+
+    from tqdm.auto import tqdm
+
+    show = progress and rank == 0
+    epochs_bar = tqdm(range(start_epoch, config.epochs), desc="epochs", disable=not show, initial=start_epoch,
+                      total=config.epochs)
+    ran = 0
+    for epoch in epochs_bar:
+        started = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(task.train), generator=generator)
+        per_rank = config.batch_size // world
+        # Each global batch of batch_size examples is split evenly over the ranks.
+        shard = order.view(-1)[: len(order) - len(order) % config.batch_size].view(-1, world, per_rank)[:, rank].reshape(-1) \
+            if world > 1 else order
+        loss_sum, wrong, seen = 0.0, 0, 0
+        batch_bar = tqdm(datasets.batches(task, task.train, per_rank, train=True, generator=generator, device=device,
+                                          indices=shard),
+                         total=math.ceil(shard.numel() / per_rank), desc=f"epoch {epoch + 1}", leave=False, disable=not show)
+        for x, y in batch_bar:
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device):
+                logits = net(x)
+            loss = task.loss(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # DDP all-reduces the gradients in here
+            coupler()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * x.shape[0]
+            wrong += (~task.correct(logits.detach().float(), y)).sum().item()
+            seen += x.shape[0]
+            batch_bar.set_postfix(loss=f"{loss.item():.3f}")
+        test_loss, test_error = evaluate(model, task, task.test, device)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_error": wrong / max(seen, 1),
+            "test_loss": test_loss,
+            "test_error": test_error,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - started,
+        }
+        metrics["epochs"].append(record)
+        if rank == 0:
+            atomic_save({"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": _rng_state(generator), "epoch": epoch,
+                         "epochs": metrics["epochs"], "config": dataclasses.asdict(config)}, ckpt_path)
+            atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)
+        epochs_bar.set_postfix(test_error=f"{test_error:.3f}")
+        ran += 1
+        if stop_after_epochs is not None and ran >= stop_after_epochs:
+            break
+    metrics["chance_error"] = task.chance_error
+    if rank == 0:
+        atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    return metrics

@@ -1,0 +1,115 @@
+"""Training: the CLI end to end, outputs, resume after interruption, bad options."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from itconv_fast import train as training
+from itconv_fast.cli.app import main
+from itconv_fast.models import load_checkpoint
+
+TINY = ["--train-size", "96", "--test-size", "32", "--width", "4", "--blocks", "2", "--batch-size", "32", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ITCONV_FAST_CACHE", str(tmp_path / "cache"))
+
+
+def test_cli_trains_and_writes_outputs(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--lam", "0.5", "--sn-mu", "0.95", "--epochs", "2", "--out", str(out)] + TINY)
+    assert result.exit_code == 0, result.output
+    assert "done: 2 epochs" in result.output and "test error" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"config", "environment", "epochs"} <= set(metrics)
+    assert metrics["config"]["lam"] == 0.5 and metrics["config"]["sn_mu"] == 0.95
+    assert metrics["environment"]["extension_backend"] in ("compiled", "reference")
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    for key in ("epoch", "train_loss", "train_error", "test_error", "lr", "seconds"):
+        assert key in metrics["epochs"][0]
+    model = load_checkpoint(str(out / "checkpoint.pt"))
+    assert model.stages[0].sn is not None and len(model.stages[0].blocks) == 2
+    # Coupled training starts recurrent (the paper): recorded in the model's config.
+    assert model.config["init"] == "recurrent"
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--lam", "2"], "--lam"),
+        (["--sn-mu", "0"], "--sn-mu"),
+        (["--dataset", "imagenet"], "--dataset"),
+        (["--dataset", "mnist"], "--data-dir"),
+        (["--skip-first", "5"], "--skip-first"),
+    ],
+)
+def test_bad_options_are_usage_errors_and_write_nothing(tmp_path, args, match):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--out", str(out)] + args + TINY)
+    assert result.exit_code == 2, result.output
+    assert match in result.output
+    assert not out.exists()
+
+
+def test_data_dir_without_files_is_a_usage_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "empty"), "--out", str(out)] + TINY)
+    assert result.exit_code == 2 and "cifar-10-python.tar.gz" in result.output and "--download" in result.output
+    assert not out.exists()
+
+
+def _config(**kw):
+    return training.config_from("quick", train_size=96, test_size=32, width=4, blocks=2, batch_size=32, epochs=3,
+                                lam=0.5, sn_mu=0.9, **kw)
+
+
+def test_resume_reaches_the_same_state_as_an_uninterrupted_run(tmp_path):
+    full = training.train(_config(), str(tmp_path / "full"), progress=False)
+    part = training.train(_config(), str(tmp_path / "part"), progress=False, stop_after_epochs=1)
+    assert len(part["epochs"]) == 1
+    resumed = training.train(_config(), str(tmp_path / "part"), resume=True, progress=False)
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2, 3]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [e["test_error"] for e in full["epochs"]] == [e["test_error"] for e in resumed["epochs"]]
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    training.train(_config(), str(tmp_path / "run"), progress=False, stop_after_epochs=1)
+    with pytest.raises(ValueError, match="differs"):
+        training.train(_config(lr=0.5), str(tmp_path / "run"), resume=True, progress=False)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_losing_finished_epochs(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, ITCONV_FAST_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "itconv_fast.cli.app", "train", "--epochs", "30", "--out", str(out)] + TINY
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.json"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if metrics.exists() and len(json.loads(metrics.read_text())["epochs"]) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(json.loads(metrics.read_text())["epochs"])
+    assert finished >= 2
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)  # intact despite the kill
+    assert ckpt["epoch"] + 1 >= finished
+    result = subprocess.run(cmd + ["--resume", "--epochs", "30"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    epochs = json.loads(metrics.read_text())["epochs"]
+    assert [e["epoch"] for e in epochs] == list(range(1, 31))
