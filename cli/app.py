@@ -123,6 +123,8 @@ def bench_spectral(widths, min_run_time, tightness, out, device) -> None:
 @click.option("--bn-gamma-init", type=float, default=None)
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--accumulate", type=click.IntRange(min=1), default=None,
+              help="Gradient accumulation: micro-batches per optimizer step (the batch size stays the global one).")
 @click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=None, help="Learning rate at batch size 128.")
 @click.option("--weight-decay", type=click.FloatRange(min=0.0), default=None)
 @click.option("--seed", type=int, default=None)
@@ -132,7 +134,7 @@ def bench_spectral(widths, min_run_time, tightness, out, device) -> None:
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def train(preset, dataset, data_dir, download, n_digits, train_size, test_size, width, blocks, stages, lam,
-          coupling_kernel, skip_first, sn_mu, sn_mode, pcr, init, bn_gamma_init, epochs, batch_size, lr, weight_decay,
+          coupling_kernel, skip_first, sn_mu, sn_mode, pcr, init, bn_gamma_init, epochs, batch_size, accumulate, lr, weight_decay,
           seed, device, out, resume, compile_, no_progress) -> None:
     """Train the paper's ResNet with soft gradient coupling and a Lipschitz constraint.
 
@@ -147,9 +149,11 @@ def train(preset, dataset, data_dir, download, n_digits, train_size, test_size, 
         preset, dataset=dataset, data_dir=data_dir, download=download or None, n_digits=n_digits,
         train_size=train_size, test_size=test_size, width=width, blocks=blocks, stages=stages, lam=lam,
         coupling_kernel=coupling_kernel, skip_first=skip_first, sn_mu=sn_mu, sn_mode=sn_mode, pcr=pcr, init=init,
-        bn_gamma_init=bn_gamma_init, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        bn_gamma_init=bn_gamma_init, epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr, weight_decay=weight_decay,
         seed=seed, device=device, compile=compile_,
     )
+    if config.batch_size % config.accumulate:
+        raise click.BadParameter(f"--batch-size {config.batch_size} is not divisible by it", param_hint="--accumulate")
     if config.skip_first >= config.blocks:
         raise click.BadParameter(f"must be < --blocks ({config.blocks})", param_hint="--skip-first")
     try:
@@ -181,6 +185,100 @@ def train(preset, dataset, data_dir, download, n_digits, train_size, test_size, 
     total = sum(e["seconds"] for e in metrics["epochs"])
     click.echo(f"done: {len(metrics['epochs'])} epochs in {total:.0f} s; test error {last['test_error']:.4f} "
                f"(chance {metrics['chance_error']:.4f}), train loss {last['train_loss']:.4f}; wrote {out}/metrics.json, {out}/checkpoint.pt")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--extra-iterations", type=click.IntRange(min=1), default=16, show_default=True,
+              help="K: extra applications of each stage's last block (Divergence Index).")
+@click.option("--method", type=click.Choice(["cached", "reference"]), default="cached", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--test-size", type=click.IntRange(min=1), default=None, help="Evaluate on the first N test examples only.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Draw the paper's Fig 2a (error against perturbed block) to this PNG.")
+def indices(run, extra_iterations, method, batch_size, test_size, device, plot) -> None:
+    """Convergence, Recurrence and Divergence indices of a trained run (directory or checkpoint.pt).
+
+    Evaluates on the run's test set, writes indices.json beside the checkpoint, prints a per-stage table.
+    """
+    import os
+
+    from itconv_fast import indices as idx
+    from itconv_fast import train as training
+    from itconv_fast.data import datasets, digitclutter, vision
+    from itconv_fast.models import load_checkpoint
+
+    path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
+    if not os.path.exists(path):
+        raise click.BadParameter(f"no checkpoint.pt in {run}", param_hint="RUN")
+    try:
+        dev = training.resolve_device(device)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        config = training.TrainConfig(**state["config"])
+        model = load_checkpoint(path, map_location=dev)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise click.BadParameter(f"{path}: not a training checkpoint ({exc})", param_hint="RUN") from exc
+    try:
+        task = datasets.load(config.dataset, data_dir=config.data_dir, n_digits=config.n_digits, train_size=config.train_size,
+                             test_size=config.test_size, seed=config.seed,
+                             cache_dir=config.cache_dir or datasets.default_cache_dir())
+    except vision.DatasetFilesError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if test_size is not None:
+        task.test = datasets.Split(task.test.images[:test_size], task.test.targets[:test_size])
+    data = datasets.batches(task, task.test, batch_size, train=False, device=dev)
+    report = idx.compute_indices(model, data, extra_iterations=extra_iterations, method=method,
+                                 chance_error=task.chance_error, batch_size=batch_size,
+                                 error_fn=(lambda l, y: ~digitclutter.exact_set_correct(l, y)) if task.multilabel else None)
+    out = os.path.join(os.path.dirname(os.path.abspath(path)), "indices.json")
+    training.atomic_write_json(out, report.to_dict())
+    click.echo(f"{config.dataset}: n = {report.n}, error e* = {report.error:.4f}, chance = {report.chance_error:.4f}")
+    click.echo(f"{'stage':>5} {'CI':>7} {'RI':>7} {'DI':>7} {'fixed-pt res.':>14}")
+    for s, st in enumerate(report.stages, start=1):
+        click.echo(f"{s:>5} {st.ci:7.3f} {st.ri:7.3f} {st.di:7.3f} {st.fixed_point_residual:14.4f}")
+    click.echo(f"{'all':>5} {report.ci:7.3f} {report.ri:7.3f} {report.di:7.3f}")
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {out}")
+    if plot:
+        plot_indices(report, plot)
+        click.echo(f"wrote {plot}")
+
+
+def plot_indices(report, path: str) -> None:
+    """The paper's Fig 2a: error against the perturbed block, one row per stage, three perturbations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    S = len(report.stages)
+    fig, axes = plt.subplots(S, 3, figsize=(11, 2.6 * S), squeeze=False, sharey=True)
+    titles = ["early read-out (CI)", "block drop-out (RI)", "extra iterations (DI)"]
+    for s, st in enumerate(report.stages):
+        curves = [
+            (range(1, len(st.e_conv) + 1), st.e_conv, "read out after block t"),
+            (range(1, len(st.e_drop) + 1), st.e_drop, "dropped block t"),
+            (range(1, len(st.e_div) + 1), st.e_div, "extra iterations k"),
+        ]
+        values = [st.ci, st.ri, st.di]
+        for j, (xs, ys, xlabel) in enumerate(curves):
+            ax = axes[s, j]
+            ax.plot(list(xs), ys, marker="o", ms=3, color="C0")
+            ax.axhline(report.chance_error, color="C3", ls="--", lw=1, label="chance")
+            ax.axhline(report.error, color="C2", ls=":", lw=1.5, label="final error e*")
+            ax.set_ylim(-0.02, 1.02)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel(xlabel)
+            ax.set_title(f"stage {s + 1}: {titles[j]} = {values[j]:.2f}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("error")
+    axes[0, 0].legend(fontsize=8, loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 @main.group()

@@ -11,6 +11,7 @@ killed run from its last finished epoch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -55,7 +56,8 @@ class TrainConfig:
     init: str = "auto"  # "auto": recurrent when lam > 0 (the paper), else nonrecurrent
     bn_gamma_init: float = 1.0
     epochs: int = 60
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch (over all processes and accumulation steps)
+    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
     lr: float = 0.1  # at batch size 128; scaled linearly with the batch size
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
@@ -199,10 +201,11 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 
 def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
-          task: Optional[datasets.Task] = None, stop_after_epochs: Optional[int] = None) -> dict:
+          task: Optional[datasets.Task] = None, stop_after_epochs: Optional[int] = None, return_model: bool = False):
     """Trains (or resumes) a run; returns the metrics dict also written to out_dir/metrics.json.
 
     stop_after_epochs: end after this many epochs of this call (for tests of interruption and resume).
+    return_model: return (metrics, model) instead of metrics.
     Under torchrun (WORLD_SIZE > 1) every rank trains on its shard of each global batch with
     DistributedDataParallel (gloo on CPU, nccl on CUDA); only rank 0 writes.
     """
@@ -215,8 +218,10 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if config.batch_size % world:
-        raise ValueError(f"batch size {config.batch_size} is not divisible by the {world} processes")
+    parts = world * config.accumulate
+    if config.accumulate < 1 or config.batch_size % parts:
+        raise ValueError(f"batch size {config.batch_size} is not divisible by {world} processes x {config.accumulate} "
+                         "accumulation steps")
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -232,7 +237,7 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
                               skip_first=config.skip_first)
     lr = config.lr * config.batch_size / 128
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(task.train) / config.batch_size)
+    steps_per_epoch = max(1, len(task.train) // config.batch_size)  # the last partial batch is dropped
     total_steps = steps_per_epoch * config.epochs
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup))
@@ -270,28 +275,35 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
         started = time.perf_counter()
         model.train()
         order = torch.randperm(len(task.train), generator=generator)
-        per_rank = config.batch_size // world
-        # Each global batch of batch_size examples is split evenly over the ranks.
-        shard = order.view(-1)[: len(order) - len(order) % config.batch_size].view(-1, world, per_rank)[:, rank].reshape(-1) \
-            if world > 1 else order
+        # Each global batch is cut into world x accumulate equal micro-batches; micro-batch m of rank r is
+        # part r * accumulate + m. So N processes and N accumulation steps see the same examples per step.
+        micro = config.batch_size // parts
+        n_steps = len(order) // config.batch_size
+        mine = order[: n_steps * config.batch_size].view(n_steps, world, config.accumulate, micro)[:, rank].reshape(-1)
         loss_sum, wrong, seen = 0.0, 0, 0
-        batch_bar = tqdm(datasets.batches(task, task.train, per_rank, train=True, generator=generator, device=device,
-                                          indices=shard),
-                         total=math.ceil(shard.numel() / per_rank), desc=f"epoch {epoch + 1}", leave=False, disable=not show)
-        for x, y in batch_bar:
+        batch_bar = tqdm(datasets.batches(task, task.train, micro, train=True, generator=generator, device=device,
+                                          indices=mine),
+                         total=n_steps * config.accumulate, desc=f"epoch {epoch + 1}", leave=False, disable=not show)
+        for i, (x, y) in enumerate(batch_bar):
+            m = i % config.accumulate
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device):
-                logits = net(x)
-            loss = task.loss(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # DDP all-reduces the gradients in here
-            coupler()
-            optimizer.step()
-            scheduler.step()
+            if m == 0:
+                optimizer.zero_grad(set_to_none=True)
+            # Under DDP only the last micro-batch of a step all-reduces (inside its backward).
+            skip_sync = distributed and m < config.accumulate - 1
+            with net.no_sync() if skip_sync else contextlib.nullcontext():
+                with _autocast(device):
+                    logits = net(x)
+                loss = task.loss(logits.float(), y)
+                (loss / config.accumulate).backward()
             loss_sum += loss.item() * x.shape[0]
             wrong += (~task.correct(logits.detach().float(), y)).sum().item()
             seen += x.shape[0]
+            if m == config.accumulate - 1:
+                coupler()  # after the all-reduce, before the step
+                optimizer.step()
+                scheduler.step()
             batch_bar.set_postfix(loss=f"{loss.item():.3f}")
         test_loss, test_error = evaluate(model, task, task.test, device)
         record = {
@@ -316,4 +328,4 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
     metrics["chance_error"] = task.chance_error
     if rank == 0:
         atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    return metrics
+    return (metrics, model) if return_model else metrics

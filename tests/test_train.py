@@ -68,8 +68,9 @@ def test_data_dir_without_files_is_a_usage_error(tmp_path):
 
 
 def _config(**kw):
-    return training.config_from("quick", train_size=96, test_size=32, width=4, blocks=2, batch_size=32, epochs=3,
-                                lam=0.5, sn_mu=0.9, **kw)
+    args = dict(train_size=96, test_size=32, width=4, blocks=2, batch_size=32, epochs=3, lam=0.5, sn_mu=0.9)
+    args.update(kw)
+    return training.config_from("quick", **args)
 
 
 def test_resume_reaches_the_same_state_as_an_uninterrupted_run(tmp_path):
@@ -113,3 +114,55 @@ def test_killed_run_resumes_without_losing_finished_epochs(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     epochs = json.loads(metrics.read_text())["epochs"]
     assert [e["epoch"] for e in epochs] == list(range(1, 31))
+
+
+def test_cli_indices_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    assert CliRunner().invoke(main, ["train", "--epochs", "1", "--out", str(out)] + TINY).exit_code == 0
+    plot = tmp_path / "fig.png"
+    result = CliRunner().invoke(main, ["indices", str(out), "--extra-iterations", "3", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "indices.json").read_text())
+    assert {"ci", "ri", "di", "error", "chance_error", "n", "stages"} <= set(report)
+    assert report["n"] == 32 and len(report["stages"]) == 3 and len(report["stages"][0]["e_div"]) == 3
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "stage" in result.output and "CI" in result.output
+    bad = CliRunner().invoke(main, ["indices", str(tmp_path)])
+    assert bad.exit_code == 2
+
+
+def _ddp_worker(rank, world, port, out, cache):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), ITCONV_FAST_CACHE=cache)
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        _, model = training.train(_config(device="cpu", epochs=2, sn_mu=None), out, progress=False, return_model=True)
+        torch.save(model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cache = str(tmp_path / "cache")
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp"), cache), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in range(2))
+    params = [k for k in r0 if "running" not in k and "num_batches" not in k and ".sn." not in k]
+    for k in params:
+        assert torch.equal(r0[k], r1[k]), k  # every rank ends with identical parameters
+    # One process, two accumulation steps: the same examples per step, the same per-micro-batch BN statistics.
+    _, single = training.train(_config(device="cpu", epochs=2, sn_mu=None, accumulate=2), str(tmp_path / "single"),
+                               progress=False, return_model=True)
+    s = single.state_dict()
+    for k in params:
+        torch.testing.assert_close(r0[k], s[k], rtol=1e-4, atol=1e-5)
