@@ -33,11 +33,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow"
 
+ARGS ?= --lam 0.5 --sn-mu 0.95
+
 train: $(STAMP)
 	$(VENV)/bin/itconv-fast train $(ARGS)
 
 bench: $(STAMP)
-	$(VENV)/bin/itconv-fast bench coupling --out benchmarks/results/coupling-cpu.json
+	$(VENV)/bin/itconv-fast bench coupling --out benchmarks/results/coupling-cpu-2core.json
+	$(VENV)/bin/itconv-fast bench spectral --out benchmarks/results/spectral-cpu-2core.json
+	$(VENV)/bin/itconv-fast bench indices --out benchmarks/results/indices-cpu-2core.json
+	$(VENV)/bin/itconv-fast bench train-step --out benchmarks/results/train-step-cpu-2core.json
 
 clean:
 	rm -rf build itconv_fast/_C*.so $(STAMP)

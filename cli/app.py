@@ -281,6 +281,50 @@ def plot_indices(report, path: str) -> None:
     plt.close(fig)
 
 
+@bench.command("indices")
+@click.option("--config", "configs", type=(int, int, int, int), multiple=True,
+              default=[(8, 4, 32, 256), (16, 16, 32, 128)], show_default=True,
+              help="WIDTH BLOCKS SIDE N: a ResNet of 3 stages and N random examples (repeatable).")
+@click.option("--extra-iterations", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--min-run-time", type=click.FloatRange(min=0.01), default=1.0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None)
+@_device_option
+def bench_indices(configs, extra_iterations, min_run_time, out, device) -> None:
+    """compute_indices: the cached evaluator against one plain forward per perturbation."""
+    from itconv_fast import bench as bench_lib
+
+    report, table = bench_lib.run_indices_benchmark(configs, extra_iterations, device, min_run_time)
+    click.echo(table)
+    for key, ratios in report["ratios"].items():
+        blocks = report["block_evaluations"][key]
+        click.echo(f"{key}: reference / cached time {ratios['reference']:.2f}x; block evaluations per example "
+                   f"{blocks['reference_blocks']} vs {blocks['cached_blocks']} ({blocks['ratio']:.2f}x)")
+    if out:
+        bench_lib.save_report(report, out)
+        click.echo(f"wrote {out}")
+
+
+@bench.command("train-step")
+@click.option("--width", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--blocks", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--sn-mode", type=click.Choice(["operator", "matrix", "gram"]), default="operator", show_default=True)
+@click.option("--min-run-time", type=click.FloatRange(min=0.01), default=10.0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None)
+@_device_option
+def bench_train_step(width, blocks, batch, sn_mode, min_run_time, out, device) -> None:
+    """Overhead of coupling and spectral normalization on one training step of the paper's ResNet-101."""
+    from itconv_fast import bench as bench_lib
+
+    report, table = bench_lib.run_train_step_benchmark(width, blocks, batch, device, min_run_time, sn_mode)
+    click.echo(table)
+    for case, ratio in report["ratios"][f"width {width}"].items():
+        click.echo(f"{case}: {100 * (ratio - 1):+.1f}% vs plain")
+    if out:
+        bench_lib.save_report(report, out)
+        click.echo(f"wrote {out}")
+
+
 @main.group()
 def data() -> None:
     """Data sets: pre-generate Digitclutter, fetch MNIST / CIFAR."""

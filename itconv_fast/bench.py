@@ -126,7 +126,8 @@ def run_comparison(cases_by_width: dict, *, label: str, reference: str, device="
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             m = benchmark.Timer(
-                stmt="fn()", globals={"fn": fn}, label=label, sub_label=case, description=f"width {width}",
+                stmt="fn()", globals={"fn": fn}, label=label, sub_label=case,
+                description=f"width {width}" if isinstance(width, int) else str(width),
                 num_threads=torch.get_num_threads(),
             ).blocked_autorange(min_run_time=min_run_time)
             results.append(m)
@@ -251,3 +252,79 @@ def save_report(report: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Indices of iterative convergence
+# ---------------------------------------------------------------------------------------------
+
+
+def run_indices_benchmark(configs=((16, 4, 16, 256),), extra_iterations=16, device="cpu", min_run_time=1.0):
+    """cached vs reference compute_indices on random-label data; configs: (width, blocks, input side, n).
+
+    Each row also records the block-evaluation counts of both methods (indices.index_flops).
+    """
+    from .indices import compute_indices, index_flops
+    from .models import IterResNet
+
+    cases, flops = {}, {}
+    for width, blocks, side, n in configs:
+        torch.manual_seed(0)
+        model = IterResNet(10, 3, width=width, blocks=blocks, stages=3, input_size=side).to(device).eval()
+        x = torch.randn(n, 3, side, side, device=device)
+        with torch.no_grad():
+            y = model(x).argmax(1)
+        y[: n // 4] = (y[: n // 4] + 1) % 10  # an error well below chance, so the indices are defined
+        key = f"{width}x{blocks}@{side}px,n={n}"
+        cases[key] = {
+            method: (lambda m=method, mod=model, data=(x, y): compute_indices(mod, data, extra_iterations=extra_iterations,
+                                                                             method=m, batch_size=n))
+            for method in ("cached", "reference")
+        }
+        flops[key] = index_flops(model, extra_iterations)
+    report, table = run_comparison(cases, label="compute_indices (S=3, K=16)", reference="cached", device=device,
+                                   min_run_time=min_run_time, name="indices")
+    report["block_evaluations"] = flops
+    return report, table
+
+
+# ---------------------------------------------------------------------------------------------
+# Training step overhead
+# ---------------------------------------------------------------------------------------------
+
+
+def train_step_cases(width=16, blocks=16, batch=32, device="cpu", lam=0.5, sn_mu=0.95, sn_mode="operator"):
+    """One SGD step of ResNet-101-16 (forward, backward, coupling, step) with and without the regularisers."""
+    from .coupling import GradientCoupler
+    from .models import IterResNet
+
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def make(coupled, normalised):
+        torch.manual_seed(0)
+        model = IterResNet(10, 3, width=width, blocks=blocks, stages=3, sn_mu=sn_mu if normalised else None,
+                           sn_mode=sn_mode, init="recurrent" if coupled else "nonrecurrent").to(device).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        coupler = GradientCoupler(model, lam) if coupled else None
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            if coupler is not None:
+                coupler()
+            opt.step()
+        return step
+
+    return {
+        "plain": make(False, False),
+        f"coupling (lam {lam})": make(True, False),
+        f"spectral norm ({sn_mode}, 1 power step)": make(False, True),
+        "coupling + spectral norm": make(True, True),
+    }
+
+
+def run_train_step_benchmark(width=16, blocks=16, batch=32, device="cpu", min_run_time=10.0, sn_mode="operator"):
+    cases = {width: train_step_cases(width, blocks, batch, device, sn_mode=sn_mode)}
+    return run_comparison(cases, label=f"one training step, ResNet-{6 * blocks + 5}-{width}, batch {batch}",
+                          reference="plain", device=device, min_run_time=min_run_time, name="train-step")

@@ -76,7 +76,7 @@ class TrainConfig:
 # Presets: values that differ from the dataclass defaults. Any option overrides its preset value.
 PRESETS = {
     # Small network and data set: under 10 minutes on 2 CPU cores, well above chance.
-    "quick": dict(width=8, blocks=4, train_size=12000, test_size=2000, epochs=6, batch_size=128, lr=0.1, warmup_epochs=0.5),
+    "quick": dict(width=8, blocks=4, train_size=12000, test_size=2000, epochs=8, batch_size=128, lr=0.2, warmup_epochs=0.5),
     # The paper: 3 x 16 blocks, width 16, the full data set, a paper-length schedule.
     "paper": dict(width=16, blocks=16, train_size=None, test_size=None, epochs=60, batch_size=128, lr=0.1),
 }

@@ -67,7 +67,9 @@ class Task:
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.multilabel:
-            return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+            # BCE summed over the 10 outputs, averaged over the batch: the gradient scale of a softmax
+            # cross-entropy, so the same learning rates serve every task.
+            return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
         return torch.nn.functional.cross_entropy(logits, targets)
 
     def correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
