@@ -96,33 +96,39 @@ def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
     return (flat / flat.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)).view_as(x)
 
 
-def power_iteration_operator_(weight: torch.Tensor, u: torch.Tensor, n_iter: int) -> torch.Tensor:
+def power_iteration_operator_(weight: torch.Tensor, u: torch.Tensor, n_iter: int):
     """Power iteration on each kernel's zero-padded, same-size convolution; u [B, C_out, H, W] in place.
-    Returns the unit v [B, C_in, H, W]. One kernel at a time: the obviously correct version."""
+    Returns (the unit v [B, C_in, H, W], sigma = |W v| [B]). One kernel at a time: obviously correct."""
     with torch.no_grad():
-        vs = []
+        vs, sigmas = [], []
         for b in range(weight.shape[0]):
             w = weight[b]
             pad = (w.shape[-2] // 2, w.shape[-1] // 2)
             ub = u[b : b + 1]
             for _ in range(n_iter):
                 vb = _normalize_rows(torch.nn.functional.conv_transpose2d(ub, w, padding=pad))
-                ub = _normalize_rows(torch.nn.functional.conv2d(vb, w, padding=pad))
+                wv = torch.nn.functional.conv2d(vb, w, padding=pad)
+                sigma = wv.norm()
+                ub = wv / sigma.clamp_min(_NORM_EPS)
             u[b : b + 1].copy_(ub)
             vs.append(vb[0])
-        return torch.stack(vs)
+            sigmas.append(sigma)
+        return torch.stack(vs), torch.stack(sigmas)
 
 
-def power_iteration_matrix_(weight: torch.Tensor, u: torch.Tensor, n_iter: int) -> torch.Tensor:
-    """Power iteration on each kernel reshaped to [C_out, C_in*kh*kw]; u [B, C_out] in place. Returns v."""
+def power_iteration_matrix_(weight: torch.Tensor, u: torch.Tensor, n_iter: int):
+    """Power iteration on each kernel reshaped to [C_out, C_in*kh*kw]; u [B, C_out] in place.
+    Returns (v [B, C_in*kh*kw], sigma = |W v| [B])."""
     with torch.no_grad():
         w = weight.reshape(weight.shape[0], weight.shape[1], -1)
         uu = u.clone()
         for _ in range(n_iter):
             v = _normalize_rows(torch.einsum("bok,bo->bk", w, uu))
-            uu = _normalize_rows(torch.einsum("bok,bk->bo", w, v))
+            wv = torch.einsum("bok,bk->bo", w, v)
+            sigma = wv.norm(dim=1)
+            uu = wv / sigma.clamp_min(_NORM_EPS).unsqueeze(1)
         u.copy_(uu)
-        return v
+        return v, sigma
 
 
 def gram_spectral_bound(weight: torch.Tensor, n_iter: int = 6) -> torch.Tensor:

@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import time
 from typing import Callable
 
 import torch
@@ -110,7 +111,8 @@ def machine_description(device: str) -> dict:
     return info
 
 
-def run_comparison(cases_by_width: dict, *, label: str, reference: str, device="cpu", min_run_time=1.0, name="") -> tuple[dict, str]:
+def run_comparison(cases_by_width: dict, *, label: str, reference: str, device="cpu", min_run_time=1.0, name="",
+                   warmup: int = 2) -> tuple[dict, str]:
     """Times every case side by side (torch.utils.benchmark) and returns (JSON-ready report, table).
 
     cases_by_width: {width: {case name: zero-argument callable}}; `reference` names the toolkit's case,
@@ -121,7 +123,7 @@ def run_comparison(cases_by_width: dict, *, label: str, reference: str, device="
     results, rows = [], []
     for width, cases in cases_by_width.items():
         for case, fn in cases.items():
-            for _ in range(2):  # warm-up (and compilation)
+            for _ in range(warmup):  # warm-up (and compilation)
                 fn()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -137,7 +139,8 @@ def run_comparison(cases_by_width: dict, *, label: str, reference: str, device="
     report = {"benchmark": name or label, "machine": machine_description(device), "rows": rows, "ratios": {}}
     for width in cases_by_width:
         by_case = {r["case"]: r["median_s"] for r in rows if r["width"] == width}
-        report["ratios"][f"width {width}"] = {c: t / by_case[reference] for c, t in by_case.items() if c != reference}
+        key = f"width {width}" if isinstance(width, int) else str(width)
+        report["ratios"][key] = {c: t / by_case[reference] for c, t in by_case.items() if c != reference}
     return report, str(compare)
 
 
@@ -213,7 +216,6 @@ def spectral_cases(slots, device="cpu") -> dict[str, Callable[[], object]]:
         "per-layer operator loop": per_layer_operator,
         "batched matrix": batched("matrix", u_mat),
         "per-layer torch spectral_norm (matrix)": per_layer_matrix,
-        "batched gram (3 steps)": lambda: [ops.gram_spectral_bound(torch.stack(ws), 3) for ws, _ in slots],
     }
 
 
@@ -221,11 +223,22 @@ def run_spectral_benchmark(widths=(16, 64), device="cpu", min_run_time=1.0):
     cases = {w: spectral_cases(resnet_block_convs(width=w, device=device), device) for w in widths}
     report, table = run_comparison(cases, label="one power step, all 96 block convs of ResNet-101",
                                    reference="batched operator", device=device, min_run_time=min_run_time, name="spectral")
+    report["gram_seconds"] = {}
     for width in widths:
         by_case = {r["case"]: r["median_s"] for r in report["rows"] if r["width"] == width}
         report["ratios"][f"width {width}"]["per-layer matrix / batched matrix"] = (
             by_case["per-layer torch spectral_norm (matrix)"] / by_case["batched matrix"]
         )
+        # The certified bound is far costlier (its kernel doubles per step, cost ~ C^3 k^2): one timed
+        # call per step count, at width 16 only (width 64 has 256-channel kernels: minutes).
+        if width > 16:
+            continue
+        slots = resnet_block_convs(width=width, device=device)
+        for steps in (3, 4):
+            start = time.perf_counter()
+            for ws, _ in slots:
+                ops.gram_spectral_bound(torch.stack(ws), steps)
+            report["gram_seconds"][f"width {width}, {steps} steps"] = time.perf_counter() - start
     return report, table
 
 
@@ -283,7 +296,7 @@ def run_indices_benchmark(configs=((16, 4, 16, 256),), extra_iterations=16, devi
         }
         flops[key] = index_flops(model, extra_iterations)
     report, table = run_comparison(cases, label="compute_indices (S=3, K=16)", reference="cached", device=device,
-                                   min_run_time=min_run_time, name="indices")
+                                   min_run_time=min_run_time, name="indices", warmup=1)
     report["block_evaluations"] = flops
     return report, table
 
@@ -293,7 +306,7 @@ def run_indices_benchmark(configs=((16, 4, 16, 256),), extra_iterations=16, devi
 # ---------------------------------------------------------------------------------------------
 
 
-def train_step_cases(width=16, blocks=16, batch=32, device="cpu", lam=0.5, sn_mu=0.95, sn_mode="operator"):
+def train_step_cases(width=16, blocks=16, batch=128, device="cpu", lam=0.5, sn_mu=0.95, sn_mode="operator"):
     """One SGD step of ResNet-101-16 (forward, backward, coupling, step) with and without the regularisers."""
     from .coupling import GradientCoupler
     from .models import IterResNet
@@ -324,7 +337,7 @@ def train_step_cases(width=16, blocks=16, batch=32, device="cpu", lam=0.5, sn_mu
     }
 
 
-def run_train_step_benchmark(width=16, blocks=16, batch=32, device="cpu", min_run_time=10.0, sn_mode="operator"):
+def run_train_step_benchmark(width=16, blocks=16, batch=128, device="cpu", min_run_time=10.0, sn_mode="operator"):
     cases = {width: train_step_cases(width, blocks, batch, device, sn_mode=sn_mode)}
     return run_comparison(cases, label=f"one training step, ResNet-{6 * blocks + 5}-{width}, batch {batch}",
-                          reference="plain", device=device, min_run_time=min_run_time, name="train-step")
+                          reference="plain", device=device, min_run_time=min_run_time, name="train-step", warmup=1)

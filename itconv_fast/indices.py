@@ -15,8 +15,9 @@ Network indices are means over stages; undefined values are NaN with the reason 
 
 method="reference" runs one plain forward per perturbation. method="cached" computes every stage
 input and the unperturbed z_t once, reads early read-outs straight from the cache, starts each block
-drop-out from the cached z_{t-1}, builds extra iterations incrementally, and sends many perturbed stage
-outputs through the rest of the network in one batched forward. Both count the same errors.
+drop-out from the cached z_{t-1}, builds extra iterations incrementally, and sends several perturbed stage
+outputs through the rest of the network in one forward (up to batch_size examples: with small data
+batches several perturbations share a forward). Both count the same errors.
 """
 
 from __future__ import annotations
@@ -223,8 +224,8 @@ def compute_indices(
         method: "cached" (default) or "reference" (one full forward per perturbation).
         chance_error: e_ch; default 1 - 1/K for K output classes.
         error_fn: (logits, targets) -> per-example bool "wrong"; default top-1 error.
-        batch_size: examples per forward (the cached method also batches perturbations up to this many
-            examples times the number of perturbations sent together, see below).
+        batch_size: examples per forward; the cached method fills each forward through the rest of the
+            network with as many perturbations as fit.
     """
     if isinstance(extra_iterations, bool) or not isinstance(extra_iterations, int) or extra_iterations < 1:
         raise ValueError(f"compute_indices: extra_iterations must be an int >= 1, got {extra_iterations!r}")
@@ -251,7 +252,7 @@ def compute_indices(
                 if method == "reference":
                     _reference_batch(model, x, y, wrong, counter, extra_iterations)
                 else:
-                    _cached_batch(model, x, y, wrong, counter, extra_iterations, chunk=4 * batch_size, norms=norms)
+                    _cached_batch(model, x, y, wrong, counter, extra_iterations, chunk=batch_size, norms=norms)
     finally:
         model.train(was_training)
     if n == 0:

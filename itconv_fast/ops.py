@@ -179,11 +179,13 @@ if _extension.loaded():
 
     @torch.library.register_fake("itconv_fast::power_iteration_operator_")
     def _power_iteration_operator_fake(weight, u, n_iter):
-        return weight.new_empty((weight.shape[0], weight.shape[2], u.shape[2], u.shape[3]))
+        v = weight.new_empty((weight.shape[0], weight.shape[2], u.shape[2], u.shape[3]))
+        return v, weight.new_empty((weight.shape[0],))
 
     @torch.library.register_fake("itconv_fast::power_iteration_matrix_")
     def _power_iteration_matrix_fake(weight, u, n_iter):
-        return weight.new_empty((weight.shape[0], weight.shape[2] * weight.shape[3] * weight.shape[4]))
+        v = weight.new_empty((weight.shape[0], weight.shape[2] * weight.shape[3] * weight.shape[4]))
+        return v, weight.new_empty((weight.shape[0],))
 
 
 def _check_spectral(weight, u, mode, n_iter, input_size):
@@ -227,19 +229,44 @@ def init_power_vector(weight: torch.Tensor, mode: str, input_size=None, generato
     return _reference._normalize_rows(u)
 
 
-def spectral_sigma(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, mode: str) -> torch.Tensor:
-    """sigma_b = <u_b, W_b v_b>, differentiable in weight with u and v held constant (Miyato et al. 2018):
-    d sigma_b / d W_b = u_b v_b^T (in the convolution's sense for operator mode)."""
-    u, v = u.detach(), v.detach()
-    B, c_out, c_in, kh, kw = weight.shape
-    if mode == "operator":
-        H, W = u.shape[2:]
-        wv = torch.nn.functional.conv2d(
-            v.reshape(1, B * c_in, H, W), weight.reshape(B * c_out, c_in, kh, kw), padding=(kh // 2, kw // 2), groups=B
-        )
-        return (wv.view(B, -1) * u.reshape(B, -1)).sum(dim=1)
-    # (u^T W) v: a [1 x C_out] @ [C_out x K] product per kernel is the fast bmm shape on CPU.
-    return (torch.bmm(u.unsqueeze(1), weight.reshape(B, c_out, -1)).squeeze(1) * v).sum(dim=1)
+# Kernels wider than this go kernel by kernel on the CPU (grouped convolutions of wide groups are slow
+# there); the same threshold as csrc/ops/spectral_norm.cpp.
+_GROUPED_MAX_CHANNELS = 128
+
+
+def _conv_weight_grad(v: torch.Tensor, u: torch.Tensor, weight_shape) -> torch.Tensor:
+    """d <u_b, conv(v_b, W_b)> / d W_b for every b: [B, C_out, C_in, kh, kw]."""
+    B, c_out, c_in, kh, kw = weight_shape
+    H, W = u.shape[2:]
+    pad = (kh // 2, kw // 2)
+    if u.is_cpu and max(c_in, c_out) > _GROUPED_MAX_CHANNELS:
+        return torch.stack([torch.nn.grad.conv2d_weight(v[b : b + 1], (c_out, c_in, kh, kw), u[b : b + 1], padding=pad)
+                            for b in range(B)])
+    grad = torch.nn.grad.conv2d_weight(v.reshape(1, B * c_in, H, W), (B * c_out, c_in, kh, kw),
+                                       u.reshape(1, B * c_out, H, W), padding=pad, groups=B)
+    return grad.view(weight_shape)
+
+
+class _SigmaWithFixedVectors(torch.autograd.Function):
+    """sigma_b = <u_b, W_b v_b> (computed by the power-iteration op), with d sigma_b / d W_b = u_b v_b^T
+    (in the convolution's sense for operator mode): the iteration vectors held constant (Miyato et al.
+    2018). Costs nothing in the forward pass; one weight-gradient convolution in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, weight, u, v, sigma, mode):
+        ctx.save_for_backward(u, v)
+        ctx.mode, ctx.shape = mode, weight.shape
+        return sigma.clone()
+
+    @staticmethod
+    def backward(ctx, grad_sigma):
+        u, v = ctx.saved_tensors
+        B = ctx.shape[0]
+        if ctx.mode == "operator":
+            grad = _conv_weight_grad(v, u, ctx.shape)
+        else:
+            grad = (u.unsqueeze(2) * v.unsqueeze(1)).view(ctx.shape)
+        return grad * grad_sigma.view(B, 1, 1, 1, 1), None, None, None, None
 
 
 def gram_spectral_bound(weight: torch.Tensor, n_iter: int = 6) -> torch.Tensor:
@@ -303,9 +330,12 @@ def batched_spectral_norm(
     w = weight.detach()
     if _extension.loaded():
         op = torch.ops.itconv_fast.power_iteration_operator_ if mode == "operator" else torch.ops.itconv_fast.power_iteration_matrix_
-        v = op(w, u, n_iter)
+        v, sigma = op(w, u, n_iter)
     else:
         _extension.warn_fallback("batched_spectral_norm")
         ref = _reference.power_iteration_operator_ if mode == "operator" else _reference.power_iteration_matrix_
-        v = ref(w, u, n_iter)
-    return spectral_sigma(weight, u, v, mode)
+        v, sigma = ref(w, u, n_iter)
+    if weight.requires_grad and torch.is_grad_enabled():
+        # u is updated in place by later calls: the backward pass needs this call's vectors.
+        return _SigmaWithFixedVectors.apply(weight, u.detach().clone(), v, sigma, mode)
+    return sigma

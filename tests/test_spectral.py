@@ -69,10 +69,11 @@ def test_kernels_match_reference_step_by_step(mode):
     u = ops.init_power_vector(w, mode, (6, 6))
     u_ref = u.clone()
     op = getattr(torch.ops.itconv_fast, f"power_iteration_{mode}_")
-    v = op(w, u, 3)
-    v_ref = getattr(_reference, f"power_iteration_{mode}_")(w, u_ref, 3)
+    v, sigma = op(w, u, 3)
+    v_ref, sigma_ref = getattr(_reference, f"power_iteration_{mode}_")(w, u_ref, 3)
     torch.testing.assert_close(u, u_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sigma, sigma_ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("size", [(3, 3), (5, 5), (8, 8), (12, 12)])
@@ -105,6 +106,30 @@ def test_gradient_matches_svd_gradient_at_convergence(path, mode):
         exact = torch.linalg.matrix_norm(w.reshape(2, 3, -1), ord=2)
     (expected,) = torch.autograd.grad(exact.sum(), w)
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["operator", "matrix"])
+def test_sigma_gradient_formula_by_gradcheck(mode):
+    """d sigma / dW with u, v held constant equals the autograd gradient of <u, W v> (gradcheck)."""
+    torch.manual_seed(9)
+    w = torch.randn(2, 3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    u = ops.init_power_vector(w.detach(), mode, (4, 4))
+    u0 = u.clone()
+
+    def sigma_fixed(weight):  # one step from the same starting vector every time
+        u.copy_(u0)
+        return ops.batched_spectral_norm(weight, u, mode=mode, n_iter=1, input_size=(4, 4))
+
+    sigma = sigma_fixed(w)
+    (grad,) = torch.autograd.grad(sigma.sum(), w)
+    u_fixed = u.clone()
+    v_fixed = getattr(_reference, f"power_iteration_{mode}_")(w.detach(), u0.clone(), 1)[0]
+    if mode == "operator":
+        expr = lambda W: sum((u_fixed[b] * torch.nn.functional.conv2d(v_fixed[b : b + 1], W[b], padding=1)[0]).sum() for b in range(2))  # noqa: E731
+    else:
+        expr = lambda W: torch.einsum("bo,bok,bk->", u_fixed, W.reshape(2, 3, -1), v_fixed)  # noqa: E731
+    (expected,) = torch.autograd.grad(expr(w), w)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_gram_bound_is_differentiable():
@@ -184,3 +209,18 @@ def test_stage_norm_corrections(mode):
         StageSpectralNorm(T, C, size, mu=0.0)
     with pytest.raises(ValueError, match="mu"):
         StageSpectralNorm(T, C, size, mu=float("nan"))
+
+
+@needs_extension
+def test_wide_kernels_take_the_per_kernel_path_and_agree():
+    """Kernels of more than 128 channels run kernel by kernel on the CPU: same result as the reference."""
+    torch.manual_seed(8)
+    w = torch.randn(2, 130, 3, 3, 3, dtype=torch.float64)
+    u = ops.init_power_vector(w, "operator", (4, 4))
+    u_ref = u.clone()
+    v, _ = torch.ops.itconv_fast.power_iteration_operator_(w, u, 4)
+    v_ref, _ = _reference.power_iteration_operator_(w, u_ref, 4)
+    torch.testing.assert_close(u, u_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-12)
+    sigma = ops.batched_spectral_norm(w, u, mode="operator", n_iter=2000, input_size=(4, 4))
+    torch.testing.assert_close(sigma, exact_norms(w, 4, 4), rtol=1e-3, atol=0)

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../soft_couple.h"
+#include "cpu_clones.h"
 
 namespace itconv_fast {
 namespace soft_couple {
@@ -23,14 +24,6 @@ namespace {
 // between the read and the write sweep.
 constexpr int64_t kChunk = 4096;
 
-// The hot loops are compiled twice, for AVX2 and for the baseline ISA; the loader picks the clone
-// the CPU supports (GCC function multiversioning). FMA stays off (-ffp-contract=off), so both
-// clones round identically.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define ITCONV_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define ITCONV_CPU_CLONES
-#endif
 
 template <typename scalar_t>
 ITCONV_CPU_CLONES void couple_chunk(

@@ -8,9 +8,11 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "../spectral_norm.h"
+#include "cpu_clones.h"
 
 namespace itconv_fast {
 namespace spectral {
@@ -30,8 +32,10 @@ acc_t dot8(const a_t* a, const b_t* b, int64_t n) {
   return total;
 }
 
+
 template <typename scalar_t>
-void power_iteration_one(const scalar_t* w, scalar_t* u, scalar_t* v, int64_t rows, int64_t cols, int64_t n_iter) {
+ITCONV_CPU_CLONES void power_iteration_one(const scalar_t* w, scalar_t* u, scalar_t* v, scalar_t* sigma, int64_t rows,
+                                           int64_t cols, int64_t n_iter) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<acc_t> acc(cols), un(rows);
   for (int64_t it = 0; it < n_iter; ++it) {
@@ -46,12 +50,14 @@ void power_iteration_one(const scalar_t* w, scalar_t* u, scalar_t* v, int64_t ro
     for (int64_t k = 0; k < cols; ++k) v[k] = static_cast<scalar_t>(acc[k] / vnorm);
     // u = W v.
     for (int64_t o = 0; o < rows; ++o) un[o] = dot8<acc_t>(w + o * cols, v, cols);
-    const acc_t unorm = std::max<acc_t>(std::sqrt(dot8<acc_t>(un.data(), un.data(), rows)), static_cast<acc_t>(kNormEps));
+    const acc_t wv_norm = std::sqrt(dot8<acc_t>(un.data(), un.data(), rows));  // = sigma = <u_new, W v>
+    const acc_t unorm = std::max<acc_t>(wv_norm, static_cast<acc_t>(kNormEps));
     for (int64_t o = 0; o < rows; ++o) u[o] = static_cast<scalar_t>(un[o] / unorm);
+    *sigma = static_cast<scalar_t>(wv_norm);
   }
 }
 
-at::Tensor power_iteration_matrix_cpu(const at::Tensor& weight, at::Tensor& u, int64_t n_iter) {
+std::tuple<at::Tensor, at::Tensor> power_iteration_matrix_cpu(const at::Tensor& weight, at::Tensor& u, int64_t n_iter) {
   check_common(weight, u, n_iter, "power_iteration_matrix_");
   const int64_t B = weight.size(0), rows = weight.size(1);
   const int64_t cols = weight.size(2) * weight.size(3) * weight.size(4);
@@ -60,18 +66,20 @@ at::Tensor power_iteration_matrix_cpu(const at::Tensor& weight, at::Tensor& u, i
   const at::Tensor w = weight.contiguous();
   at::Tensor uc = u.contiguous();
   at::Tensor v = at::empty({B, cols}, weight.options());
+  at::Tensor sigma = at::empty({B}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "power_iteration_matrix_cpu", [&] {
     const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* up = uc.data_ptr<scalar_t>();
     scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* sp = sigma.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t first, int64_t last) {
       for (int64_t b = first; b < last; ++b) {
-        power_iteration_one<scalar_t>(wp + b * rows * cols, up + b * rows, vp + b * cols, rows, cols, n_iter);
+        power_iteration_one<scalar_t>(wp + b * rows * cols, up + b * rows, vp + b * cols, sp + b, rows, cols, n_iter);
       }
     });
   });
   if (!uc.is_same(u)) u.copy_(uc);
-  return v;
+  return {v, sigma};
 }
 
 }  // namespace

@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <tuple>
+
 #include "../spectral_norm.h"
 
 namespace itconv_fast {
@@ -35,7 +37,8 @@ __device__ acc_t block_sum(acc_t value, acc_t* scratch) {
 
 template <typename scalar_t>
 __global__ void power_iteration_matrix_kernel(const scalar_t* __restrict__ weight, scalar_t* __restrict__ u,
-                                              scalar_t* __restrict__ v, int64_t rows, int64_t cols, int64_t n_iter) {
+                                              scalar_t* __restrict__ v, scalar_t* __restrict__ sigma, int64_t rows,
+                                              int64_t cols, int64_t n_iter) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t scratch[kThreads / 32];
   const int64_t b = blockIdx.x;
@@ -67,13 +70,15 @@ __global__ void power_iteration_matrix_kernel(const scalar_t* __restrict__ weigh
       }
     }
     __syncthreads();
-    const acc_t unorm = max(sqrt(block_sum(row_sq, scratch)), static_cast<acc_t>(kNormEps));
+    const acc_t wv_norm = sqrt(block_sum(row_sq, scratch));  // = sigma = <u_new, W v>
+    const acc_t unorm = max(wv_norm, static_cast<acc_t>(kNormEps));
     for (int64_t o = threadIdx.x; o < rows; o += kThreads) ub[o] = static_cast<scalar_t>(static_cast<acc_t>(ub[o]) / unorm);
+    if (threadIdx.x == 0) sigma[b] = static_cast<scalar_t>(wv_norm);
     __syncthreads();
   }
 }
 
-at::Tensor power_iteration_matrix_cuda(const at::Tensor& weight, at::Tensor& u, int64_t n_iter) {
+std::tuple<at::Tensor, at::Tensor> power_iteration_matrix_cuda(const at::Tensor& weight, at::Tensor& u, int64_t n_iter) {
   check_common(weight, u, n_iter, "power_iteration_matrix_");
   const int64_t B = weight.size(0), rows = weight.size(1);
   const int64_t cols = weight.size(2) * weight.size(3) * weight.size(4);
@@ -83,13 +88,15 @@ at::Tensor power_iteration_matrix_cuda(const at::Tensor& weight, at::Tensor& u, 
   const at::Tensor w = weight.contiguous();
   at::Tensor uc = u.contiguous();
   at::Tensor v = at::empty({B, cols}, weight.options());
+  at::Tensor sigma = at::empty({B}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "power_iteration_matrix_cuda", [&] {
     power_iteration_matrix_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        w.data_ptr<scalar_t>(), uc.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), rows, cols, n_iter);
+        w.data_ptr<scalar_t>(), uc.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(), rows, cols,
+        n_iter);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (!uc.is_same(u)) u.copy_(uc);
-  return v;
+  return {v, sigma};
 }
 
 }  // namespace
