@@ -338,6 +338,33 @@ def train_step_cases(width=16, blocks=16, batch=128, device="cpu", lam=0.5, sn_m
 
 
 def run_train_step_benchmark(width=16, blocks=16, batch=128, device="cpu", min_run_time=10.0, sn_mode="operator"):
-    cases = {width: train_step_cases(width, blocks, batch, device, sn_mode=sn_mode)}
-    return run_comparison(cases, label=f"one training step, ResNet-{6 * blocks + 5}-{width}, batch {batch}",
-                          reference="plain", device=device, min_run_time=min_run_time, name="train-step", warmup=1)
+    """Step times of every case, interleaved round by round (plain, coupled, normalised, both, plain, ...)
+    so that drift of a shared machine hits all cases alike; medians over the rounds."""
+    import statistics
+
+    cases = train_step_cases(width, blocks, batch, device, sn_mode=sn_mode)
+    times = {name: [] for name in cases}
+    for fn in cases.values():  # warm-up
+        fn()
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < 3 or time.perf_counter() - start < min_run_time * len(cases):
+        for name, fn in cases.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    label = f"one training step, ResNet-{6 * blocks + 5}-{width}, batch {batch}"
+    rows = [{"width": width, "case": name, "median_s": m, "rounds": rounds,
+             "min_s": min(times[name]), "max_s": max(times[name])} for name, m in medians.items()]
+    report = {"benchmark": "train-step", "machine": machine_description(device), "rows": rows,
+              "ratios": {f"width {width}": {n: m / medians["plain"] for n, m in medians.items() if n != "plain"}}}
+    table = "\n".join([f"[{label}, interleaved, {rounds} rounds]"] +
+                      [f"  {name:42s} median {m * 1e3:9.1f} ms  (min {min(times[name]) * 1e3:.1f}, max {max(times[name]) * 1e3:.1f})"
+                       for name, m in medians.items()])
+    return report, table

@@ -14,7 +14,15 @@ import torch
 
 from . import _extension, _reference
 
-__all__ = ["extension_loaded", "soft_couple_", "COUPLING_KERNELS", "batched_spectral_norm", "SPECTRAL_MODES"]
+__all__ = [
+    "extension_loaded",
+    "soft_couple_",
+    "COUPLING_KERNELS",
+    "batched_spectral_norm",
+    "gram_spectral_bound",
+    "init_power_vector",
+    "SPECTRAL_MODES",
+]
 
 COUPLING_KERNELS = ("uniform", "triangular")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

@@ -92,33 +92,32 @@ def config_from(preset: str = "quick", **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def atomic_write_json(path: str, obj) -> None:
+@contextlib.contextmanager
+def _atomic_file(path: str, mode: str):
+    """Write to a temporary file beside `path`, fsync, then rename over it: a kill at any moment leaves
+    either the old file or the new one, never a partial one."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=folder)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    with _atomic_file(path, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file, fsync, rename: a kill never leaves a partial checkpoint."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save, atomically (see _atomic_file)."""
+    with _atomic_file(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -14,3 +14,17 @@ def pytest_collection_modifyitems(config, items):
 def devices():
     """CPU always; CUDA as a `cuda`-marked parameter (skipped without a GPU)."""
     return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(params=["extension", "reference"])
+def path(request, monkeypatch):
+    """Run a test through the compiled ops (their C++ checks) and through the pure-PyTorch fallback."""
+    from itconv_fast import _extension, ops
+
+    if request.param == "extension":
+        if not ops.extension_loaded():
+            pytest.skip("compiled extension not built")
+    else:
+        monkeypatch.setattr(_extension, "_loaded", False)
+        monkeypatch.setattr(_extension, "_warned", True)
+    return request.param

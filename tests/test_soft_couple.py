@@ -165,18 +165,6 @@ def test_many_groups_mixed_dtypes_one_call():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["extension", "reference"])
-def path(request, monkeypatch):
-    """Run a test through the compiled op (its C++ checks) and through the fallback (Python checks)."""
-    if request.param == "extension":
-        if not ops.extension_loaded():
-            pytest.skip("compiled extension not built")
-    else:
-        monkeypatch.setattr(_extension, "_loaded", False)
-        monkeypatch.setattr(_extension, "_warned", True)
-    return request.param
-
-
 def _good_groups():
     return [[torch.randn(3, 3) for _ in range(4)], [torch.randn(5) for _ in range(4)]]
 

@@ -22,17 +22,6 @@ def exact_norms(weight, H, W):
     return torch.stack([torch.linalg.matrix_norm(operator_matrix(w, H, W), ord=2) for w in weight])
 
 
-@pytest.fixture(params=["extension", "reference"])
-def path(request, monkeypatch):
-    if request.param == "extension":
-        if not ops.extension_loaded():
-            pytest.skip("compiled extension not built")
-    else:
-        monkeypatch.setattr(_extension, "_loaded", False)
-        monkeypatch.setattr(_extension, "_warned", True)
-    return request.param
-
-
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,size", [((3, 4, 2, 3, 3), (5, 5)), ((2, 3, 3, 3, 3), (4, 6)), ((2, 2, 5, 1, 3), (3, 3))])
