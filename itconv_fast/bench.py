@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from . import _reference, ops
+from . import ops
 
 SLOTS_CONV = 2  # conv1.weight, conv2.weight
 SLOTS_BN = 4  # bn1.{weight,bias}, bn2.{weight,bias}

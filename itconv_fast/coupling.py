@@ -13,7 +13,7 @@ With gradient accumulation, call it once, after the last backward of the step.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import torch
 from torch import nn

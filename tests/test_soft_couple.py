@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from itconv_fast import _extension, _reference, ops
+from itconv_fast import _reference, ops
 from conftest import devices
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

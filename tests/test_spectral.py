@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import devices
-from itconv_fast import _extension, _reference, ops
+from itconv_fast import _reference, ops
 from itconv_fast.spectral import StageSpectralNorm, bn_scale, fold_batchnorm
 
 needs_extension = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not built")

@@ -174,7 +174,7 @@ def generate(
     images = torch.empty((n_images, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
     # Every random number is drawn up front, so the result does not depend on the batching below.
     if debris:
-        params = _draw_debris(rng, n_images, n_fragments, glyphs)
+        params = _draw_debris(rng, n_images, n_fragments)
         labels[np.arange(n_images), params[0]] = 1.0
     else:
         digits, x, y = _draw_parameters(rng, n_images, n_digits)
@@ -200,9 +200,8 @@ def generate(
     return images, torch.from_numpy(labels)
 
 
-def _draw_debris(rng, n_images, n_fragments, glyphs):
+def _draw_debris(rng, n_images, n_fragments):
     """Random parameters of digit debris: the digit, its position, and each fragment's source and place."""
-    s = SUPERSAMPLE * IMAGE_SIZE
     digit = rng.integers(0, 10, size=n_images)
     x = rng.uniform(-X_RANGE, X_RANGE, size=n_images)
     y = Y_CENTRE + rng.uniform(-Y_RANGE, Y_RANGE, size=n_images)

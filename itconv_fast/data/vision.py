@@ -20,7 +20,6 @@ import tarfile
 import tempfile
 import urllib.request
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
