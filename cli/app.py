@@ -277,7 +277,7 @@ def plot_indices(report, path: str) -> None:
             ax.set_title(f"stage {s + 1}: {titles[j]} = {values[j]:.2f}", fontsize=9)
             if j == 0:
                 ax.set_ylabel("error")
-    axes[0, 0].legend(fontsize=8, loc="center right")
+    axes[0, 0].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
