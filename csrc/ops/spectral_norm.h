@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 namespace itconv_fast {
 namespace spectral {
 
@@ -18,6 +20,16 @@ inline void check_common(const at::Tensor& weight, const at::Tensor& u, int64_t 
   TORCH_CHECK_VALUE(u.device() == weight.device(), op, ": u is on ", u.device(), ", weight on ", weight.device());
   TORCH_CHECK_VALUE(n_iter >= 1, op, ": n_iter must be >= 1, got ", n_iter);
   TORCH_CHECK_VALUE(weight.numel() > 0, op, ": weight is empty ", weight.sizes());
+}
+
+// Matrix mode: weight[b] is read as [C_out, C_in*kh*kw]; u must be [B, C_out]. Returns (B, rows, cols).
+inline std::tuple<int64_t, int64_t, int64_t> check_matrix(const at::Tensor& weight, const at::Tensor& u, int64_t n_iter) {
+  check_common(weight, u, n_iter, "power_iteration_matrix_");
+  const int64_t B = weight.size(0), rows = weight.size(1);
+  const int64_t cols = weight.size(2) * weight.size(3) * weight.size(4);
+  TORCH_CHECK_VALUE(u.dim() == 2 && u.size(0) == B && u.size(1) == rows, "power_iteration_matrix_: u must have shape [B=",
+                    B, ", C_out=", rows, "], got ", u.sizes());
+  return {B, rows, cols};
 }
 
 // x [B, N] -> each row divided by its 2-norm (rows of norm < eps are left unscaled).

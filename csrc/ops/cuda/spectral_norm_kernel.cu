@@ -79,11 +79,7 @@ __global__ void power_iteration_matrix_kernel(const scalar_t* __restrict__ weigh
 }
 
 std::tuple<at::Tensor, at::Tensor> power_iteration_matrix_cuda(const at::Tensor& weight, at::Tensor& u, int64_t n_iter) {
-  check_common(weight, u, n_iter, "power_iteration_matrix_");
-  const int64_t B = weight.size(0), rows = weight.size(1);
-  const int64_t cols = weight.size(2) * weight.size(3) * weight.size(4);
-  TORCH_CHECK_VALUE(u.dim() == 2 && u.size(0) == B && u.size(1) == rows, "power_iteration_matrix_: u must have shape [B=",
-                    B, ", C_out=", rows, "], got ", u.sizes());
+  const auto [B, rows, cols] = check_matrix(weight, u, n_iter);
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor w = weight.contiguous();
   at::Tensor uc = u.contiguous();
