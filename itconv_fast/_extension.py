@@ -10,12 +10,13 @@ import torch
 _loaded = False
 _reason = "not loaded yet"
 _warned = False
+soft_couple_groups = None  # the extension's unboxed call of torch.ops.itconv_fast.soft_couple_
 
 
 def _load() -> None:
-    global _loaded, _reason
+    global _loaded, _reason, soft_couple_groups
     try:
-        importlib.import_module("itconv_fast._C")
+        module = importlib.import_module("itconv_fast._C")
     except ImportError as exc:  # no build, or built against another torch (undefined symbols)
         _reason = f"the compiled extension itconv_fast._C could not be imported ({exc})"
         return
@@ -29,6 +30,7 @@ def _load() -> None:
         return
     _loaded = True
     _reason = ""
+    soft_couple_groups = module.soft_couple_groups
 
 
 _load()

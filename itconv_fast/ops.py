@@ -129,6 +129,29 @@ def _check_groups(groups: list[list[torch.Tensor]], skip_first: int) -> None:
             raise ValueError(f"soft_couple_: group {g1}, member {j1} overlaps in memory with group {g0}, member {j0}")
 
 
+def _soft_couple_one_call(groups, lam, kernel, bandwidth, skip_first) -> bool:
+    """The common call (lists or tuples of gradients, all on one device) as one op call, without a
+    Python pass over every tensor: the op checks every member in C++, naming its group, before it
+    writes anything. Returns False, having done nothing, for any other input."""
+    if type(groups) not in (list, tuple) or not all(type(m) in (list, tuple) for m in groups):
+        return False
+    try:
+        if torch.compiler.is_compiling():  # traced calls need the torch.ops form
+            leads = {m[0].device for m in groups if m}
+            if len(leads) > 1:
+                return False
+            flat = [t for members in groups for t in members]
+            if flat:
+                torch.ops.itconv_fast.soft_couple_(flat, [len(m) for m in groups], lam, kernel, bandwidth, skip_first)
+            return True
+        # Eager calls take the extension's unboxed door to the same dispatcher op (no IValue boxing
+        # of every tensor, the flattening done in C++).
+        return _extension.soft_couple_groups(groups, lam, kernel, bandwidth, skip_first)
+    except (TypeError, RuntimeError, AttributeError):
+        _as_groups(groups)  # a member that is not a tensor: raise the error that names it
+        raise
+
+
 def soft_couple_(
     groups: Sequence[Sequence[torch.Tensor]],
     lam: float,
@@ -157,6 +180,8 @@ def soft_couple_(
     Accumulates in float32 (float64 for float64 tensors).
     """
     lam, bandwidth = _check_coupling_settings(lam, kernel, bandwidth, skip_first)
+    if _extension.loaded() and _soft_couple_one_call(groups, lam, kernel, bandwidth, skip_first):
+        return
     checked = _as_groups(groups)
     devices = list(dict.fromkeys(members[0].device for members in checked if members))
     if not _extension.loaded() or len(devices) > 1:

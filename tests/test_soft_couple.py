@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from itconv_fast import _reference, ops
+from itconv_fast import _extension, _reference, ops
 from conftest import devices
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -269,6 +269,45 @@ def test_works_inside_torch_compile():
     step([t for g in groups for t in g])
     _reference.soft_couple_(expected, 0.5)
     assert_groups_equal(groups, expected)
+
+
+@needs_extension
+def test_python_api_inside_torch_compile():
+    """ops.soft_couple_ traced by dynamo takes the torch.ops form (the eager door is not traceable)."""
+    groups = make_groups([(8,), (2, 3)], 4, torch.float32, "cpu")
+    expected = clone_groups(groups)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(gs):
+        ops.soft_couple_(gs, 0.5)
+
+    step(groups)
+    _reference.soft_couple_(expected, 0.5)
+    assert_groups_equal(groups, expected)
+
+
+@needs_extension
+def test_unboxed_door_equals_torch_ops_call():
+    """The eager path (the extension's unboxed call, groups as lists or tuples) and the torch.ops
+    call run the same kernel: identical bits, and the door reports that it handled the call."""
+    groups = make_groups([(3, 5), (4097,), (0,)], 5, torch.float32, "cpu", seed=3) + [[]]
+    via_ops = clone_groups(groups)
+    assert _extension.soft_couple_groups([tuple(g) for g in groups], 0.3, "triangular", 2.0, 1) is True
+    flat = [t for g in via_ops for t in g]
+    torch.ops.itconv_fast.soft_couple_(flat, [len(g) for g in via_ops], 0.3, "triangular", 2.0, 1)
+    assert_groups_equal(groups, via_ops)
+
+
+@pytest.mark.cuda
+@needs_extension
+def test_groups_on_two_devices_are_coupled_per_device():
+    cpu = make_groups([(6,)], 3, torch.float32, "cpu")
+    gpu = make_groups([(6,)], 3, torch.float32, "cuda", seed=1)
+    assert _extension.soft_couple_groups(cpu + gpu, 0.5, "uniform", None, 0) is False  # did nothing
+    expected = clone_groups(cpu + gpu)
+    ops.soft_couple_(cpu + gpu, 0.5)
+    _reference.soft_couple_(expected, 0.5)
+    assert_groups_equal(cpu + gpu, expected)
 
 
 # --------------------------------------------------------------------------------------------
