@@ -175,14 +175,15 @@ def spectral_cases(slots, device="cpu") -> dict[str, Callable[[], object]]:
     """One power step for every block conv: batched (one call per stage and slot) against per-layer loops."""
     from torch.nn.utils.parametrizations import spectral_norm
 
-    # Batched: the stacking of each slot's weights is part of the cost (the model must do it too).
-    u_op = [ops.init_power_vector(torch.stack(ws), "operator", size) for ws, size in slots]
-    u_mat = [ops.init_power_vector(torch.stack(ws), "matrix") for ws, _ in slots]
+    # Batched: one call per stage and slot, on the list of the T blocks' kernels (read where they lie,
+    # as the model passes them; a 5-D stack would cost a copy of every weight per call).
+    u_op = [ops.init_power_vector(ws, "operator", size) for ws, size in slots]
+    u_mat = [ops.init_power_vector(ws, "matrix") for ws, _ in slots]
 
     def batched(mode, us):
         def run():
             for (ws, size), u in zip(slots, us):
-                ops.batched_spectral_norm(torch.stack(ws), u, mode=mode, n_iter=1, input_size=size)
+                ops.batched_spectral_norm(ws, u, mode=mode, n_iter=1, input_size=size)
         return run
 
     # Per layer, matrix: torch's own parametrization (one power step per weight access in training mode).

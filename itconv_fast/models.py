@@ -71,9 +71,11 @@ class Stage(nn.Module):
         self._cached = None  # (key, corrections) for evaluation
 
     def _stacked(self):
+        """The spectral norm's inputs: conv1 stacked (BN gets folded into it, a new tensor anyway), conv2
+        as the list of the blocks' own kernels (read in place: no copy of T weights per step)."""
         b = self.blocks
         conv1 = torch.stack([x.conv1.weight for x in b])
-        conv2 = torch.stack([x.conv2.weight for x in b])
+        conv2 = [x.conv2.weight for x in b]
         d1 = torch.stack([bn_scale(x.bn1.weight, x.bn1.running_var, x.bn1.eps) for x in b])
         d2 = torch.stack([bn_scale(x.bn2.weight, x.bn2.running_var, x.bn2.eps) for x in b])
         return conv1, conv2, d1, d2

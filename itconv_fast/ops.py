@@ -8,7 +8,7 @@ to the pure-PyTorch reference in `itconv_fast._reference` (with one warning).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -220,20 +220,50 @@ if _extension.loaded():
         v = weight.new_empty((weight.shape[0], weight.shape[2] * weight.shape[3] * weight.shape[4]))
         return v, weight.new_empty((weight.shape[0],))
 
+    @torch.library.register_fake("itconv_fast::power_iteration_operator_.list")
+    def _power_iteration_operator_list_fake(weights, u, n_iter):
+        v = weights[0].new_empty((len(weights), weights[0].shape[1], u.shape[2], u.shape[3]))
+        return v, weights[0].new_empty((len(weights),))
+
+    @torch.library.register_fake("itconv_fast::power_iteration_matrix_.list")
+    def _power_iteration_matrix_list_fake(weights, u, n_iter):
+        v = weights[0].new_empty((len(weights), weights[0][0].numel()))
+        return v, weights[0].new_empty((len(weights),))
+
+
+def _kernels_shape(weight) -> tuple:
+    """[B, C_out, C_in, kh, kw] of a 5-D weight or of a sequence of B same-shaped 4-D kernels."""
+    if isinstance(weight, torch.Tensor):
+        if weight.dim() != 5:
+            raise ValueError(f"batched_spectral_norm: weight must be a 5-D tensor [B, C_out, C_in, kh, kw] or a "
+                             f"sequence of 4-D kernels, got shape {tuple(weight.shape)}")
+        return tuple(weight.shape)
+    if not isinstance(weight, Sequence) or len(weight) == 0:
+        raise ValueError(f"batched_spectral_norm: weight must be a 5-D tensor or a non-empty sequence of 4-D kernels, "
+                         f"got {type(weight).__name__}{' (empty)' if isinstance(weight, Sequence) else ''}")
+    first = weight[0]
+    for b, w in enumerate(weight):
+        if not isinstance(w, torch.Tensor) or w.dim() != 4:
+            got = f"shape {tuple(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"batched_spectral_norm: kernel {b} must be a 4-D tensor [C_out, C_in, kh, kw], got {got}")
+        if w.shape != first.shape or w.dtype != first.dtype or w.device != first.device:
+            raise ValueError(f"batched_spectral_norm: kernel {b} is {tuple(w.shape)} {w.dtype} on {w.device}, "
+                             f"kernel 0 is {tuple(first.shape)} {first.dtype} on {first.device}")
+    return (len(weight),) + tuple(first.shape)
+
 
 def _check_spectral(weight, u, mode, n_iter, input_size):
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 5:
-        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"batched_spectral_norm: weight must be a 5-D tensor [B, C_out, C_in, kh, kw], got {shape}")
-    if weight.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"batched_spectral_norm: weight must be float32 or float64, got {weight.dtype}")
-    if weight.numel() == 0:
-        raise ValueError(f"batched_spectral_norm: weight is empty {tuple(weight.shape)}")
+    shape = _kernels_shape(weight)
+    lead = weight if isinstance(weight, torch.Tensor) else weight[0]
+    if lead.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"batched_spectral_norm: weight must be float32 or float64, got {lead.dtype}")
+    if math.prod(shape) == 0:
+        raise ValueError(f"batched_spectral_norm: weight is empty {shape}")
     if mode not in SPECTRAL_MODES:
         raise ValueError(f"batched_spectral_norm: unknown mode {mode!r}; expected one of {SPECTRAL_MODES}")
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
         raise ValueError(f"batched_spectral_norm: n_iter must be an int >= 1, got {n_iter!r}")
-    B, c_out, c_in, kh, kw = weight.shape
+    B, c_out, c_in, kh, kw = shape
     if mode == "operator":
         if kh % 2 == 0 or kw % 2 == 0:
             raise ValueError(f"batched_spectral_norm: operator mode needs odd kernel sizes, got {kh}x{kw}")
@@ -249,16 +279,17 @@ def _check_spectral(weight, u, mode, n_iter, input_size):
         if not isinstance(u, torch.Tensor) or tuple(u.shape) != expected:
             got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
             raise ValueError(f"batched_spectral_norm: u must have shape {expected} for mode {mode!r}, got {got}")
-        if u.dtype != weight.dtype or u.device != weight.device:
-            raise ValueError(f"batched_spectral_norm: u is {u.dtype} on {u.device}, weight {weight.dtype} on {weight.device}")
+        if u.dtype != lead.dtype or u.device != lead.device:
+            raise ValueError(f"batched_spectral_norm: u is {u.dtype} on {u.device}, weight {lead.dtype} on {lead.device}")
     return expected
 
 
-def init_power_vector(weight: torch.Tensor, mode: str, input_size=None, generator=None) -> torch.Tensor:
-    """A random unit starting vector u for `batched_spectral_norm` (one per kernel)."""
-    B, c_out = weight.shape[:2]
+def init_power_vector(weight, mode: str, input_size=None, generator=None) -> torch.Tensor:
+    """A random unit starting vector u for `batched_spectral_norm` (one per kernel); weight as there."""
+    B, c_out = _kernels_shape(weight)[:2]
+    lead = weight if isinstance(weight, torch.Tensor) else weight[0]
     shape = (B, c_out) + (tuple(input_size) if mode == "operator" else ())
-    u = torch.randn(shape, generator=generator, dtype=weight.dtype).to(weight.device)
+    u = torch.randn(shape, generator=generator, dtype=lead.dtype).to(lead.device)
     return _reference._normalize_rows(u)
 
 
@@ -280,6 +311,22 @@ def _conv_weight_grad(v: torch.Tensor, u: torch.Tensor, weight_shape) -> torch.T
     return grad.view(weight_shape)
 
 
+class _SigmaOfKernelListWithFixedVectors(torch.autograd.Function):
+    """_SigmaWithFixedVectors for kernels given as a list: the same formula, one gradient per kernel."""
+
+    @staticmethod
+    def forward(ctx, u, v, sigma, mode, *kernels):
+        ctx.save_for_backward(u, v)
+        ctx.mode, ctx.shape = mode, (len(kernels),) + tuple(kernels[0].shape)
+        return sigma.clone()
+
+    @staticmethod
+    def backward(ctx, grad_sigma):
+        u, v = ctx.saved_tensors
+        grad = _SigmaWithFixedVectors.weight_grad(u, v, ctx.mode, ctx.shape) * grad_sigma.view(-1, 1, 1, 1, 1)
+        return (None, None, None, None) + tuple(grad.unbind(0))
+
+
 class _SigmaWithFixedVectors(torch.autograd.Function):
     """sigma_b = <u_b, W_b v_b> (computed by the power-iteration op), with d sigma_b / d W_b = u_b v_b^T
     (in the convolution's sense for operator mode): the iteration vectors held constant (Miyato et al.
@@ -292,14 +339,16 @@ class _SigmaWithFixedVectors(torch.autograd.Function):
         return sigma.clone()
 
     @staticmethod
+    def weight_grad(u, v, mode, shape):
+        if mode == "operator":
+            return _conv_weight_grad(v, u, shape)
+        return (u.unsqueeze(2) * v.unsqueeze(1)).view(shape)
+
+    @staticmethod
     def backward(ctx, grad_sigma):
         u, v = ctx.saved_tensors
-        B = ctx.shape[0]
-        if ctx.mode == "operator":
-            grad = _conv_weight_grad(v, u, ctx.shape)
-        else:
-            grad = (u.unsqueeze(2) * v.unsqueeze(1)).view(ctx.shape)
-        return grad * grad_sigma.view(B, 1, 1, 1, 1), None, None, None, None
+        grad = _SigmaWithFixedVectors.weight_grad(u, v, ctx.mode, ctx.shape)
+        return grad * grad_sigma.view(-1, 1, 1, 1, 1), None, None, None, None
 
 
 def gram_spectral_bound(weight: torch.Tensor, n_iter: int = 6) -> torch.Tensor:
@@ -334,7 +383,7 @@ def gram_spectral_bound(weight: torch.Tensor, n_iter: int = 6) -> torch.Tensor:
 
 
 def batched_spectral_norm(
-    weight: torch.Tensor,
+    weight: Union[torch.Tensor, Sequence[torch.Tensor]],
     u: Optional[torch.Tensor] = None,
     *,
     mode: str = "operator",
@@ -344,7 +393,9 @@ def batched_spectral_norm(
     """The largest singular value of each of B same-shaped convolution kernels, in one batched call.
 
     Args:
-        weight: [B, C_out, C_in, kh, kw] (stride 1, zero padding kh//2, kw//2), float32 or float64.
+        weight: [B, C_out, C_in, kh, kw] (stride 1, zero padding kh//2, kw//2), float32 or float64; or
+            a sequence of B same-shaped 4-D kernels (e.g. the blocks' own weights), read where they lie
+            instead of stacked into a new tensor (matrix mode, and operator mode for wide kernels on CPU).
         u: the persistent power-iteration vectors, updated in place: [B, C_out, H, W] for "operator",
             [B, C_out] for "matrix"; unused by "gram". None starts from a random vector (not kept).
         mode: "operator" (power iteration on the convolution as a linear map on input_size = (H, W); tight,
@@ -356,19 +407,24 @@ def batched_spectral_norm(
     Raises ValueError naming the problem before anything is modified.
     """
     expected = _check_spectral(weight, u, mode, n_iter, input_size)
+    as_list = not isinstance(weight, torch.Tensor)
     if mode == "gram":
-        return gram_spectral_bound(weight, n_iter)
+        return gram_spectral_bound(torch.stack(list(weight)) if as_list else weight, n_iter)
     if u is None:
         u = init_power_vector(weight, mode, expected[2:] if mode == "operator" else None)
-    w = weight.detach()
+    w = [k.detach() for k in weight] if as_list else weight.detach()
     if _extension.loaded():
         op = torch.ops.itconv_fast.power_iteration_operator_ if mode == "operator" else torch.ops.itconv_fast.power_iteration_matrix_
-        v, sigma = op(w, u, n_iter)
+        v, sigma = (op.list if as_list else op.default)(w, u, n_iter)
     else:
         _extension.warn_fallback("batched_spectral_norm")
         ref = _reference.power_iteration_operator_ if mode == "operator" else _reference.power_iteration_matrix_
-        v, sigma = ref(w, u, n_iter)
+        v, sigma = ref(torch.stack(w) if as_list else w, u, n_iter)
+    # u is updated in place by later calls: the backward pass needs this call's vectors.
+    if as_list:
+        if torch.is_grad_enabled() and any(k.requires_grad for k in weight):
+            return _SigmaOfKernelListWithFixedVectors.apply(u.detach().clone(), v, sigma, mode, *weight)
+        return sigma
     if weight.requires_grad and torch.is_grad_enabled():
-        # u is updated in place by later calls: the backward pass needs this call's vectors.
         return _SigmaWithFixedVectors.apply(weight, u.detach().clone(), v, sigma, mode)
     return sigma

@@ -88,13 +88,15 @@ class StageSpectralNorm(nn.Module):
     def _sigma(self, weight: torch.Tensor, u: torch.Tensor, n_iter: int, update: bool) -> torch.Tensor:
         if self.mode == "gram":
             return batched_spectral_norm(weight, mode="gram", n_iter=n_iter)
-        if u.dtype != weight.dtype:  # e.g. a float64 model: the vectors follow the weights
-            u.data = u.data.to(weight.dtype)
+        dtype = weight.dtype if isinstance(weight, torch.Tensor) else weight[0].dtype
+        if u.dtype != dtype:  # e.g. a float64 model: the vectors follow the weights
+            u.data = u.data.to(dtype)
         target = u if update else u.clone()
         return batched_spectral_norm(weight, target, mode=self.mode, n_iter=n_iter, input_size=self.input_size)
 
     def bounds(self, conv1, conv2, d1, d2, *, n_iter: Optional[int] = None, update: Optional[bool] = None):
-        """L^ for every block: sigma(conv2) * sigma(D2 . conv1 . D1). conv1/conv2: [T, C, C, k, k]; d1/d2: [T, C].
+        """L^ for every block: sigma(conv2) * sigma(D2 . conv1 . D1). conv1: [T, C, C, k, k]; conv2: the same
+        or a list of T kernels [C, C, k, k]; d1/d2: [T, C].
         Updates the persistent vectors in training mode (or when update=True)."""
         n_iter = n_iter or self.n_power_iterations
         update = self.training if update is None else update

@@ -127,12 +127,82 @@ def test_gram_bound_is_differentiable():
 
 
 @needs_extension
+def test_matrix_kernel_panel_path_matches_reference():
+    """Matrices over 8 MiB are swept in column panels (the others whole): same numbers either way."""
+    torch.manual_seed(3)
+    w = torch.randn(1, 300, 400, 3, 3, dtype=torch.float64)  # 300 x 3600 doubles = 8.6 MB
+    u = ops.init_power_vector(w, "matrix")
+    u_ref = u.clone()
+    v, sigma = torch.ops.itconv_fast.power_iteration_matrix_(w, u, 2)
+    v_ref, sigma_ref = _reference.power_iteration_matrix_(w, u_ref, 2)
+    torch.testing.assert_close(u, u_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sigma, sigma_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,channels", [("operator", 4), ("operator", 130), ("matrix", 4), ("matrix", 130)])
+def test_kernel_list_equals_stacked_weight(path, mode, channels):
+    """A list of B kernels (read in place) gives what their 5-D stack gives: sigma, the updated u and
+    the gradient of every kernel. 130 channels takes the CPU's kernel-by-kernel operator path."""
+    torch.manual_seed(4)
+    kernels = [torch.randn(channels, channels, 3, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    stacked = torch.stack(kernels).detach().requires_grad_()
+    size = (4, 4)
+    u_list = ops.init_power_vector(kernels, mode, size)
+    u_stack = u_list.clone()
+    sigma_list = ops.batched_spectral_norm(kernels, u_list, mode=mode, n_iter=2, input_size=size)
+    sigma_stack = ops.batched_spectral_norm(stacked, u_stack, mode=mode, n_iter=2, input_size=size)
+    torch.testing.assert_close(sigma_list, sigma_stack, rtol=1e-12, atol=0)
+    torch.testing.assert_close(u_list, u_stack, rtol=1e-12, atol=1e-14)
+    weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    (sigma_list * weights).sum().backward()
+    (sigma_stack * weights).sum().backward()
+    for b, k in enumerate(kernels):
+        torch.testing.assert_close(k.grad, stacked.grad[b], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: [], "non-empty sequence"),
+        (lambda: [torch.randn(4, 2, 3, 3), torch.randn(4, 3, 3, 3)], "kernel 1 is"),
+        (lambda: [torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3, dtype=torch.float64)], "kernel 1 is"),
+        (lambda: [torch.randn(4, 2, 3, 3), torch.randn(2, 3, 3)], "kernel 1 must be a 4-D tensor"),
+        (lambda: [torch.randn(4, 2, 3, 3), "w"], "kernel 1 must be a 4-D tensor"),
+    ],
+)
+def test_bad_kernel_lists_raise_and_modify_nothing(make, match):
+    kernels = make()
+    u = torch.randn(len(kernels), 4)
+    u_before = u.clone()
+    with pytest.raises(ValueError, match=match):
+        ops.batched_spectral_norm(kernels, u, mode="matrix")
+    assert torch.equal(u, u_before)
+
+
+@needs_extension
+def test_list_ops_check_their_own_arguments():
+    u = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="kernel 1 has shape"):
+        torch.ops.itconv_fast.power_iteration_matrix_.list([torch.randn(4, 2, 3, 3), torch.randn(4, 3, 3, 3)], u, 1)
+    with pytest.raises(ValueError, match="empty list"):
+        torch.ops.itconv_fast.power_iteration_operator_.list([], torch.randn(0, 4, 5, 5), 1)
+    with pytest.raises(ValueError, match="u must have shape"):
+        torch.ops.itconv_fast.power_iteration_matrix_.list([torch.randn(4, 2, 3, 3)] * 3, u, 1)
+
+
+@needs_extension
 @pytest.mark.parametrize("device", devices())
 def test_opcheck(device):
     w = torch.randn(3, 4, 2, 3, 3, device=device)
     torch.library.opcheck(torch.ops.itconv_fast.power_iteration_operator_.default,
                           (w, ops.init_power_vector(w, "operator", (5, 5)), 2))
     torch.library.opcheck(torch.ops.itconv_fast.power_iteration_matrix_.default, (w, ops.init_power_vector(w, "matrix"), 2))
+    kernels = list(torch.randn(3, 4, 2, 3, 3, device=device).unbind(0))
+    torch.library.opcheck(torch.ops.itconv_fast.power_iteration_operator_.list,
+                          (kernels, ops.init_power_vector(kernels, "operator", (5, 5)), 2))
+    torch.library.opcheck(torch.ops.itconv_fast.power_iteration_matrix_.list,
+                          (kernels, ops.init_power_vector(kernels, "matrix"), 2))
 
 
 BAD = [

@@ -18,10 +18,11 @@ namespace itconv_fast {
 namespace spectral {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> power_iteration_operator(const at::Tensor& weight, at::Tensor& u, int64_t n_iter) {
-  check_common(weight, u, n_iter, "power_iteration_operator_");
-  const int64_t B = weight.size(0), c_out = weight.size(1), c_in = weight.size(2);
-  const int64_t kh = weight.size(3), kw = weight.size(4);
+// The iteration on B kernels given as a 5-D stack (`stacked` defined) or as a list of 4-D kernels
+// (`stacked` undefined: the list is stacked only if the grouped path needs it).
+std::tuple<at::Tensor, at::Tensor> operator_iteration(at::TensorList kernels, at::Tensor stacked, at::Tensor& u,
+                                                      int64_t n_iter, c10::IntArrayRef shape) {
+  const int64_t B = shape[0], c_out = shape[1], c_in = shape[2], kh = shape[3], kw = shape[4];
   TORCH_CHECK_VALUE(kh % 2 == 1 && kw % 2 == 1, "power_iteration_operator_: kernel sizes must be odd (same-size ",
                     "zero-padded convolution), got ", kh, "x", kw);
   TORCH_CHECK_VALUE(u.dim() == 4 && u.size(0) == B && u.size(1) == c_out, "power_iteration_operator_: u must have ",
@@ -33,14 +34,15 @@ std::tuple<at::Tensor, at::Tensor> power_iteration_operator(const at::Tensor& we
   // One grouped conv for all B kernels is fastest while the kernels are narrow; for wide ones (more
   // than 128 channels) the CPU libraries' grouped convolutions fall far behind B dense ones (measured:
   // 145 ms against 21 ms for 16 kernels of 256 channels on 8 x 8), so those go kernel by kernel.
-  const bool grouped = !weight.is_cpu() || std::max(c_in, c_out) <= 128;
-  const at::Tensor w = weight.reshape({B * c_out, c_in, kh, kw});
+  const bool grouped = !kernels[0].is_cpu() || std::max(c_in, c_out) <= 128;
+  at::Tensor w;
+  if (grouped) w = (stacked.defined() ? stacked : at::stack(kernels)).reshape({B * c_out, c_in, kh, kw});
   auto adjoint = [&](const at::Tensor& x) {  // [B, C_out, H, W] -> W^T x, [B, C_in, H, W]
     if (grouped) {
       return at::conv_transpose2d(x.reshape({1, B * c_out, H, W}), w, {}, 1, padding, 0, B).view({B, c_in, H, W});
     }
     std::vector<at::Tensor> out;
-    for (int64_t b = 0; b < B; ++b) out.push_back(at::conv_transpose2d(x.narrow(0, b, 1), weight[b], {}, 1, padding));
+    for (int64_t b = 0; b < B; ++b) out.push_back(at::conv_transpose2d(x.narrow(0, b, 1), kernels[b], {}, 1, padding));
     return at::cat(out);
   };
   auto forward = [&](const at::Tensor& x) {  // [B, C_in, H, W] -> W x, [B, C_out, H, W]
@@ -48,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> power_iteration_operator(const at::Tensor& we
       return at::conv2d(x.reshape({1, B * c_in, H, W}), w, {}, 1, padding, 1, B).view({B, c_out, H, W});
     }
     std::vector<at::Tensor> out;
-    for (int64_t b = 0; b < B; ++b) out.push_back(at::conv2d(x.narrow(0, b, 1), weight[b], {}, 1, padding));
+    for (int64_t b = 0; b < B; ++b) out.push_back(at::conv2d(x.narrow(0, b, 1), kernels[b], {}, 1, padding));
     return at::cat(out);
   };
   at::Tensor uu = u;
@@ -63,15 +65,30 @@ std::tuple<at::Tensor, at::Tensor> power_iteration_operator(const at::Tensor& we
   return {v, sigma};
 }
 
+std::tuple<at::Tensor, at::Tensor> power_iteration_operator(const at::Tensor& weight, at::Tensor& u, int64_t n_iter) {
+  check_common(weight, u, n_iter, "power_iteration_operator_");
+  return operator_iteration(weight.unbind(0), weight, u, n_iter, weight.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> power_iteration_operator_list(at::TensorList weights, at::Tensor& u, int64_t n_iter) {
+  const auto shape = check_kernel_list(weights, "power_iteration_operator_");
+  check_common(weights[0].unsqueeze(0).expand(shape), u, n_iter, "power_iteration_operator_");
+  return operator_iteration(weights, at::Tensor(), u, n_iter, shape);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(itconv_fast, m) {
   m.def("power_iteration_operator_(Tensor weight, Tensor(a!) u, int n_iter) -> (Tensor, Tensor)");
   m.def("power_iteration_matrix_(Tensor weight, Tensor(a!) u, int n_iter) -> (Tensor, Tensor)");
+  // The same with the kernels as a list of B 4-D tensors (read in place, no stacking).
+  m.def("power_iteration_operator_.list(Tensor[] weights, Tensor(a!) u, int n_iter) -> (Tensor, Tensor)");
+  m.def("power_iteration_matrix_.list(Tensor[] weights, Tensor(a!) u, int n_iter) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(itconv_fast, CompositeExplicitAutograd, m) {
   m.impl("power_iteration_operator_", &power_iteration_operator);
+  m.impl("power_iteration_operator_.list", &power_iteration_operator_list);
 }
 
 }  // namespace spectral

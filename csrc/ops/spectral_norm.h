@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <vector>
 
 namespace itconv_fast {
 namespace spectral {
@@ -30,6 +31,28 @@ inline std::tuple<int64_t, int64_t, int64_t> check_matrix(const at::Tensor& weig
   TORCH_CHECK_VALUE(u.dim() == 2 && u.size(0) == B && u.size(1) == rows, "power_iteration_matrix_: u must have shape [B=",
                     B, ", C_out=", rows, "], got ", u.sizes());
   return {B, rows, cols};
+}
+
+// The list form of the ops: B same-shaped 4-D kernels [C_out, C_in, kh, kw] (e.g. the T blocks' own
+// weights, read in place instead of stacked into a new 5-D tensor). Checks them and returns the shape
+// of the stack they stand for, [B, C_out, C_in, kh, kw].
+inline std::vector<int64_t> check_kernel_list(at::TensorList weights, const char* op) {
+  TORCH_CHECK_VALUE(!weights.empty(), op, ": weights is an empty list");
+  const at::Tensor& first = weights[0];
+  TORCH_CHECK_VALUE(first.dim() == 4, op, ": every kernel must be 4-D [C_out, C_in, kh, kw], kernel 0 is ",
+                    first.dim(), "-D");
+  for (size_t b = 1; b < weights.size(); ++b) {
+    const at::Tensor& w = weights[b];
+    TORCH_CHECK_VALUE(w.sizes() == first.sizes(), op, ": kernel ", b, " has shape ", w.sizes(), ", kernel 0 has ",
+                      first.sizes());
+    TORCH_CHECK_TYPE(w.scalar_type() == first.scalar_type(), op, ": kernel ", b, " has dtype ", w.scalar_type(),
+                     ", kernel 0 has ", first.scalar_type());
+    TORCH_CHECK_VALUE(w.device() == first.device(), op, ": kernel ", b, " is on ", w.device(), ", kernel 0 on ",
+                      first.device());
+  }
+  std::vector<int64_t> shape{static_cast<int64_t>(weights.size())};
+  for (const auto size : first.sizes()) shape.push_back(size);
+  return shape;
 }
 
 // x [B, N] -> each row divided by its 2-norm (rows of norm < eps are left unscaled).
