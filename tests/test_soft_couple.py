@@ -272,6 +272,23 @@ def test_works_inside_torch_compile():
 
 
 @needs_extension
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stride_bytes", [4096, 4096 + 64])
+def test_page_congruent_members_take_the_block_path_and_match(dtype, stride_bytes):
+    """Members that start at the same offset within a 4 KiB page (as page-aligned gradients do) crowd
+    one L1 set and go through the block path instead of the register path: the same bits either way."""
+    T, numel = 12, 3000
+    item = torch.tensor([], dtype=dtype).element_size()
+    stride = stride_bytes * (numel * item // stride_bytes + 1) // item  # a multiple of stride_bytes, > numel
+    buf = torch.randn(T * stride, dtype=torch.float64).to(dtype)
+    groups = [[buf[t * stride : t * stride + numel] for t in range(T)]]
+    expected = [[t.clone() for t in groups[0]]]
+    ops.soft_couple_(groups, 0.37)
+    _reference.soft_couple_(expected, 0.37)
+    assert_groups_equal(groups, expected)
+
+
+@needs_extension
 def test_python_api_inside_torch_compile():
     """ops.soft_couple_ traced by dynamo takes the torch.ops form (the eager door is not traceable)."""
     groups = make_groups([(8,), (2, 3)], 4, torch.float32, "cpu")
