@@ -127,13 +127,20 @@ def test_gram_bound_is_differentiable():
 
 
 @needs_extension
-def test_matrix_kernel_panel_path_matches_reference():
-    """Matrices over 8 MiB are swept in column panels (the others whole): same numbers either way."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matrix_kernel_large_matrices_match_reference(threads):
+    """Matrices over 1 MiB have their rows split among the threads (with more than one): the same
+    numbers as the one-thread sweep and the reference."""
     torch.manual_seed(3)
-    w = torch.randn(1, 300, 400, 3, 3, dtype=torch.float64)  # 300 x 3600 doubles = 8.6 MB
+    w = torch.randn(2, 300, 60, 3, 3, dtype=torch.float64)  # 300 x 540 doubles = 1.3 MB each
     u = ops.init_power_vector(w, "matrix")
     u_ref = u.clone()
-    v, sigma = torch.ops.itconv_fast.power_iteration_matrix_(w, u, 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        v, sigma = torch.ops.itconv_fast.power_iteration_matrix_(w, u, 2)
+    finally:
+        torch.set_num_threads(before)
     v_ref, sigma_ref = _reference.power_iteration_matrix_(w, u_ref, 2)
     torch.testing.assert_close(u, u_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-12)
