@@ -112,31 +112,51 @@ def machine_description(device: str) -> dict:
 
 
 def run_comparison(cases_by_width: dict, *, label: str, reference: str, device="cpu", min_run_time=1.0, name="",
-                   warmup: int = 2) -> tuple[dict, str]:
-    """Times every case side by side (torch.utils.benchmark) and returns (JSON-ready report, table).
+                   warmup: int = 2, block_time: float = 0.02, min_rounds: int = 3) -> tuple[dict, str]:
+    """Times every case side by side and returns (JSON-ready report, table).
+
+    The cases of one width are measured interleaved: round after round, every case runs one block of
+    calls (torch.utils.benchmark `Timer.timeit`, sized to about `block_time`), so that the drift of a
+    shared machine (memory bandwidth, clocks) hits all cases alike; a case's time is the median over
+    its blocks (`Measurement.merge`). Rounds go on until every case had about `min_run_time` seconds.
 
     cases_by_width: {width: {case name: zero-argument callable}}; `reference` names the toolkit's case,
     against which the report's ratios (other case's time / reference time) are given.
     """
     from torch.utils import benchmark
 
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     results, rows = [], []
     for width, cases in cases_by_width.items():
+        timers = {}
         for case, fn in cases.items():
             for _ in range(warmup):  # warm-up (and compilation)
                 fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            m = benchmark.Timer(
+            sync()
+            timer = benchmark.Timer(
                 stmt="fn()", globals={"fn": fn}, label=label, sub_label=case,
                 description=f"width {width}" if isinstance(width, int) else str(width),
                 num_threads=torch.get_num_threads(),
-            ).blocked_autorange(min_run_time=min_run_time)
+            )
+            per_call = timer.timeit(1).median
+            timers[case] = (timer, max(1, int(block_time / max(per_call, 1e-9))))
+        blocks = {case: [] for case in cases}
+        start, rounds = time.perf_counter(), 0
+        while rounds < min_rounds or time.perf_counter() - start < min_run_time * len(cases):
+            for case, (timer, number) in timers.items():
+                blocks[case].append(timer.timeit(number))
+            rounds += 1
+        for case in cases:
+            m = benchmark.Measurement.merge(blocks[case])[0]
             results.append(m)
-            rows.append({"width": width, "case": case, "median_s": m.median, "iqr_s": m.iqr})
+            rows.append({"width": width, "case": case, "median_s": m.median, "iqr_s": m.iqr, "rounds": rounds})
     compare = benchmark.Compare(results)
     compare.trim_significant_figures()
-    report = {"benchmark": name or label, "machine": machine_description(device), "rows": rows, "ratios": {}}
+    report = {"benchmark": name or label, "machine": machine_description(device), "rows": rows, "ratios": {},
+              "method": "cases interleaved round by round; medians over rounds"}
     for width in cases_by_width:
         by_case = {r["case"]: r["median_s"] for r in rows if r["width"] == width}
         key = f"width {width}" if isinstance(width, int) else str(width)
