@@ -1,7 +1,8 @@
-// CPU kernel of soft_couple_: one parallel pass over (group, chunk) work items. Each item walks its
-// chunk in register blocks: it reads the T gradients' block once from memory (the second touch hits
-// L1), mixes them in float (double for double tensors) and writes them back, so the op streams like
-// an in-place scaling pass.
+// CPU kernel of soft_couple_: one parallel pass over (group, chunk) work items, split by cost. A group
+// of 2-16 members goes one 64-byte vector at a time with every member's values in registers, so each
+// element is loaded once and stored once, like an in-place scaling pass; other groups (more members,
+// the triangular kernel, or members that crowd one L1 set) go in blocks of kBlock elements whose T
+// copies are read once from memory and rewritten from L1. Mixing is in float (double for double).
 //
 // Compiled with -ffp-contract=off: the mixes use separate multiplies and adds, exactly as the
 // pure-PyTorch reference does, so CPU results equal the reference bit for bit.
@@ -25,9 +26,8 @@ namespace {
 
 // Elements per work item (the unit the threads share out).
 constexpr int64_t kChunk = 4096;
-// Elements per register block: the kernel sums the T members' blocks into kBlock accumulators (held
-// in vector registers), then rewrites the same T blocks while they are still in L1 (T x 256 bytes).
-// Every memory byte is read once and written once, as in an in-place scaling pass.
+// Elements per block of the block path: the T members' blocks are summed into kBlock accumulators,
+// then rewritten while they are still in L1 (T x 512 bytes for float).
 constexpr int64_t kBlock = 128;
 
 // One register block of the uniform mix: g_t[i] = a * g_t[i] + b * sum_u g_u[i] (u in order).
@@ -47,7 +47,7 @@ ITCONV_ALWAYS_INLINE void couple_uniform_block(scalar_t* const* ptrs, int64_t n,
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) shared[i] = b * shared[i];
   // Rewrite in reverse: the blocks read last are the likeliest still in L1 (members whose addresses
-  // agree modulo 4 KiB share L1 sets, and more than 12 of them evict each other in read order).
+  // agree modulo 4 KiB share L1 sets, and more than 8 of them evict each other in read order).
   for (int64_t t = n - 1; t >= 0; --t) {
     scalar_t* gt = ptrs[t] + i0;
 #pragma omp simd

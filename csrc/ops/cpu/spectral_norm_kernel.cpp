@@ -155,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> run_matrices(const std::vector<at::Tensor>& k
     scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* sp = sigma.data_ptr<scalar_t>();
     const int64_t parts = std::min<int64_t>(at::get_num_threads(), rows);
-    if (parts > 1 && rows * cols * static_cast<int64_t>(sizeof(scalar_t)) > (1LL << 40) && cols * parts * 8 < (1 << 20)) {
+    if (parts > 1 && rows * cols * static_cast<int64_t>(sizeof(scalar_t)) > kSplitBytes) {
       for (int64_t b = 0; b < B; ++b) {
         power_iteration_split<scalar_t>(wp[b], up + b * rows, vp + b * cols, sp + b, rows, cols, n_iter, parts);
       }
