@@ -50,7 +50,7 @@ def compiler_is_gcc() -> bool:
         out = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True).stdout
     except OSError:
         return False
-    return "clang" not in out.lower() and ("gcc" in out.lower() or "g++" in out.lower() or "free software" in out.lower())
+    return "Free Software Foundation" in out  # GCC's --version banner; clang's has no such line
 
 
 def extension():

@@ -1,6 +1,6 @@
 // The extension module `itconv_fast._C`. Importing it loads this library, whose static initialisers
 // register every op with the PyTorch dispatcher. The module's one Python function is a faster door
-// to the same dispatcher op for the call with hundreds of tensors (see soft_couple_call below).
+// to the same dispatcher op for the call with hundreds of tensors (see soft_couple_groups below).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -48,7 +48,7 @@ bool soft_couple_groups(const std::vector<std::vector<at::Tensor>>& groups, doub
   for (const auto& group : groups) {
     sizes.push_back(static_cast<int64_t>(group.size()));
     for (const auto& t : group) {
-      if (!flat.empty() && t.defined() && flat.front().defined() && t.device() != flat.front().device()) return false;
+      if (!flat.empty() && t.device() != flat.front().device()) return false;
       flat.push_back(t);
     }
   }

@@ -135,19 +135,13 @@ def _soft_couple_one_call(groups, lam, kernel, bandwidth, skip_first) -> bool:
     writes anything. Returns False, having done nothing, for any other input."""
     if type(groups) not in (list, tuple) or not all(type(m) in (list, tuple) for m in groups):
         return False
+    if torch.compiler.is_compiling():
+        return False  # traced calls take the torch.ops form below (the unboxed door is not traceable)
     try:
-        if torch.compiler.is_compiling():  # traced calls need the torch.ops form
-            leads = {m[0].device for m in groups if m}
-            if len(leads) > 1:
-                return False
-            flat = [t for members in groups for t in members]
-            if flat:
-                torch.ops.itconv_fast.soft_couple_(flat, [len(m) for m in groups], lam, kernel, bandwidth, skip_first)
-            return True
-        # Eager calls take the extension's unboxed door to the same dispatcher op (no IValue boxing
-        # of every tensor, the flattening done in C++).
+        # The extension's unboxed door to the same dispatcher op: no IValue boxing of every tensor,
+        # the flattening done in C++.
         return _extension.soft_couple_groups(groups, lam, kernel, bandwidth, skip_first)
-    except (TypeError, RuntimeError, AttributeError):
+    except (TypeError, RuntimeError):
         _as_groups(groups)  # a member that is not a tensor: raise the error that names it
         raise
 
@@ -252,9 +246,14 @@ def _kernels_shape(weight) -> tuple:
     return (len(weight),) + tuple(first.shape)
 
 
+def _lead_kernel(weight) -> torch.Tensor:
+    """The tensor whose dtype and device stand for all kernels: the 5-D weight, or the list's first."""
+    return weight if isinstance(weight, torch.Tensor) else weight[0]
+
+
 def _check_spectral(weight, u, mode, n_iter, input_size):
     shape = _kernels_shape(weight)
-    lead = weight if isinstance(weight, torch.Tensor) else weight[0]
+    lead = _lead_kernel(weight)
     if lead.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"batched_spectral_norm: weight must be float32 or float64, got {lead.dtype}")
     if math.prod(shape) == 0:
@@ -287,7 +286,7 @@ def _check_spectral(weight, u, mode, n_iter, input_size):
 def init_power_vector(weight, mode: str, input_size=None, generator=None) -> torch.Tensor:
     """A random unit starting vector u for `batched_spectral_norm` (one per kernel); weight as there."""
     B, c_out = _kernels_shape(weight)[:2]
-    lead = weight if isinstance(weight, torch.Tensor) else weight[0]
+    lead = _lead_kernel(weight)
     shape = (B, c_out) + (tuple(input_size) if mode == "operator" else ())
     u = torch.randn(shape, generator=generator, dtype=lead.dtype).to(lead.device)
     return _reference._normalize_rows(u)

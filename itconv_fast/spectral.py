@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ops import SPECTRAL_MODES, batched_spectral_norm, init_power_vector
+from .ops import SPECTRAL_MODES, _lead_kernel, batched_spectral_norm, init_power_vector
 
 __all__ = ["StageSpectralNorm", "fold_batchnorm", "bn_scale", "check_mu"]
 
@@ -88,7 +88,7 @@ class StageSpectralNorm(nn.Module):
     def _sigma(self, weight: torch.Tensor, u: torch.Tensor, n_iter: int, update: bool) -> torch.Tensor:
         if self.mode == "gram":
             return batched_spectral_norm(weight, mode="gram", n_iter=n_iter)
-        dtype = weight.dtype if isinstance(weight, torch.Tensor) else weight[0].dtype
+        dtype = _lead_kernel(weight).dtype
         if u.dtype != dtype:  # e.g. a float64 model: the vectors follow the weights
             u.data = u.data.to(dtype)
         target = u if update else u.clone()

