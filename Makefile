@@ -13,7 +13,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 endif
 export MAX_JOBS ?= 2
 
-SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
+SOURCES := Makefile setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
 .PHONY: setup test test-fast train bench clean
 
@@ -22,7 +22,8 @@ setup: $(STAMP)
 $(STAMP): $(SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) numpy click tqdm matplotlib ninja pybind11 pytest pytest-benchmark hypothesis
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) numpy click tqdm matplotlib pyyaml tensorboard ninja pybind11 \
+		pytest pytest-benchmark hypothesis 'ray[tune]'
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -c "import itconv_fast, sys; sys.exit(0 if itconv_fast.extension_loaded() else 'extension failed to load')"
 	touch $(STAMP)

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import platform
 
 import click
 import torch
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and +-inf (every comparison with nan is false, so a plain
+    FloatRange lets `--lam nan` through)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,7 +60,7 @@ def _device_option(f):
 @bench.command("coupling")
 @click.option("--width", "widths", type=click.IntRange(min=1), multiple=True, default=(16, 64), show_default=True,
               help="Base width of the ResNet-101 whose gradients are coupled (repeatable).")
-@click.option("--min-run-time", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+@click.option("--min-run-time", type=FiniteFloatRange(min=0.01), default=1.0, show_default=True,
               help="Seconds of timing per case.")
 @click.option("--no-compile", is_flag=True, help="Skip the torch.compile baseline (c).")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -74,7 +87,7 @@ def bench_coupling(widths, min_run_time, no_compile, out, device) -> None:
 @bench.command("spectral")
 @click.option("--width", "widths", type=click.IntRange(min=1), multiple=True, default=(16, 64), show_default=True,
               help="Base width of the ResNet-101 whose 96 block convolutions are normalised (repeatable).")
-@click.option("--min-run-time", type=click.FloatRange(min=0.01), default=1.0, show_default=True)
+@click.option("--min-run-time", type=FiniteFloatRange(min=0.01), default=1.0, show_default=True)
 @click.option("--tightness/--no-tightness", default=True, show_default=True,
               help="Also report the Gram bound's tightness (bound / exact) on random kernels.")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None, help="Write the report as JSON here.")
@@ -101,8 +114,11 @@ def bench_spectral(widths, min_run_time, tightness, out, device) -> None:
 
 
 @main.command()
-@click.option("--preset", type=click.Choice(["quick", "paper"]), default="quick", show_default=True,
-              help="quick: small net and data, minutes on a CPU. paper: 3 x 16 blocks, width 16, full data, 60 epochs.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="YAML file of train options (keys as below, with _ for -); flags given here override it. "
+                   "Every run writes its resolved config.yaml, which this reads back.")
+@click.option("--preset", type=click.Choice(["quick", "paper"]), default=None,
+              help="quick (default): small net and data, minutes on a CPU. paper: 3 x 16 blocks, width 16, full data, 60 epochs.")
 @click.option("--dataset", type=click.Choice(["digitclutter", "mnist", "cifar10", "cifar100"]), default="digitclutter",
               show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where MNIST / CIFAR files are (torchvision layout).")
@@ -113,51 +129,48 @@ def bench_spectral(widths, min_run_time, tightness, out, device) -> None:
 @click.option("--width", type=click.IntRange(min=1), default=None, help="Base width w (stage s: w * 2^s).")
 @click.option("--blocks", type=click.IntRange(min=1), default=None, help="Blocks per stage T.")
 @click.option("--stages", type=click.IntRange(min=1), default=None, help="Stages S.")
-@click.option("--lam", type=click.FloatRange(0.0, 1.0), default=None, help="Soft gradient coupling factor in [0, 1].")
+@click.option("--lam", type=FiniteFloatRange(0.0, 1.0), default=None, help="Soft gradient coupling factor in [0, 1].")
 @click.option("--coupling-kernel", type=click.Choice(["uniform", "triangular"]), default=None)
 @click.option("--skip-first", type=click.IntRange(min=0), default=None, help="Leave the first k blocks of each stage uncoupled.")
-@click.option("--sn-mu", type=click.FloatRange(min=0.0, min_open=True), default=None,
+@click.option("--sn-mu", type=FiniteFloatRange(min=0.0, min_open=True), default=None,
               help="Lipschitz bound mu on every residual function (spectral normalization; off if not given).")
 @click.option("--sn-mode", type=click.Choice(["operator", "matrix", "gram"]), default=None)
-@click.option("--pcr", is_flag=True, default=None, help="Properly convergent updates z_t = x_s + f~_t(z_{t-1}).")
+@click.option("--pcr/--icr", default=None,
+              help="Properly convergent updates z_t = x_s + f~_t(z_{t-1}) (--pcr), or z_{t-1} + f~_t(z_{t-1}) (--icr, the default).")
 @click.option("--init", type=click.Choice(["auto", "nonrecurrent", "recurrent"]), default=None,
               help="auto: recurrent when --lam > 0 (the paper).")
-@click.option("--bn-gamma-init", type=float, default=None)
+@click.option("--bn-gamma-init", type=FiniteFloatRange(), default=None)
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--accumulate", type=click.IntRange(min=1), default=None,
               help="Gradient accumulation: micro-batches per optimizer step (the batch size stays the global one).")
-@click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=None, help="Learning rate at batch size 128.")
-@click.option("--weight-decay", type=click.FloatRange(min=0.0), default=None)
+@click.option("--lr", type=FiniteFloatRange(min=0.0, min_open=True), default=None, help="Learning rate at batch size 128.")
+@click.option("--weight-decay", type=FiniteFloatRange(min=0.0), default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--device", type=str, default=None, help="auto (default), cpu, cuda, cuda:N.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<dataset>-lam<lam>-mu<mu>-seed<seed>).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def train(preset, dataset, data_dir, download, n_digits, train_size, test_size, width, blocks, stages, lam,
+def train(config_file, preset, dataset, data_dir, download, n_digits, train_size, test_size, width, blocks, stages, lam,
           coupling_kernel, skip_first, sn_mu, sn_mode, pcr, init, bn_gamma_init, epochs, batch_size, accumulate, lr, weight_decay,
           seed, device, out, resume, compile_, no_progress) -> None:
     """Train the paper's ResNet with soft gradient coupling and a Lipschitz constraint.
 
-    Example: itconv-fast train --lam 0.5 --sn-mu 0.95
+    Examples: itconv-fast train --lam 0.5 --sn-mu 0.95; itconv-fast train --config run.yaml --seed 1
     """
-    import os
 
     from itconv_fast import train as training
+    from itconv_fast.checkpoint import CheckpointError
     from itconv_fast.data import datasets, vision
 
-    config = training.config_from(
-        preset, dataset=dataset, data_dir=data_dir, download=download or None, n_digits=n_digits,
-        train_size=train_size, test_size=test_size, width=width, blocks=blocks, stages=stages, lam=lam,
-        coupling_kernel=coupling_kernel, skip_first=skip_first, sn_mu=sn_mu, sn_mode=sn_mode, pcr=pcr, init=init,
-        bn_gamma_init=bn_gamma_init, epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr, weight_decay=weight_decay,
-        seed=seed, device=device, compile=compile_,
-    )
-    if config.batch_size % config.accumulate:
-        raise click.BadParameter(f"--batch-size {config.batch_size} is not divisible by it", param_hint="--accumulate")
-    if config.skip_first >= config.blocks:
-        raise click.BadParameter(f"must be < --blocks ({config.blocks})", param_hint="--skip-first")
+    flags = dict(dataset=dataset, data_dir=data_dir, download=download or None, n_digits=n_digits,
+                 train_size=train_size, test_size=test_size, width=width, blocks=blocks, stages=stages, lam=lam,
+                 coupling_kernel=coupling_kernel, skip_first=skip_first, sn_mu=sn_mu, sn_mode=sn_mode, pcr=pcr, init=init,
+                 bn_gamma_init=bn_gamma_init, epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr,
+                 weight_decay=weight_decay, seed=seed, device=device, compile=compile_)
+    flags = {k: v for k, v in flags.items() if v is not None}
+    config = resolve_train_config(config_file, preset, flags)
     try:
         training.resolve_device(config.device)
     except (RuntimeError, ValueError) as exc:
@@ -177,16 +190,44 @@ def train(preset, dataset, data_dir, download, n_digits, train_size, test_size, 
     if os.path.exists(os.path.join(out, "checkpoint.pt")) and not resume:
         raise click.BadParameter(f"{out} already holds a run; pass --resume to continue it or choose another --out",
                                  param_hint="--out")
-    click.echo(f"training {config.dataset} (preset {preset}): width {config.width}, {config.stages} x {config.blocks} blocks, "
+    click.echo(f"training {config.dataset} (preset {config.preset}): width {config.width}, {config.stages} x {config.blocks} blocks, "
                f"lam {config.lam}, sn_mu {config.sn_mu} ({config.sn_mode}), init {config.resolved_init()} -> {out}")
     try:
         metrics = training.train(config, out, resume=resume, progress=not no_progress, task=task)
+    except CheckpointError as exc:
+        raise click.BadParameter(str(exc), param_hint="--resume") from None
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     last = metrics["epochs"][-1]
     total = sum(e["seconds"] for e in metrics["epochs"])
     click.echo(f"done: {len(metrics['epochs'])} epochs in {total:.0f} s; test error {last['test_error']:.4f} "
                f"(chance {metrics['chance_error']:.4f}), train loss {last['train_loss']:.4f}; wrote {out}/metrics.json, {out}/checkpoint.pt")
+
+
+def resolve_train_config(config_file, preset, flags: dict):
+    """preset < config file < command-line flags; any bad key or value is a usage error (exit 2) naming the
+    flag, or the file for values that came from it."""
+    from itconv_fast import config as configs
+
+    values = {}
+    if config_file is not None:
+        try:
+            values = configs.load_config_file(config_file)
+        except configs.ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--config") from None
+    preset = preset or values.pop("preset", None) or "quick"
+    values.pop("preset", None)
+    values.update(flags)
+    try:
+        return configs.build_config(preset, values)
+    except configs.ConfigError as exc:
+        if exc.key in flags:
+            hint = "--" + exc.key.replace("_", "-")
+            message = str(exc).split(": ", 1)[-1]
+        else:
+            hint = "--config" if config_file else "--" + (exc.key or "preset").replace("_", "-")
+            message = f"{config_file}: {exc}" if config_file else str(exc)
+        raise click.BadParameter(message, param_hint=hint) from None
 
 
 @main.command()
@@ -204,38 +245,29 @@ def indices(run, extra_iterations, method, batch_size, test_size, device, plot) 
 
     Evaluates on the run's test set, writes indices.json beside the checkpoint, prints a per-stage table.
     """
-    import os
 
     from itconv_fast import indices as idx
     from itconv_fast import train as training
-    from itconv_fast.data import datasets, digitclutter, vision
-    from itconv_fast.models import load_checkpoint
+    from itconv_fast.checkpoint import CheckpointError
+    from itconv_fast.data import vision
 
     path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise click.BadParameter(f"no checkpoint.pt in {run}", param_hint="RUN")
     try:
-        dev = training.resolve_device(device)
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        config = training.TrainConfig(**state["config"])
-        model = load_checkpoint(path, map_location=dev)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise click.BadParameter(f"{path}: not a training checkpoint ({exc})", param_hint="RUN") from exc
+        training.resolve_device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from exc
     try:
-        task = datasets.load(config.dataset, data_dir=config.data_dir, n_digits=config.n_digits, train_size=config.train_size,
-                             test_size=config.test_size, seed=config.seed,
-                             cache_dir=config.cache_dir or datasets.default_cache_dir())
+        report = idx.indices_of_run(path, extra_iterations=extra_iterations, method=method, batch_size=batch_size,
+                                    test_size=test_size, device=device)
+    except CheckpointError as exc:
+        raise click.BadParameter(str(exc), param_hint="RUN") from None
     except vision.DatasetFilesError as exc:
         raise click.ClickException(str(exc)) from exc
-    if test_size is not None:
-        task.test = datasets.Split(task.test.images[:test_size], task.test.targets[:test_size])
-    data = datasets.batches(task, task.test, batch_size, train=False, device=dev)
-    report = idx.compute_indices(model, data, extra_iterations=extra_iterations, method=method,
-                                 chance_error=task.chance_error, batch_size=batch_size,
-                                 error_fn=(lambda l, y: ~digitclutter.exact_set_correct(l, y)) if task.multilabel else None)
     out = os.path.join(os.path.dirname(os.path.abspath(path)), "indices.json")
     training.atomic_write_json(out, report.to_dict())
-    click.echo(f"{config.dataset}: n = {report.n}, error e* = {report.error:.4f}, chance = {report.chance_error:.4f}")
+    click.echo(f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}: n = {report.n}, error e* = {report.error:.4f}, chance = {report.chance_error:.4f}")
     click.echo(f"{'stage':>5} {'CI':>7} {'RI':>7} {'DI':>7} {'fixed-pt res.':>14}")
     for s, st in enumerate(report.stages, start=1):
         click.echo(f"{s:>5} {st.ci:7.3f} {st.ri:7.3f} {st.di:7.3f} {st.fixed_point_residual:14.4f}")
@@ -288,7 +320,7 @@ def plot_indices(report, path: str) -> None:
               default=[(8, 4, 32, 256), (16, 16, 32, 16)], show_default=True,
               help="WIDTH BLOCKS SIDE N: a ResNet of 3 stages and N random examples (repeatable).")
 @click.option("--extra-iterations", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--min-run-time", type=click.FloatRange(min=0.01), default=1.0, show_default=True)
+@click.option("--min-run-time", type=FiniteFloatRange(min=0.01), default=1.0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None)
 @_device_option
 def bench_indices(configs, extra_iterations, min_run_time, out, device) -> None:
@@ -311,7 +343,7 @@ def bench_indices(configs, extra_iterations, min_run_time, out, device) -> None:
 @click.option("--blocks", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--sn-mode", type=click.Choice(["operator", "matrix", "gram"]), default="operator", show_default=True)
-@click.option("--min-run-time", type=click.FloatRange(min=0.01), default=10.0, show_default=True)
+@click.option("--min-run-time", type=FiniteFloatRange(min=0.01), default=10.0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None)
 @_device_option
 def bench_train_step(width, blocks, batch, sn_mode, min_run_time, out, device) -> None:
@@ -325,6 +357,50 @@ def bench_train_step(width, blocks, batch, sn_mode, min_run_time, out, device) -
     if out:
         bench_lib.save_report(report, out)
         click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("sweep_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Sweep directory: sweep.yaml, trials/<name>/, results.csv. Rerun the same command to finish a killed sweep.")
+@click.option("--address", default=None,
+              help="An existing Ray cluster (e.g. auto, or ray://host:10001). Default: start Ray on this machine.")
+@click.option("--cpus-per-run", type=FiniteFloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
+              help="CPUs Ray reserves per trial (also its torch threads).")
+@click.option("--gpus-per-run", type=FiniteFloatRange(min=0.0), default=0.0, show_default=True,
+              help="GPUs Ray reserves per trial (fractions share a GPU).")
+@click.option("--quiet", is_flag=True, help="No Ray Tune progress tables.")
+def sweep(sweep_file, out, address, cpus_per_run, gpus_per_run, quiet) -> None:
+    """Train every configuration of a sweep file on Ray Tune, measure each network's indices, write
+    OUT/results.csv (see docs/reproduction.md for the paper's sweeps)."""
+    from itconv_fast import sweep as sweeps
+
+    try:
+        spec = sweeps.load_sweep(sweep_file)
+    except sweeps.SweepError as exc:
+        raise click.BadParameter(str(exc), param_hint="SWEEP_FILE") from None
+    try:
+        import ray.tune  # noqa: F401
+    except ImportError:
+        raise click.ClickException("Ray Tune is not installed: pip install 'itconv-fast[sweep]' ('make setup' does)") from None
+    trials = sweeps.expand(spec)
+    try:
+        sweeps.check_out_dir(spec, out)
+    except sweeps.SweepError as exc:
+        raise click.BadParameter(str(exc), param_hint="--out") from None
+    todo = sweeps.pending(spec, out)
+    click.echo(f"{len(trials)} trials, {len(trials) - len(todo)} already finished, running {len(todo)} -> {out}")
+    try:
+        rows = sweeps.run_sweep(spec, out, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+                                verbose=0 if quiet else 1)
+    except sweeps.SweepError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{'trial':<40} {'test err':>8} {'CI':>6} {'RI':>6} {'DI':>6}")
+    for row in rows:
+        values = [row.get(k) for k in ("ci", "ri", "di")]
+        cells = " ".join("   nan" if v is None else f"{v:6.3f}" for v in values)
+        click.echo(f"{row['trial']:<40} {row['final_test_error']:8.4f} {cells}")
+    click.echo(f"wrote {os.path.join(out, 'results.csv')} ({len(rows)} of {len(trials)} trials)")
 
 
 @main.group()

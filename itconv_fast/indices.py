@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
-__all__ = ["compute_indices", "IndexReport", "StageIndices", "index_flops"]
+__all__ = ["compute_indices", "indices_of_run", "IndexReport", "StageIndices", "index_flops"]
 
 METHODS = ("cached", "reference")
 
@@ -306,3 +306,34 @@ def index_flops(model, extra_iterations: int = 16) -> dict:
         # block t re-runs blocks t+1..T from the cached z_{t-1}; extra iterations are incremental.
         cached += (Ts - 1 + Ts + K) * rest + sum(Ts - t for t in range(1, Ts + 1)) + K
     return {"reference_blocks": reference, "cached_blocks": cached, "ratio": reference / cached}
+
+
+def indices_of_run(run: str, *, extra_iterations: int = 16, method: str = "cached", batch_size: int = 512,
+                   test_size: Optional[int] = None, device: str = "auto") -> IndexReport:
+    """The indices of a training run (a run directory or its checkpoint.pt) on the run's own test set,
+    scored as the run was (exact digit sets for Digitclutter). The checkpoint is read safely
+    (weights_only); a bad one raises CheckpointError naming it."""
+    import os
+
+    from .checkpoint import CheckpointError, load_checkpoint_state
+    from .config import TrainConfig
+    from .data import datasets, digitclutter
+    from .models import load_checkpoint
+    from .train import resolve_device
+
+    path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
+    dev = resolve_device(device)
+    state = load_checkpoint_state(path, map_location="cpu", required=("model", "model_config", "config"))
+    try:
+        config = TrainConfig(**state["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its training configuration is not readable ({exc})") from None
+    model = load_checkpoint(path, map_location=dev)
+    task = datasets.load(config.dataset, data_dir=config.data_dir, n_digits=config.n_digits, train_size=config.train_size,
+                         test_size=config.test_size, seed=config.seed, cache_dir=config.cache_dir or datasets.default_cache_dir())
+    if test_size is not None:
+        task.test = datasets.Split(task.test.images[:test_size], task.test.targets[:test_size])
+    data = datasets.batches(task, task.test, batch_size, train=False, device=dev)
+    error_fn = (lambda logits, y: ~digitclutter.exact_set_correct(logits, y)) if task.multilabel else None
+    return compute_indices(model, data, extra_iterations=extra_iterations, method=method, chance_error=task.chance_error,
+                           batch_size=batch_size, error_fn=error_fn)

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointError, load_checkpoint_state
 from .coupling import groups_from_blocks
 from .spectral import StageSpectralNorm, bn_scale, check_mu
 
@@ -230,14 +231,17 @@ class IterResNet(nn.Module):
 
 
 def load_checkpoint(path: str, map_location="cpu") -> IterResNet:
-    """The model of a training checkpoint (written by itconv_fast.train), in eval mode."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
-        raise ValueError(f"{path} is not an itconv-fast checkpoint (missing model_config / model)")
-    model = IterResNet(**state["model_config"])
-    model.load_state_dict(state["model"])
+    """The model of a training checkpoint (written by itconv_fast.train), in eval mode. The file is read
+    with weights_only=True (itconv_fast.checkpoint): a file that is truncated, not ours or holds foreign
+    objects raises CheckpointError (a ValueError) naming it, and never runs code."""
+    state = load_checkpoint_state(path, map_location=map_location)
+    where = path if not os.path.isdir(path) else os.path.join(path, "checkpoint.pt")
+    if not isinstance(state["model_config"], dict):
+        raise CheckpointError(f"{where}: not an itconv-fast checkpoint (model_config is not a dict)")
+    try:
+        model = IterResNet(**state["model_config"])
+        model.load_state_dict(state["model"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{where}: its model does not match an IterResNet ({reason})") from None
     return model.eval()

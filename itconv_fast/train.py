@@ -5,22 +5,20 @@
 SGD with momentum 0.9 and weight decay, linear warm-up then cosine decay (per step; lr scaled linearly with
 batch size from a base of 128), coupling after backward (after DDP's all-reduce), one spectral power step
 per training forward, evaluation after every epoch; bf16 autocast and channels_last on CUDA. Outputs in
-out_dir: metrics.json and checkpoint.pt, both written atomically every epoch; resume=True continues a
-killed run from its last finished epoch.
+out_dir: config.yaml (the resolved configuration), metrics.json, metrics.csv, TensorBoard event files in
+tensorboard/, and checkpoint.pt (loaded with weights_only=True), all written atomically every epoch;
+resume=True continues a killed run from its last finished epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import platform
 import random
-import tempfile
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -28,96 +26,15 @@ import torch
 import torch.distributed as dist
 
 from . import ops
+from .checkpoint import (CheckpointError, atomic_save, atomic_write_json, atomic_write_text, load_checkpoint_state,
+                         rng_state, save_checkpoint, set_rng_state)
+from .config import PRESETS, TrainConfig, build_config, config_from, write_config_file  # noqa: F401 (re-exported)
 from .coupling import GradientCoupler
 from .data import datasets
 from .models import IterResNet
 
-__all__ = ["TrainConfig", "PRESETS", "train", "evaluate", "build_model", "atomic_save", "atomic_write_json"]
-
-
-@dataclass
-class TrainConfig:
-    dataset: str = "digitclutter"
-    data_dir: Optional[str] = None
-    download: bool = False
-    n_digits: int = 3
-    train_size: Optional[int] = None
-    test_size: Optional[int] = None
-    width: int = 16
-    blocks: int = 16
-    stages: int = 3
-    lam: float = 0.0
-    coupling_kernel: str = "uniform"
-    coupling_bandwidth: Optional[float] = None
-    skip_first: int = 0
-    sn_mu: Optional[float] = None
-    sn_mode: str = "operator"
-    pcr: bool = False
-    init: str = "auto"  # "auto": recurrent when lam > 0 (the paper), else nonrecurrent
-    bn_gamma_init: float = 1.0
-    epochs: int = 60
-    batch_size: int = 128  # the global batch (over all processes and accumulation steps)
-    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
-    lr: float = 0.1  # at batch size 128; scaled linearly with the batch size
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    compile: bool = False
-    cache_dir: Optional[str] = None
-    preset: str = "quick"
-
-    def resolved_init(self) -> str:
-        if self.init == "auto":
-            return "recurrent" if self.lam > 0 else "nonrecurrent"
-        return self.init
-
-
-# Presets: values that differ from the dataclass defaults. Any option overrides its preset value.
-PRESETS = {
-    # Small network and data set: under 10 minutes on 2 CPU cores, well above chance.
-    "quick": dict(width=8, blocks=4, train_size=12000, test_size=2000, epochs=8, batch_size=128, lr=0.2, warmup_epochs=0.5),
-    # The paper: 3 x 16 blocks, width 16, the full data set, a paper-length schedule.
-    "paper": dict(width=16, blocks=16, train_size=None, test_size=None, epochs=60, batch_size=128, lr=0.1),
-}
-
-
-def config_from(preset: str = "quick", **overrides) -> TrainConfig:
-    """A TrainConfig from a preset plus explicit overrides (None means: keep the preset's value)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    values = dict(PRESETS[preset])
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values["preset"] = preset
-    return TrainConfig(**values)
-
-
-@contextlib.contextmanager
-def _atomic_file(path: str, mode: str):
-    """Write to a temporary file beside `path`, fsync, then rename over it: a kill at any moment leaves
-    either the old file or the new one, never a partial one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_json(path: str, obj) -> None:
-    with _atomic_file(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def atomic_save(obj, path: str) -> None:
-    """torch.save, atomically (see _atomic_file)."""
-    with _atomic_file(path, "wb") as f:
-        torch.save(obj, f)
+__all__ = ["TrainConfig", "PRESETS", "config_from", "build_config", "train", "evaluate", "build_model", "atomic_save",
+           "atomic_write_json"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -182,29 +99,39 @@ def _environment(device) -> dict:
     return env
 
 
-def _rng_state(generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "data": generator.get_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+EPOCH_FIELDS = ("epoch", "train_loss", "train_error", "test_loss", "test_error", "lr", "seconds")
+TENSORBOARD_TAGS = {"train_loss": "loss/train", "test_loss": "loss/test", "train_error": "error/train",
+                    "test_error": "error/test", "lr": "lr", "seconds": "seconds_per_epoch"}
 
 
-def _set_rng_state(state: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["data"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def write_metrics_csv(path: str, epochs: list) -> None:
+    """metrics.csv: one row per epoch, the columns of EPOCH_FIELDS (for spreadsheets and pandas)."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    out = csv.DictWriter(text, fieldnames=EPOCH_FIELDS, extrasaction="ignore", lineterminator="\n")
+    out.writeheader()
+    out.writerows(epochs)
+    atomic_write_text(path, text.getvalue())
+
+
+def _event_writer(out_dir: str, start_epoch: int):
+    """TensorBoard event files in out_dir/tensorboard (scalars per epoch). On resume, events past the last
+    finished epoch (from the killed session) are purged, so curves never hold an epoch twice."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_epoch + 1 if start_epoch else None)
 
 
 def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
-          task: Optional[datasets.Task] = None, stop_after_epochs: Optional[int] = None, return_model: bool = False):
+          task: Optional[datasets.Task] = None, stop_after_epochs: Optional[int] = None, return_model: bool = False,
+          on_epoch=None):
     """Trains (or resumes) a run; returns the metrics dict also written to out_dir/metrics.json.
 
     stop_after_epochs: end after this many epochs of this call (for tests of interruption and resume).
     return_model: return (metrics, model) instead of metrics.
+    on_epoch: called on rank 0 with each finished epoch's record, after its checkpoint is written.
     Under torchrun (WORLD_SIZE > 1) every rank trains on its shard of each global batch with
     DistributedDataParallel (gloo on CPU, nccl on CUDA); only rank 0 writes.
     """
@@ -247,16 +174,24 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
     metrics = {"config": dataclasses.asdict(config), "environment": _environment(device), "epochs": []}
     start_epoch = 0
     if resume and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = load_checkpoint_state(ckpt_path, map_location=device,
+                                      required=("model", "optimizer", "scheduler", "rng", "epoch", "epochs", "config"))
         if state["config"] != dataclasses.asdict(config):
             changed = sorted(k for k in state["config"] if state["config"][k] != dataclasses.asdict(config).get(k))
             raise ValueError(f"cannot resume {out_dir}: its configuration differs in {changed}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], generator)
+        try:
+            set_rng_state(state["rng"], generator)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{ckpt_path}: its RNG state is not readable ({exc})") from None
         metrics["epochs"] = state["epochs"]
         start_epoch = state["epoch"] + 1
+        metrics["resumed_at_epochs"] = list(state.get("resumed_at_epochs", [])) + [start_epoch]
+    if rank == 0:
+        write_config_file(os.path.join(out_dir, "config.yaml"), config)
+        writer = _event_writer(out_dir, start_epoch)
 
     net = model
     if distributed:
@@ -316,15 +251,23 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
         }
         metrics["epochs"].append(record)
         if rank == 0:
-            atomic_save({"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": _rng_state(generator), "epoch": epoch,
-                         "epochs": metrics["epochs"], "config": dataclasses.asdict(config)}, ckpt_path)
+            save_checkpoint({"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "rng": rng_state(generator), "epoch": epoch,
+                             "epochs": metrics["epochs"], "config": dataclasses.asdict(config),
+                             "resumed_at_epochs": metrics.get("resumed_at_epochs", [])}, ckpt_path)
             atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)
+            write_metrics_csv(os.path.join(out_dir, "metrics.csv"), metrics["epochs"])
+            for key, tag in TENSORBOARD_TAGS.items():
+                writer.add_scalar(tag, record[key], epoch + 1)
+            writer.flush()
+            if on_epoch is not None:
+                on_epoch(record)
         epochs_bar.set_postfix(test_error=f"{test_error:.3f}")
         ran += 1
         if stop_after_epochs is not None and ran >= stop_after_epochs:
             break
     metrics["chance_error"] = task.chance_error
     if rank == 0:
+        writer.close()
         atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)
     return (metrics, model) if return_model else metrics

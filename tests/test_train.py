@@ -79,8 +79,8 @@ def test_resume_reaches_the_same_state_as_an_uninterrupted_run(tmp_path):
     assert len(part["epochs"]) == 1
     resumed = training.train(_config(), str(tmp_path / "part"), resume=True, progress=False)
     assert [e["epoch"] for e in resumed["epochs"]] == [1, 2, 3]
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert [e["test_error"] for e in full["epochs"]] == [e["test_error"] for e in resumed["epochs"]]
@@ -108,7 +108,7 @@ def test_killed_run_resumes_without_losing_finished_epochs(tmp_path):
     proc.wait()
     finished = len(json.loads(metrics.read_text())["epochs"])
     assert finished >= 2
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)  # intact despite the kill
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # intact despite the kill
     assert ckpt["epoch"] + 1 >= finished
     result = subprocess.run(cmd + ["--resume", "--epochs", "30"], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,0 +1,218 @@
+"""Run configurations: `TrainConfig`, its presets, validation, and YAML files.
+
+    config = config_from("quick", lam=0.5, sn_mu=0.95)          # a preset plus overrides
+    values = load_config_file("run.yaml")                       # {key: value}, checked against TrainConfig
+    config = build_config(values.pop("preset", "quick"), values)
+    write_config_file("runs/x/config.yaml", config)             # the resolved configuration of a run
+
+Every TrainConfig is validated when it is made: a wrong type, a value out of range or a combination that
+cannot train (skip_first >= blocks, a batch not divisible by the accumulation steps) raises ConfigError, a
+ValueError that names the key. A configuration file is a YAML mapping whose keys are TrainConfig's fields
+(`preset` among them); an unknown key, a file that is not a mapping, or invalid YAML is a ConfigError
+naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["TrainConfig", "PRESETS", "ConfigError", "config_from", "build_config", "load_config_file",
+           "write_config_file", "config_to_yaml", "FIELDS"]
+
+DATASETS = ("digitclutter", "mnist", "cifar10", "cifar100")
+COUPLING_KERNELS = ("uniform", "triangular")
+SN_MODES = ("operator", "matrix", "gram")
+INIT_CHOICES = ("auto", "nonrecurrent", "recurrent")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; `key` names the offending field (or None)."""
+
+    def __init__(self, message: str, key: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "digitclutter"
+    data_dir: Optional[str] = None
+    download: bool = False
+    n_digits: int = 3
+    train_size: Optional[int] = None
+    test_size: Optional[int] = None
+    width: int = 16
+    blocks: int = 16
+    stages: int = 3
+    lam: float = 0.0
+    coupling_kernel: str = "uniform"
+    coupling_bandwidth: Optional[float] = None
+    skip_first: int = 0
+    sn_mu: Optional[float] = None
+    sn_mode: str = "operator"
+    pcr: bool = False
+    init: str = "auto"  # "auto": recurrent when lam > 0 (the paper), else nonrecurrent
+    bn_gamma_init: float = 1.0
+    epochs: int = 60
+    batch_size: int = 128  # the global batch (over all processes and accumulation steps)
+    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    lr: float = 0.1  # at batch size 128; scaled linearly with the batch size
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    cache_dir: Optional[str] = None
+    preset: str = "quick"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _CHECKS[f.name](f.name, getattr(self, f.name)))
+        if self.skip_first >= self.blocks:
+            raise ConfigError(f"skip_first: must be < blocks ({self.blocks}), got {self.skip_first}", "skip_first")
+        if self.batch_size % self.accumulate:
+            raise ConfigError(f"accumulate: batch_size {self.batch_size} is not divisible by {self.accumulate}",
+                              "accumulate")
+
+    def resolved_init(self) -> str:
+        if self.init == "auto":
+            return "recurrent" if self.lam > 0 else "nonrecurrent"
+        return self.init
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+# Presets: values that differ from the dataclass defaults. Any option overrides its preset value.
+PRESETS = {
+    # Small network and data set: under 10 minutes on 2 CPU cores, well above chance.
+    "quick": dict(width=8, blocks=4, train_size=12000, test_size=2000, epochs=8, batch_size=128, lr=0.2, warmup_epochs=0.5),
+    # The paper: 3 x 16 blocks, width 16, the full data set, a paper-length schedule.
+    "paper": dict(width=16, blocks=16, train_size=None, test_size=None, epochs=60, batch_size=128, lr=0.1),
+}
+
+
+# Field checks: each returns the normalised value (ints stay ints, numbers become floats) or raises.
+def _int(low=None, optional=False):
+    def check(key, v):
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or (low is not None and v < low):
+            bound = f" >= {low}" if low is not None else ""
+            raise ConfigError(f"{key}: must be an integer{bound}{' or null' if optional else ''}, got {v!r}", key)
+        return v
+    return check
+
+
+def _float(low=None, high=None, low_open=False, optional=False):
+    def check(key, v):
+        if v is None and optional:
+            return None
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        ok = ok and (low is None or (v > low if low_open else v >= low)) and (high is None or v <= high)
+        if not ok:
+            what = "a finite number"
+            if low is not None and high is not None:
+                what += f" in [{low}, {high}]"
+            elif low is not None:
+                what += f" {'>' if low_open else '>='} {low}"
+            raise ConfigError(f"{key}: must be {what}{' or null' if optional else ''}, got {v!r}", key)
+        return float(v)
+    return check
+
+
+def _choice(options):
+    def check(key, v):
+        if v not in options:
+            raise ConfigError(f"{key}: must be one of {', '.join(options)}; got {v!r}", key)
+        return v
+    return check
+
+
+def _bool(key, v):
+    if not isinstance(v, bool):
+        raise ConfigError(f"{key}: must be true or false, got {v!r}", key)
+    return v
+
+
+def _text(optional):
+    def check(key, v):
+        if (v is None and optional) or isinstance(v, str):
+            return v
+        raise ConfigError(f"{key}: must be a string{' or null' if optional else ''}, got {v!r}", key)
+    return check
+
+
+_CHECKS = {
+    "dataset": _choice(DATASETS), "data_dir": _text(True), "download": _bool, "n_digits": _int(1),
+    "train_size": _int(1, True), "test_size": _int(1, True), "width": _int(1), "blocks": _int(1), "stages": _int(1),
+    "lam": _float(0.0, 1.0), "coupling_kernel": _choice(COUPLING_KERNELS), "coupling_bandwidth": _float(1.0, optional=True),
+    "skip_first": _int(0), "sn_mu": _float(0.0, low_open=True, optional=True), "sn_mode": _choice(SN_MODES),
+    "pcr": _bool, "init": _choice(INIT_CHOICES), "bn_gamma_init": _float(), "epochs": _int(1), "batch_size": _int(1),
+    "accumulate": _int(1), "lr": _float(0.0, low_open=True), "weight_decay": _float(0.0), "warmup_epochs": _float(0.0),
+    "seed": _int(), "device": _text(False), "compile": _bool, "cache_dir": _text(True), "preset": _choice(tuple(PRESETS)),
+}
+assert set(_CHECKS) == set(FIELDS), "every TrainConfig field needs a check"
+
+
+def _check_keys(values: dict, where: str) -> None:
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                          f"(known: {', '.join(FIELDS)})", unknown[0])
+
+
+def build_config(preset: str = "quick", values: Optional[dict] = None) -> TrainConfig:
+    """The preset's values, then every entry of `values` as given (None included: `sn_mu: null` is off)."""
+    values = dict(values or {})
+    _check_keys(values, "configuration")
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}; got {preset!r}", "preset")
+    merged = dict(PRESETS[preset])
+    merged.update(values)
+    merged["preset"] = preset
+    return TrainConfig(**merged)
+
+
+def config_from(preset: str = "quick", **overrides) -> TrainConfig:
+    """A TrainConfig from a preset plus overrides (None means: keep the preset's value)."""
+    return build_config(preset, {k: v for k, v in overrides.items() if v is not None})
+
+
+def load_config_file(path: str) -> dict:
+    """The entries of a YAML configuration file, keys checked against TrainConfig (values are checked when
+    the TrainConfig is built). Raises ConfigError naming the file."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid YAML"
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise ConfigError(f"{path}: must be a mapping of option names to values, got a {type(values).__name__}")
+    _check_keys(values, path)
+    return values
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def write_config_file(path: str, config: TrainConfig) -> None:
+    """The resolved configuration as YAML, written atomically (`--config` reads it back to the same run)."""
+    from .checkpoint import atomic_write_text
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, "# itconv-fast run configuration (itconv-fast train --config this-file)\n"
+                      + config_to_yaml(config))

@@ -1,0 +1,116 @@
+"""Sweeps: file validation, trial expansion, refusal of a changed sweep, and a real local Ray Tune run that
+is killed and resumed (only the missing trial runs again, from its last epoch checkpoint)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from itconv_fast import sweep as sweeps
+from itconv_fast.cli.app import main
+
+BASE = {"width": 2, "blocks": 2, "train_size": 128, "test_size": 64, "batch_size": 32, "epochs": 2}
+
+
+def _write(path, values):
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return str(path)
+
+
+def test_grid_expands_in_order_with_names_and_without_duplicates(tmp_path):
+    spec = sweeps.parse_sweep({"base": BASE, "grid": [{"lam": [0, 0.5], "sn_mu": [None, 0.95]},
+                                                      {"lam": [0], "pcr": [False, True]}]}, "s.yaml")
+    trials = sweeps.expand(spec)
+    names = [t.name for t in trials]
+    # lam=0,pcr=false is the configuration of lam=0,sn_mu=none: listed once.
+    assert names == ["lam=0,sn_mu=none", "lam=0,sn_mu=0.95", "lam=0.5,sn_mu=none", "lam=0.5,sn_mu=0.95", "lam=0,pcr=true"]
+    assert trials[1].config.sn_mu == 0.95 and trials[1].config.width == 2 and trials[4].config.pcr is True
+    assert spec.indices["extra_iterations"] == 16
+
+
+@pytest.mark.parametrize("values,match", [
+    ([1, 2], "mapping"),
+    ({"base": BASE, "grid": {"lam": [0]}, "extra": 1}, "unknown top-level key extra"),
+    ({"base": BASE, "grid": {"lamb": [0]}}, "unknown option 'lamb'"),
+    ({"base": BASE, "grid": {"lam": 0.5}}, "non-empty list"),
+    ({"base": BASE, "grid": {"lam": [0, 2]}}, r"trial \{'lam': 2\}: lam"),
+    ({"base": {**BASE, "blocks": 0}, "grid": {"lam": [0]}}, "blocks"),
+    ({"base": BASE, "grid": {"preset": ["quick"]}}, "preset cannot vary"),
+    ({"base": BASE, "grid": {"lam": [0]}, "indices": {"extra_iterations": 0}}, "extra_iterations"),
+])
+def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, values, match):
+    path = _write(tmp_path / "s.yaml", values)
+    with pytest.raises(sweeps.SweepError, match=match):
+        sweeps.load_sweep(path)
+    result = CliRunner().invoke(main, ["sweep", path, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_changed_sweep_file_against_an_existing_dir_is_refused(tmp_path):
+    out = tmp_path / "out"
+    first = sweeps.parse_sweep({"base": BASE, "grid": {"lam": [0, 1]}}, "a.yaml")
+    sweeps.check_out_dir(first, str(out))
+    sweeps.check_out_dir(first, str(out))  # the same sweep: fine
+    changed = sweeps.parse_sweep({"base": BASE, "grid": {"lam": [0, 0.5]}}, "b.yaml")
+    with pytest.raises(sweeps.SweepError, match="different sweep.*grid"):
+        sweeps.check_out_dir(changed, str(out))
+    path = _write(tmp_path / "b.yaml", {"base": BASE, "grid": {"lam": [0, 0.5]}})
+    result = CliRunner().invoke(main, ["sweep", path, "--out", str(out)])
+    assert result.exit_code == 2 and "different sweep" in result.output
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("")
+    with pytest.raises(sweeps.SweepError, match="not empty"):
+        sweeps.check_out_dir(first, str(tmp_path / "busy"))
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_only_the_missing_trial(tmp_path):
+    """Two trials, one at a time on a real local Ray instance (2 CPUs, 2 per trial). The driver's whole
+    process group is SIGKILLed once the first trial has finished and the second has a checkpoint; the rerun
+    skips the first (its files untouched) and resumes the second from its last epoch."""
+    pytest.importorskip("ray.tune")
+    spec = {"base": BASE, "grid": {"epochs": [2, 40]}, "indices": {"extra_iterations": 2}}
+    path = _write(tmp_path / "sweep.yaml", spec)
+    out = tmp_path / "out"
+    env = dict(os.environ, ITCONV_FAST_CACHE=str(tmp_path / "cache"), RAY_DEDUP_LOGS="0")
+    cmd = [sys.executable, "-m", "itconv_fast.cli.app", "sweep", path, "--out", str(out), "--cpus-per-run", "2", "--quiet"]
+    first, second = out / "trials" / "epochs=2", out / "trials" / "epochs=40"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (first / "result.json").exists() and (second / "checkpoint.pt").exists():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (first / "result.json").exists() and not (second / "result.json").exists()
+    finished_before = json.loads((second / "metrics.json").read_text())["epochs"]
+    assert 1 <= len(finished_before) < 40
+    stamp = {name: (first / name).stat().st_mtime_ns for name in ("result.json", "checkpoint.pt", "metrics.json")}
+
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 trials, 1 already finished, running 1" in result.stdout
+    assert {name: (first / name).stat().st_mtime_ns for name in stamp} == stamp  # not run again
+    metrics = json.loads((second / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, 41))
+    assert metrics["resumed_at_epochs"] and metrics["resumed_at_epochs"][0] >= len(finished_before)
+    assert metrics["epochs"][: len(finished_before)] == finished_before  # finished epochs kept, not retrained
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["trial"] for r in rows] == ["epochs=2", "epochs=40"]
+    for row, trial in zip(rows, (first, second)):
+        own = json.loads((trial / "result.json").read_text())["result"]
+        assert float(row["final_test_error"]) == own["final_test_error"]
+        assert int(row["epochs_run"]) == int(row["epochs"])
+        indices = json.loads((trial / "indices.json").read_text())
+        assert row["di_s1"] == ("" if indices["stages"][0]["di"] is None else str(indices["stages"][0]["di"]))
