@@ -403,6 +403,39 @@ def sweep(sweep_file, out, address, cpus_per_run, gpus_per_run, quiet) -> None:
     click.echo(f"wrote {os.path.join(out, 'results.csv')} ({len(rows)} of {len(trials)} trials)")
 
 
+@main.command()
+@click.argument("sweep_dir", type=click.Path(exists=True))
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="The markdown file (default SWEEP_DIR/report.md); its PNG figures are written beside it.")
+def report(sweep_dir, out) -> None:
+    """Markdown report with the paper's figures (Fig 2b, 3a-c, 4a) from a sweep's results.csv."""
+    from itconv_fast import report as reports
+
+    try:
+        path = reports.write_report(sweep_dir, out)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise click.BadParameter(str(exc).strip("'\""), param_hint="SWEEP_DIR") from None
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for toy.json and toy.png.")
+@click.option("--blocks", type=click.IntRange(min=1), default=4, show_default=True, help="T: blocks (iteration steps).")
+@click.option("--extra-iterations", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True, help="Adam steps per network.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def toy(out, blocks, extra_iterations, steps, seed) -> None:
+    """The paper's Fig 1: invert x = (1.5 z1, 0.75 z2) by the error-corrective iteration, a trained ResNet and
+    a trained recurrent ResNet; early read-out, block drop-out and extra iterations of the last block."""
+    from itconv_fast.toy import ToyConfig, run_toy
+
+    result = run_toy(out, ToyConfig(blocks=blocks, extra_iterations=extra_iterations, steps=steps, seed=seed))
+    click.echo(f"{'solver':<26} {'error after T':>14} {'after T+' + str(extra_iterations):>14}")
+    for name, facts in result["facts"].items():
+        click.echo(f"{name:<26} {facts['final_error']:14.3g} {facts['error_after_K_extra']:14.3g}")
+    click.echo(f"wrote {os.path.join(out, 'toy.json')}, {os.path.join(out, 'toy.png')}")
+
+
 @main.group()
 def data() -> None:
     """Data sets: pre-generate Digitclutter, fetch MNIST / CIFAR."""

@@ -1,0 +1,277 @@
+"""A markdown report with the paper's figures, drawn from a sweep's results.csv.
+
+    itconv-fast report DIR [--out DIR/report.md]
+
+Trials are grouped by every configuration column that varies in the sweep except the seed; each group
+shows the mean and the standard deviation over its seeds (n = number of seeds). Figures (PNG beside the
+report), drawn like the paper's:
+- fig2b.png: indices per stage of the ordinary networks (lam = 0, non-recurrent, no spectral
+  normalization): one small dot per network, a large dot for the mean (Fig 2b);
+- fig3a.png / fig3b.png: CI, RI, DI and the test error against lam, one line per width and
+  initialisation (Fig 3a, 3b), networks without spectral normalization;
+- fig3c.png: test error against CI and DI, one colour per width (Fig 3c);
+- fig4a.png: indices of the spectrally normalised networks, ICR and PCR side by side (Fig 4a, S2 Fig).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import OrderedDict
+
+__all__ = ["read_results", "group_trials", "write_report"]
+
+CONFIG_COLUMNS = ("dataset", "n_digits", "train_size", "test_size", "width", "blocks", "stages", "lam",
+                  "coupling_kernel", "coupling_bandwidth", "skip_first", "sn_mu", "sn_mode", "pcr", "init",
+                  "bn_gamma_init", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "preset")
+METRICS = ("final_test_error", "ci", "ri", "di")
+
+
+def _value(text: str):
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_results(sweep_dir: str) -> list:
+    """The rows of DIR/results.csv with typed values (None for empty cells, NaN for undefined indices)."""
+    path = os.path.join(sweep_dir, "results.csv") if os.path.isdir(sweep_dir) else sweep_dir
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no results.csv in {sweep_dir} (run itconv-fast sweep first)")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [{k: _value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    if not rows:
+        raise ValueError(f"{path} holds no finished trials")
+    for row in rows:
+        for key in row:
+            if key in METRICS or key.startswith(("ci_s", "ri_s", "di_s")):
+                if row[key] is None:
+                    row[key] = float("nan")
+        row["init_resolved"] = row["init"] if row["init"] != "auto" else ("recurrent" if row["lam"] > 0 else "nonrecurrent")
+    return rows
+
+
+def _varying(rows: list) -> list:
+    keys = [k for k in CONFIG_COLUMNS if k in rows[0]]
+    return [k for k in keys if len({repr(r.get(k)) for r in rows}) > 1]
+
+
+def _mean_sd(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return float("nan"), float("nan"), 0
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, sd, len(values)
+
+
+def group_trials(rows: list) -> "OrderedDict":
+    """{(varying config values, seed excluded): [rows]} in the order the groups first appear."""
+    keys = _varying(rows)
+    groups = OrderedDict()
+    for row in rows:
+        groups.setdefault(tuple((k, row.get(k)) for k in keys), []).append(row)
+    return groups
+
+
+def _label(key: tuple) -> str:
+    def fmt(v):
+        return "none" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
+
+    return ", ".join(f"{k}={fmt(v)}" for k, v in key) or "all trials"
+
+
+def _stage_count(rows) -> int:
+    s = 0
+    while f"ci_s{s + 1}" in rows[0]:
+        s += 1
+    return s
+
+
+def _fmt(mean, sd, digits=3):
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _is_plain(row) -> bool:
+    return row["sn_mu"] is None and not row["pcr"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fig2b(rows, path) -> bool:
+    sel = [r for r in rows if _is_plain(r) and r["lam"] == 0 and r["init_resolved"] == "nonrecurrent"]
+    if not sel:
+        return False
+    plt = _plt()
+    S = _stage_count(sel)
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2), sharey=True)
+    for ax, name in zip(axes, ("ci", "ri", "di")):
+        for s in range(1, S + 1):
+            vals = [r[f"{name}_s{s}"] for r in sel]
+            ax.scatter([s] * len(vals), vals, s=18, alpha=0.35, color="C0")
+            mean, _, _ = _mean_sd(vals)
+            ax.scatter([s], [mean], s=90, color="C0", edgecolor="k", zorder=3)
+        ax.set_xticks(range(1, S + 1))
+        ax.set_xlabel("stage")
+        ax.set_title({"ci": "Convergence Index", "ri": "Recurrence Index", "di": "Divergence Index"}[name], fontsize=10)
+        ax.set_ylim(-0.05, 1.05)
+    axes[0].set_ylabel("index")
+    fig.suptitle(f"Fig 2b: ordinary networks (lam = 0, non-recurrent, no SN), {len(sel)} networks", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _lines_against_lam(rows, metrics, titles, path, suptitle) -> bool:
+    sel = [r for r in rows if _is_plain(r)]
+    if len({r["lam"] for r in sel}) < 2:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.3), squeeze=False)
+    widths = sorted({r["width"] for r in sel})
+    for ax, metric, title in zip(axes[0], metrics, titles):
+        for i, w in enumerate(widths):
+            for init, style in (("recurrent", "-o"), ("nonrecurrent", "--s")):
+                pts = {}
+                for r in sel:
+                    if r["width"] == w and r["init_resolved"] == init:
+                        pts.setdefault(r["lam"], []).append(r[metric])
+                if not pts:
+                    continue
+                lams = sorted(pts)
+                stats = [_mean_sd(pts[lam]) for lam in lams]
+                ax.errorbar(lams, [m for m, _, _ in stats], yerr=[sd for _, sd, _ in stats], fmt=style, ms=5, capsize=3,
+                            color=f"C{i}", label=f"width {w}, {'rec.' if init == 'recurrent' else 'non-rec.'}")
+        ax.set_xlabel("coupling lam")
+        ax.set_title(title, fontsize=10)
+        if metric != "final_test_error":
+            ax.set_ylim(-0.05, 1.05)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _fig3c(rows, path) -> bool:
+    sel = [r for r in rows if _is_plain(r)]
+    if len(sel) < 2:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.3), sharey=True)
+    widths = sorted({r["width"] for r in sel})
+    for ax, metric, name in zip(axes, ("ci", "di"), ("Convergence Index", "Divergence Index")):
+        for i, w in enumerate(widths):
+            pts = [(r[metric], r["final_test_error"]) for r in sel if r["width"] == w]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", s=22, label=f"width {w}")
+        ax.set_xlabel(name)
+        ax.set_xlim(-0.05, 1.05)
+    axes[0].set_ylabel("test error")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Fig 3c: test error against CI and DI (networks without SN; one dot per network)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _fig4a(rows, path) -> bool:
+    sel = [r for r in rows if r["sn_mu"] is not None]
+    if not sel:
+        return False
+    plt = _plt()
+    groups = group_trials(sel)
+    labels = [_label(tuple((k, v) for k, v in key if k in ("pcr", "sn_mu", "sn_mode", "blocks", "lam", "width")))
+              .replace("pcr=True", "PCR").replace("pcr=False", "ICR") for key in groups]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 0.45 * len(groups) + 2.2), sharey=True)
+    for ax, metric, title in zip(axes, ("ci", "ri", "di", "final_test_error"), ("CI", "RI", "DI", "test error")):
+        for y, rs in enumerate(groups.values()):
+            vals = [r[metric] for r in rs]
+            ax.scatter(vals, [y] * len(vals), s=18, alpha=0.4, color="C3" if rs[0]["pcr"] else "C0")
+            mean, _, _ = _mean_sd(vals)
+            ax.scatter([mean], [y], s=80, color="C3" if rs[0]["pcr"] else "C0", edgecolor="k", zorder=3)
+        ax.set_title(title, fontsize=10)
+        if metric != "final_test_error":
+            ax.set_xlim(-0.05, 1.05)
+    axes[0].set_yticks(range(len(groups)))
+    axes[0].set_yticklabels(labels, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("Fig 4a / S2 Fig: spectrally normalised networks (blue ICR, red PCR; large dot: mean over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(sweep_dir: str, out: str = None) -> str:
+    """Writes the markdown report (default DIR/report.md) and its figures beside it; returns its path."""
+    from .checkpoint import atomic_write_text
+
+    rows = read_results(sweep_dir)
+    out = out or os.path.join(sweep_dir, "report.md")
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(out))[0]
+    S = _stage_count(rows)
+    figures = []
+    for name, title, draw in (
+        ("fig2b", "Fig 2b: indices per stage of ordinary networks", lambda p: _fig2b(rows, p)),
+        ("fig3a", "Fig 3a: indices against coupling",
+         lambda p: _lines_against_lam(rows, ("ci", "ri", "di"), ("Convergence Index", "Recurrence Index", "Divergence Index"),
+                                      p, "Fig 3a: indices against lam (no SN; mean ± sd over seeds)")),
+        ("fig3b", "Fig 3b: test error against coupling",
+         lambda p: _lines_against_lam(rows, ("final_test_error",), ("test error",), p, "Fig 3b: error against lam (no SN)")),
+        ("fig3c", "Fig 3c: error against CI and DI", lambda p: _fig3c(rows, p)),
+        ("fig4a", "Fig 4a / S2 Fig: spectrally normalised ICR and PCR", lambda p: _fig4a(rows, p)),
+    ):
+        path = os.path.join(folder, f"{stem}-{name}.png")
+        if draw(path):
+            figures.append((title, os.path.basename(path)))
+
+    groups = group_trials(rows)
+    lines = [f"# Sweep report: {os.path.basename(os.path.abspath(sweep_dir))}", "",
+             f"{len(rows)} finished trials in {len(groups)} groups (trials that differ only in their seed). "
+             "Values are mean ± standard deviation over seeds (sample sd; 0 for a single seed). Test error is the "
+             f"final epoch's; chance error {rows[0]['chance_error']:.4f}. Indices: SPEC section 4.", "",
+             "## Groups", "", "| group | n | test error | CI | RI | DI | " + " | ".join(f"DI s{s}" for s in range(1, S + 1)) + " |",
+             "|---|---|---|---|---|---|" + "---|" * S]
+    for key, rs in groups.items():
+        cells = [_fmt(*_mean_sd([r[m] for r in rs])[:2], 4 if m == "final_test_error" else 3) for m in METRICS]
+        cells += [_fmt(*_mean_sd([r[f"di_s{s}"] for r in rs])[:2]) for s in range(1, S + 1)]
+        lines.append(f"| {_label(key)} | {len(rs)} | " + " | ".join(cells) + " |")
+    lines += ["", "## Figures", ""]
+    for title, name in figures:
+        lines += [f"### {title}", "", f"![{title}]({name})", ""]
+    lines += ["## Every trial", "", "| trial | seed | test error | CI | RI | DI | " +
+              " | ".join(f"CI s{s} | RI s{s} | DI s{s}" for s in range(1, S + 1)) + " | train s |",
+              "|---|---|---|---|---|---|" + "---|---|---|" * S + "---|"]
+
+    def num(v, d=3):
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
+
+    for r in rows:
+        cells = [num(r["final_test_error"], 4), num(r["ci"]), num(r["ri"]), num(r["di"])]
+        for s in range(1, S + 1):
+            cells += [num(r[f"ci_s{s}"]), num(r[f"ri_s{s}"]), num(r[f"di_s{s}"])]
+        lines.append(f"| {r['trial']} | {r['seed']} | " + " | ".join(cells) + f" | {r['train_seconds']:.0f} |")
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    return out
