@@ -131,3 +131,20 @@ def test_every_run_writes_metrics_csv_and_tensorboard_events(tmp_path):
     assert [s.step for s in scalars] == [1, 2]
     assert scalars[1].value == pytest.approx(metrics["epochs"][1]["test_error"])
     assert {"loss/train", "loss/test", "error/train", "lr"} <= set(events.Tags()["scalars"])
+
+
+def test_shipped_configuration_files_are_valid():
+    import glob
+    import os
+
+    from itconv_fast import sweep as sweeps
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    runs = glob.glob(os.path.join(root, "*.yaml"))
+    sweep_files = glob.glob(os.path.join(root, "sweeps", "*.yaml"))
+    assert runs and sweep_files
+    for path in runs:
+        values = load_config_file(path)
+        build_config(values.pop("preset", "quick"), values)
+    for path in sweep_files:
+        assert sweeps.expand(sweeps.load_sweep(path))

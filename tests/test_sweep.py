@@ -114,3 +114,11 @@ def test_killed_sweep_resumes_only_the_missing_trial(tmp_path):
         assert int(row["epochs_run"]) == int(row["epochs"])
         indices = json.loads((trial / "indices.json").read_text())
         assert row["di_s1"] == ("" if indices["stages"][0]["di"] is None else str(indices["stages"][0]["di"]))
+    # The report's per-trial table is these trials' own numbers.
+    from itconv_fast.report import write_report
+
+    md = open(write_report(str(out))).read()
+    for trial in (first, second):
+        own = json.loads((trial / "result.json").read_text())["result"]
+        line = next(l for l in md.splitlines() if l.startswith(f"| {trial.name} |"))
+        assert f"| {own['final_test_error']:.4f} |" in line
