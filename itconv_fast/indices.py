@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
-__all__ = ["compute_indices", "indices_of_run", "IndexReport", "StageIndices", "index_flops"]
+__all__ = ["compute_indices", "indices_of_run", "run_evaluation", "IndexReport", "StageIndices", "index_flops"]
 
 METHODS = ("cached", "reference")
 
@@ -130,7 +130,26 @@ def _reference_batch(model, x, y, wrong_fn, counter, K):
             counter.add((s, "div", k), wrong_fn(_perturbed_forward(model, x, s, extra=k), y).sum())
 
 
-def _cached_batch(model, x, y, wrong_fn, counter, K, chunk, norms):
+class _Extras:
+    """What the analysis (itconv_fast.analysis) adds to the cached pass: losses of every perturbation,
+    "apply block t twice" perturbations, and per-example traces of the extra iterations."""
+
+    def __init__(self, loss_fn=None, twice: bool = False, traces: bool = False) -> None:
+        self.loss_fn, self.twice, self.traces = loss_fn, twice, traces
+        self.losses = _Sums()
+        self.step_norms = {}  # s -> [n, K+1] ||z_{T+k+1} - z_{T+k}||, k = 0..K
+        self.state_norms = {}  # s -> [n, K+1] ||z_{T+k}||
+
+    def add_logits(self, key, logits, y):
+        if self.loss_fn is not None:
+            self.losses.add(key, self.loss_fn(logits, y).sum())
+
+
+def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1)
+
+
+def _cached_batch(model, x, y, wrong_fn, counter, K, chunk, norms, extras: Optional[_Extras] = None):
     n = x.shape[0]
     # One unperturbed pass, keeping every stage input and every z_t.
     inputs, trajectories = [], []
@@ -144,7 +163,10 @@ def _cached_batch(model, x, y, wrong_fn, counter, K, chunk, norms):
             traj.append(_stage_step(stage, block, traj[-1], z))
         trajectories.append(traj)
         z = traj[-1]
-    counter.add("star", wrong_fn(model.head(z), y).sum())
+    logits = model.head(z)
+    counter.add("star", wrong_fn(logits, y).sum())
+    if extras is not None:
+        extras.add_logits("star", logits, y)
 
     for s, stage in enumerate(model.stages):
         T, x_s, traj = len(stage.blocks), inputs[s], trajectories[s]
@@ -155,7 +177,10 @@ def _cached_batch(model, x, y, wrong_fn, counter, K, chunk, norms):
                 return
             logits = model.after_stage(torch.cat([out for _, out in pending]), s)
             for i, (key, _) in enumerate(pending):
-                counter.add(key, wrong_fn(logits[i * n : (i + 1) * n], y).sum())
+                part = logits[i * n : (i + 1) * n]
+                counter.add(key, wrong_fn(part, y).sum())
+                if extras is not None:
+                    extras.add_logits(key, part, y)
             pending.clear()
 
         def emit(key, out):
@@ -170,17 +195,32 @@ def _cached_batch(model, x, y, wrong_fn, counter, K, chunk, norms):
             for u in range(t + 1, T + 1):
                 z = _stage_step(stage, stage.blocks[u - 1], z, x_s)
             emit((s, "drop", t), z)
+        if extras is not None and extras.twice:
+            for t in range(1, T + 1):  # apply block t twice: from the cached z_t, once more, then continue
+                z = _stage_step(stage, stage.blocks[t - 1], traj[t], x_s)
+                for u in range(t + 1, T + 1):
+                    z = _stage_step(stage, stage.blocks[u - 1], z, x_s)
+                emit((s, "twice", t), z)
         z = traj[T]
-        for k in range(1, K + 1):  # extra iterations, incrementally
+        trace = extras is not None and extras.traces
+        steps, states = [], []
+        for k in range(1, K + 2 if trace else K + 1):  # extra iterations, incrementally
             z_next = _stage_step(stage, stage.blocks[-1], z, x_s)
             if k == 1:
-                norms.add((s, "fixed"), ((z_next - z).flatten(1).norm(dim=1) / z.flatten(1).norm(dim=1).clamp_min(1e-12)).sum())
+                norms.add((s, "fixed"), (_per_example_norm(z_next - z) / _per_example_norm(z).clamp_min(1e-12)).sum())
+            if trace:
+                steps.append(_per_example_norm(z_next - z))
+                states.append(_per_example_norm(z))
             z = z_next
-            emit((s, "div", k), z)
+            if k <= K:
+                emit((s, "div", k), z)
+        if trace:
+            for store, values in ((extras.step_norms, steps), (extras.state_norms, states)):
+                store.setdefault(s, []).append(torch.stack(values, dim=1).double().cpu())
         flush()
         for t in range(1, T + 1):
             prev, cur = traj[t - 1], traj[t]
-            norms.add((s, "update", t), ((cur - prev).flatten(1).norm(dim=1) / prev.flatten(1).norm(dim=1).clamp_min(1e-12)).sum())
+            norms.add((s, "update", t), (_per_example_norm(cur - prev) / _per_example_norm(prev).clamp_min(1e-12)).sum())
 
 
 class _Sums:
@@ -233,8 +273,24 @@ def compute_indices(
         raise ValueError(f"compute_indices: method must be one of {METHODS}, got {method!r}")
     if batch_size < 1:
         raise ValueError(f"compute_indices: batch_size must be >= 1, got {batch_size}")
-    if error_fn is None:
-        error_fn = lambda logits, targets: logits.argmax(dim=1) != targets  # noqa: E731
+    counter, norms, n, num_classes = _evaluate(model, data, extra_iterations, method, error_fn, batch_size)
+    return _index_report(model, counter, norms, n, num_classes, extra_iterations, method, chance_error)
+
+
+def _num_outputs(model) -> int:
+    """K, from the head applied to one zero feature map of the model's own dtype and device."""
+    p = next(model.parameters())
+    return model.head(torch.zeros(1, model.stages[-1].blocks[0].conv1.in_channels, 1, 1, device=p.device,
+                                  dtype=p.dtype)).shape[1]
+
+
+def _top1_wrong(logits, targets):
+    return logits.argmax(dim=1) != targets
+
+
+def _evaluate(model, data, extra_iterations, method, error_fn, batch_size, extras: Optional[_Extras] = None):
+    """The perturbation passes over every batch: (error counts, norm sums, n, number of outputs)."""
+    error_fn = error_fn or _top1_wrong
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -246,17 +302,20 @@ def compute_indices(
                 x, y = x.to(device), y.to(device)
                 n += x.shape[0]
                 if num_classes is None:
-                    num_classes = model.head(torch.zeros(1, model.stages[-1].blocks[0].conv1.in_channels, 1, 1,
-                                                         device=device)).shape[1]
-                wrong = lambda logits, targets: error_fn(logits, targets)  # noqa: E731
+                    num_classes = _num_outputs(model)
                 if method == "reference":
-                    _reference_batch(model, x, y, wrong, counter, extra_iterations)
+                    _reference_batch(model, x, y, error_fn, counter, extra_iterations)
                 else:
-                    _cached_batch(model, x, y, wrong, counter, extra_iterations, chunk=batch_size, norms=norms)
+                    _cached_batch(model, x, y, error_fn, counter, extra_iterations, chunk=batch_size, norms=norms,
+                                  extras=extras)
     finally:
         model.train(was_training)
     if n == 0:
         raise ValueError("compute_indices: no data (empty evaluation set)")
+    return counter, norms, n, num_classes
+
+
+def _index_report(model, counter, norms, n, num_classes, extra_iterations, method, chance_error) -> "IndexReport":
     e_ch = chance_error if chance_error is not None else 1.0 - 1.0 / num_classes
     e_star = counter.wrong["star"] / n
     notes = []
@@ -308,11 +367,10 @@ def index_flops(model, extra_iterations: int = 16) -> dict:
     return {"reference_blocks": reference, "cached_blocks": cached, "ratio": reference / cached}
 
 
-def indices_of_run(run: str, *, extra_iterations: int = 16, method: str = "cached", batch_size: int = 512,
-                   test_size: Optional[int] = None, device: str = "auto") -> IndexReport:
-    """The indices of a training run (a run directory or its checkpoint.pt) on the run's own test set,
-    scored as the run was (exact digit sets for Digitclutter). The checkpoint is read safely
-    (weights_only); a bad one raises CheckpointError naming it."""
+def run_evaluation(run: str, *, batch_size: int = 512, test_size: Optional[int] = None, device: str = "auto"):
+    """What measuring a training run needs: (model, test batches, chance error, error_fn, loss_fn), the test
+    set and scoring being the run's own (exact digit sets and summed BCE for Digitclutter). The checkpoint is
+    read safely (weights_only); a bad one raises CheckpointError naming it."""
     import os
 
     from .checkpoint import CheckpointError, load_checkpoint_state
@@ -333,7 +391,20 @@ def indices_of_run(run: str, *, extra_iterations: int = 16, method: str = "cache
                          test_size=config.test_size, seed=config.seed, cache_dir=config.cache_dir or datasets.default_cache_dir())
     if test_size is not None:
         task.test = datasets.Split(task.test.images[:test_size], task.test.targets[:test_size])
-    data = datasets.batches(task, task.test, batch_size, train=False, device=dev)
-    error_fn = (lambda logits, y: ~digitclutter.exact_set_correct(logits, y)) if task.multilabel else None
-    return compute_indices(model, data, extra_iterations=extra_iterations, method=method, chance_error=task.chance_error,
+    data = list(datasets.batches(task, task.test, batch_size, train=False, device=dev))
+    if task.multilabel:
+        error_fn = lambda logits, y: ~digitclutter.exact_set_correct(logits, y)  # noqa: E731
+        loss_fn = lambda logits, y: torch.nn.functional.binary_cross_entropy_with_logits(  # noqa: E731
+            logits, y, reduction="none").sum(1)
+    else:
+        error_fn, loss_fn = None, None
+    return model, data, task.chance_error, error_fn, loss_fn
+
+
+def indices_of_run(run: str, *, extra_iterations: int = 16, method: str = "cached", batch_size: int = 512,
+                   test_size: Optional[int] = None, device: str = "auto") -> IndexReport:
+    """The indices of a training run (a run directory or its checkpoint.pt) on the run's own test set
+    (see run_evaluation)."""
+    model, data, chance, error_fn, _ = run_evaluation(run, batch_size=batch_size, test_size=test_size, device=device)
+    return compute_indices(model, data, extra_iterations=extra_iterations, method=method, chance_error=chance,
                            batch_size=batch_size, error_fn=error_fn)

@@ -1,0 +1,325 @@
+"""Beyond the three indices: iterative-refinement measures, anytime inference and convergence traces.
+
+    report = analyze(model, (x, y), measures=("indices", "refinement", "anytime", "traces"))
+    report.indices.di, report.stages[0].refinement[3].cosine_mean, report.stages[0].anytime_error,
+    report.anytime_all_error, report.stages[0].trace["fixed_point_residual"]["median"], report.to_dict()
+
+Every measure comes from the cached evaluator of itconv_fast.indices (stage inputs and unperturbed z_t
+computed once per batch, perturbed stage outputs batched through the rest of the network), plus one
+backward pass per batch for the gradients and one pass per k for the all-stages anytime curve:
+
+- refinement (Jastrzebski et al. 2018), per block t of every stage: the cosine between the block's update
+  Delta_t = z_t - z_{t-1} (= f~_t(z_{t-1}) for ordinary and ICR networks; for PCR the actual change
+  x_s + f~_t(z_{t-1}) - z_{t-1}) and the negative loss gradient -dL/dz_{t-1} (per example; mean and
+  quartiles; 0 where either vector is 0; the gradient is taken through the state, with x_s held fixed);
+  the ratio ||Delta_t|| / ||z_{t-1}||; the loss and error after
+  dropping block t and after applying block t twice. The gradients of all blocks come from one backward
+  pass per batch (torch.autograd.grad on every z_{t-1}).
+- anytime inference: error and loss when a stage runs k = 1 .. T + K iterations: k <= T runs its first k
+  blocks (early read-out), k > T repeats the last block k - T times (for a weight-shared lam = 1 network
+  every block is the same, so this is the stage's own block repeated k times). One curve per stage (the
+  other stages unchanged) and one where every stage runs k iterations together.
+- traces: along the K extra applications R of the last block, per example: the relative update
+  ||z_{T+k} - z_{T+k-1}|| / ||z_{T+k-1}|| (k = 1..K) and the fixed-point residual ||R(z) - z|| / ||z|| at
+  z = z_{T+k} (k = 0..K; the residual at z_{T+k-1} is the relative update of step k, so the residual series
+  is the update series with one more point, at z_{T+K}); summaries: median, 90th percentile and the
+  share of examples under `threshold` (default 0.05). For PCR networks the contraction factor
+  ||z_{T+k+1} - z_{T+k}|| / ||z_{T+k} - z_{T+k-1}|| along the trace (median and max per step), beside the
+  stage's Lipschitz bound mu when it is spectrally normalised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+
+from .indices import (IndexReport, _batches, _cached_batch, _Counter, _Extras, _index_report, _num_outputs,
+                      _per_example_norm, _stage_step, _Sums, _top1_wrong)
+
+__all__ = ["analyze", "AnalysisReport", "StageAnalysis", "BlockRefinement", "MEASURES", "plot_analysis"]
+
+MEASURES = ("indices", "refinement", "anytime", "traces")
+
+
+@dataclass
+class BlockRefinement:
+    cosine_mean: float
+    cosine_quartiles: list  # 25th, 50th, 75th percentile over examples
+    ratio_mean: float
+    ratio_quartiles: list
+    drop_loss: float
+    drop_error: float
+    twice_loss: float
+    twice_error: float
+
+
+@dataclass
+class StageAnalysis:
+    refinement: list = field(default_factory=list)  # BlockRefinement per block t = 1..T
+    anytime_error: list = field(default_factory=list)  # k = 1..T+K
+    anytime_loss: list = field(default_factory=list)
+    trace: dict = field(default_factory=dict)
+
+
+@dataclass
+class AnalysisReport:
+    indices: IndexReport
+    loss: float  # unperturbed mean loss
+    stages: list
+    anytime_all_error: list = field(default_factory=list)  # every stage runs k iterations, k = 1..T+K
+    anytime_all_loss: list = field(default_factory=list)
+    threshold: float = 0.05
+    measures: tuple = MEASURES
+    per_example: dict = field(default_factory=dict, repr=False)  # (stage, name) -> tensor; not in to_dict
+
+    def to_dict(self) -> dict:
+        def clean(v):
+            if isinstance(v, float) and math.isnan(v):
+                return None
+            if isinstance(v, (list, tuple)):
+                return [clean(x) for x in v]
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            return v
+
+        return clean({"measures": list(self.measures), "threshold": self.threshold, "loss": self.loss,
+                      "indices": self.indices.to_dict(), "stages": [asdict(s) for s in self.stages],
+                      "anytime_all_error": self.anytime_all_error, "anytime_all_loss": self.anytime_all_loss})
+
+
+def _default_loss(logits, targets):
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+
+
+def _quartiles(values: torch.Tensor) -> list:
+    return [float(q) for q in torch.quantile(values.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))]
+
+
+def _stage_run(stage, x_s, k):
+    """The stage with k iterations: its first min(k, T) blocks, then the last block k - T more times."""
+    z = x_s
+    T = len(stage.blocks)
+    for t in range(k):
+        z = _stage_step(stage, stage.blocks[min(t, T - 1)], z, x_s)
+    return z
+
+
+def _refinement_batch(model, x, y, loss_fn, store):
+    """Per-example cosines and ratios for every block, from one backward pass."""
+    with torch.enable_grad():
+        z = model.stem(x).detach().requires_grad_(True)
+        trajectories = []
+        for s, stage in enumerate(model.stages):
+            if s > 0:
+                z = model.transitions[s - 1](z)
+            # z_0 as its own node: under PCR x_s also feeds every block directly, and dL/dz_0 is the gradient
+            # through the state alone (x_s held fixed), as for every later z_{t-1}.
+            x_s, traj = z, [z.clone()]
+            for block in stage.blocks:
+                traj.append(_stage_step(stage, block, traj[-1], x_s))
+            trajectories.append(traj)
+            z = traj[-1]
+        loss = loss_fn(model.head(z), y).sum()
+        inputs = [traj[t] for traj in trajectories for t in range(len(traj) - 1)]
+        grads = torch.autograd.grad(loss, inputs)
+    i = 0
+    with torch.no_grad():
+        for s, traj in enumerate(trajectories):
+            for t in range(1, len(traj)):
+                delta = (traj[t] - traj[t - 1]).flatten(1)
+                g = -grads[i].flatten(1)
+                i += 1
+                dn, gn = delta.norm(dim=1), g.norm(dim=1)
+                cos = torch.where((dn > 0) & (gn > 0), (delta * g).sum(1) / (dn * gn).clamp_min(1e-30), torch.zeros_like(dn))
+                ratio = dn / _per_example_norm(traj[t - 1]).clamp_min(1e-12)
+                store.setdefault((s, t, "cos"), []).append(cos.double().cpu())
+                store.setdefault((s, t, "ratio"), []).append(ratio.double().cpu())
+
+
+def _anytime_all_batch(model, x, y, error_fn, loss_fn, k_max, wrong: _Counter, losses: _Sums):
+    """Every stage runs k iterations together, k = 1..k_max. The first stage's trajectory is built once."""
+    z0 = model.stem(x)
+    first = model.stages[0]
+    z = z0
+    for k in range(1, k_max + 1):
+        T = len(first.blocks)
+        z = _stage_step(first, first.blocks[min(k - 1, T - 1)], z, z0)
+        out = z
+        for s in range(1, len(model.stages)):
+            out = _stage_run(model.stages[s], model.transitions[s - 1](out), k)
+        logits = model.head(out)
+        wrong.add(k, error_fn(logits, y).sum())
+        losses.add(k, loss_fn(logits, y).sum())
+
+
+def _summary(values: torch.Tensor, threshold: float) -> dict:
+    """Per column (step) of an [N, steps] tensor: median, 90th percentile, share under threshold."""
+    q = torch.quantile(values, torch.tensor([0.5, 0.9], dtype=values.dtype), dim=0)
+    return {"median": q[0].tolist(), "p90": q[1].tolist(), "share_below": (values < threshold).double().mean(0).tolist()}
+
+
+def analyze(
+    model,
+    data: Union[tuple, Iterable],
+    *,
+    measures=MEASURES,
+    extra_iterations: int = 16,
+    threshold: float = 0.05,
+    chance_error: Optional[float] = None,
+    error_fn: Optional[Callable] = None,
+    loss_fn: Optional[Callable] = None,
+    batch_size: int = 512,
+) -> AnalysisReport:
+    """The indices plus the measures named in `measures` (a subset of MEASURES, or "all").
+
+    Args as for compute_indices, plus loss_fn: (logits, targets) -> per-example loss (default cross-entropy)
+    and threshold: the trace summaries' cut-off for "converged". The three indices are always computed (they
+    come from the same pass). Data is read once: each batch goes through every pass before the next.
+    """
+    if measures == "all":
+        measures = MEASURES
+    measures = tuple(measures)
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown:
+        raise ValueError(f"analyze: unknown measure {unknown[0]!r}; choose from {MEASURES} or 'all'")
+    if isinstance(extra_iterations, bool) or not isinstance(extra_iterations, int) or extra_iterations < 1:
+        raise ValueError(f"analyze: extra_iterations must be an int >= 1, got {extra_iterations!r}")
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"analyze: threshold must be a finite number > 0, got {threshold!r}")
+    if batch_size < 1:
+        raise ValueError(f"analyze: batch_size must be >= 1, got {batch_size}")
+    error_fn = error_fn or _top1_wrong
+    loss_fn = loss_fn or _default_loss
+    K = extra_iterations
+    k_max = max(len(st.blocks) for st in model.stages) + K
+    extras = _Extras(loss_fn=loss_fn, twice="refinement" in measures, traces="traces" in measures)
+    device = next(model.parameters()).device
+    counter, norms, n = _Counter(), _Sums(), 0
+    per_example, all_wrong, all_losses = {}, _Counter(), _Sums()
+    num_classes = None
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in _batches(data, batch_size):
+            x, y = x.to(device), y.to(device)
+            n += x.shape[0]
+            with torch.no_grad():
+                if num_classes is None:
+                    num_classes = _num_outputs(model)
+                _cached_batch(model, x, y, error_fn, counter, K, chunk=batch_size, norms=norms, extras=extras)
+                if "anytime" in measures:
+                    _anytime_all_batch(model, x, y, error_fn, loss_fn, k_max, all_wrong, all_losses)
+            if "refinement" in measures:
+                _refinement_batch(model, x, y, loss_fn, per_example)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("analyze: no data (empty evaluation set)")
+    indices = _index_report(model, counter, norms, n, num_classes, K, "cached", chance_error)
+    loss_of = lambda key: extras.losses.values[key] / n  # noqa: E731
+    err_of = lambda key: counter.wrong[key] / n  # noqa: E731
+    stages = []
+    for s, stage in enumerate(model.stages):
+        T = len(stage.blocks)
+        st = StageAnalysis()
+        if "refinement" in measures:
+            for t in range(1, T + 1):
+                cos = torch.cat(per_example.pop((s, t, "cos")))
+                ratio = torch.cat(per_example.pop((s, t, "ratio")))
+                per_example[(s, f"cosine_block{t}")] = cos
+                per_example[(s, f"ratio_block{t}")] = ratio
+                st.refinement.append(BlockRefinement(
+                    float(cos.mean()), _quartiles(cos), float(ratio.mean()), _quartiles(ratio),
+                    loss_of((s, "drop", t)), err_of((s, "drop", t)), loss_of((s, "twice", t)), err_of((s, "twice", t))))
+        if "anytime" in measures:
+            keys = [(s, "conv", k) for k in range(1, T)] + ["star"] + [(s, "div", k) for k in range(1, K + 1)]
+            st.anytime_error = [err_of(key) for key in keys]
+            st.anytime_loss = [loss_of(key) for key in keys]
+        if "traces" in measures:
+            steps = torch.cat(extras.step_norms[s])  # [N, K+1]: ||z_{T+k+1} - z_{T+k}||, k = 0..K
+            states = torch.cat(extras.state_norms[s]).clamp_min(1e-12)
+            residual = steps / states  # at z_{T+k}, k = 0..K
+            update = residual[:, :K]  # step k = 1..K: ||z_{T+k} - z_{T+k-1}|| / ||z_{T+k-1}||
+            per_example[(s, "fixed_point_residual")] = residual
+            per_example[(s, "step_norm")] = steps
+            st.trace = {"relative_update": _summary(update, threshold), "fixed_point_residual": _summary(residual, threshold)}
+            if stage.pcr:
+                factor = steps[:, 1:] / steps[:, :-1].clamp_min(1e-30)  # k = 1..K
+                per_example[(s, "contraction")] = factor
+                st.trace["contraction"] = {"median": factor.median(0).values.tolist(), "max": factor.max(0).values.tolist(),
+                                           "lipschitz_bound": getattr(getattr(stage, "sn", None), "mu", None)}
+        stages.append(st)
+    report = AnalysisReport(indices, loss_of("star"), stages, threshold=float(threshold), measures=measures,
+                            per_example=per_example)
+    if "anytime" in measures:
+        report.anytime_all_error = [all_wrong.wrong[k] / n for k in range(1, k_max + 1)]
+        report.anytime_all_loss = [all_losses.values[k] / n for k in range(1, k_max + 1)]
+    return report
+
+
+def plot_analysis(report: AnalysisReport, path: str) -> None:
+    """One row per measure (indices' curves, refinement, anytime, traces), one column per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = ["indices"] + [m for m in ("refinement", "anytime", "traces") if m in report.measures]
+    S = len(report.stages)
+    fig, axes = plt.subplots(len(rows), S, figsize=(4.2 * S, 3.0 * len(rows)), squeeze=False)
+    idx = report.indices
+    for s in range(S):
+        for r, measure in enumerate(rows):
+            ax = axes[r, s]
+            if measure == "indices":
+                st = idx.stages[s]
+                ax.plot(range(1, len(st.e_conv) + 1), st.e_conv, "o-", ms=3, label=f"early read-out (CI {st.ci:.2f})")
+                ax.plot(range(1, len(st.e_drop) + 1), st.e_drop, "s-", ms=3, label=f"drop block t (RI {st.ri:.2f})")
+                ax.plot(range(1, len(st.e_div) + 1), st.e_div, "^-", ms=3, label=f"extra iterations k (DI {st.di:.2f})")
+                ax.axhline(idx.chance_error, color="C3", ls="--", lw=1)
+                ax.axhline(idx.error, color="k", ls=":", lw=1)
+                ax.set_ylim(-0.02, 1.02)
+                ax.set_xlabel("block t / extra iterations k")
+                ax.set_ylabel("error")
+                ax.legend(fontsize=7)
+            elif measure == "refinement":
+                ref = report.stages[s].refinement
+                ts = range(1, len(ref) + 1)
+                ax.plot(ts, [b.cosine_mean for b in ref], "o-", ms=3, color="C0", label="cos(update, -grad)")
+                ax.fill_between(ts, [b.cosine_quartiles[0] for b in ref], [b.cosine_quartiles[2] for b in ref],
+                                color="C0", alpha=0.2)
+                ax.plot(ts, [b.ratio_mean for b in ref], "s-", ms=3, color="C1", label="||update|| / ||z||")
+                ax.axhline(0, color="k", lw=0.5)
+                ax.set_xlabel("block t")
+                ax.legend(fontsize=7)
+            elif measure == "anytime":
+                st = report.stages[s]
+                ks = range(1, len(st.anytime_error) + 1)
+                T = len(idx.stages[s].e_drop)
+                ax.plot(ks, st.anytime_error, "o-", ms=3, label=f"stage {s + 1} runs k")
+                ax.plot(range(1, len(report.anytime_all_error) + 1), report.anytime_all_error, "-", color="0.5",
+                        label="all stages run k")
+                ax.axvline(T, color="k", ls=":", lw=1)
+                ax.axhline(idx.chance_error, color="C3", ls="--", lw=1)
+                ax.set_ylim(-0.02, 1.02)
+                ax.set_xlabel("iterations k (dotted: trained T)")
+                ax.set_ylabel("error")
+                ax.legend(fontsize=7)
+            else:
+                tr = report.stages[s].trace
+                ks = range(0, len(tr["fixed_point_residual"]["median"]))
+                ax.semilogy(ks, tr["fixed_point_residual"]["median"], "o-", ms=3, label="residual median")
+                ax.semilogy(ks, tr["fixed_point_residual"]["p90"], "--", label="residual p90")
+                ax.axhline(report.threshold, color="C3", ls=":", lw=1, label=f"threshold {report.threshold:g}")
+                if "contraction" in tr:
+                    ax.semilogy(range(1, len(tr["contraction"]["median"]) + 1), tr["contraction"]["median"], "s-", ms=3,
+                                label="contraction median")
+                ax.set_xlabel("extra iterations k")
+                ax.legend(fontsize=7)
+            ax.set_title(f"stage {s + 1}: {measure}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
