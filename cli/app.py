@@ -394,6 +394,28 @@ def bench_indices(configs, extra_iterations, min_run_time, out, device) -> None:
         click.echo(f"wrote {out}")
 
 
+@bench.command("analysis")
+@click.option("--width", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--blocks", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--examples", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Interleaved rounds (each runs both cases once).")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None)
+@_device_option
+def bench_analysis(width, blocks, examples, rounds, out, device) -> None:
+    """All analysis measures (refinement, anytime, traces) against the three indices alone."""
+    from itconv_fast import bench as bench_lib
+
+    report, table = bench_lib.run_analysis_benchmark(width=width, blocks=blocks, n=examples, device=device,
+                                                     min_rounds=rounds)
+    click.echo(table)
+    for key, ratios in report["ratios"].items():
+        click.echo(f"{key}: all measures take {ratios['all measures']:.2f}x the time of the indices alone")
+    if out:
+        bench_lib.save_report(report, out)
+        click.echo(f"wrote {out}")
+
+
 @bench.command("train-step")
 @click.option("--width", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--blocks", type=click.IntRange(min=1), default=16, show_default=True)

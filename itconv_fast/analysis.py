@@ -139,14 +139,17 @@ def _refinement_batch(model, x, y, loss_fn, store):
                 store.setdefault((s, t, "ratio"), []).append(ratio.double().cpu())
 
 
-def _anytime_all_batch(model, x, y, error_fn, loss_fn, k_max, wrong: _Counter, losses: _Sums):
-    """Every stage runs k iterations together, k = 1..k_max. The first stage's trajectory is built once."""
+def _anytime_all_batch(model, x, y, error_fn, loss_fn, k_max, wrong: _Counter, losses: _Sums, skip=None):
+    """Every stage runs k iterations together, k = 1..k_max, except k = skip (the unperturbed network, known
+    from the cached pass). The first stage's trajectory is built once."""
     z0 = model.stem(x)
     first = model.stages[0]
     z = z0
     for k in range(1, k_max + 1):
         T = len(first.blocks)
         z = _stage_step(first, first.blocks[min(k - 1, T - 1)], z, z0)
+        if k == skip:
+            continue
         out = z
         for s in range(1, len(model.stages)):
             out = _stage_run(model.stages[s], model.transitions[s - 1](out), k)
@@ -195,6 +198,8 @@ def analyze(
     loss_fn = loss_fn or _default_loss
     K = extra_iterations
     k_max = max(len(st.blocks) for st in model.stages) + K
+    depths = {len(st.blocks) for st in model.stages}
+    k_plain = depths.pop() if len(depths) == 1 else None  # every stage at its own T: the unperturbed network
     extras = _Extras(loss_fn=loss_fn, twice="refinement" in measures, traces="traces" in measures)
     device = next(model.parameters()).device
     counter, norms, n = _Counter(), _Sums(), 0
@@ -211,7 +216,7 @@ def analyze(
                     num_classes = _num_outputs(model)
                 _cached_batch(model, x, y, error_fn, counter, K, chunk=batch_size, norms=norms, extras=extras)
                 if "anytime" in measures:
-                    _anytime_all_batch(model, x, y, error_fn, loss_fn, k_max, all_wrong, all_losses)
+                    _anytime_all_batch(model, x, y, error_fn, loss_fn, k_max, all_wrong, all_losses, skip=k_plain)
             if "refinement" in measures:
                 _refinement_batch(model, x, y, loss_fn, per_example)
     finally:
@@ -255,6 +260,9 @@ def analyze(
     report = AnalysisReport(indices, loss_of("star"), stages, threshold=float(threshold), measures=measures,
                             per_example=per_example)
     if "anytime" in measures:
+        if k_plain is not None:
+            all_wrong.add(k_plain, counter.wrong["star"])
+            all_losses.add(k_plain, extras.losses.values["star"])
         report.anytime_all_error = [all_wrong.wrong[k] / n for k in range(1, k_max + 1)]
         report.anytime_all_loss = [all_losses.values[k] / n for k in range(1, k_max + 1)]
     return report

@@ -322,6 +322,31 @@ def run_indices_benchmark(configs=((16, 4, 16, 256),), extra_iterations=16, devi
     return report, table
 
 
+def run_analysis_benchmark(width=16, blocks=16, side=32, n=1000, extra_iterations=16, device="cpu", min_run_time=0.0,
+                           min_rounds=1, batch_size=500):
+    """analyze(all measures) against compute_indices alone on ResNet-101-16 (random weights, random-label data):
+    the cost of the refinement measures, anytime curves and traces on top of the indices. Each round runs
+    each case once (a round of ResNet-101-16 on 1,000 examples takes minutes on a CPU)."""
+    from .analysis import analyze
+    from .indices import compute_indices
+    from .models import IterResNet
+
+    torch.manual_seed(0)
+    model = IterResNet(10, 3, width=width, blocks=blocks, stages=3, input_size=side).to(device).eval()
+    x = torch.randn(n, 3, side, side, device=device)
+    with torch.no_grad():
+        y = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, n, batch_size)])
+    y[: n // 4] = (y[: n // 4] + 1) % 10
+    key = f"{width}x{blocks}@{side}px,n={n}"
+    cases = {key: {
+        "indices alone": lambda: compute_indices(model, (x, y), extra_iterations=extra_iterations, batch_size=batch_size),
+        "all measures": lambda: analyze(model, (x, y), measures="all", extra_iterations=extra_iterations,
+                                        batch_size=batch_size),
+    }}
+    return run_comparison(cases, label="analyze vs compute_indices (S=3, K=16)", reference="indices alone", device=device,
+                          min_run_time=min_run_time, name="analysis", warmup=0, block_time=0.0, min_rounds=min_rounds)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training step overhead
 # ---------------------------------------------------------------------------------------------

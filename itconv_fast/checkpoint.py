@@ -33,6 +33,7 @@ def atomic_file(path: str, mode: str):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are for sharing, like open() makes
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -41,6 +42,12 @@ def atomic_file(path: str, mode: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str, obj) -> None:

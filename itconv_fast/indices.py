@@ -176,15 +176,17 @@ def _cached_batch(model, x, y, wrong_fn, counter, K, chunk, norms, extras: Optio
             if not pending:
                 return
             logits = model.after_stage(torch.cat([out for _, out in pending]), s)
-            for i, (key, _) in enumerate(pending):
+            for i, (keys, _) in enumerate(pending):
                 part = logits[i * n : (i + 1) * n]
-                counter.add(key, wrong_fn(part, y).sum())
-                if extras is not None:
-                    extras.add_logits(key, part, y)
+                wrong = wrong_fn(part, y).sum()
+                for key in keys:
+                    counter.add(key, wrong)
+                    if extras is not None:
+                        extras.add_logits(key, part, y)
             pending.clear()
 
-        def emit(key, out):
-            pending.append((key, out))
+        def emit(keys, out):
+            pending.append((keys if isinstance(keys, list) else [keys], out))
             if len(pending) * n >= chunk:
                 flush()
 
@@ -195,8 +197,11 @@ def _cached_batch(model, x, y, wrong_fn, counter, K, chunk, norms, extras: Optio
             for u in range(t + 1, T + 1):
                 z = _stage_step(stage, stage.blocks[u - 1], z, x_s)
             emit((s, "drop", t), z)
-        if extras is not None and extras.twice:
-            for t in range(1, T + 1):  # apply block t twice: from the cached z_t, once more, then continue
+        twice = extras is not None and extras.twice
+        if twice:
+            # Apply block t twice: from the cached z_t, once more, then continue. For t = T this is the
+            # first extra iteration, counted below under both keys.
+            for t in range(1, T):
                 z = _stage_step(stage, stage.blocks[t - 1], traj[t], x_s)
                 for u in range(t + 1, T + 1):
                     z = _stage_step(stage, stage.blocks[u - 1], z, x_s)
@@ -213,7 +218,7 @@ def _cached_batch(model, x, y, wrong_fn, counter, K, chunk, norms, extras: Optio
                 states.append(_per_example_norm(z))
             z = z_next
             if k <= K:
-                emit((s, "div", k), z)
+                emit([(s, "div", k), (s, "twice", T)] if twice and k == 1 else (s, "div", k), z)
         if trace:
             for store, values in ((extras.step_norms, steps), (extras.state_norms, states)):
                 store.setdefault(s, []).append(torch.stack(values, dim=1).double().cpu())

@@ -23,7 +23,7 @@ from collections import OrderedDict
 __all__ = ["read_results", "group_trials", "write_report"]
 
 CONFIG_COLUMNS = ("dataset", "n_digits", "train_size", "test_size", "width", "blocks", "stages", "lam",
-                  "coupling_kernel", "coupling_bandwidth", "skip_first", "sn_mu", "sn_mode", "pcr", "init",
+                  "coupling_kernel", "coupling_bandwidth", "skip_first", "sn_mu", "sn_mode", "pcr", "init_resolved",
                   "bn_gamma_init", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "preset")
 METRICS = ("final_test_error", "ci", "ri", "di")
 
@@ -86,7 +86,7 @@ def _label(key: tuple) -> str:
     def fmt(v):
         return "none" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
 
-    return ", ".join(f"{k}={fmt(v)}" for k, v in key) or "all trials"
+    return ", ".join(f"{'init' if k == 'init_resolved' else k}={fmt(v)}" for k, v in key) or "all trials"
 
 
 def _stage_count(rows) -> int:

@@ -122,3 +122,14 @@ def test_cli_resume_from_a_corrupt_checkpoint_is_a_usage_error(run_dir, tmp_path
     assert result.exit_code == 2, result.output
     assert "checkpoint.pt" in result.output and "--resume" in result.output
     assert sorted(os.listdir(out)) == ["checkpoint.pt"]  # no metrics, config or event files written
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    from itconv_fast.checkpoint import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(str(tmp_path / "a.json"), {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600

@@ -57,9 +57,10 @@ def test_every_trial_row_equals_its_own_metrics(sweep_dir):
 def test_group_means_and_spreads_over_seeds(sweep_dir):
     md = open(write_report(str(sweep_dir))).read()
     groups = {cells[0]: cells for cells in _table(md, "Groups")}
-    assert set(groups) == {"lam=0, sn_mu=none, pcr=False", "lam=0.5, sn_mu=none, pcr=False",
-                           "lam=0, sn_mu=0.95, pcr=False", "lam=0, sn_mu=0.95, pcr=True"}
-    cells = groups["lam=0.5, sn_mu=none, pcr=False"]
+    # lam > 0 starts recurrent (init auto): the group says so.
+    assert set(groups) == {"lam=0, sn_mu=none, pcr=False, init=nonrecurrent", "lam=0.5, sn_mu=none, pcr=False, init=recurrent",
+                           "lam=0, sn_mu=0.95, pcr=False, init=nonrecurrent", "lam=0, sn_mu=0.95, pcr=True, init=nonrecurrent"}
+    cells = groups["lam=0.5, sn_mu=none, pcr=False, init=recurrent"]
     own = [json.loads((sweep_dir / "trials" / f"lam=0.5,seed={s}" / "result.json").read_text())["result"] for s in range(3)]
     assert cells[1] == "3"
     errors = [r["final_test_error"] for r in own]
