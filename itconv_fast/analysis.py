@@ -36,8 +36,9 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
-from .indices import (IndexReport, _batches, _cached_batch, _Counter, _Extras, _index_report, _num_outputs,
-                      _per_example_norm, _stage_step, _Sums, _top1_wrong)
+from .indices import (IndexReport, _batches, _cached_batch, _Counter, _Extras, _index_report, _per_example_norm,
+                      _stage_step, _Sums, _top1_wrong)
+from .residual import check_residual_model
 
 __all__ = ["analyze", "AnalysisReport", "StageAnalysis", "BlockRefinement", "MEASURES", "plot_analysis"]
 
@@ -182,6 +183,7 @@ def analyze(
     and threshold: the trace summaries' cut-off for "converged". The three indices are always computed (they
     come from the same pass). Data is read once: each batch goes through every pass before the next.
     """
+    check_residual_model(model, "analyze")
     if measures == "all":
         measures = MEASURES
     measures = tuple(measures)
@@ -212,9 +214,8 @@ def analyze(
             x, y = x.to(device), y.to(device)
             n += x.shape[0]
             with torch.no_grad():
-                if num_classes is None:
-                    num_classes = _num_outputs(model)
-                _cached_batch(model, x, y, error_fn, counter, K, chunk=batch_size, norms=norms, extras=extras)
+                num_classes = _cached_batch(model, x, y, error_fn, counter, K, chunk=batch_size, norms=norms,
+                                            extras=extras)
                 if "anytime" in measures:
                     _anytime_all_batch(model, x, y, error_fn, loss_fn, k_max, all_wrong, all_losses, skip=k_plain)
             if "refinement" in measures:

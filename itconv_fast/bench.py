@@ -141,6 +141,9 @@ def run_comparison(cases_by_width: dict, *, label: str, reference: str, device="
                 description=f"width {width}" if isinstance(width, int) else str(width),
                 num_threads=torch.get_num_threads(),
             )
+            if block_time <= 0:  # one call per block: no sizing call (a call may take minutes)
+                timers[case] = (timer, 1)
+                continue
             per_call = timer.timeit(1).median
             timers[case] = (timer, max(1, int(block_time / max(per_call, 1e-9))))
         blocks = {case: [] for case in cases}

@@ -84,8 +84,9 @@ class _Counter:
     def __init__(self):
         self.wrong = {}
 
-    def add(self, key, wrong: int):
-        self.wrong[key] = self.wrong.get(key, 0) + int(wrong)
+    def add(self, key, wrong):
+        # A float: per-example errors may be fractions (the share of wrong tokens of a sequence).
+        self.wrong[key] = self.wrong.get(key, 0.0) + float(wrong)
 
 
 def _stage_step(stage, block, z, x_s):
@@ -118,8 +119,19 @@ def _perturbed_forward(model, x, s, **perturbation):
     return model.head(z)
 
 
+def _after_stage(model, z, s):
+    """The rest of the network after stage s (the model's own after_stage if it has one)."""
+    if hasattr(model, "after_stage"):
+        return model.after_stage(z, s)
+    for i in range(s + 1, len(model.stages)):
+        z = _run_stage(model.stages[i], model.transitions[i - 1](z))
+    return model.head(z)
+
+
 def _reference_batch(model, x, y, wrong_fn, counter, K):
-    counter.add("star", wrong_fn(_perturbed_forward(model, x, 0), y).sum())
+    """One plain forward per perturbation; returns the number of outputs K (the logits' last dimension)."""
+    logits = _perturbed_forward(model, x, 0)
+    counter.add("star", wrong_fn(logits, y).sum())
     for s, stage in enumerate(model.stages):
         T = len(stage.blocks)
         for t in range(1, T):
@@ -128,6 +140,7 @@ def _reference_batch(model, x, y, wrong_fn, counter, K):
             counter.add((s, "drop", t), wrong_fn(_perturbed_forward(model, x, s, drop=t), y).sum())
         for k in range(1, K + 1):
             counter.add((s, "div", k), wrong_fn(_perturbed_forward(model, x, s, extra=k), y).sum())
+    return logits.shape[-1]
 
 
 class _Extras:
@@ -164,6 +177,7 @@ def _cached_batch(model, x, y, wrong_fn, counter, K, chunk, norms, extras: Optio
         trajectories.append(traj)
         z = traj[-1]
     logits = model.head(z)
+    num_outputs = logits.shape[-1]
     counter.add("star", wrong_fn(logits, y).sum())
     if extras is not None:
         extras.add_logits("star", logits, y)
@@ -175,7 +189,7 @@ def _cached_batch(model, x, y, wrong_fn, counter, K, chunk, norms, extras: Optio
         def flush():
             if not pending:
                 return
-            logits = model.after_stage(torch.cat([out for _, out in pending]), s)
+            logits = _after_stage(model, torch.cat([out for _, out in pending]), s)
             for i, (keys, _) in enumerate(pending):
                 part = logits[i * n : (i + 1) * n]
                 wrong = wrong_fn(part, y).sum()
@@ -226,6 +240,7 @@ def _cached_batch(model, x, y, wrong_fn, counter, K, chunk, norms, extras: Optio
         for t in range(1, T + 1):
             prev, cur = traj[t - 1], traj[t]
             norms.add((s, "update", t), (_per_example_norm(cur - prev) / _per_example_norm(prev).clamp_min(1e-12)).sum())
+    return num_outputs
 
 
 class _Sums:
@@ -262,13 +277,15 @@ def compute_indices(
     """Convergence, Recurrence and Divergence indices of a trained IterResNet (SPEC section 4).
 
     Args:
-        model: an IterResNet (or any model with its structure: stem, stages[s].blocks[t].residual, pcr,
-            transitions, head, after_stage). Evaluated in eval mode; its training flag is restored.
+        model: an IterResNet or any residual model (itconv_fast.residual: stem, stages[s].blocks[t].residual,
+            stages[s].pcr, transitions, head; ResidualStack and transformer_encoder_adapter wrap others).
+            Evaluated in eval mode; its training flag is restored.
         data: (x, y) tensors, or an iterable of (x, y) batches (already normalised, on any device).
         extra_iterations: K, the extra applications of each stage's last block.
         method: "cached" (default) or "reference" (one full forward per perturbation).
         chance_error: e_ch; default 1 - 1/K for K output classes.
-        error_fn: (logits, targets) -> per-example bool "wrong"; default top-1 error.
+        error_fn: (logits, targets) -> per-example "wrong" (bool, or a fraction such as
+            residual.sequence_error's share of wrong tokens); default top-1 error.
         batch_size: examples per forward; the cached method fills each forward through the rest of the
             network with as many perturbations as fit.
     """
@@ -278,15 +295,11 @@ def compute_indices(
         raise ValueError(f"compute_indices: method must be one of {METHODS}, got {method!r}")
     if batch_size < 1:
         raise ValueError(f"compute_indices: batch_size must be >= 1, got {batch_size}")
+    from .residual import check_residual_model
+
+    check_residual_model(model, "compute_indices")
     counter, norms, n, num_classes = _evaluate(model, data, extra_iterations, method, error_fn, batch_size)
     return _index_report(model, counter, norms, n, num_classes, extra_iterations, method, chance_error)
-
-
-def _num_outputs(model) -> int:
-    """K, from the head applied to one zero feature map of the model's own dtype and device."""
-    p = next(model.parameters())
-    return model.head(torch.zeros(1, model.stages[-1].blocks[0].conv1.in_channels, 1, 1, device=p.device,
-                                  dtype=p.dtype)).shape[1]
 
 
 def _top1_wrong(logits, targets):
@@ -306,13 +319,11 @@ def _evaluate(model, data, extra_iterations, method, error_fn, batch_size, extra
             for x, y in _batches(data, batch_size):
                 x, y = x.to(device), y.to(device)
                 n += x.shape[0]
-                if num_classes is None:
-                    num_classes = _num_outputs(model)
                 if method == "reference":
-                    _reference_batch(model, x, y, error_fn, counter, extra_iterations)
+                    num_classes = _reference_batch(model, x, y, error_fn, counter, extra_iterations)
                 else:
-                    _cached_batch(model, x, y, error_fn, counter, extra_iterations, chunk=batch_size, norms=norms,
-                                  extras=extras)
+                    num_classes = _cached_batch(model, x, y, error_fn, counter, extra_iterations, chunk=batch_size,
+                                                norms=norms, extras=extras)
     finally:
         model.train(was_training)
     if n == 0:
