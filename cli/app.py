@@ -46,9 +46,36 @@ def info() -> None:
     click.echo(json.dumps(report, indent=2))
 
 
-@main.group()
-def bench() -> None:
-    """Benchmarks against pure PyTorch (torch.utils.benchmark, side by side in one process)."""
+@main.group(invoke_without_command=True)
+@click.option("--quick", is_flag=True, help="Smaller settings: under 3 minutes on 2 cores.")
+@click.option("--device", "all_device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help='Write {"machine": {...}, "results": [...]} here.')
+@click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the table as markdown here.")
+@click.pass_context
+def bench(ctx, quick, all_device, json_out, markdown_out) -> None:
+    """Benchmarks against pure PyTorch (torch.utils.benchmark, side by side in one process).
+
+    With no subcommand: every comparison of the subcommands, and one table with the machine."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from itconv_fast import bench as bench_lib
+
+    if all_device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    report = bench_lib.run_all(quick=quick, device=all_device, log=lambda m: click.echo(m, err=True))
+    for table in report["tables"]:
+        click.echo(table)
+    markdown = bench_lib.results_markdown(report)
+    click.echo(markdown)
+    if json_out:
+        bench_lib.save_report({k: v for k, v in report.items() if k != "tables"}, json_out)
+        click.echo(f"wrote {json_out}")
+    if markdown_out:
+        with open(markdown_out, "w", encoding="utf-8") as f:
+            f.write(markdown)
+        click.echo(f"wrote {markdown_out}")
 
 
 def _device_option(f):

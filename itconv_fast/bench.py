@@ -95,13 +95,29 @@ def coupling_cases(groups, lam=0.5, compile_reference=True) -> dict[str, Callabl
     return cases
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_description(device: str) -> dict:
+    from . import _extension
+
     info = {
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "extension": ops.extension_loaded(),
+        "backend": "compiled extension" if ops.extension_loaded() else "pure-PyTorch reference (extension not loaded)",
+        "cuda_kernels_compiled": bool(ops.extension_loaded() and _extension.cuda_compiled()),
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
     }
     if device.startswith("cuda"):
@@ -417,3 +433,87 @@ def run_train_step_benchmark(width=16, blocks=16, batch=128, device="cpu", min_r
                       [f"  {name:42s} median {m * 1e3:9.1f} ms  (min {min(times[name]) * 1e3:.1f}, max {max(times[name]) * 1e3:.1f})"
                        for name, m in medians.items()])
     return report, table
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything at once: `itconv-fast bench`
+# ---------------------------------------------------------------------------------------------
+
+# Case names of the comparisons -> (op, variant, baseline) of the combined report. The copy is a memory
+# floor, not a rival implementation.
+_COUPLING = {"(a) per-slot loop": "per_slot_loop", "(b) _foreach": "foreach",
+             "(c) torch.compile(reference)": "torch_compile", "(d) copy (memory floor)": "copy"}
+_TRAIN_STEP = {"coupling": "coupling", "spectral norm": "spectral_norm", "coupling + spectral norm": "coupling+spectral_norm"}
+
+
+def _entry(op, variant, baseline, setting, median_s, baseline_median_s):
+    return {"op": op, "variant": variant, "baseline": baseline, "setting": setting, "median_s": median_s,
+            "baseline_median_s": baseline_median_s, "speedup": baseline_median_s / median_s}
+
+
+def run_all(quick: bool = False, device: str = "cpu", log=print) -> dict:
+    """Every comparison of the bench subcommands, one after another, as {"machine", "results", "tables"}.
+    quick: smaller settings (width 16 only, short timing, a small indices network), under 3 minutes on 2 cores."""
+    widths = (16,) if quick else (16, 64)
+    run_time = 0.3 if quick else 1.0
+    results, tables = [], []
+
+    log("soft_couple ...")
+    report, table = run_coupling_benchmark(widths=widths, device=device, min_run_time=run_time)
+    tables.append(table)
+    for width in widths:
+        rows = {r["case"]: r["median_s"] for r in report["rows"] if r["width"] == width}
+        for case, baseline in _COUPLING.items():
+            if case in rows:
+                results.append(_entry("soft_couple", "fused", baseline, f"ResNet-101-{width} gradients",
+                                      rows["fused soft_couple_"], rows[case]))
+
+    log("spectral_norm ...")
+    report, table = run_spectral_benchmark(widths=widths, device=device, min_run_time=run_time)
+    tables.append(table)
+    for width in widths:
+        rows = {r["case"]: r["median_s"] for r in report["rows"] if r["width"] == width}
+        setting = f"ResNet-101-{width}, 96 convs, 1 power step"
+        results.append(_entry("spectral_norm", "batched_operator", "per_layer_operator", setting,
+                              rows["batched operator"], rows["per-layer operator loop"]))
+        results.append(_entry("spectral_norm", "batched_matrix", "torch_spectral_norm", setting,
+                              rows["batched matrix"], rows["per-layer torch spectral_norm (matrix)"]))
+
+    log("indices ...")
+    configs = [(8, 4, 32, 64)] if quick else [(8, 4, 32, 256), (16, 16, 32, 16)]
+    report, table = run_indices_benchmark(configs, device=device, min_run_time=run_time)
+    tables.append(table)
+    for key in report["ratios"]:
+        rows = {r["case"]: r["median_s"] for r in report["rows"] if str(r["width"]) == key}
+        results.append(_entry("indices", "cached", "reference", key, rows["cached"], rows["reference"]))
+
+    log("train_step ...")
+    width, blocks, batch = (8, 4, 64) if quick else (16, 16, 128)
+    report, table = run_train_step_benchmark(width, blocks, batch, device, min_run_time=1.0 if quick else 10.0)
+    tables.append(table)
+    rows = {r["case"]: r["median_s"] for r in report["rows"]}
+    for case, median in rows.items():
+        if case == "plain":
+            continue
+        variant = next(v for prefix, v in sorted(_TRAIN_STEP.items(), key=lambda kv: -len(kv[0])) if case.startswith(prefix))
+        results.append(_entry("train_step", variant, "plain_step", f"ResNet-{6 * blocks + 5}-{width}, batch {batch}",
+                              median, rows["plain"]))
+    return {"machine": machine_description(device), "quick": quick, "results": results, "tables": tables}
+
+
+def results_markdown(report: dict) -> str:
+    """The combined report as markdown: the machine, then one row per comparison."""
+    m = report["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} threads)"
+             + (f", GPU {m['device']}" if m.get("device", "cpu") != "cpu" else "")
+             + f"; torch {m['torch']}; {m['backend']}; {m['date']}" + ("; --quick" if report.get("quick") else ""), "",
+             "| op | setting | variant | baseline | time | baseline time | speed-up |", "|---|---|---|---|---|---|---|"]
+
+    def t(sec):
+        return f"{sec * 1e3:.3g} ms" if sec < 1 else f"{sec:.3g} s"
+
+    for r in report["results"]:
+        note = " (floor)" if r["baseline"] == "copy" else (" (overhead)" if r["baseline"] == "plain_step" else "")
+        lines.append(f"| {r['op']} | {r['setting']} | {r['variant']} | {r['baseline']}{note} | {t(r['median_s'])} | "
+                     f"{t(r['baseline_median_s'])} | {r['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@
 import json
 import time
 
+import pytest
 from click.testing import CliRunner
 
 from itconv_fast import bench
@@ -41,3 +42,42 @@ def test_bench_coupling_cli_writes_its_report(tmp_path):
     assert cases == {"fused soft_couple_", "(a) per-slot loop", "(b) _foreach", "(d) copy (memory floor)"}
     assert set(report["ratios"]["width 2"]) == cases - {"fused soft_couple_"}
     assert report["machine"]["threads"] >= 1
+
+
+def test_bench_without_subcommand_writes_one_combined_report(tmp_path, monkeypatch):
+    """The combined report's schema, on tiny stand-ins for the four comparisons (the real ones take minutes)."""
+    def fake(name, cases, reference):
+        def run(*args, **kwargs):
+            rows = [{"width": w, "case": c, "median_s": t} for w, by in cases.items() for c, t in by.items()]
+            ratios = {f"width {w}" if isinstance(w, int) else str(w): {c: t / by[reference] for c, t in by.items() if c != reference}
+                      for w, by in cases.items()}
+            return {"rows": rows, "ratios": ratios}, f"table {name}"
+        return run
+
+    monkeypatch.setattr(bench, "run_coupling_benchmark", fake("coupling", {16: {
+        "fused soft_couple_": 1.0, "(a) per-slot loop": 10.0, "(b) _foreach": 5.0, "(c) torch.compile(reference)": 4.0,
+        "(d) copy (memory floor)": 0.5}}, "fused soft_couple_"))
+    monkeypatch.setattr(bench, "run_spectral_benchmark", fake("spectral", {16: {
+        "batched operator": 2.0, "per-layer operator loop": 6.0, "batched matrix": 0.1,
+        "per-layer torch spectral_norm (matrix)": 2.0}}, "batched operator"))
+    monkeypatch.setattr(bench, "run_indices_benchmark", fake("indices", {"8x4@32px,n=64": {"cached": 1.0, "reference": 3.0}},
+                                                              "cached"))
+    monkeypatch.setattr(bench, "run_train_step_benchmark", fake("train", {8: {
+        "plain": 1.0, "coupling (lam 0.5)": 1.01, "spectral norm (operator, 1 power step)": 1.02,
+        "coupling + spectral norm": 1.05}}, "plain"))
+    out, md = tmp_path / "all.json", tmp_path / "all.md"
+    result = CliRunner().invoke(main, ["bench", "--quick", "--json", str(out), "--markdown", str(md)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert {"cpu", "cores", "torch", "backend", "date", "cuda_kernels_compiled"} <= set(report["machine"])
+    by = {(r["op"], r["variant"], r["baseline"]): r for r in report["results"]}
+    assert by[("soft_couple", "fused", "per_slot_loop")]["speedup"] == 10.0
+    assert by[("soft_couple", "fused", "copy")]["speedup"] == 0.5
+    assert by[("spectral_norm", "batched_matrix", "torch_spectral_norm")]["speedup"] == pytest.approx(20.0)
+    assert by[("indices", "cached", "reference")]["baseline_median_s"] == 3.0
+    assert by[("train_step", "coupling+spectral_norm", "plain_step")]["speedup"] == pytest.approx(1 / 1.05)
+    assert by[("train_step", "coupling", "plain_step")]["median_s"] == 1.01
+    for r in report["results"]:
+        assert r["speedup"] == pytest.approx(r["baseline_median_s"] / r["median_s"])
+    text = md.read_text()
+    assert "| soft_couple |" in text and "copy (floor)" in text and report["machine"]["cpu"] in text
