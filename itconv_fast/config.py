@@ -182,19 +182,26 @@ def config_from(preset: str = "quick", **overrides) -> TrainConfig:
     return build_config(preset, {k: v for k, v in overrides.items() if v is not None})
 
 
+def read_yaml(path: str, error=None):
+    """The content of a YAML file (yaml.safe_load); an unreadable file or invalid YAML raises `error`
+    (default ConfigError) with a one-line message naming the file."""
+    import yaml
+
+    error = error or ConfigError
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except OSError as exc:
+        raise error(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid YAML"
+        raise error(f"{path}: not valid YAML ({first})") from None
+
+
 def load_config_file(path: str) -> dict:
     """The entries of a YAML configuration file, keys checked against TrainConfig (values are checked when
     the TrainConfig is built). Raises ConfigError naming the file."""
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid YAML"
-        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    values = read_yaml(path, ConfigError)
     if values is None:
         return {}
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):

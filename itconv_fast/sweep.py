@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .checkpoint import atomic_write_json, atomic_write_text
-from .config import FIELDS, ConfigError, TrainConfig, build_config
+from .config import FIELDS, ConfigError, TrainConfig, build_config, read_yaml
 
 __all__ = ["SweepSpec", "Trial", "SweepError", "load_sweep", "expand", "run_sweep", "run_trial", "collect_results",
            "RESULT_COLUMNS", "pending", "check_out_dir"]
@@ -121,15 +121,7 @@ def parse_sweep(values, where: str) -> SweepSpec:
 
 
 def load_sweep(path: str) -> SweepSpec:
-    yaml = _yaml()
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f)
-    except OSError as exc:
-        raise SweepError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise SweepError(f"{path}: not valid YAML ({str(exc).strip().splitlines()[0]})") from None
-    return parse_sweep(values, path)
+    return parse_sweep(read_yaml(path, SweepError), path)
 
 
 def _format(value) -> str:
