@@ -15,7 +15,7 @@ export MAX_JOBS ?= 2
 
 SOURCES := Makefile setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
-.PHONY: setup test test-fast train bench clean
+.PHONY: setup test test-fast train bench gpu-check ptxas clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,15 @@ bench: $(STAMP)
 	$(VENV)/bin/itconv-fast bench spectral --out benchmarks/results/spectral-cpu-2core.json
 	$(VENV)/bin/itconv-fast bench indices --out benchmarks/results/indices-cpu-2core.json
 	$(VENV)/bin/itconv-fast bench train-step --out benchmarks/results/train-step-cpu-2core.json
+
+# On a machine with a GPU: the CUDA tests, the benchmarks on the GPU and the kernels' ptxas usage, written to
+# one JSON file to send back (benchmarks/gpu_check.py).
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py $(if $(OUT),--out $(OUT))
+
+# Registers, stack and spills of every CUDA kernel for sm_80 and sm_90 (needs nvcc, not a GPU).
+ptxas: $(STAMP)
+	$(PY) benchmarks/ptxas_usage.py --markdown
 
 clean:
 	rm -rf build itconv_fast/_C*.so $(STAMP)

@@ -189,6 +189,36 @@ inline std::vector<DenseGroup> prepare_groups(
   return groups;
 }
 
+// The mix with ATen operations only, in the reference's order and precision (values in float, or double
+// for double; one rounding per multiply and per add, no fused multiply-add), so it equals the kernels bit for
+// bit. It needs no host-side table, which makes it the CUDA path under graph capture: every operation it
+// issues is capturable, and nothing refers to host memory that is freed after the call.
+inline void couple_with_aten_ops(const std::vector<DenseGroup>& groups) {
+  for (const auto& group : groups) {
+    const auto dtype = group.members[0].scalar_type();
+    const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+    // A coefficient rounded to the accumulation type first, as the kernels and the reference do.
+    auto coeff = [&](double c) { return acc == at::kDouble ? at::Scalar(c) : at::Scalar(static_cast<double>(static_cast<float>(c))); };
+    std::vector<at::Tensor> values;
+    for (const auto& t : group.members) values.push_back(t.to(acc));
+    const int64_t n = static_cast<int64_t>(values.size());
+    std::vector<at::Tensor> mixed;
+    if (group.coeffs.uniform) {
+      at::Tensor total = values[0].clone();
+      for (int64_t u = 1; u < n; ++u) total = total.add(values[u]);
+      const at::Tensor shared = total.mul(coeff(group.coeffs.b));
+      for (const auto& v : values) mixed.push_back(v.mul(coeff(group.coeffs.a)).add(shared));
+    } else {
+      for (int64_t t = 0; t < n; ++t) {
+        at::Tensor out = values[0].mul(coeff(group.coeffs.matrix[t * n]));
+        for (int64_t u = 1; u < n; ++u) out = out.add(values[u].mul(coeff(group.coeffs.matrix[t * n + u])));
+        mixed.push_back(out);
+      }
+    }
+    for (int64_t t = 0; t < n; ++t) group.members[t].copy_(mixed[t]);
+  }
+}
+
 inline void finish_write_back(std::vector<std::pair<at::Tensor, at::Tensor>>& write_back) {
   for (auto& pair : write_back) pair.first.copy_(pair.second);
 }

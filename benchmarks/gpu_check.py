@@ -1,0 +1,76 @@
+"""Everything a GPU can tell us about the CUDA kernels, in one file to send back (`make gpu-check`).
+
+Runs, on a machine with a GPU and the extension built with its CUDA kernels:
+1. `pytest -m cuda` (every CUDA-marked test: the kernels against the reference, bit for bit where the CPU is);
+2. `itconv-fast bench --device cuda` (every comparison, side by side; --quick for the short settings);
+3. the ptxas resource usage of every kernel (benchmarks/ptxas_usage.py), when nvcc is there;
+and writes {"machine", "pytest": {returncode, summary, tail}, "bench", "ptxas"} to --out
+(default gpu-check-<host>-<date>.json). Exits non-zero when there is no GPU, or when a test failed.
+
+    python benchmarks/gpu_check.py [--quick] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cuda_tests() -> dict:
+    cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "tests"), "-m", "cuda", "-q", "-p", "no:cacheprovider"]
+    env = dict(os.environ, ITCONV_FAST_REQUIRE_EXTENSION="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    lines = done.stdout.strip().splitlines()
+    summary = next((line for line in reversed(lines) if re.search(r"\d+ (passed|failed|error)", line)), "")
+    return {"returncode": done.returncode, "summary": summary.strip("= "), "tail": "\n".join(lines[-60:])}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the benchmarks' short settings")
+    parser.add_argument("--out", help="the file to write (JSON)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import itconv_fast
+    from itconv_fast import _extension, bench
+
+    if not torch.cuda.is_available():
+        print("gpu-check: no GPU visible to torch (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    if not (itconv_fast.extension_loaded() and _extension.cuda_compiled()):
+        print("gpu-check: the extension is not built with its CUDA kernels (build with CUDA_HOME set)", file=sys.stderr)
+        return 2
+    out = args.out or f"gpu-check-{platform.node()}-{datetime.date.today().isoformat()}.json"
+    report = {"machine": bench.machine_description("cuda"), "cuda_runtime": torch.version.cuda,
+              "capability": ".".join(map(str, torch.cuda.get_device_capability()))}
+    print("pytest -m cuda ...", flush=True)
+    report["pytest"] = run_cuda_tests()
+    print(report["pytest"]["summary"], flush=True)
+    print("itconv-fast bench --device cuda ...", flush=True)
+    report["bench"] = bench.run_all(quick=args.quick, device="cuda")
+    print(bench.results_markdown(report["bench"]), flush=True)
+    try:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import ptxas_usage
+
+        report["ptxas"] = ptxas_usage.usage()
+    except Exception as error:  # nvcc missing or failing: recorded, not fatal
+        report["ptxas"] = {"error": str(error)[-2000:]}
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {out}: send this file back", flush=True)
+    return 0 if report["pytest"]["returncode"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
