@@ -292,9 +292,9 @@ def init_power_vector(weight, mode: str, input_size=None, generator=None) -> tor
     return _reference._normalize_rows(u)
 
 
-# Kernels wider than this go kernel by kernel on the CPU (grouped convolutions of wide groups are slow
-# there); the same threshold as csrc/ops/spectral_norm.cpp.
-_GROUPED_MAX_CHANNELS = 128
+# Kernels with more work C_in C_out H W than this go kernel by kernel on the CPU (grouped convolutions of
+# large kernels are slow there); the same threshold as csrc/ops/spectral_norm.cpp (kGroupedMaxWork).
+_GROUPED_MAX_WORK = 2**20
 
 
 def _conv_weight_grad(v: torch.Tensor, u: torch.Tensor, weight_shape) -> torch.Tensor:
@@ -302,7 +302,7 @@ def _conv_weight_grad(v: torch.Tensor, u: torch.Tensor, weight_shape) -> torch.T
     B, c_out, c_in, kh, kw = weight_shape
     H, W = u.shape[2:]
     pad = (kh // 2, kw // 2)
-    if u.is_cpu and max(c_in, c_out) > _GROUPED_MAX_CHANNELS:
+    if u.is_cpu and c_in * c_out * H * W > _GROUPED_MAX_WORK:
         return torch.stack([torch.nn.grad.conv2d_weight(v[b : b + 1], (c_out, c_in, kh, kw), u[b : b + 1], padding=pad)
                             for b in range(B)])
     grad = torch.nn.grad.conv2d_weight(v.reshape(1, B * c_in, H, W), (B * c_out, c_in, kh, kw),

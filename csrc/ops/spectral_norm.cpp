@@ -1,6 +1,7 @@
 // Schemas of the batched spectral-norm power iterations (SPEC section 3), and the operator-mode
 // iteration, which is the same code on every device: all B kernels per step in one grouped
-// conv_transpose2d (v = W^T u) and one grouped conv2d (u = W v), driven from C++.
+// conv_transpose2d (v = W^T u) and one grouped conv2d (u = W v), driven from C++ (on the CPU, large
+// kernels go one by one in parallel instead; see operator_path).
 //
 // Both ops update `u` in place (the persistent iteration vector) and return the last unit `v` and
 // sigma = |W v| = <u, W v> (no gradient here: the Python wrapper attaches d sigma / dW = u v^T, the
@@ -8,7 +9,11 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -17,6 +22,26 @@
 namespace itconv_fast {
 namespace spectral {
 namespace {
+
+enum class OperatorPath { Grouped, PerKernel, PerKernelParallel };
+
+// Which way the B kernels' convolutions run. On the GPU one grouped convolution. On the CPU the grouped
+// call wins while a kernel's work C_in C_out H W is small and loses from about 2^22 (benchmarks/NOTES.md,
+// "Operator mode against the per-layer loop"); past kGroupedMaxWork the kernels go one by one, spread over
+// the threads. ITCONV_FAST_OPERATOR_PATH=grouped|serial|parallel forces a path (for the benchmarks'
+// A/B measurements only).
+constexpr int64_t kGroupedMaxWork = int64_t{1} << 20;
+
+OperatorPath operator_path(bool cpu, int64_t c_in, int64_t c_out, int64_t H, int64_t W) {
+  if (const char* forced = std::getenv("ITCONV_FAST_OPERATOR_PATH")) {
+    const std::string name(forced);
+    if (name == "grouped") return OperatorPath::Grouped;
+    if (name == "serial") return OperatorPath::PerKernel;
+    if (name == "parallel") return OperatorPath::PerKernelParallel;
+  }
+  if (!cpu) return OperatorPath::Grouped;
+  return c_in * c_out * H * W <= kGroupedMaxWork ? OperatorPath::Grouped : OperatorPath::PerKernelParallel;
+}
 
 // The iteration on B kernels given as a 5-D stack (`stacked` defined) or as a list of 4-D kernels
 // (`stacked` undefined: the list is stacked only if the grouped path needs it).
@@ -31,27 +56,35 @@ std::tuple<at::Tensor, at::Tensor> operator_iteration(at::TensorList kernels, at
   TORCH_CHECK_VALUE(H > 0 && W > 0, "power_iteration_operator_: empty feature map ", H, "x", W);
   const at::NoGradGuard no_grad;
   const std::vector<int64_t> padding{kh / 2, kw / 2};
-  // One grouped conv for all B kernels is fastest while the kernels are narrow; for wide ones (more
-  // than 128 channels) the CPU libraries' grouped convolutions fall far behind B dense ones (measured:
-  // 145 ms against 21 ms for 16 kernels of 256 channels on 8 x 8), so those go kernel by kernel.
-  const bool grouped = !kernels[0].is_cpu() || std::max(c_in, c_out) <= 128;
+  const OperatorPath path = operator_path(kernels[0].is_cpu(), c_in, c_out, H, W);
   at::Tensor w;
-  if (grouped) w = (stacked.defined() ? stacked : at::stack(kernels)).reshape({B * c_out, c_in, kh, kw});
+  if (path == OperatorPath::Grouped) w = (stacked.defined() ? stacked : at::stack(kernels)).reshape({B * c_out, c_in, kh, kw});
+  // Kernel by kernel: b's result written into its slice of `out`; in parallel over b with each convolution
+  // on one thread (a nested parallel region runs serially), or one after another with threaded convolutions.
+  auto per_kernel = [&](at::Tensor out, auto&& one) {
+    if (path == OperatorPath::PerKernelParallel) {
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        const at::NoGradGuard no_grad_here;  // grad mode is thread-local
+        for (int64_t b = begin; b < end; ++b) out.narrow(0, b, 1).copy_(one(b));
+      });
+    } else {
+      for (int64_t b = 0; b < B; ++b) out.narrow(0, b, 1).copy_(one(b));
+    }
+    return out;
+  };
   auto adjoint = [&](const at::Tensor& x) {  // [B, C_out, H, W] -> W^T x, [B, C_in, H, W]
-    if (grouped) {
+    if (path == OperatorPath::Grouped) {
       return at::conv_transpose2d(x.reshape({1, B * c_out, H, W}), w, {}, 1, padding, 0, B).view({B, c_in, H, W});
     }
-    std::vector<at::Tensor> out;
-    for (int64_t b = 0; b < B; ++b) out.push_back(at::conv_transpose2d(x.narrow(0, b, 1), kernels[b], {}, 1, padding));
-    return at::cat(out);
+    return per_kernel(at::empty({B, c_in, H, W}, x.options()),
+                      [&](int64_t b) { return at::conv_transpose2d(x.narrow(0, b, 1), kernels[b], {}, 1, padding); });
   };
   auto forward = [&](const at::Tensor& x) {  // [B, C_in, H, W] -> W x, [B, C_out, H, W]
-    if (grouped) {
+    if (path == OperatorPath::Grouped) {
       return at::conv2d(x.reshape({1, B * c_in, H, W}), w, {}, 1, padding, 1, B).view({B, c_out, H, W});
     }
-    std::vector<at::Tensor> out;
-    for (int64_t b = 0; b < B; ++b) out.push_back(at::conv2d(x.narrow(0, b, 1), kernels[b], {}, 1, padding));
-    return at::cat(out);
+    return per_kernel(at::empty({B, c_out, H, W}, x.options()),
+                      [&](int64_t b) { return at::conv2d(x.narrow(0, b, 1), kernels[b], {}, 1, padding); });
   };
   at::Tensor uu = u;
   at::Tensor v, sigma;
