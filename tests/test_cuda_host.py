@@ -135,12 +135,10 @@ def run_aten_path(groups, lam, kernel, bandwidth=None, skip_first=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernel,skip_first", [("uniform", 0), ("triangular", 0), ("uniform", 1), ("triangular", 1)])
+@pytest.mark.parametrize("kernel", ["uniform", "triangular"])
 @pytest.mark.parametrize("lam", [0.0, 0.37, 1.0])
-@pytest.mark.parametrize("T", [1, 2, 7])
+@pytest.mark.parametrize("T,skip_first", [(1, 0), (2, 0), (2, 1), (7, 0), (7, 1)])
 def test_capture_path_equals_reference_bitwise(dtype, kernel, skip_first, lam, T):
-    if skip_first >= T:
-        pytest.skip("skip_first must be < T")
     shapes = [(5, 3), (1025,), (16, 16, 3, 3)]
     ours, ref = groups_of(shapes, T, dtype, "cpu"), groups_of(shapes, T, dtype, "cpu")
     run_aten_path(ours, lam, kernel, skip_first=skip_first)

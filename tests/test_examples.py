@@ -29,3 +29,44 @@ def test_di_diagnostics_on_a_spectrally_normalised_pcr_run(tmp_path, monkeypatch
         # A PCR with L(f~) <= ~0.5 contracts: successive steps shrink.
         assert max(stage["successive_step_ratio_median"]) < 0.75
         assert len(stage["relative_step_median"]) == 4
+
+
+def _run_example(name, args, timeout=600):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), *args], capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_vit_example_trains_couples_and_measures(tmp_path, monkeypatch):
+    monkeypatch.setenv("ITCONV_FAST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "vit"
+    _run_example("vit_digitclutter.py", ["--out", str(out), "--epochs", "1", "--train-size", "256", "--test-size", "64",
+                                         "--layers", "3", "--width", "16", "--extra", "3", "--speed-examples", "16",
+                                         "--threads", "1"])
+    results = json.loads((out / "results.json").read_text())
+    runs = {run["lam"]: run for run in results["runs"]}
+    assert set(runs) == {0.0, 0.5, 1.0}
+    # lam = 1 coupling keeps the (identically initialised) layers identical; lam = 0 layers differ.
+    assert runs[1.0]["layer_spread"] == 0.0 and runs[0.0]["layer_spread"] > 0.01
+    for run in runs.values():
+        stage = run["analysis"]["stages"][0]
+        assert len(stage["anytime_error"]) == 3 + 3  # k = 1 .. T + K
+        assert run["evaluator_speed"]["cached_s"] > 0 and run["evaluator_speed"]["reference_s"] > 0
+        assert 0.0 <= run["test_error"] <= 1.0
+    assert (out / "vit.png").stat().st_size > 0
+
+
+def test_looped_parity_example_learns_and_runs_past_its_iterations(tmp_path):
+    out = tmp_path / "parity"
+    _run_example("looped_parity.py", ["--out", str(out), "--lams", "1", "--steps", "300", "--log-every", "100",
+                                      "--width", "32", "--iterations", "8", "--train-length", "8",
+                                      "--test-lengths", "16", "--extra", "8", "--test-size", "200", "--threads", "1"])
+    results = json.loads((out / "results.json").read_text())
+    (run,) = results["runs"]
+    assert run["block_spread"] == 0.0  # weight-shared through lam = 1 coupling
+    trained = run["lengths"]["8"]
+    assert trained["error_at_T"] < 0.05  # running parity of 8 bits, learned in 300 steps
+    assert len(trained["anytime_error"]) == 8 + 8
+    assert set(run["lengths"]) == {"8", "16"}
+    assert (out / "parity.png").stat().st_size > 0
