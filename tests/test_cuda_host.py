@@ -181,3 +181,17 @@ def test_op_under_cuda_graph_capture_replays_like_the_reference(dtype, kernel):
         _reference.soft_couple_(ref, 0.5, kernel=kernel)
         for a, b in zip(sum(groups, []), sum(ref, [])):
             assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_gpu_check_without_a_gpu_says_so_and_writes_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.py")
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, script, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "no GPU" in done.stderr
+    assert not out.exists()
