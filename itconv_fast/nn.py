@@ -39,7 +39,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import _extension, _reference
-from .ops import _SigmaOfKernelListWithFixedVectors
 
 __all__ = ["MODES", "SpectralNorm", "spectral_norm", "BatchedSpectralNorm", "supported_layer", "layer_geometry",
            "gram_bound_nd"]
@@ -350,6 +349,64 @@ def _rescale(weight: torch.Tensor, sigma: torch.Tensor, mu: float, hard: bool) -
     return (weight.to(factor.dtype) * factor).to(weight.dtype)
 
 
+def _sigma_weight_grad(g: LayerGeometry, mode: str, u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """d <u, A_W v> / dW in the weight's layout (u, v of one layer): u v^T for the reshaped matrix, the
+    convolution's weight gradient (input v, output gradient u) for the operator."""
+    if mode == "matrix" or g.kind == "linear":
+        outer = torch.outer(u.reshape(-1), v.reshape(-1))
+        if g.kind == "conv_transpose":
+            shape = (weight.shape[1], weight.shape[0]) + tuple(weight.shape[2:])
+            return outer.view(shape).transpose(0, 1)
+        return outer.view(weight.shape)
+    grad_weight = torch.ops.aten.convolution_backward
+    if g.kind == "conv_transpose":  # <u, convT(v, W)> = <conv(u, W), v>: input u, output gradient v
+        inp, out, padding = u, v, g.padding
+    else:
+        inp, out = v, u
+        if g.symmetric_zero_padding:
+            padding = tuple(g.pads[2 * (g.nd - 1 - i)] for i in range(g.nd))
+        else:
+            inp = F.pad(v, g.pads, mode="constant" if g.padding_mode == "zeros" else g.padding_mode)
+            padding = (0,) * g.nd
+    return grad_weight(out.unsqueeze(0), inp.unsqueeze(0), weight, None, list(g.stride), list(padding),
+                       list(g.dilation), False, [0] * g.nd, g.groups, [False, True, False])[1]
+
+
+class _HeldVectorRescale(torch.autograd.Function):
+    """W * f(sigma), f = 1 / max(sigma / mu, 1) (soft) or mu / sigma (hard), with sigma = <u, A_W v> and
+    d sigma / dW taken with u, v held constant (Miyato et al. 2018). sigma comes from the power step, so
+    the forward pass costs one pass over W; the backward pass is G f + <G, W> f'(sigma) d sigma / dW,
+    without the [B, C_out, K] temporaries of a batched outer product."""
+
+    @staticmethod
+    def forward(ctx, weight, sigma, u, v, param):
+        dtype = sigma.dtype
+        ratio = sigma / param.mu
+        if param.hard:
+            factor = param.mu / sigma.clamp_min(_NORM_EPS)
+            slope = -factor / sigma.clamp_min(_NORM_EPS)  # d(mu / sigma) / d sigma
+        else:
+            factor = 1.0 / torch.clamp(ratio, min=1.0)
+            slope = torch.where(ratio > 1.0, -factor / sigma.clamp_min(_NORM_EPS), torch.zeros_like(factor))
+        ctx.save_for_backward(weight, u, v, factor, slope)
+        ctx.param = param
+        if weight.dtype == dtype:
+            return weight * factor
+        return (weight.to(dtype) * factor).to(weight.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        weight, u, v, factor, slope = ctx.saved_tensors
+        p = ctx.param
+        dtype = factor.dtype
+        g, w = grad.to(dtype), weight.to(dtype)
+        coeff = torch.dot(g.reshape(-1), w.reshape(-1)) * slope  # <G, W> f'(sigma)
+        out = _sigma_weight_grad(p.geometry, p.mode, u, v, w).mul_(coeff)
+        out.addcmul_(g, factor)
+        return out.to(weight.dtype), None, None, None, None
+
+
 # ---------------------------------------------------------------------------------------------------
 # The parametrization.
 
@@ -438,36 +495,29 @@ class SpectralNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
-    def power_step(weights: Sequence[torch.Tensor], params: Sequence["SpectralNorm"], n_iter: int) -> torch.Tensor:
+    def power_step(weights: Sequence[torch.Tensor], params: Sequence["SpectralNorm"], n_iter: int):
         """n_iter power steps on B layers of one geometry in one batched call; updates their _u and _v.
-        Returns sigma [B] with autograd to the weights (u, v held constant)."""
+        Returns (sigma [B], u [B, ...], v [B, ...]) without gradient: this step's vectors, fresh tensors that
+        later steps do not touch (the backward pass of this forward needs them)."""
         p0 = params[0]
         u = torch.stack([p._u for p in params])
         v, sigma = _power_steps(p0.geometry, p0.mode, weights, u, p0.input_size, n_iter)
         with torch.no_grad():
             torch._foreach_copy_([p._u for p in params], list(u.unbind(0)))
             torch._foreach_copy_([p._v for p in params], [x.reshape(p._v.shape) for x, p in zip(v.unbind(0), params)])
-        if not (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
-            return sigma
-        g = p0.geometry
-        if p0.mode == "matrix" or g.kind == "linear":
-            # sigma_b = <u_b, M_b v_b>: gradient u_b v_b^T, through the (differentiable) reshaping to M_b.
-            mats = [_as_matrix(g, w.to(u.dtype))[:, :, None, None] for w in weights]  # the op's 4-D layout
-            return _SigmaOfKernelListWithFixedVectors.apply(u.clone(), v.reshape(len(params), -1), sigma, "matrix", *mats)
-        if g.extension_operator_path and _extension.loaded():
-            return _SigmaOfKernelListWithFixedVectors.apply(u.clone(), v, sigma, "operator",
-                                                            *[w.to(u.dtype) for w in weights])
-        return _sigmas_from_vectors(g, p0.mode, weights, u.clone(), v)
+        return sigma, u, v.reshape((len(params),) + tuple(p0._v.shape))
 
     @staticmethod
-    def sigmas(weights: Sequence[torch.Tensor], params: Sequence["SpectralNorm"]) -> torch.Tensor:
-        """sigma [B] from the stored vectors (no power step), or the Gram bound; with autograd."""
+    def sigmas(weights: Sequence[torch.Tensor], params: Sequence["SpectralNorm"]):
+        """(sigma [B], u, v) from the stored vectors, no power step and no gradient; gram: (bound [B] with
+        autograd, None, None)."""
         p0 = params[0]
         if p0.mode == "gram":
-            return gram_sigmas(p0.geometry, [w.to(_compute_dtype(w.dtype)) for w in weights], p0.gram_iterations)
+            return gram_sigmas(p0.geometry, [w.to(_compute_dtype(w.dtype)) for w in weights], p0.gram_iterations), None, None
         u = torch.stack([p._u for p in params])
         v = torch.stack([p._v for p in params])
-        return _sigmas_from_vectors(p0.geometry, p0.mode, weights, u, v)
+        with torch.no_grad():
+            return _sigmas_from_vectors(p0.geometry, p0.mode, weights, u, v), u, v
 
     def _sync_dtype(self, weight: torch.Tensor) -> None:
         # model.half() turns floating buffers into float16: the iteration stays in float32 regardless.
@@ -475,20 +525,27 @@ class SpectralNorm(nn.Module):
         if self._u.dtype != dtype:
             self._u, self._v = self._u.to(dtype), self._v.to(dtype)
 
+    def normalised(self, weight: torch.Tensor, sigma: torch.Tensor, u: Optional[torch.Tensor],
+                   v: Optional[torch.Tensor]) -> torch.Tensor:
+        """The weight divided by its correction; sigma's gradient is the one with u, v held constant."""
+        if self.mode == "gram":
+            return _rescale(weight, sigma, self.mu, self.hard)
+        return _HeldVectorRescale.apply(weight, sigma, u, v, self)
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         pending, self._batched_sigma = self._batched_sigma, None
         if pending is not None:
-            return _rescale(weight, pending, self.mu, self.hard)
+            return self.normalised(weight, *pending)
         if not self.initialised:
             raise RuntimeError(f"spectral_norm: the input size of {self.layer_name} is not known yet; run one forward "
                                f"pass or pass input_size=")
         if self.mode != "gram":
             self._sync_dtype(weight)
         if self.training and self.mode != "gram":
-            sigma = self.power_step([weight], [self], self.n_power_iterations)[0]
+            sigma, u, v = self.power_step([weight], [self], self.n_power_iterations)
         else:
-            sigma = self.sigmas([weight], [self])[0]
-        return _rescale(weight, sigma, self.mu, self.hard)
+            sigma, u, v = self.sigmas([weight], [self])
+        return self.normalised(weight, sigma[0], None if u is None else u[0], None if v is None else v[0])
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         # Like torch's: assigning a weight stores it as given (it is normalised on the next read).
@@ -679,11 +736,11 @@ class BatchedSpectralNorm:
                 for p, w in zip(params, weights):
                     p._sync_dtype(w)
             if params[0].training and params[0].mode != "gram":
-                sigma = SpectralNorm.power_step(weights, params, self.n_power_iterations)
+                sigma, u, v = SpectralNorm.power_step(weights, params, self.n_power_iterations)
             else:
-                sigma = SpectralNorm.sigmas(weights, params)
+                sigma, u, v = SpectralNorm.sigmas(weights, params)
             for b, p in enumerate(params):
-                p._batched_sigma = sigma[b]
+                p._batched_sigma = (sigma[b], None if u is None else u[b], None if v is None else v[b])
 
     def _post_forward(self, model, args, output):
         # A layer the forward did not use must not keep this forward's sigma for a later read of its weight.
