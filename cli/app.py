@@ -140,6 +140,29 @@ def bench_spectral(widths, min_run_time, tightness, out, device) -> None:
         click.echo(f"wrote {out}")
 
 
+@bench.command("lipschitz")
+@click.option("--arch", "archs", type=click.Choice(["resnet18", "resnet50"]), multiple=True,
+              default=("resnet18", "resnet50"), show_default=True, help="torchvision-like ResNet (repeatable).")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--size", type=click.IntRange(min=32), default=128, show_default=True, help="Input side in pixels.")
+@click.option("--min-run-time", type=FiniteFloatRange(min=0.01), default=5.0, show_default=True,
+              help="Seconds of timing per case.")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None, help="Write the report as JSON here.")
+@_device_option
+def bench_lipschitz(archs, batch, size, min_run_time, out, device) -> None:
+    """One training step of ResNet-18 / -50 with spectral norms on every layer: torch's per-layer
+    spectral_norm vs itconv_fast.nn per layer vs BatchedSpectralNorm; the overhead of each over the plain step."""
+    from itconv_fast import bench as bench_lib
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    report, table = bench_lib.run_lipschitz_benchmark(archs, batch, size, device, min_run_time=min_run_time)
+    click.echo(table)
+    if out:
+        bench_lib.save_report(report, out)
+        click.echo(f"wrote {out}")
+
+
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="YAML file of train options (keys as below, with _ for -); flags given here override it. "

@@ -436,6 +436,100 @@ def run_train_step_benchmark(width=16, blocks=16, batch=128, device="cpu", min_r
 
 
 # ---------------------------------------------------------------------------------------------
+# Drop-in spectral normalization on torchvision-like ResNets (itconv_fast.nn)
+# ---------------------------------------------------------------------------------------------
+
+LIPSCHITZ_CASES = ("plain", "(a) torch spectral_norm per layer (matrix)", "(b) itconv_fast.nn.spectral_norm per layer (matrix)",
+                   "(c) BatchedSpectralNorm (matrix)", "(b) itconv_fast.nn.spectral_norm per layer (operator)",
+                   "(c) BatchedSpectralNorm (operator)")
+
+
+def lipschitz_step_cases(arch="resnet18", batch=8, size=128, device="cpu", cases=LIPSCHITZ_CASES):
+    """One SGD step (forward, backward, step) of a torchvision-like ResNet with every spectral-norm variant
+    on all its Conv2d and Linear layers: {case: step function}."""
+    from . import nn as inn
+    from . import zoo
+
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def make(case):
+        torch.manual_seed(0)
+        model = getattr(zoo, arch)().to(device).train()
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        mode = "operator" if "operator" in case else "matrix"
+        if case.startswith("(a)"):
+            for _, m in layers:
+                torch.nn.utils.parametrizations.spectral_norm(m)
+        elif case.startswith("(b)"):
+            for n, m in layers:
+                inn.spectral_norm(m, mode=mode, name=n, input_size=None)
+        elif case.startswith("(c)"):
+            inn.BatchedSpectralNorm(model, mode=mode)
+        if case != "plain":  # operator mode learns the input sizes here; the groups form after it
+            model.eval()
+            with torch.no_grad():
+                model(x[:1])
+            model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return step
+
+    return {case: make(case) for case in cases}
+
+
+def run_lipschitz_benchmark(archs=("resnet18", "resnet50"), batch=8, size=128, device="cpu", min_run_time=5.0,
+                            cases=LIPSCHITZ_CASES):
+    """Step times of every case per architecture, interleaved round by round; the overhead of each variant
+    over the plain step, and its ratio to torch's per-layer overhead."""
+    import statistics
+
+    rows, tables, ratios = [], [], {}
+    for arch in archs:
+        fns = lipschitz_step_cases(arch, batch, size, device, cases)
+        times = {name: [] for name in fns}
+        for fn in fns.values():
+            fn()
+        start, rounds = time.perf_counter(), 0
+        while rounds < 3 or time.perf_counter() - start < min_run_time * len(fns):
+            for name, fn in fns.items():
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+            rounds += 1
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        # Overheads paired round by round (case - plain of the same round), then the median: the drift of a
+        # shared machine between rounds cancels, which a difference of two medians would keep.
+        paired = {name: statistics.median(t - p for t, p in zip(ts, times["plain"])) for name, ts in times.items()}
+        torch_overhead = paired.get(LIPSCHITZ_CASES[1], float("nan"))
+        setting = f"{arch}, batch {batch}, {size}x{size}"
+        ratios[setting] = {}
+        lines = [f"[one training step, {setting}, interleaved, {rounds} rounds]"]
+        for name, m in med.items():
+            overhead = paired[name]
+            rel = overhead / torch_overhead if name != "plain" else float("nan")
+            rows.append({"setting": setting, "case": name, "median_s": m, "overhead_s": overhead,
+                         "overhead_vs_torch": rel, "rounds": rounds, "min_s": min(times[name]), "max_s": max(times[name])})
+            if name != "plain":
+                ratios[setting][name] = rel
+            lines.append(f"  {name:55s} {m * 1e3:9.1f} ms  overhead {overhead * 1e3:8.1f} ms"
+                         + (f"  ({rel:.2f}x torch's)" if name != "plain" else ""))
+        tables.append("\n".join(lines))
+    report = {"benchmark": "lipschitz", "machine": machine_description(device), "rows": rows,
+              "overhead_vs_torch": ratios,
+              "method": "cases interleaved round by round; medians; overhead = median over rounds of (case - plain)"}
+    return report, "\n".join(tables)
+
+
+# ---------------------------------------------------------------------------------------------
 # Everything at once: `itconv-fast bench`
 # ---------------------------------------------------------------------------------------------
 
@@ -444,6 +538,10 @@ def run_train_step_benchmark(width=16, blocks=16, batch=128, device="cpu", min_r
 _COUPLING = {"(a) per-slot loop": "per_slot_loop", "(b) _foreach": "foreach",
              "(c) torch.compile(reference)": "torch_compile", "(d) copy (memory floor)": "copy"}
 _TRAIN_STEP = {"coupling": "coupling", "spectral norm": "spectral_norm", "coupling + spectral norm": "coupling+spectral_norm"}
+
+
+_LIPSCHITZ = {LIPSCHITZ_CASES[2]: "per_layer_matrix", LIPSCHITZ_CASES[3]: "batched_matrix",
+              LIPSCHITZ_CASES[4]: "per_layer_operator", LIPSCHITZ_CASES[5]: "batched_operator"}
 
 
 def _entry(op, variant, baseline, setting, median_s, baseline_median_s):
@@ -498,6 +596,17 @@ def run_all(quick: bool = False, device: str = "cpu", log=print) -> dict:
         variant = next(v for prefix, v in sorted(_TRAIN_STEP.items(), key=lambda kv: -len(kv[0])) if case.startswith(prefix))
         results.append(_entry("train_step", variant, "plain_step", f"ResNet-{6 * blocks + 5}-{width}, batch {batch}",
                               median, rows["plain"]))
+    log("lipschitz ...")
+    archs, batch, size = (("resnet18",), 4, 64) if quick else (("resnet18", "resnet50"), 8, 128)
+    report, table = run_lipschitz_benchmark(archs, batch, size, device, min_run_time=1.0 if quick else 5.0)
+    tables.append(table)
+    for setting in report["overhead_vs_torch"]:
+        over = {r["case"]: r["overhead_s"] for r in report["rows"] if r["setting"] == setting}
+        torch_case = LIPSCHITZ_CASES[1]
+        for case, variant in _LIPSCHITZ.items():
+            if case in over and torch_case in over:
+                results.append(_entry("spectral_norm_drop_in", variant, "torch_spectral_norm",
+                                      f"{setting}, training-step overhead", over[case], over[torch_case]))
     return {"machine": machine_description(device), "quick": quick, "results": results, "tables": tables}
 
 
@@ -514,6 +623,8 @@ def results_markdown(report: dict) -> str:
 
     for r in report["results"]:
         note = " (floor)" if r["baseline"] == "copy" else (" (overhead)" if r["baseline"] == "plain_step" else "")
+        if r["op"] == "spectral_norm_drop_in":
+            note = " (overheads)"
         lines.append(f"| {r['op']} | {r['setting']} | {r['variant']} | {r['baseline']}{note} | {t(r['median_s'])} | "
                      f"{t(r['baseline_median_s'])} | {r['speedup']:.2f}x |")
     return "\n".join(lines) + "\n"

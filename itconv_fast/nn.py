@@ -401,9 +401,26 @@ class _HeldVectorRescale(torch.autograd.Function):
         p = ctx.param
         dtype = factor.dtype
         g, w = grad.to(dtype), weight.to(dtype)
-        coeff = torch.dot(g.reshape(-1), w.reshape(-1)) * slope  # <G, W> f'(sigma)
-        out = _sigma_weight_grad(p.geometry, p.mode, u, v, w).mul_(coeff)
-        out.addcmul_(g, factor)
+        matrix = p.mode == "matrix" or p.geometry.kind == "linear"
+        if g.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Eager CPU: scalars cost no device sync, so skip what is zero and fuse what is not. A layer
+            # under its bound (soft mode) passes G through; otherwise one pass for <G, W> and, for
+            # matrices, one addr pass for G f + coeff u v^T (instead of outer, scale, add: 3 more).
+            f, s = factor.item(), slope.item()
+            if s == 0.0:
+                out = g if f == 1.0 else g * f
+                return out.to(weight.dtype), None, None, None, None
+            coeff = torch.dot(g.reshape(-1), w.reshape(-1)).item() * s
+            if matrix and p.geometry.kind != "conv_transpose" and g.is_contiguous():
+                out = torch.addr(g.view(g.shape[0], -1), u.reshape(-1), v.reshape(-1), beta=f, alpha=coeff)
+                return out.view(weight.shape).to(weight.dtype), None, None, None, None
+        else:
+            coeff = torch.dot(g.reshape(-1), w.reshape(-1)) * slope  # <G, W> f'(sigma)
+        if matrix:  # the scale folded into u: one pass fewer than scaling the outer product
+            out = _sigma_weight_grad(p.geometry, p.mode, u * coeff, v, w)
+        else:
+            out = _sigma_weight_grad(p.geometry, p.mode, u, v, w).mul_(coeff)
+        out = out.addcmul_(g, factor) if out.is_contiguous() else out + g * factor
         return out.to(weight.dtype), None, None, None, None
 
 

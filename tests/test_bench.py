@@ -65,6 +65,13 @@ def test_bench_without_subcommand_writes_one_combined_report(tmp_path, monkeypat
     monkeypatch.setattr(bench, "run_train_step_benchmark", fake("train", {8: {
         "plain": 1.0, "coupling (lam 0.5)": 1.01, "spectral norm (operator, 1 power step)": 1.02,
         "coupling + spectral norm": 1.05}}, "plain"))
+    def fake_lipschitz(*args, **kwargs):
+        overheads = dict(zip(bench.LIPSCHITZ_CASES, (0.0, 0.2, 0.1, 0.08, 0.3, 0.25)))
+        rows = [{"setting": "resnet18, batch 4, 64x64", "case": c, "overhead_s": o, "median_s": 1 + o}
+                for c, o in overheads.items()]
+        return {"rows": rows, "overhead_vs_torch": {"resnet18, batch 4, 64x64": {}}}, "table lipschitz"
+
+    monkeypatch.setattr(bench, "run_lipschitz_benchmark", fake_lipschitz)
     out, md = tmp_path / "all.json", tmp_path / "all.md"
     result = CliRunner().invoke(main, ["bench", "--quick", "--json", str(out), "--markdown", str(md)])
     assert result.exit_code == 0, result.output
@@ -77,7 +84,29 @@ def test_bench_without_subcommand_writes_one_combined_report(tmp_path, monkeypat
     assert by[("indices", "cached", "reference")]["baseline_median_s"] == 3.0
     assert by[("train_step", "coupling+spectral_norm", "plain_step")]["speedup"] == pytest.approx(1 / 1.05)
     assert by[("train_step", "coupling", "plain_step")]["median_s"] == 1.01
+    drop_in = by[("spectral_norm_drop_in", "batched_matrix", "torch_spectral_norm")]
+    assert (drop_in["median_s"], drop_in["baseline_median_s"]) == (0.08, 0.2)  # overheads over the plain step
+    assert by[("spectral_norm_drop_in", "batched_operator", "torch_spectral_norm")]["speedup"] == pytest.approx(0.8)
     for r in report["results"]:
         assert r["speedup"] == pytest.approx(r["baseline_median_s"] / r["median_s"])
     text = md.read_text()
     assert "| soft_couple |" in text and "copy (floor)" in text and report["machine"]["cpu"] in text
+
+
+def test_bench_lipschitz_cli_reports_overheads_against_torch(tmp_path, monkeypatch):
+    """The real cases on a tiny stand-in for the ResNets (the schema and the overhead arithmetic)."""
+    from itconv_fast import zoo
+
+    monkeypatch.setattr(zoo, "resnet18", lambda: zoo.ResNet(zoo.BasicBlock, [1, 1, 1, 1], num_classes=1000, width=4))
+    out = tmp_path / "lip.json"
+    result = CliRunner().invoke(main, ["bench", "lipschitz", "--arch", "resnet18", "--batch", "2", "--size", "32",
+                                       "--min-run-time", "0.01", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    rows = {r["case"]: r for r in report["rows"]}
+    assert set(rows) == set(bench.LIPSCHITZ_CASES)
+    assert rows["plain"]["overhead_s"] == 0.0
+    torch_over = rows[bench.LIPSCHITZ_CASES[1]]["overhead_s"]
+    batched = rows["(c) BatchedSpectralNorm (matrix)"]
+    assert batched["overhead_vs_torch"] == pytest.approx(batched["overhead_s"] / torch_over)
+    assert "overhead" in result.output

@@ -131,9 +131,14 @@ def test_soft_normalisation_leaves_small_layers_alone():
 @pytest.mark.parametrize("mode", ["operator", "matrix"])
 @pytest.mark.parametrize("mu,hard,training", [(0.1, False, True), (100.0, False, True), (0.1, True, True),
                                               (0.1, False, False)])
-def test_gradient_is_that_of_sigma_with_the_vectors_held(name, make, size, mode, mu, hard, training):
+@pytest.mark.parametrize("scalar_path", [True, False], ids=["cpu-scalars", "tensor-only"])
+def test_gradient_is_that_of_sigma_with_the_vectors_held(name, make, size, mode, mu, hard, training, scalar_path,
+                                                          monkeypatch):
     """d/dW of W / max(sigma/mu, 1) (or W mu / sigma), sigma = <u, A_W v> with this forward's vectors, by
-    plain autograd; the layer's own backward is the fused held-vector formula."""
+    plain autograd; the layer's own backward is the fused held-vector formula, on its eager-CPU path
+    (Python scalars, addr) and on the tensor-only path that CUDA and torch.compile take."""
+    if not scalar_path:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     torch.manual_seed(4)
     layer = make().double()
     inn.spectral_norm(layer, mode=mode, mu=mu, hard=hard, input_size=size or None)
@@ -534,3 +539,15 @@ def test_lipschitz_cli_on_a_script_and_on_bad_input(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     result = CliRunner().invoke(main, ["lipschitz", str(junk)])
     assert result.exit_code == 2 and "junk.pt" in result.output and "Traceback" not in result.output
+
+
+def test_zoo_resnets_have_torchvisions_shapes():
+    """Parameter counts of torchvision's resnet18 / resnet50 (11,689,512 / 25,557,032), convs 20 / 53."""
+    from itconv_fast import zoo
+
+    for build, params, convs in ((zoo.resnet18, 11_689_512, 20), (zoo.resnet50, 25_557_032, 53)):
+        model = build()
+        assert sum(p.numel() for p in model.parameters()) == params
+        assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == convs
+    model = zoo.resnet18(num_classes=10, width=8)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
