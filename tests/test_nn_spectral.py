@@ -551,3 +551,20 @@ def test_zoo_resnets_have_torchvisions_shapes():
         assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == convs
     model = zoo.resnet18(num_classes=10, width=8)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_lipschitz_cli_on_a_training_checkpoint(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from cli.app import main
+
+    monkeypatch.setenv("ITCONV_FAST_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--train-size", "32", "--test-size", "16", "--width", "2", "--blocks", "2",
+            "--batch-size", "16", "--epochs", "1", "--no-progress"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    result = CliRunner().invoke(main, ["lipschitz", str(run), "--power-iterations", "20", "--markdown"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("| layer |") and any(line.startswith("| stem |") for line in lines)
+    assert any("stages.0.blocks.1.conv2" in line for line in lines) and lines[-1].startswith("| product |")
