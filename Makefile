@@ -13,7 +13,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 endif
 export MAX_JOBS ?= 2
 
-SOURCES := Makefile setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
+SOURCES := Makefile setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 .PHONY: setup test test-fast train bench gpu-check ptxas clean
 

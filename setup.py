@@ -1,4 +1,5 @@
-"""Build of itconv_fast._C, the C++/CUDA extension.
+"""Build of itconv_fast._C, the C++/CUDA extension (and itconv_fast._device_emulation, its CUDA device code
+compiled for the CPU tests).
 
 C++ CPU sources are always compiled. CUDA sources are compiled when a CUDA toolkit and a CUDA build
 of torch are present; ITCONV_FAST_CUDA=1 forces them on (fail if impossible), ITCONV_FAST_CUDA=0 off.
@@ -86,7 +87,16 @@ def extension():
     return CppExtension("itconv_fast._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
 
 
+def emulation_extension():
+    """itconv_fast._device_emulation: the CUDA kernels' device code compiled for the CPU under the CUDA shim
+    (csrc/emulation), which the tests execute against the references. No CUDA toolkit needed."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return CppExtension("itconv_fast._device_emulation", [os.path.join("csrc", "emulation", "device_emulation.cpp")],
+                        include_dirs=[os.path.join(here, "csrc")],
+                        extra_compile_args={"cxx": ["-O2", "-ffp-contract=off"]})
+
+
 setup(
-    ext_modules=[extension()],
+    ext_modules=[extension(), emulation_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

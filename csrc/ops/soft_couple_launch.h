@@ -9,6 +9,7 @@
 // launch then carrying its own descriptor of it.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -22,6 +23,14 @@ constexpr int kThreads = 256;
 constexpr int kPerThread = 4;
 constexpr int64_t kChunk = int64_t{kThreads} * kPerThread;
 constexpr int64_t kMaxGridX = (int64_t{1} << 31) - 1;  // gridDim.x limit
+
+// The staging bucket (kMaxN of soft_couple_kernel) for a launch whose largest non-uniform group has n
+// members (0: none).
+inline int staging_bucket(int64_t n) {
+  if (n == 0) return 0;
+  if (n <= 16) return 16;
+  return 64;
+}
 
 // Group descriptor fields (int64 each).
 constexpr int kPtrOffset = 0, kCount = 1, kNumel = 2, kCoeffOffset = 3, kUniform = 4, kFields = 5;
@@ -87,6 +96,33 @@ inline std::vector<LaunchTable> plan_launches(const std::vector<GroupSpec>& grou
     }
   }
   return launches;
+}
+
+// Plans every launch of one call: per dtype present (float, double, half, bfloat16), the groups' tables
+// and their staging bucket; launch(dtype, table, bucket) issues each. The CUDA launcher and the CPU
+// emulation of the device code (csrc/emulation) both go through here, so the tests walk the real plan.
+template <typename Launch>
+void for_each_launch(const std::vector<DenseGroup>& groups, int64_t max_items, Launch&& launch) {
+  for (const auto& group : groups) {
+    TORCH_CHECK_VALUE(group.coeffs.uniform || group.members.size() <= 64,
+                      "soft_couple_ (CUDA): non-uniform kernels support at most 64 coupled blocks, got ",
+                      group.members.size());
+  }
+  for (const auto dtype : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
+    std::vector<GroupSpec> specs;
+    int64_t largest_general = 0;
+    for (const auto& group : groups) {
+      if (group.members[0].scalar_type() != dtype) continue;
+      if (!group.coeffs.uniform) largest_general = std::max(largest_general, static_cast<int64_t>(group.members.size()));
+      GroupSpec spec;
+      spec.numel = group.numel;
+      spec.coeffs = &group.coeffs;
+      for (const auto& t : group.members) spec.pointers.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+      specs.push_back(std::move(spec));
+    }
+    const int bucket = staging_bucket(largest_general);
+    for (const auto& table : plan_launches(specs, max_items)) launch(dtype, table, bucket);
+  }
 }
 
 }  // namespace soft_couple
