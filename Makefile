@@ -9,7 +9,8 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 ifneq ($(CUDA_HOME),)
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+# Native code for 8.0 (all Ampere 8.x), 9.0, 10.0, 12.0; PTX of 12.0 for newer GPUs (setup.py's default too).
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0;10.0;12.0+PTX
 endif
 export MAX_JOBS ?= 2
 

@@ -3,7 +3,7 @@ compiled for the CPU tests).
 
 C++ CPU sources are always compiled. CUDA sources are compiled when a CUDA toolkit and a CUDA build
 of torch are present; ITCONV_FAST_CUDA=1 forces them on (fail if impossible), ITCONV_FAST_CUDA=0 off.
-Without a visible GPU set TORCH_CUDA_ARCH_LIST explicitly (e.g. "8.0;9.0"). Build with
+Without a visible GPU the arch list defaults to DEFAULT_CUDA_ARCH_LIST (TORCH_CUDA_ARCH_LIST overrides it). Build with
 `pip install --no-build-isolation .` so the extension is compiled against the torch that runs it.
 """
 
@@ -14,6 +14,9 @@ import subprocess
 import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0;10.0;12.0+PTX"
 
 
 def want_cuda() -> bool:
@@ -75,10 +78,13 @@ def extension():
     kwargs = dict(include_dirs=[os.path.join(here, "csrc")], extra_link_args=link)
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            # torch cannot detect an architecture without a visible GPU: build for A100 and H100.
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            # torch cannot detect an architecture without a visible GPU: native code for Ampere (8.x runs
+            # sm_80), Hopper, Blackwell data-centre (10.0) and Blackwell workstation/consumer (12.0) GPUs, and
+            # PTX of 12.0 that the driver compiles for anything newer.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
         sources += sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu")))
-        cxx.append("-DITCONV_WITH_CUDA")
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "native").replace(";", ",").replace(" ", ",")
+        cxx += ["-DITCONV_WITH_CUDA", f'-DITCONV_CUDA_ARCH_LIST="{arch_list}"']
         nvcc = ["-O3", "--fmad=false", "-DITCONV_WITH_CUDA", "--expt-relaxed-constexpr"]
         for folder in wheel_cuda_include_dirs():
             cxx += ["-idirafter", folder]

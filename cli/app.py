@@ -39,9 +39,13 @@ def info() -> None:
         "cuda_available": torch.cuda.is_available(),
         "extension_loaded": ops.extension_loaded(),
         "extension_cuda_kernels": _extension.cuda_compiled(),
+        "cuda_arch_list": _extension.build_info().get("cuda_arch_list"),
         "threads": torch.get_num_threads(),
     }
-    if not ops.extension_loaded():
+    if ops.extension_loaded():
+        # What the CPU kernels tuned to on this machine: L1 geometry, vector clone, register-path limit.
+        report["cpu_kernels"] = _extension.cpu_info()
+    else:
         report["fallback_reason"] = _extension._reason
     click.echo(json.dumps(report, indent=2))
 

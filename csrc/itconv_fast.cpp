@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "ops/cpu/cpu_features.h"
+
 #include <string>
 #include <vector>
 
@@ -19,6 +21,9 @@ std::string build_info() {
   std::string info = std::string("torch=") + ITCONV_TORCH_VERSION;
 #ifdef ITCONV_WITH_CUDA
   info += ";cuda=1";
+#ifdef ITCONV_CUDA_ARCH_LIST
+  info += std::string(";cuda_arch_list=") + ITCONV_CUDA_ARCH_LIST;
+#endif
 #else
   info += ";cuda=0";
 #endif
@@ -27,6 +32,7 @@ std::string build_info() {
 
 TORCH_LIBRARY(itconv_fast, m) {
   m.def("_build_info() -> str", &build_info);
+  m.def("_cpu_info() -> str", [] { return itconv_fast::cpu::describe(); });
 }
 
 // torch.ops.itconv_fast.soft_couple_ with a ResNet-101's 288 gradients spends ~30 us boxing the

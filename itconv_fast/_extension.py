@@ -9,7 +9,8 @@ import torch
 
 _loaded = False
 _reason = "not loaded yet"
-_warned = False
+_warned: set = set()  # the ops that have warned about their fallback (one warning per op)
+_quiet = False  # the test suite's switch for the fallback warnings
 soft_couple_groups = None  # the extension's unboxed call of torch.ops.itconv_fast.soft_couple_
 
 
@@ -40,18 +41,49 @@ def loaded() -> bool:
     return _loaded
 
 
+def build_info() -> dict:
+    """The extension's build record (torch version, cuda=0/1, cuda_arch_list), {} when not loaded."""
+    if not _loaded:
+        return {}
+    return dict(item.split("=", 1) for item in torch.ops.itconv_fast._build_info().split(";"))
+
+
+def cpu_info() -> dict:
+    """What the CPU kernels read from the machine (csrc/ops/cpu/cpu_features.h): L1 data cache size, ways,
+    line and sets, where they came from, the vector clone in use and the coupling register-path limit."""
+    if not _loaded:
+        return {}
+    info = dict(item.split("=", 1) for item in torch.ops.itconv_fast._cpu_info().split(";"))
+    for key in ("l1d_bytes", "l1d_ways", "l1d_line", "l1d_sets", "register_limit"):
+        info[key] = int(info[key])
+    return info
+
+
 def cuda_compiled() -> bool:
     """Whether the loaded extension carries CUDA kernels."""
     return _loaded and "cuda=1" in torch.ops.itconv_fast._build_info()
 
 
-def warn_fallback(op: str) -> None:
-    """One warning per process when an op falls back to its pure-PyTorch reference."""
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(
-            f"itconv_fast: {op} runs its pure-PyTorch reference because {_reason}.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+def has_kernels_for(device) -> bool:
+    """Whether the loaded extension has compiled kernels for tensors on `device` (CPU always; CUDA only
+    in a build with CUDA kernels)."""
+    if not _loaded:
+        return False
+    kind = torch.device(device).type
+    return kind == "cpu" or (kind == "cuda" and cuda_compiled())
+
+
+def fallback_reason(device=None) -> str:
+    """Why an op on `device` runs its reference (for the warning)."""
+    if not _loaded:
+        return _reason
+    return f"the compiled extension has no kernels for {torch.device(device).type} tensors (built without CUDA)"
+
+
+def warn_fallback(op: str, device=None) -> None:
+    """One warning per op and process when it falls back to its pure-PyTorch reference."""
+    if _quiet or op in _warned:
+        return
+    _warned.add(op)
+    warnings.warn(f"itconv_fast: {op} runs its pure-PyTorch reference because {fallback_reason(device)}.",
+                  RuntimeWarning, stacklevel=3)

@@ -116,6 +116,9 @@ def machine_description(device: str) -> dict:
         "extension": ops.extension_loaded(),
         "backend": "compiled extension" if ops.extension_loaded() else "pure-PyTorch reference (extension not loaded)",
         "cuda_kernels_compiled": bool(ops.extension_loaded() and _extension.cuda_compiled()),
+        "cuda_arch_list": _extension.build_info().get("cuda_arch_list"),
+        "cpu_isa": _extension.cpu_info().get("isa", "n/a (reference)"),
+        "l1d": ({k: v for k, v in _extension.cpu_info().items() if k.startswith("l1d")} or None),
         "threads": torch.get_num_threads(),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -125,6 +128,15 @@ def machine_description(device: str) -> dict:
     else:
         info["device"] = "cpu"
     return info
+
+
+def label_backend(table: str) -> str:
+    """A table as printed: headed by a warning when the ops ran their pure-PyTorch references (no extension),
+    so that a fallback run is never read as the compiled kernels' times."""
+    if ops.extension_loaded():
+        return table
+    return ("[BACKEND: pure-PyTorch reference (the compiled extension is not loaded); the 'fused' / 'batched' "
+            "rows time the references, not the kernels]\n" + table)
 
 
 def run_comparison(cases_by_width: dict, *, label: str, reference: str, device="cpu", min_run_time=1.0, name="",
@@ -180,7 +192,7 @@ def run_comparison(cases_by_width: dict, *, label: str, reference: str, device="
         by_case = {r["case"]: r["median_s"] for r in rows if r["width"] == width}
         key = f"width {width}" if isinstance(width, int) else str(width)
         report["ratios"][key] = {c: t / by_case[reference] for c, t in by_case.items() if c != reference}
-    return report, str(compare)
+    return report, label_backend(str(compare))
 
 
 def run_coupling_benchmark(widths=(16, 64), device="cpu", min_run_time=1.0, compile_reference=True, lam=0.5):
@@ -279,7 +291,7 @@ def run_spectral_benchmark(widths=(16, 64), device="cpu", min_run_time=1.0):
             for ws, _ in slots:
                 ops.gram_spectral_bound(torch.stack(ws), steps)
             report["gram_seconds"][f"width {width}, {steps} steps"] = time.perf_counter() - start
-    return report, table
+    return report, label_backend(table)
 
 
 def gram_tightness(sizes=((3, 3), (8, 8), (16, 16)), channels=4, n_kernels=8, steps=(3, 4, 5, 6), kernels=None, seed=0):
@@ -338,7 +350,7 @@ def run_indices_benchmark(configs=((16, 4, 16, 256),), extra_iterations=16, devi
     report, table = run_comparison(cases, label="compute_indices (S=3, K=16)", reference="cached", device=device,
                                    min_run_time=min_run_time, name="indices", warmup=1)
     report["block_evaluations"] = flops
-    return report, table
+    return report, label_backend(table)
 
 
 def run_analysis_benchmark(width=16, blocks=16, side=32, n=1000, extra_iterations=16, device="cpu", min_run_time=0.0,
@@ -432,7 +444,7 @@ def run_train_step_benchmark(width=16, blocks=16, batch=128, device="cpu", min_r
     table = "\n".join([f"[{label}, interleaved, {rounds} rounds]"] +
                       [f"  {name:42s} median {m * 1e3:9.1f} ms  (min {min(times[name]) * 1e3:.1f}, max {max(times[name]) * 1e3:.1f})"
                        for name, m in medians.items()])
-    return report, table
+    return report, label_backend(table)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,7 +538,7 @@ def run_lipschitz_benchmark(archs=("resnet18", "resnet50"), batch=8, size=128, d
     report = {"benchmark": "lipschitz", "machine": machine_description(device), "rows": rows,
               "overhead_vs_torch": ratios,
               "method": "cases interleaved round by round; medians; overhead = median over rounds of (case - plain)"}
-    return report, "\n".join(tables)
+    return report, label_backend("\n".join(tables))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,7 +625,7 @@ def run_all(quick: bool = False, device: str = "cpu", log=print) -> dict:
 def results_markdown(report: dict) -> str:
     """The combined report as markdown: the machine, then one row per comparison."""
     m = report["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} threads)"
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} threads), CPU clone {m.get('cpu_isa', '?')}"
              + (f", GPU {m['device']}" if m.get("device", "cpu") != "cpu" else "")
              + f"; torch {m['torch']}; {m['backend']}; {m['date']}" + ("; --quick" if report.get("quick") else ""), "",
              "| op | setting | variant | baseline | time | baseline time | speed-up |", "|---|---|---|---|---|---|---|"]

@@ -310,15 +310,13 @@ def _power_steps(geometry: LayerGeometry, mode: str, weights: Sequence[torch.Ten
     with torch.no_grad():
         dtype = u.dtype
         w = [x.detach().to(dtype) for x in weights]
-        use_ext = _extension.loaded()
-        if not use_ext:
-            _extension.warn_fallback("itconv_fast.nn.spectral_norm")
         if mode == "matrix" or geometry.kind == "linear":
             mats = [_as_matrix(geometry, x).unsqueeze(-1).unsqueeze(-1) for x in w]
-            if use_ext:
+            if _extension.has_kernels_for(u.device):
                 return torch.ops.itconv_fast.power_iteration_matrix_.list(mats, u, n_iter)
+            _extension.warn_fallback("itconv_fast.nn.spectral_norm (matrix mode)", u.device)
             return _reference.power_iteration_matrix_(torch.stack(mats), u, n_iter)
-        if geometry.extension_operator_path and use_ext:
+        if geometry.extension_operator_path and _extension.loaded():  # composite op: any device
             return torch.ops.itconv_fast.power_iteration_operator_.list(w, u, n_iter)
         wcat = torch.cat(w)
         uu, B = u, u.shape[0]

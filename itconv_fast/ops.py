@@ -1,8 +1,9 @@
 """The toolkit's ops: typed, validated wrappers around `torch.ops.itconv_fast.*`.
 
 Every op checks its arguments completely before any tensor is touched (a rejected call modifies
-nothing), then dispatches to the compiled kernel for the tensors' device, or, without the extension,
-to the pure-PyTorch reference in `itconv_fast._reference` (with one warning).
+nothing), then dispatches to the compiled kernel for the tensors' device, or, where there is none (the
+extension not built, or built without CUDA kernels and given CUDA tensors), to the pure-PyTorch
+reference in `itconv_fast._reference`, with one warning per op and process.
 """
 
 from __future__ import annotations
@@ -135,6 +136,9 @@ def _soft_couple_one_call(groups, lam, kernel, bandwidth, skip_first) -> bool:
     writes anything. Returns False, having done nothing, for any other input."""
     if type(groups) not in (list, tuple) or not all(type(m) in (list, tuple) for m in groups):
         return False
+    first = next((m[0] for m in groups if len(m) and isinstance(m[0], torch.Tensor)), None)
+    if first is not None and not _extension.has_kernels_for(first.device):
+        return False  # (the C++ side refuses mixed devices, so the first member's device is the call's)
     if torch.compiler.is_compiling():
         return False  # traced calls take the torch.ops form below (the unboxed door is not traceable)
     try:
@@ -178,14 +182,12 @@ def soft_couple_(
         return
     checked = _as_groups(groups)
     devices = list(dict.fromkeys(members[0].device for members in checked if members))
-    if not _extension.loaded() or len(devices) > 1:
-        # The reference, and several per-device op calls, need every group checked up front.
+    if len(devices) > 1:
+        # Several per-device calls need every group checked up front.
         _check_groups(checked, skip_first)
-    if not _extension.loaded():
-        if lam != 0.0:
-            _extension.warn_fallback("soft_couple_")
-            _reference.soft_couple_(checked, lam, kernel=kernel, bandwidth=bandwidth, skip_first=skip_first)
-        return
+    served = [d for d in devices if _extension.has_kernels_for(d)]
+    if len(served) < len(devices):
+        _check_groups(checked, skip_first)  # everything checked before the reference writes anything
     # The op checks every group in C++ (naming it by its index here) before writing anything, and is
     # the identity for lam = 0.
     calls = [checked] if len(devices) <= 1 else [[m for m in checked if m and m[0].device == d] for d in devices]
@@ -193,6 +195,11 @@ def soft_couple_(
         flat = [t for members in call for t in members]
         if not flat:
             continue  # nothing to dispatch on (and nothing to couple)
+        if not _extension.has_kernels_for(flat[0].device):
+            if lam != 0.0:
+                _extension.warn_fallback("soft_couple_", flat[0].device)
+                _reference.soft_couple_(call, lam, kernel=kernel, bandwidth=bandwidth, skip_first=skip_first)
+            continue
         torch.ops.itconv_fast.soft_couple_(flat, [len(m) for m in call], lam, kernel, bandwidth, skip_first)
 
 
@@ -412,11 +419,13 @@ def batched_spectral_norm(
     if u is None:
         u = init_power_vector(weight, mode, expected[2:] if mode == "operator" else None)
     w = [k.detach() for k in weight] if as_list else weight.detach()
-    if _extension.loaded():
+    device = _lead_kernel(weight).device
+    # Operator mode is composite (ATen convolutions, any device); matrix mode has CPU and CUDA kernels.
+    if _extension.loaded() and (mode == "operator" or _extension.has_kernels_for(device)):
         op = torch.ops.itconv_fast.power_iteration_operator_ if mode == "operator" else torch.ops.itconv_fast.power_iteration_matrix_
         v, sigma = (op.list if as_list else op.default)(w, u, n_iter)
     else:
-        _extension.warn_fallback("batched_spectral_norm")
+        _extension.warn_fallback("batched_spectral_norm", device)
         ref = _reference.power_iteration_operator_ if mode == "operator" else _reference.power_iteration_matrix_
         v, sigma = ref(torch.stack(w) if as_list else w, u, n_iter)
     # u is updated in place by later calls: the backward pass needs this call's vectors.

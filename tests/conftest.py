@@ -26,5 +26,5 @@ def path(request, monkeypatch):
             pytest.skip("compiled extension not built")
     else:
         monkeypatch.setattr(_extension, "_loaded", False)
-        monkeypatch.setattr(_extension, "_warned", True)
+        monkeypatch.setattr(_extension, "_quiet", True)
     return request.param

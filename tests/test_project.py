@@ -1,6 +1,7 @@
 """README, Makefile and CI cannot drift apart."""
 
 import pathlib
+import os
 import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -19,3 +20,31 @@ def test_make_train_runs_the_documented_main_job():
     args = re.search(r"^ARGS \?= (.*)$", makefile, re.M).group(1)
     assert f"itconv-fast train {args}" in readme
     assert args == "--lam 0.5 --sn-mu 0.95"
+
+
+def test_cuda_builds_ship_ptx_of_the_newest_arch():
+    """setup.py's default arch list, and the Makefile's, end with +PTX: GPUs newer than the list (a later
+    Blackwell or Rubin part) JIT-compile the PTX instead of failing with "no kernel image"."""
+    import re
+
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    setup_py = (ROOT / "setup.py").read_text()
+    default = re.search(r'DEFAULT_CUDA_ARCH_LIST = "([^"]+)"', setup_py).group(1)
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"export TORCH_CUDA_ARCH_LIST ?= {default}\n" in makefile
+    archs = default.split(";")
+    assert archs[-1].endswith("+PTX") and {"8.0", "9.0"} <= set(archs)
+    old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = default
+    try:
+        flags = _get_cuda_arch_flags()
+    finally:
+        if old is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = old
+    newest = archs[-1].removesuffix("+PTX").replace(".", "")
+    assert f"-gencode=arch=compute_{newest},code=compute_{newest}" in flags
+    assert all(f"-gencode=arch=compute_{a.replace('.', '')},code=sm_{a.replace('.', '')}" in flags
+               for a in (x.removesuffix("+PTX") for x in archs))

@@ -13,12 +13,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <cstdint>
 #include <vector>
 
 #include "../soft_couple.h"
 #include "cpu_clones.h"
+#include "cpu_features.h"
 
 namespace itconv_fast {
 namespace soft_couple {
@@ -131,14 +131,14 @@ ITCONV_ALWAYS_INLINE void couple_matrix_block(scalar_t* const* ptrs, int64_t n, 
 }
 
 template <typename scalar_t>
-ITCONV_CPU_CLONES void couple_chunk(
+ITCONV_ALWAYS_INLINE void couple_chunk(
     scalar_t* const* ptrs, int64_t n, const Coefficients& coeffs, bool in_registers, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   if (coeffs.uniform) {
     const acc_t a = static_cast<acc_t>(coeffs.a);
     const acc_t b = static_cast<acc_t>(coeffs.b);
     int64_t i0 = begin;
-    switch (in_registers ? n : 0) {  // groups of 2-16 members that do not crowd an L1 set
+    switch (in_registers ? n : 0) {  // groups of 2 .. register_limit() (<= 16) members not crowding L1
 #define ITCONV_REGISTER_CASE(N) \
   case N:                      \
     i0 = couple_uniform_regs_run<scalar_t, acc_t, N>(ptrs, a, b, i0, end); \
@@ -170,22 +170,43 @@ struct BoundGroup {
   bool in_registers;
 };
 
+// One compiled clone per instruction set (cpu_features.h picks one at run time: the widest the CPU has,
+// or a narrower one for an A/B measurement); couple_chunk is inlined into each.
+#define ITCONV_RUN_BOUND(NAME, TARGET)                                                                     \
+  template <typename scalar_t>                                                                             \
+  TARGET void NAME(const BoundGroup& group, int64_t begin, int64_t end) {                                  \
+    couple_chunk<scalar_t>(reinterpret_cast<scalar_t* const*>(group.ptrs.data()),                          \
+                           static_cast<int64_t>(group.ptrs.size()), *group.coeffs, group.in_registers, begin, \
+                           end);                                                                           \
+  }
+ITCONV_RUN_BOUND(run_bound_avx512, ITCONV_TARGET_AVX512)
+ITCONV_RUN_BOUND(run_bound_avx2, ITCONV_TARGET_AVX2)
+ITCONV_RUN_BOUND(run_bound_default, )
+#undef ITCONV_RUN_BOUND
+
 template <typename scalar_t>
-void run_bound(const BoundGroup& group, int64_t begin, int64_t end) {
-  couple_chunk<scalar_t>(reinterpret_cast<scalar_t* const*>(group.ptrs.data()),
-                         static_cast<int64_t>(group.ptrs.size()), *group.coeffs, group.in_registers, begin, end);
+auto run_bound_for(cpu::Isa isa) -> void (*)(const BoundGroup&, int64_t, int64_t) {
+  switch (isa) {
+    case cpu::Isa::Avx512: return &run_bound_avx512<scalar_t>;
+    case cpu::Isa::Avx2: return &run_bound_avx2<scalar_t>;
+    default: return &run_bound_default<scalar_t>;
+  }
 }
 
-// Whether more members than an L1 set has ways start at the same offset within a 4 KiB page (so their
-// lines at every step land in one set): page-aligned allocations, i.e. every large gradient, do. The
-// register path must keep all T lines of a step in L1 until it stores them; for such groups it ran
-// at half speed (16 congruent members of 36,864 floats, one thread: 103 us against 44 us spread out),
-// while the block path, which reads one member's block at a time, takes 62 us.
+// Whether more members than an L1 set has ways start in the same set (their lines at every step then
+// land in one set): page-aligned allocations, i.e. every large gradient, do whenever the L1 has a page's
+// worth of sets or fewer. The register path must keep all T lines of a step in L1 until it stores them;
+// for such groups it ran at half speed (16 congruent members of 36,864 floats, one thread: 103 us against
+// 44 us spread out), while the block path, which reads one member's block at a time, takes 62 us. The
+// geometry is this machine's (cpu_features.h): 32 KiB 8-way on the Zen 4 the figures come from, 48 KiB
+// 12-way on an Ice Lake, where 8 ways cost 84-106 us against 60-74 us with 12 for 10 congruent members.
 bool crowds_an_l1_set(const std::vector<void*>& ptrs) {
-  constexpr int kSets = 64, kWays = 8;  // a 32 KiB, 8-way L1 of 64-byte lines: one page's worth of sets
-  std::array<int, kSets> members_in_set{};
+  const cpu::L1Cache& l1 = cpu::l1_cache();
+  const int64_t sets = l1.sets();
+  std::vector<int64_t> members_in_set(static_cast<size_t>(std::min<int64_t>(sets, 1 << 16)), 0);
   for (const void* p : ptrs) {
-    if (++members_in_set[(reinterpret_cast<uintptr_t>(p) / 64) % kSets] > kWays) return true;
+    const auto set = static_cast<size_t>((reinterpret_cast<uintptr_t>(p) / l1.line) % members_in_set.size());
+    if (++members_in_set[set] > l1.ways) return true;
   }
   return false;
 }
@@ -209,11 +230,13 @@ void soft_couple_cpu(
   for (size_t g = 0; g < groups.size(); ++g) {
     const auto& group = groups[g];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.members[0].scalar_type(), "soft_couple_cpu", [&] {
-      bound[g].run = &run_bound<scalar_t>;
+      bound[g].run = run_bound_for<scalar_t>(cpu::selected_isa());
     });
     for (const auto& t : group.members) bound[g].ptrs.push_back(t.data_ptr());
     bound[g].coeffs = &group.coeffs;
-    bound[g].in_registers = !crowds_an_l1_set(bound[g].ptrs);
+    // Register path: 2 .. register_limit() members (what the clone's vector registers hold), not crowding L1.
+    bound[g].in_registers = static_cast<int>(group.members.size()) <= cpu::register_limit() &&
+                            !crowds_an_l1_set(bound[g].ptrs);
     for (int64_t begin = 0; begin < group.numel; begin += kChunk) items.emplace_back(g, begin);
   }
   // Items differ in cost (T x chunk length); at::parallel_for splits a range evenly, so split the
