@@ -13,23 +13,24 @@ pytestmark = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled ext
 # The kernel's geometry (csrc/ops/soft_couple_launch.h).
 THREADS, PER_THREAD = 256, 4
 CHUNK = THREADS * PER_THREAD
-FIELDS = 5  # ptr offset, member count, numel, coefficient offset, uniform
+FIELDS = 6  # ptr offset, member count, numel, coefficient offset, mode (0 uniform, 1 staged, 2 scratch), aligned
 MAX_GRID = 2**31 - 1
 
 
-def plan(numels, counts, kernel="uniform", max_items=MAX_GRID):
-    flat = torch.ops.itconv_fast._soft_couple_launch_plan(list(numels), list(counts), kernel, max_items)
+def plan(numels, counts, kernel="uniform", max_items=MAX_GRID, per_thread=PER_THREAD):
+    flat = torch.ops.itconv_fast._soft_couple_launch_plan(list(numels), list(counts), kernel, max_items, per_thread)
     return [tuple(flat[i : i + 4]) for i in range(0, len(flat), 4)]
 
 
-def test_thread_map_of_one_chunk_is_a_bijection():
-    # Thread x of a block touches begin + x + k * THREADS, k < PER_THREAD: every offset of the chunk once.
-    x, k = np.meshgrid(np.arange(THREADS), np.arange(PER_THREAD), indexing="ij")
-    offsets = (x + k * THREADS).ravel()
-    assert np.array_equal(np.sort(offsets), np.arange(CHUNK))
+@pytest.mark.parametrize("per_thread", [1, 2, 4])
+def test_thread_map_of_one_chunk_is_a_bijection(per_thread):
+    # Thread x of a block touches begin + x * per_thread + k, k < per_thread: every offset of the chunk once.
+    x, k = np.meshgrid(np.arange(THREADS), np.arange(per_thread), indexing="ij")
+    offsets = (x * per_thread + k).ravel()
+    assert np.array_equal(np.sort(offsets), np.arange(THREADS * per_thread))
 
 
-def walk(launches, numels, counts):
+def walk(launches, numels, counts, chunk=CHUNK):
     """For every (group, member): the element ranges the blocks cover, as the kernel computes them."""
     starts = np.cumsum([0] + list(counts))
     covered = {}  # (group, member) -> list of (start, stop)
@@ -38,7 +39,9 @@ def walk(launches, numels, counts):
         assert descs.shape[1] == FIELDS and items.shape[1] == 2
         assert items.shape[0] <= MAX_GRID
         for g_local, begin in items:  # one block per item
-            ptr_offset, count, numel, coeff_offset, uniform = descs[g_local]
+            ptr_offset, count, numel, coeff_offset, mode, aligned = descs[g_local]
+            uniform = mode == 0
+            assert mode == (0 if uniform else (1 if count <= 64 else 2)) and aligned == 0  # plan: no real pointers
             members = ptrs[ptr_offset : ptr_offset + count]
             group = int(np.searchsorted(starts, members[0], side="right") - 1)
             assert numel == numels[group] and count == counts[group]
@@ -51,8 +54,8 @@ def walk(launches, numels, counts):
             else:
                 rows = coeffs[coeff_offset : coeff_offset + n_coeffs].view(count, count)
                 assert torch.allclose(rows.sum(1), torch.ones(count, dtype=torch.float64))
-            assert 0 <= begin < numel and begin % CHUNK == 0
-            stop = min(begin + CHUNK, numel)  # threads return at i >= numel
+            assert 0 <= begin < numel and begin % chunk == 0
+            stop = min(begin + chunk, numel)  # threads return past numel
             for j in range(count):
                 covered.setdefault((group, j), []).append((int(begin), int(stop)))
     return covered
@@ -71,12 +74,13 @@ def assert_exact_cover(covered, numels, counts):
 
 
 @pytest.mark.parametrize("kernel", ["uniform", "triangular"])
-def test_every_element_of_every_member_covered_once(kernel):
+@pytest.mark.parametrize("per_thread", [1, 4])
+def test_every_element_of_every_member_covered_once(kernel, per_thread):
     numels = [1, 7, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 0, 16 * 16 * 9]
-    counts = [1, 2, 3, 16, 64, 5, 4, 70 if kernel == "uniform" else 64]
-    launches = plan(numels, counts, kernel)
+    counts = [1, 2, 3, 16, 64, 5, 4, 70]  # 70 triangular: the scratch mode (no member limit)
+    launches = plan(numels, counts, kernel, per_thread=per_thread)
     assert len(launches) == 1
-    assert_exact_cover(walk(launches, numels, counts), numels, counts)
+    assert_exact_cover(walk(launches, numels, counts, chunk=THREADS * per_thread), numels, counts)
 
 
 def test_members_above_2_to_the_31_elements():

@@ -46,6 +46,7 @@ constexpr int warpSize = 32;
 #define __forceinline__ inline
 #define __shared__ static
 #define __syncthreads() ::itconv_emulation::Block::current().syncthreads()
+#define ITCONV_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::itconv_emulation::dynamic_smem().data())
 
 inline float __fmul_rn(float x, float y) { return x * y; }
 inline float __fadd_rn(float x, float y) { return x + y; }
@@ -211,13 +212,25 @@ class Block {
   std::string error_;
 };
 
-// kernel<<<grid, block>>>(...) as emulate_launch(grid, block, [&] { kernel(...); }): blocks in order.
-inline void emulate_launch(unsigned grid, unsigned block, const std::function<void()>& body) {
+// The launch's dynamic shared memory (ITCONV_DYNAMIC_SMEM), refilled with a garbage pattern before every
+// block, as a GPU's would hold whatever the previous block left.
+inline std::vector<unsigned char>& dynamic_smem() {
+  static std::vector<unsigned char> bytes;
+  return bytes;
+}
+
+// kernel<<<grid, block, smem_bytes>>>(...) as emulate_launch(grid, block, smem_bytes, [&] { kernel(...); }):
+// blocks in order.
+inline void emulate_launch(unsigned grid, unsigned block, size_t smem_bytes, const std::function<void()>& body) {
   if (block == 0 || block > 1024) throw std::invalid_argument("emulate_launch: block size must be in [1, 1024]");
+  if (smem_bytes > 227 * 1024) throw std::invalid_argument("emulate_launch: more dynamic shared memory than an H100 has");
   gridDim.x = grid;
   blockDim.x = block;
   Block runner;
-  for (unsigned b = 0; b < grid; ++b) runner.run(b, block, body);
+  for (unsigned b = 0; b < grid; ++b) {
+    dynamic_smem().assign(smem_bytes + 16, 0xA5);
+    runner.run(b, block, body);
+  }
 }
 
 }  // namespace itconv_emulation

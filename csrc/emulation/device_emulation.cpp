@@ -33,27 +33,32 @@ namespace emulated {
 #include ITCONV_SOFT_COUPLE_DEVICE
 }  // namespace emulated
 
-// soft_couple_ as the CUDA launcher runs it (same checks, groups, plan and buckets), each launch emulated.
-// max_items: blocks per launch (the CUDA launcher uses 2^31 - 1; small values force split launches).
+// soft_couple_ as the CUDA launcher runs it (same checks, groups, plan, modes and buckets), each launch
+// emulated. max_items: blocks per launch (the CUDA launcher uses 2^31 - 1; small values force split
+// launches); per_thread: elements per thread (the CUDA launcher picks 1, 2 or 4 by the SM count).
 void soft_couple_emulated(std::vector<at::Tensor> grads, std::vector<int64_t> group_sizes, double lam,
                           const std::string& kernel, c10::optional<double> bandwidth, int64_t skip_first,
-                          int64_t max_items) {
+                          int64_t max_items, int64_t per_thread) {
   for (const auto& t : grads) TORCH_CHECK_VALUE(t.is_cpu(), "the emulation runs on CPU tensors");
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
   const auto groups = prepare_groups(grads, group_sizes, lam, kernel, bandwidth, skip_first, write_back);
   if (groups.empty()) return;
-  for_each_launch(groups, max_items, [&](at::ScalarType dtype, const LaunchTable& table, int bucket) {
-    const std::vector<int64_t> packed = table.packed();
+  for_each_launch(groups, max_items, static_cast<int>(per_thread), [&](at::ScalarType dtype, const LaunchTable& table,
+                                                                       int bucket) {
+    const std::vector<int64_t> packed = table.packed(/*float_coeffs=*/dtype != at::kDouble);
     const int64_t* d = packed.data();
     const int64_t* items = d + table.items_offset();
     const int64_t* ptrs = d + table.ptrs_offset();
-    const auto* coeffs = reinterpret_cast<const double*>(d + table.coeffs_offset());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "soft_couple_emulated", [&] {
-      itconv_emulation::emulate_launch(static_cast<unsigned>(table.n_items()), kThreads, [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto* coeffs = reinterpret_cast<const acc_t*>(d + table.coeffs_offset());
+      const size_t smem = static_cast<size_t>(bucket) * bucket * sizeof(acc_t);
+      const int per = static_cast<int>(per_thread);
+      itconv_emulation::emulate_launch(static_cast<unsigned>(table.n_items()), kThreads, smem, [&] {
         switch (bucket) {
-          case 0: emulated::soft_couple_kernel<scalar_t, 0>(d, items, ptrs, coeffs); break;
-          case 16: emulated::soft_couple_kernel<scalar_t, 16>(d, items, ptrs, coeffs); break;
-          default: emulated::soft_couple_kernel<scalar_t, 64>(d, items, ptrs, coeffs); break;
+          case 0: emulated::soft_couple_kernel<scalar_t, 0>(d, items, ptrs, coeffs, per); break;
+          case 16: emulated::soft_couple_kernel<scalar_t, 16>(d, items, ptrs, coeffs, per); break;
+          default: emulated::soft_couple_kernel<scalar_t, 64>(d, items, ptrs, coeffs, per); break;
         }
       });
     });
@@ -68,23 +73,47 @@ namespace emulated {
 #include ITCONV_SPECTRAL_NORM_DEVICE
 }  // namespace emulated
 
-// power_iteration_matrix_ as the CUDA launcher runs it: one block of kThreads per matrix.
-std::tuple<at::Tensor, at::Tensor> power_iteration_matrix_emulated(const at::Tensor& weight, at::Tensor u,
-                                                                   int64_t n_iter) {
-  const auto [B, rows, cols] = check_matrix(weight, u, n_iter);
-  const at::Tensor w = weight.contiguous();
+// power_iteration_matrix_ as the CUDA launcher runs it: one block of kThreads per matrix, matrix b read
+// through the pointer table (here built on the host from the stacked tensor or, for the list form, from
+// each kernel where it lies).
+std::tuple<at::Tensor, at::Tensor> run_emulated(const std::vector<int64_t>& table, const at::Tensor& like, at::Tensor u,
+                                                int64_t B, int64_t rows, int64_t cols, int64_t n_iter) {
   at::Tensor uc = u.contiguous();
-  at::Tensor v = at::empty({B, cols}, weight.options());
-  at::Tensor sigma = at::empty({B}, weight.options());
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "power_iteration_matrix_emulated", [&] {
-    itconv_emulation::emulate_launch(static_cast<unsigned>(B), emulated::kThreads, [&] {
-      emulated::power_iteration_matrix_kernel<scalar_t>(w.data_ptr<scalar_t>(), uc.data_ptr<scalar_t>(),
-                                                        v.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(), rows, cols,
-                                                        n_iter);
+  at::Tensor v = at::empty({B, cols}, like.options());
+  at::Tensor sigma = at::empty({B}, like.options());
+  AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "power_iteration_matrix_emulated", [&] {
+    itconv_emulation::emulate_launch(static_cast<unsigned>(B), emulated::kThreads, 0, [&] {
+      emulated::power_iteration_matrix_kernel<scalar_t>(table.data(), uc.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                                                        sigma.data_ptr<scalar_t>(), rows, cols, n_iter);
     });
   });
   if (!uc.is_same(u)) u.copy_(uc);
   return {v, sigma};
+}
+
+std::tuple<at::Tensor, at::Tensor> power_iteration_matrix_emulated(const at::Tensor& weight, at::Tensor u,
+                                                                   int64_t n_iter) {
+  const auto [B, rows, cols] = check_matrix(weight, u, n_iter);
+  const at::Tensor w = weight.contiguous();
+  std::vector<int64_t> table(B);
+  for (int64_t b = 0; b < B; ++b) {
+    table[b] = reinterpret_cast<int64_t>(w.data_ptr()) + b * rows * cols * static_cast<int64_t>(w.element_size());
+  }
+  return run_emulated(table, w, u, B, rows, cols, n_iter);
+}
+
+std::tuple<at::Tensor, at::Tensor> power_iteration_matrix_list_emulated(std::vector<at::Tensor> weights, at::Tensor u,
+                                                                        int64_t n_iter) {
+  const auto shape = check_kernel_list(weights, "power_iteration_matrix_");
+  const int64_t B = shape[0], rows = shape[1], cols = shape[2] * shape[3] * shape[4];
+  check_matrix(weights[0].unsqueeze(0).expand(shape), u, n_iter);
+  std::vector<at::Tensor> kernels;
+  std::vector<int64_t> table;
+  for (const auto& w : weights) {
+    kernels.push_back(w.contiguous());
+    table.push_back(reinterpret_cast<int64_t>(kernels.back().data_ptr()));
+  }
+  return run_emulated(table, weights[0], u, B, rows, cols, n_iter);
 }
 
 }  // namespace spectral
@@ -95,13 +124,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("soft_couple_", &itconv_fast::soft_couple::soft_couple_emulated, "soft_couple_ through the emulated CUDA kernel",
         pybind11::arg("grads"), pybind11::arg("group_sizes"), pybind11::arg("lam"), pybind11::arg("kernel") = "uniform",
         pybind11::arg("bandwidth") = c10::optional<double>(), pybind11::arg("skip_first") = 0,
-        pybind11::arg("max_items") = itconv_fast::soft_couple::kMaxGridX);
+        pybind11::arg("max_items") = itconv_fast::soft_couple::kMaxGridX,
+        pybind11::arg("per_thread") = itconv_fast::soft_couple::kPerThread);
   m.def("power_iteration_matrix_", &itconv_fast::spectral::power_iteration_matrix_emulated,
         "power_iteration_matrix_ through the emulated CUDA kernel", pybind11::arg("weight"), pybind11::arg("u"),
         pybind11::arg("n_iter"));
+  m.def("power_iteration_matrix_list_", &itconv_fast::spectral::power_iteration_matrix_list_emulated,
+        "power_iteration_matrix_.list through the emulated CUDA kernel (read through the pointer table)",
+        pybind11::arg("weights"), pybind11::arg("u"), pybind11::arg("n_iter"));
   m.def("emulate_syncthreads_deadlock", [] {
     // A barrier reached by half the block only: the shim must report it, not hang.
-    itconv_emulation::emulate_launch(1, 64, [] {
+    itconv_emulation::emulate_launch(1, 64, 0, [] {
       if (threadIdx.x < 16) __syncthreads();  // half of warp 0 here, the other half at a shuffle
       else __shfl_down_sync(0xffffffffu, 1.0f, 1);
     });

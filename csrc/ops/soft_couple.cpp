@@ -23,9 +23,10 @@ namespace soft_couple {
 namespace {
 
 // Per launch four tensors: descriptors [G, kFields], items [I, 2], member numbers [P], coefficients [C]
-// (float64). Groups use lam = 0.5 and the default bandwidth; member numbers run over the whole call.
+// (float64). Groups use lam = 0.5 and the default bandwidth; member numbers run over the whole call (a
+// scratch-mode group lists its members, then -1 - member for the rows of its copy).
 std::vector<at::Tensor> launch_plan(at::IntArrayRef numels, at::IntArrayRef member_counts, c10::string_view kernel,
-                                    int64_t max_items) {
+                                    int64_t max_items, int64_t per_thread) {
   TORCH_CHECK_VALUE(numels.size() == member_counts.size(), "_soft_couple_launch_plan: ", numels.size(), " numels but ",
                     member_counts.size(), " member counts");
   const Kernel kind = parse_kernel(std::string(kernel));
@@ -43,13 +44,16 @@ std::vector<at::Tensor> launch_plan(at::IntArrayRef numels, at::IntArrayRef memb
     spec.numel = numels[g];
     spec.coeffs = &coeffs[g];
     for (int64_t j = 0; j < member_counts[g]; ++j) spec.pointers.push_back(next_member++);
+    if (!coeffs[g].uniform && member_counts[g] > kMaxStaged) {  // as for_each_launch: a scratch copy's rows
+      for (int64_t j = 0; j < member_counts[g]; ++j) spec.scratch.push_back(-1 - spec.pointers[j]);
+    }
     specs.push_back(std::move(spec));
   }
   std::vector<at::Tensor> out;
   const auto as_long = [](const std::vector<int64_t>& v, std::vector<int64_t> shape) {
     return at::tensor(v, at::kLong).reshape(shape);
   };
-  for (const auto& launch : plan_launches(specs, max_items)) {
+  for (const auto& launch : plan_launches(specs, max_items, static_cast<int>(per_thread))) {
     out.push_back(as_long(launch.descs, {launch.n_groups, kFields}));
     out.push_back(as_long(launch.items, {launch.n_items(), 2}));
     out.push_back(as_long(launch.ptrs, {static_cast<int64_t>(launch.ptrs.size())}));
@@ -72,7 +76,7 @@ TORCH_LIBRARY_FRAGMENT(itconv_fast, m) {
   m.def(
       "soft_couple_(Tensor(a!)[] grads, int[] group_sizes, float lam, str kernel, "
       "float? bandwidth, int skip_first) -> ()");
-  m.def("_soft_couple_launch_plan(int[] numels, int[] member_counts, str kernel, int max_items) -> Tensor[]",
+  m.def("_soft_couple_launch_plan(int[] numels, int[] member_counts, str kernel, int max_items, int per_thread=4) -> Tensor[]",
         &launch_plan);
   m.def(
       "_soft_couple_aten_(Tensor(a!)[] grads, int[] group_sizes, float lam, str kernel, "

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -202,11 +203,12 @@ auto run_bound_for(cpu::Isa isa) -> void (*)(const BoundGroup&, int64_t, int64_t
 // 12-way on an Ice Lake, where 8 ways cost 84-106 us against 60-74 us with 12 for 10 congruent members.
 bool crowds_an_l1_set(const std::vector<void*>& ptrs) {
   const cpu::L1Cache& l1 = cpu::l1_cache();
-  const int64_t sets = l1.sets();
-  std::vector<int64_t> members_in_set(static_cast<size_t>(std::min<int64_t>(sets, 1 << 16)), 0);
+  // Counts per set on the stack (L1s have 64 sets, a page's worth, on every x86 we know of); the rare larger
+  // geometry folds onto 256 counters, which can only over-report crowding (the safe direction).
+  std::array<int32_t, 256> members_in_set{};
+  const auto sets = static_cast<uintptr_t>(std::min<int64_t>(l1.sets(), members_in_set.size()));
   for (const void* p : ptrs) {
-    const auto set = static_cast<size_t>((reinterpret_cast<uintptr_t>(p) / l1.line) % members_in_set.size());
-    if (++members_in_set[set] > l1.ways) return true;
+    if (++members_in_set[(reinterpret_cast<uintptr_t>(p) / l1.line) % sets] > l1.ways) return true;
   }
   return false;
 }

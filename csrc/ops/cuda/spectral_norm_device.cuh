@@ -1,4 +1,5 @@
-// Device code of the matrix-mode power iteration (the __global__ body and its block reduction), kept apart
+// Device code of the matrix-mode power iteration (the __global__ body and its block reduction; matrix b is
+// read through a table of B pointers, so a list of kernels needs no stacked copy), kept apart
 // from the launcher so that two builds execute it: spectral_norm_kernel.cu (nvcc) and csrc/emulation (the
 // CPU tests, under the CUDA shim). A fragment: it includes nothing and opens no namespace; its includer
 // provides ATen's OpMathType.h and spectral_norm.h (kNormEps) and includes it inside the op's namespace.
@@ -23,13 +24,13 @@ __device__ acc_t block_sum(acc_t value, acc_t* scratch) {
 }
 
 template <typename scalar_t>
-__global__ void power_iteration_matrix_kernel(const scalar_t* __restrict__ weight, scalar_t* __restrict__ u,
+__global__ void power_iteration_matrix_kernel(const int64_t* __restrict__ weight_ptrs, scalar_t* __restrict__ u,
                                               scalar_t* __restrict__ v, scalar_t* __restrict__ sigma, int64_t rows,
                                               int64_t cols, int64_t n_iter) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t scratch[kThreads / 32];
   const int64_t b = blockIdx.x;
-  const scalar_t* w = weight + b * rows * cols;
+  const scalar_t* w = reinterpret_cast<const scalar_t*>(weight_ptrs[b]);  // matrix b, read where it lies
   scalar_t* ub = u + b * rows;
   scalar_t* vb = v + b * cols;
   for (int64_t it = 0; it < n_iter; ++it) {
