@@ -182,12 +182,9 @@ def soft_couple_(
         return
     checked = _as_groups(groups)
     devices = list(dict.fromkeys(members[0].device for members in checked if members))
-    if len(devices) > 1:
-        # Several per-device calls need every group checked up front.
+    if len(devices) > 1 or not all(_extension.has_kernels_for(d) for d in devices):
+        # Several per-device calls, and the reference, need every group checked before anything is written.
         _check_groups(checked, skip_first)
-    served = [d for d in devices if _extension.has_kernels_for(d)]
-    if len(served) < len(devices):
-        _check_groups(checked, skip_first)  # everything checked before the reference writes anything
     # The op checks every group in C++ (naming it by its index here) before writing anything, and is
     # the identity for lam = 0.
     calls = [checked] if len(devices) <= 1 else [[m for m in checked if m and m[0].device == d] for d in devices]

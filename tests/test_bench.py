@@ -110,3 +110,17 @@ def test_bench_lipschitz_cli_reports_overheads_against_torch(tmp_path, monkeypat
     batched = rows["(c) BatchedSpectralNorm (matrix)"]
     assert batched["overhead_vs_torch"] == pytest.approx(batched["overhead_s"] / torch_over)
     assert "overhead" in result.output
+
+
+def test_a_fallback_run_is_labelled_as_the_reference_in_every_table(monkeypatch):
+    from itconv_fast import _extension
+
+    assert bench.label_backend("t") == ("t" if bench.ops.extension_loaded() else bench.label_backend("t"))
+    monkeypatch.setattr(_extension, "_loaded", False)
+    labelled = bench.label_backend("| fused | 1 ms |")
+    assert labelled.startswith("[BACKEND: pure-PyTorch reference") and labelled.endswith("| fused | 1 ms |")
+    report, table = bench.run_comparison({1: {"a": lambda: None, "b": lambda: None}}, label="toy", reference="a",
+                                         min_run_time=0.01, block_time=0.0, min_rounds=1, warmup=0)
+    assert table.startswith("[BACKEND: pure-PyTorch reference")
+    assert report["machine"]["backend"].startswith("pure-PyTorch reference")
+    assert "cpu_isa" in report["machine"] and "cuda_arch_list" in report["machine"]

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from itconv_fast import _extension, ops

@@ -18,8 +18,8 @@
 //   scratch:   the same for any n: the launcher copied the members to a scratch buffer (pointers after the
 //              members' in the table), so inputs and outputs no longer alias; outputs in register tiles
 //              of kTile, inputs read once per tile.
-// A group whose members are all aligned to kPerThread elements moves whole packs (16 bytes for float,
-// 2 x 16 for double, 8 for half and bfloat16) per load and store.
+// A group whose members are all aligned to kPerThread elements moves them in vector accesses (one of 16
+// bytes for float, two for double, one of 8 bytes for half and bfloat16) per load and store.
 // Every mix uses __fmul_rn / __fadd_rn (no FMA), in the reference's order: bit-exact.
 
 __device__ __forceinline__ float mul_rn(float x, float y) { return __fmul_rn(x, y); }
@@ -34,18 +34,30 @@ __device__ __forceinline__ double add_rn(double x, double y) { return __dadd_rn(
   type* name = reinterpret_cast<type*>(itconv_smem_raw)
 #endif
 
+// One vector access: 16 bytes (4 floats, 2 doubles) or, for 2-byte types, 8 bytes (4 halves). A thread's
+// kPerThread elements take kPerThread / kAccess of them (a 32-byte struct of 4 doubles went through a
+// stack frame: ptxas, benchmarks/NOTES.md).
 template <typename scalar_t>
-struct alignas(sizeof(scalar_t) * kPerThread) ElementPack {
-  scalar_t v[kPerThread];
+struct VectorAccess {
+  static constexpr int kElements = 16 / static_cast<int>(sizeof(scalar_t)) < kPerThread
+                                       ? 16 / static_cast<int>(sizeof(scalar_t)) : kPerThread;
+  struct alignas(sizeof(scalar_t) * kElements) Pack {
+    scalar_t v[kElements];
+  };
 };
 
-// This thread's `count` elements of one member, as acc_t; one pack access when aligned and whole.
+// This thread's `count` elements of one member, as acc_t (0 past count); vector accesses when aligned and
+// whole.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_elements(const scalar_t* p, int count, bool whole_pack, acc_t* out) {
+  using Access = VectorAccess<scalar_t>;
   if (whole_pack) {
-    const ElementPack<scalar_t> pack = *reinterpret_cast<const ElementPack<scalar_t>*>(p);
 #pragma unroll
-    for (int e = 0; e < kPerThread; ++e) out[e] = static_cast<acc_t>(pack.v[e]);
+    for (int s = 0; s < kPerThread; s += Access::kElements) {
+      const typename Access::Pack pack = *reinterpret_cast<const typename Access::Pack*>(p + s);
+#pragma unroll
+      for (int e = 0; e < Access::kElements; ++e) out[s + e] = static_cast<acc_t>(pack.v[e]);
+    }
   } else {
 #pragma unroll
     for (int e = 0; e < kPerThread; ++e) out[e] = e < count ? static_cast<acc_t>(p[e]) : acc_t(0);
@@ -54,13 +66,20 @@ __device__ __forceinline__ void load_elements(const scalar_t* p, int count, bool
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void store_elements(scalar_t* p, int count, bool whole_pack, const acc_t* values) {
+  using Access = VectorAccess<scalar_t>;
   if (whole_pack) {
-    ElementPack<scalar_t> pack;
 #pragma unroll
-    for (int e = 0; e < kPerThread; ++e) pack.v[e] = static_cast<scalar_t>(values[e]);
-    *reinterpret_cast<ElementPack<scalar_t>*>(p) = pack;
+    for (int s = 0; s < kPerThread; s += Access::kElements) {
+      typename Access::Pack pack;
+#pragma unroll
+      for (int e = 0; e < Access::kElements; ++e) pack.v[e] = static_cast<scalar_t>(values[s + e]);
+      *reinterpret_cast<typename Access::Pack*>(p + s) = pack;
+    }
   } else {
-    for (int e = 0; e < count; ++e) p[e] = static_cast<scalar_t>(values[e]);
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) {  // unrolled with a guard: values[] stays in registers
+      if (e < count) p[e] = static_cast<scalar_t>(values[e]);
+    }
   }
 }
 
