@@ -383,6 +383,29 @@ def run_analysis_benchmark(width=16, blocks=16, side=32, n=1000, extra_iteration
 # ---------------------------------------------------------------------------------------------
 
 
+def interleaved_step_times(cases: dict, device: str, min_run_time: float) -> tuple[dict, int]:
+    """Every case once for warm-up, then round after round one call of each case in turn (so that drift of a
+    shared machine hits all alike) until each had about min_run_time seconds, at least 3 rounds:
+    ({case: [seconds per round]}, rounds)."""
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    times = {name: [] for name in cases}
+    for fn in cases.values():
+        fn()
+    start, rounds = time.perf_counter(), 0
+    while rounds < 3 or time.perf_counter() - start < min_run_time * len(cases):
+        for name, fn in cases.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return times, rounds
+
+
 def train_step_cases(width=16, blocks=16, batch=128, device="cpu", lam=0.5, sn_mu=0.95, sn_mode="operator"):
     """One SGD step of ResNet-101-16 (forward, backward, coupling, step) with and without the regularisers."""
     from .coupling import GradientCoupler
@@ -420,21 +443,7 @@ def run_train_step_benchmark(width=16, blocks=16, batch=128, device="cpu", min_r
     import statistics
 
     cases = train_step_cases(width, blocks, batch, device, sn_mode=sn_mode)
-    times = {name: [] for name in cases}
-    for fn in cases.values():  # warm-up
-        fn()
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < 3 or time.perf_counter() - start < min_run_time * len(cases):
-        for name, fn in cases.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
-        rounds += 1
+    times, rounds = interleaved_step_times(cases, device, min_run_time)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     label = f"one training step, ResNet-{6 * blocks + 5}-{width}, batch {batch}"
     rows = [{"width": width, "case": name, "median_s": m, "rounds": rounds,
@@ -503,20 +512,7 @@ def run_lipschitz_benchmark(archs=("resnet18", "resnet50"), batch=8, size=128, d
     rows, tables, ratios = [], [], {}
     for arch in archs:
         fns = lipschitz_step_cases(arch, batch, size, device, cases)
-        times = {name: [] for name in fns}
-        for fn in fns.values():
-            fn()
-        start, rounds = time.perf_counter(), 0
-        while rounds < 3 or time.perf_counter() - start < min_run_time * len(fns):
-            for name, fn in fns.items():
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fn()
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t0)
-            rounds += 1
+        times, rounds = interleaved_step_times(fns, device, min_run_time)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         # Overheads paired round by round (case - plain of the same round), then the median: the drift of a
         # shared machine between rounds cancels, which a difference of two medians would keep.
