@@ -86,7 +86,8 @@ def test_bench_without_subcommand_writes_one_combined_report(tmp_path, monkeypat
     assert by[("train_step", "coupling", "plain_step")]["median_s"] == 1.01
     drop_in = by[("spectral_norm_drop_in", "batched_matrix", "torch_spectral_norm")]
     assert (drop_in["median_s"], drop_in["baseline_median_s"]) == (0.08, 0.2)  # overheads over the plain step
-    assert by[("spectral_norm_drop_in", "batched_operator", "torch_spectral_norm")]["speedup"] == pytest.approx(0.8)
+    # operator mode is a different quantity from torch's: not a row of the combined report
+    assert not any(r["variant"].endswith("operator") for r in report["results"] if r["op"] == "spectral_norm_drop_in")
     for r in report["results"]:
         assert r["speedup"] == pytest.approx(r["baseline_median_s"] / r["median_s"])
     text = md.read_text()

@@ -77,33 +77,58 @@ namespace emulated {
 // through the pointer table (here built on the host from the stacked tensor or, for the list form, from
 // each kernel where it lies).
 std::tuple<at::Tensor, at::Tensor> run_emulated(const std::vector<int64_t>& table, const at::Tensor& like, at::Tensor u,
-                                                int64_t B, int64_t rows, int64_t cols, int64_t n_iter) {
+                                                int64_t B, int64_t rows, int64_t cols, int64_t n_iter, bool multi_block) {
   at::Tensor uc = u.contiguous();
   at::Tensor v = at::empty({B, cols}, like.options());
   at::Tensor sigma = at::empty({B}, like.options());
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "power_iteration_matrix_emulated", [&] {
-    itconv_emulation::emulate_launch(static_cast<unsigned>(B), emulated::kThreads, 0, [&] {
-      emulated::power_iteration_matrix_kernel<scalar_t>(table.data(), uc.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                                        sigma.data_ptr<scalar_t>(), rows, cols, n_iter);
-    });
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* p = table.data();
+    scalar_t* ud = uc.data_ptr<scalar_t>();
+    scalar_t* vd = v.data_ptr<scalar_t>();
+    scalar_t* sd = sigma.data_ptr<scalar_t>();
+    if (!multi_block) {
+      itconv_emulation::emulate_launch(static_cast<unsigned>(B), emulated::kThreads, 0, [&] {
+        emulated::power_iteration_matrix_kernel<scalar_t>(p, ud, vd, sd, rows, cols, n_iter);
+      });
+      return;
+    }
+    const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+    std::vector<acc_t> partial(B * tiles * cols), tile_sq(B * tiles);
+    const auto grid_tiles = static_cast<unsigned>(B * tiles), grid_b = static_cast<unsigned>(B);
+    for (int64_t it = 0; it < n_iter; ++it) {  // the launcher's four launches per step, in order
+      itconv_emulation::emulate_launch(grid_tiles, emulated::kThreads, 0, [&] {
+        emulated::matrix_tiles_wtu_kernel<scalar_t>(p, ud, partial.data(), rows, cols, tiles);
+      });
+      itconv_emulation::emulate_launch(grid_b, emulated::kThreads, 0, [&] {
+        emulated::matrix_finish_v_kernel<scalar_t>(partial.data(), vd, cols, tiles);
+      });
+      itconv_emulation::emulate_launch(grid_tiles, emulated::kThreads, 0, [&] {
+        emulated::matrix_tiles_wv_kernel<scalar_t>(p, vd, ud, tile_sq.data(), rows, cols, tiles);
+      });
+      itconv_emulation::emulate_launch(grid_b, emulated::kThreads, 0, [&] {
+        emulated::matrix_finish_u_kernel<scalar_t>(tile_sq.data(), ud, sd, rows, tiles);
+      });
+    }
   });
   if (!uc.is_same(u)) u.copy_(uc);
   return {v, sigma};
 }
 
+// multi_block: None follows the CUDA launcher's choice (use_multi_block), True / False forces a path.
 std::tuple<at::Tensor, at::Tensor> power_iteration_matrix_emulated(const at::Tensor& weight, at::Tensor u,
-                                                                   int64_t n_iter) {
+                                                                   int64_t n_iter, c10::optional<bool> multi_block) {
   const auto [B, rows, cols] = check_matrix(weight, u, n_iter);
   const at::Tensor w = weight.contiguous();
   std::vector<int64_t> table(B);
   for (int64_t b = 0; b < B; ++b) {
     table[b] = reinterpret_cast<int64_t>(w.data_ptr()) + b * rows * cols * static_cast<int64_t>(w.element_size());
   }
-  return run_emulated(table, w, u, B, rows, cols, n_iter);
+  return run_emulated(table, w, u, B, rows, cols, n_iter, multi_block.value_or(use_multi_block(rows, cols)));
 }
 
 std::tuple<at::Tensor, at::Tensor> power_iteration_matrix_list_emulated(std::vector<at::Tensor> weights, at::Tensor u,
-                                                                        int64_t n_iter) {
+                                                                        int64_t n_iter, c10::optional<bool> multi_block) {
   const auto shape = check_kernel_list(weights, "power_iteration_matrix_");
   const int64_t B = shape[0], rows = shape[1], cols = shape[2] * shape[3] * shape[4];
   check_matrix(weights[0].unsqueeze(0).expand(shape), u, n_iter);
@@ -113,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> power_iteration_matrix_list_emulated(std::vec
     kernels.push_back(w.contiguous());
     table.push_back(reinterpret_cast<int64_t>(kernels.back().data_ptr()));
   }
-  return run_emulated(table, weights[0], u, B, rows, cols, n_iter);
+  return run_emulated(table, weights[0], u, B, rows, cols, n_iter, multi_block.value_or(use_multi_block(rows, cols)));
 }
 
 }  // namespace spectral
@@ -128,10 +153,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("per_thread") = itconv_fast::soft_couple::kPerThread);
   m.def("power_iteration_matrix_", &itconv_fast::spectral::power_iteration_matrix_emulated,
         "power_iteration_matrix_ through the emulated CUDA kernel", pybind11::arg("weight"), pybind11::arg("u"),
-        pybind11::arg("n_iter"));
+        pybind11::arg("n_iter"), pybind11::arg("multi_block") = c10::optional<bool>());
   m.def("power_iteration_matrix_list_", &itconv_fast::spectral::power_iteration_matrix_list_emulated,
         "power_iteration_matrix_.list through the emulated CUDA kernel (read through the pointer table)",
-        pybind11::arg("weights"), pybind11::arg("u"), pybind11::arg("n_iter"));
+        pybind11::arg("weights"), pybind11::arg("u"), pybind11::arg("n_iter"),
+        pybind11::arg("multi_block") = c10::optional<bool>());
   m.def("emulate_syncthreads_deadlock", [] {
     // A barrier reached by half the block only: the shim must report it, not hang.
     itconv_emulation::emulate_launch(1, 64, 0, [] {

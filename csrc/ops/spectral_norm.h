@@ -12,6 +12,16 @@ namespace spectral {
 // Below this norm a vector is left as it is rather than divided by (almost) zero.
 constexpr double kNormEps = 1e-12;
 
+// The CUDA matrix power iteration runs one block per matrix, or, for matrices of at least
+// kMultiBlockMinElements elements (1 MiB of float) and more than one tile of rows, several blocks per matrix
+// in tiles of kTileRows rows (spectral_norm_device.cuh).
+constexpr int64_t kTileRows = 64;
+constexpr int64_t kMultiBlockMinElements = int64_t{1} << 18;
+
+inline bool use_multi_block(int64_t rows, int64_t cols) {
+  return rows > kTileRows && rows * cols >= kMultiBlockMinElements;
+}
+
 inline void check_common(const at::Tensor& weight, const at::Tensor& u, int64_t n_iter, const char* op) {
   TORCH_CHECK_VALUE(weight.dim() == 5, op, ": weight must be 5-D [B, C_out, C_in, kh, kw], got ", weight.dim(), "-D");
   TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, op,

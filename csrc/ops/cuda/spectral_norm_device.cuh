@@ -65,3 +65,90 @@ __global__ void power_iteration_matrix_kernel(const int64_t* __restrict__ weight
     __syncthreads();
   }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// The same step for large matrices, several blocks per matrix (one block per matrix keeps B of an H100's
+// 132 SMs busy: at width 64, stage 3's 2.36 MB per matrix streams through one SM; benchmarks/NOTES.md).
+// Four launches per step, each deterministic (partial sums combined in tile order, never atomically):
+//   1. tiles_wtu (B x tiles blocks): partial[b, tile, k] = sum over the tile's rows o of W[o, k] u[o];
+//   2. finish_v  (B blocks):         v = sum of the partials in tile order, then normalised;
+//   3. tiles_wv  (B x tiles blocks): u[o] = W[o, :] . v for the tile's rows (one warp per row), and the
+//                                    tile's sum of squares;
+//   4. finish_u  (B blocks):         sigma = sqrt(sum of the tiles' squares, in order), u /= sigma.
+// Block index = b * tiles + tile (a 1-D grid), tiles of kTileRows rows (spectral_norm.h). acc_t partials
+// live in scratch buffers of the launcher.
+
+template <typename scalar_t>
+__global__ void matrix_tiles_wtu_kernel(const int64_t* __restrict__ weight_ptrs, const scalar_t* __restrict__ u,
+                                        at::opmath_type<scalar_t>* __restrict__ partial, int64_t rows, int64_t cols,
+                                        int64_t tiles) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t b = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+  const scalar_t* w = reinterpret_cast<const scalar_t*>(weight_ptrs[b]);
+  const scalar_t* ub = u + b * rows;
+  const int64_t o0 = tile * kTileRows, o1 = o0 + kTileRows < rows ? o0 + kTileRows : rows;
+  acc_t* out = partial + (b * tiles + tile) * cols;
+  for (int64_t k = threadIdx.x; k < cols; k += kThreads) {
+    acc_t acc = 0;
+    for (int64_t o = o0; o < o1; ++o) acc += static_cast<acc_t>(w[o * cols + k]) * static_cast<acc_t>(ub[o]);
+    out[k] = acc;
+  }
+}
+
+template <typename scalar_t>
+__global__ void matrix_finish_v_kernel(const at::opmath_type<scalar_t>* __restrict__ partial,
+                                       scalar_t* __restrict__ v, int64_t cols, int64_t tiles) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t scratch[kThreads / 32];
+  const int64_t b = blockIdx.x;
+  scalar_t* vb = v + b * cols;
+  acc_t local = 0;
+  for (int64_t k = threadIdx.x; k < cols; k += kThreads) {
+    acc_t acc = 0;
+    for (int64_t t = 0; t < tiles; ++t) acc += partial[(b * tiles + t) * cols + k];
+    vb[k] = static_cast<scalar_t>(acc);
+    local += acc * acc;
+  }
+  const acc_t vnorm = max(sqrt(block_sum(local, scratch)), static_cast<acc_t>(kNormEps));
+  for (int64_t k = threadIdx.x; k < cols; k += kThreads) vb[k] = static_cast<scalar_t>(static_cast<acc_t>(vb[k]) / vnorm);
+}
+
+template <typename scalar_t>
+__global__ void matrix_tiles_wv_kernel(const int64_t* __restrict__ weight_ptrs, const scalar_t* __restrict__ v,
+                                       scalar_t* __restrict__ u, at::opmath_type<scalar_t>* __restrict__ tile_sq,
+                                       int64_t rows, int64_t cols, int64_t tiles) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t scratch[kThreads / 32];
+  const int64_t b = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+  const scalar_t* w = reinterpret_cast<const scalar_t*>(weight_ptrs[b]);
+  const scalar_t* vb = v + b * cols;
+  scalar_t* ub = u + b * rows;
+  const int64_t o0 = tile * kTileRows, o1 = o0 + kTileRows < rows ? o0 + kTileRows : rows;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  acc_t row_sq = 0;
+  for (int64_t o = o0 + warp; o < o1; o += kThreads / 32) {
+    acc_t dot = 0;
+    for (int64_t k = lane; k < cols; k += 32) dot += static_cast<acc_t>(w[o * cols + k]) * static_cast<acc_t>(vb[k]);
+    for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_down_sync(0xffffffff, dot, offset);
+    if (lane == 0) {
+      ub[o] = static_cast<scalar_t>(dot);
+      row_sq += dot * dot;
+    }
+  }
+  const acc_t total = block_sum(row_sq, scratch);
+  if (threadIdx.x == 0) tile_sq[b * tiles + tile] = total;
+}
+
+template <typename scalar_t>
+__global__ void matrix_finish_u_kernel(const at::opmath_type<scalar_t>* __restrict__ tile_sq, scalar_t* __restrict__ u,
+                                       scalar_t* __restrict__ sigma, int64_t rows, int64_t tiles) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t b = blockIdx.x;
+  acc_t total = 0;
+  for (int64_t t = 0; t < tiles; ++t) total += tile_sq[b * tiles + t];  // every thread, the same order
+  const acc_t wv_norm = sqrt(total);
+  const acc_t unorm = max(wv_norm, static_cast<acc_t>(kNormEps));
+  scalar_t* ub = u + b * rows;
+  for (int64_t o = threadIdx.x; o < rows; o += kThreads) ub[o] = static_cast<scalar_t>(static_cast<acc_t>(ub[o]) / unorm);
+  if (threadIdx.x == 0) sigma[b] = static_cast<scalar_t>(wv_norm);
+}

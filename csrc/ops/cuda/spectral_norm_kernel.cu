@@ -1,6 +1,7 @@
-// CUDA kernel of the matrix-mode power iteration: one launch runs all n_iter steps for all B
-// matrices, one thread block per matrix (v = W^T u with coalesced column sweeps, u = W v with one
-// warp per row, norms by block reduction). v lives in the returned tensor, u is updated in place.
+// CUDA launcher of the matrix-mode power iteration: one launch runs all n_iter steps for all B matrices,
+// one thread block per matrix (v = W^T u with coalesced column sweeps, u = W v with one warp per row,
+// norms by block reduction); large matrices take four tiled launches per step, several blocks per matrix.
+// v lives in the returned tensor, u is updated in place. The device code is spectral_norm_device.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,17 +21,40 @@ namespace {
 
 #include "spectral_norm_device.cuh"
 
-// Runs the kernel on B contiguous [rows, cols] matrices whose addresses are in `ptrs` (a device tensor).
+// Runs the power iteration on B contiguous [rows, cols] matrices whose addresses are in `ptrs` (a device
+// tensor): one block per matrix, or the four tiled launches per step for large matrices (use_multi_block).
 std::tuple<at::Tensor, at::Tensor> run_matrix_kernel(const at::Tensor& ptrs, const at::Tensor& like, at::Tensor& u,
                                                      int64_t B, int64_t rows, int64_t cols, int64_t n_iter) {
   at::Tensor uc = u.contiguous();
   at::Tensor v = at::empty({B, cols}, like.options());
   at::Tensor sigma = at::empty({B}, like.options());
+  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "power_iteration_matrix_cuda", [&] {
-    power_iteration_matrix_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        ptrs.data_ptr<int64_t>(), uc.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(), rows,
-        cols, n_iter);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* p = ptrs.data_ptr<int64_t>();
+    scalar_t* ud = uc.data_ptr<scalar_t>();
+    scalar_t* vd = v.data_ptr<scalar_t>();
+    if (!use_multi_block(rows, cols)) {
+      power_iteration_matrix_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+          p, ud, vd, sigma.data_ptr<scalar_t>(), rows, cols, n_iter);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+    const auto acc_options = like.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor partial = at::empty({B * tiles * cols}, acc_options);
+    at::Tensor tile_sq = at::empty({B * tiles}, acc_options);
+    const auto grid_tiles = static_cast<unsigned>(B * tiles), grid_b = static_cast<unsigned>(B);
+    for (int64_t it = 0; it < n_iter; ++it) {
+      matrix_tiles_wtu_kernel<scalar_t><<<grid_tiles, kThreads, 0, stream>>>(p, ud, partial.data_ptr<acc_t>(), rows,
+                                                                            cols, tiles);
+      matrix_finish_v_kernel<scalar_t><<<grid_b, kThreads, 0, stream>>>(partial.data_ptr<acc_t>(), vd, cols, tiles);
+      matrix_tiles_wv_kernel<scalar_t><<<grid_tiles, kThreads, 0, stream>>>(p, vd, ud, tile_sq.data_ptr<acc_t>(), rows,
+                                                                           cols, tiles);
+      matrix_finish_u_kernel<scalar_t><<<grid_b, kThreads, 0, stream>>>(tile_sq.data_ptr<acc_t>(), ud,
+                                                                       sigma.data_ptr<scalar_t>(), rows, tiles);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   if (!uc.is_same(u)) u.copy_(uc);
   return {v, sigma};
