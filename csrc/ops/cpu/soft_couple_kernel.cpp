@@ -199,8 +199,9 @@ auto run_bound_for(cpu::Isa isa) -> void (*)(const BoundGroup&, int64_t, int64_t
 // worth of sets or fewer. The register path must keep all T lines of a step in L1 until it stores them;
 // for such groups it ran at half speed (16 congruent members of 36,864 floats, one thread: 103 us against
 // 44 us spread out), while the block path, which reads one member's block at a time, takes 62 us. The
-// geometry is this machine's (cpu_features.h): 32 KiB 8-way on the Zen 4 the figures come from, 48 KiB
-// 12-way on an Ice Lake, where 8 ways cost 84-106 us against 60-74 us with 12 for 10 congruent members.
+// geometry is this machine's (cpu_features.h): 32 KiB 8-way on the Zen 4 the figures come from; on a 48 KiB
+// 12-way Ice Lake, issue 15 reports 84-106 us with 8 ways assumed against 60-74 us with 12 (10 congruent
+// members). Here, pretending 12 ways costs 1.34x (benchmarks/NOTES.md).
 bool crowds_an_l1_set(const std::vector<void*>& ptrs) {
   const cpu::L1Cache& l1 = cpu::l1_cache();
   // Counts per set on the stack (L1s have 64 sets, a page's worth, on every x86 we know of); the rare larger
