@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(VENV)/bin/itconv-fast bench spectral --out benchmarks/results/spectral-cpu-2core.json
 	$(VENV)/bin/itconv-fast bench indices --out benchmarks/results/indices-cpu-2core.json
 	$(VENV)/bin/itconv-fast bench train-step --out benchmarks/results/train-step-cpu-2core.json
+	$(VENV)/bin/itconv-fast bench lipschitz --min-run-time 8 --out benchmarks/results/lipschitz-cpu-2core.json
 
 # On a machine with a GPU: the CUDA tests, the benchmarks on the GPU and the kernels' ptxas usage, written to
 # one JSON file to send back (benchmarks/gpu_check.py).
