@@ -484,7 +484,7 @@ def lipschitz_step_cases(arch="resnet18", batch=8, size=128, device="cpu", cases
                 torch.nn.utils.parametrizations.spectral_norm(m)
         elif case.startswith("(b)"):
             for n, m in layers:
-                inn.spectral_norm(m, mode=mode, name=n, input_size=None)
+                inn.spectral_norm(m, mode=mode, name=n)
         elif case.startswith("(c)"):
             inn.BatchedSpectralNorm(model, mode=mode)
         if case != "plain":  # operator mode learns the input sizes here; the groups form after it

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import _extension, _reference
+from .ops import gram_bound_nd
 
 __all__ = ["MODES", "SpectralNorm", "spectral_norm", "BatchedSpectralNorm", "supported_layer", "layer_geometry",
            "gram_bound_nd"]
@@ -228,38 +229,7 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Gram bound in any number of spatial dimensions.
-
-
-def gram_bound_nd(weight: torch.Tensor, n_iter: int = 4) -> torch.Tensor:
-    """Certified bound on each zero-padded convolution's norm, for every input size: weight
-    [B, C_out, C_in, *kernel] with 0-3 spatial dimensions (0: matrices). The n-D form of
-    `itconv_fast.ops.gram_spectral_bound` (same algorithm: the Gram kernel formed by FFT at full linear size)."""
-    nd = weight.dim() - 3
-    g = weight if weight.shape[1] >= weight.shape[2] else weight.transpose(1, 2)
-    log_scale = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
-    dims = tuple(range(-nd, 0))
-    for _ in range(n_iter):
-        if nd == 0:  # matrices: the Gram matrix itself (no FFT; size-1 FFTs also trip inductor)
-            norm = g.flatten(1).norm(dim=1).clamp_min(_NORM_EPS)
-            g = g / norm.view(-1, 1, 1)
-            log_scale = 2 * (log_scale + norm.log())
-            g = g @ g.transpose(1, 2)
-            continue
-        b, co, ci = g.shape[:3]
-        ks = tuple(g.shape[3:])
-        norm = g.reshape(b, -1).norm(dim=1).clamp_min(_NORM_EPS)
-        g = g / norm.view((-1,) + (1,) * (g.dim() - 1))
-        log_scale = 2 * (log_scale + norm.log())
-        full = tuple(2 * k - 1 for k in ks)
-        f = torch.fft.rfftn(g, s=full, dim=dims).reshape(b, co, ci, -1)
-        spectrum = tuple(full[:-1]) + (full[-1] // 2 + 1,)
-        gram = torch.einsum("boif,bpif->bopf", f, f.conj()).reshape((b, co, co) + spectrum)
-        g = torch.roll(torch.fft.irfftn(gram, s=full, dim=dims), shifts=tuple(k - 1 for k in ks), dims=dims)
-        g = g.transpose(1, 2)
-    power = 2.0 ** (-n_iter)
-    row_sums = g.abs().sum(dim=tuple(range(2, g.dim())))
-    return (row_sums.pow(power) * torch.exp(log_scale * power).unsqueeze(1)).amax(dim=1)
+# Gram bound of a layer (gram_bound_nd, in ops, does the arithmetic).
 
 
 def _dilate(kernel: torch.Tensor, dilation: tuple) -> torch.Tensor:

@@ -367,21 +367,36 @@ def gram_spectral_bound(weight: torch.Tensor, n_iter: int = 6) -> torch.Tensor:
     kernel doubles in size each step: a direct conv costs C^3 k^4, the FFT route C^3 k^2. Batched over B,
     differentiable (autograd through the FFTs).
     """
-    B, c_out, c_in = weight.shape[:3]
-    g = weight if c_out >= c_in else weight.transpose(1, 2)  # |W| = |W^T|; work with the wider side out
-    log_scale = torch.zeros(B, dtype=weight.dtype, device=weight.device)
+    return gram_bound_nd(weight, n_iter)
+
+
+def gram_bound_nd(weight: torch.Tensor, n_iter: int = 4) -> torch.Tensor:
+    """gram_spectral_bound for kernels with 0-3 spatial dimensions: weight [B, C_out, C_in, *kernel]
+    (0: matrices, whose Gram matrix is formed directly). Certified for every input size."""
+    nd = weight.dim() - 3
+    g = weight if weight.shape[1] >= weight.shape[2] else weight.transpose(1, 2)
+    log_scale = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
+    dims = tuple(range(-nd, 0))
     for _ in range(n_iter):
-        b, co, ci, kh, kw = g.shape
+        if nd == 0:  # matrices: the Gram matrix itself (no FFT; size-1 FFTs also trip inductor)
+            norm = g.flatten(1).norm(dim=1).clamp_min(_reference._NORM_EPS)
+            g = g / norm.view(-1, 1, 1)
+            log_scale = 2 * (log_scale + norm.log())
+            g = g @ g.transpose(1, 2)
+            continue
+        b, co, ci = g.shape[:3]
+        ks = tuple(g.shape[3:])
         norm = g.reshape(b, -1).norm(dim=1).clamp_min(_reference._NORM_EPS)
-        g = g / norm.view(-1, 1, 1, 1, 1)
+        g = g / norm.view((-1,) + (1,) * (g.dim() - 1))
         log_scale = 2 * (log_scale + norm.log())
-        nh, nw = 2 * kh - 1, 2 * kw - 1
-        f = torch.fft.rfft2(g, s=(nh, nw)).reshape(b, co, ci, -1)
-        gram = torch.einsum("boif,bpif->bopf", f, f.conj()).reshape(b, co, co, nh, nw // 2 + 1)
-        # Circular lags -> a centred kernel; transposed to the orientation of the direct correlation.
-        g = torch.roll(torch.fft.irfft2(gram, s=(nh, nw)), shifts=(kh - 1, kw - 1), dims=(-2, -1)).transpose(1, 2)
+        full = tuple(2 * k - 1 for k in ks)
+        f = torch.fft.rfftn(g, s=full, dim=dims).reshape(b, co, ci, -1)
+        spectrum = tuple(full[:-1]) + (full[-1] // 2 + 1,)
+        gram = torch.einsum("boif,bpif->bopf", f, f.conj()).reshape((b, co, co) + spectrum)
+        g = torch.roll(torch.fft.irfftn(gram, s=full, dim=dims), shifts=tuple(k - 1 for k in ks), dims=dims)
+        g = g.transpose(1, 2)
     power = 2.0 ** (-n_iter)
-    row_sums = g.abs().sum(dim=(2, 3, 4))  # [B, C]
+    row_sums = g.abs().sum(dim=tuple(range(2, g.dim())))
     return (row_sums.pow(power) * torch.exp(log_scale * power).unsqueeze(1)).amax(dim=1)
 
 

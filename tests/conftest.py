@@ -1,3 +1,5 @@
+import socket
+
 import pytest
 import torch
 
@@ -28,3 +30,10 @@ def path(request, monkeypatch):
         monkeypatch.setattr(_extension, "_loaded", False)
         monkeypatch.setattr(_extension, "_quiet", True)
     return request.param
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for the DDP tests' process groups)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

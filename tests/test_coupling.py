@@ -2,7 +2,6 @@
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import free_port
 from itconv_fast import GradientCoupler, groups_from_blocks
 
 
@@ -152,12 +152,6 @@ def test_gradient_accumulation_matches_full_batch():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, state, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -185,7 +179,7 @@ def _ddp_worker(rank, world, port, state, result_dir):
 def test_ddp_ranks_stay_identical(tmp_path):
     torch.manual_seed(0)
     state = ToyResNet(T=3, recurrent_init=False).state_dict()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), state, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), state, str(tmp_path)), nprocs=2, join=True)
     s0, s1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for name in s0:
         if "running" in name or "num_batches" in name:

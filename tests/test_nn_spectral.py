@@ -3,7 +3,6 @@
 import io
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.utils import parametrize
 
+from conftest import free_port
 from itconv_fast import _extension, lipschitz_report
 from itconv_fast import nn as inn
 from itconv_fast.lipschitz import circular_exact_sigmas
@@ -428,12 +428,6 @@ def test_torch_compile_fullgraph_training_step(mode):
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-3, atol=1e-5, msg=n)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, state, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -460,7 +454,7 @@ def _ddp_worker(rank, world, port, state, result_dir):
 def test_ddp_ranks_stay_identical(tmp_path):
     torch.manual_seed(18)
     state = SmallNet().state_dict()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), state, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), state, str(tmp_path)), nprocs=2, join=True)
     s0, s1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert any(k.endswith("._u") for k in s0)
     for name in s0:

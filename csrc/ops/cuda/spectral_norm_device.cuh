@@ -23,6 +23,34 @@ __device__ acc_t block_sum(acc_t value, acc_t* scratch) {
   return total;
 }
 
+// (W^T u)[k] over rows [o0, o1): one column's dot product, rows in order.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+__device__ __forceinline__ acc_t column_dot(const scalar_t* w, const scalar_t* ub, int64_t k, int64_t o0, int64_t o1,
+                                            int64_t cols) {
+  acc_t acc = 0;
+  for (int64_t o = o0; o < o1; ++o) acc += static_cast<acc_t>(w[o * cols + k]) * static_cast<acc_t>(ub[o]);
+  return acc;
+}
+
+// u[o] = W[o, :] . v for rows [o0, o1), one warp per row (lanes over columns, a shuffle reduction);
+// returns the sum of the rows' squares this thread saw (lane 0 of each warp; 0 elsewhere).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+__device__ __forceinline__ acc_t rows_times_v(const scalar_t* w, const scalar_t* vb, scalar_t* ub, int64_t o0,
+                                              int64_t o1, int64_t cols) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  acc_t row_sq = 0;
+  for (int64_t o = o0 + warp; o < o1; o += kThreads / 32) {
+    acc_t dot = 0;
+    for (int64_t k = lane; k < cols; k += 32) dot += static_cast<acc_t>(w[o * cols + k]) * static_cast<acc_t>(vb[k]);
+    for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_down_sync(0xffffffff, dot, offset);
+    if (lane == 0) {
+      ub[o] = static_cast<scalar_t>(dot);
+      row_sq += dot * dot;
+    }
+  }
+  return row_sq;
+}
+
 template <typename scalar_t>
 __global__ void power_iteration_matrix_kernel(const int64_t* __restrict__ weight_ptrs, scalar_t* __restrict__ u,
                                               scalar_t* __restrict__ v, scalar_t* __restrict__ sigma, int64_t rows,
@@ -37,8 +65,7 @@ __global__ void power_iteration_matrix_kernel(const int64_t* __restrict__ weight
     // v = W^T u (unnormalised), each thread a set of columns.
     acc_t local = 0;
     for (int64_t k = threadIdx.x; k < cols; k += kThreads) {
-      acc_t acc = 0;
-      for (int64_t o = 0; o < rows; ++o) acc += static_cast<acc_t>(w[o * cols + k]) * static_cast<acc_t>(ub[o]);
+      const acc_t acc = column_dot(w, ub, k, 0, rows, cols);
       vb[k] = static_cast<scalar_t>(acc);
       local += acc * acc;
     }
@@ -46,17 +73,7 @@ __global__ void power_iteration_matrix_kernel(const int64_t* __restrict__ weight
     for (int64_t k = threadIdx.x; k < cols; k += kThreads) vb[k] = static_cast<scalar_t>(static_cast<acc_t>(vb[k]) / vnorm);
     __syncthreads();
     // u = W v (unnormalised), one warp per row.
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    acc_t row_sq = 0;
-    for (int64_t o = warp; o < rows; o += kThreads / 32) {
-      acc_t dot = 0;
-      for (int64_t k = lane; k < cols; k += 32) dot += static_cast<acc_t>(w[o * cols + k]) * static_cast<acc_t>(vb[k]);
-      for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_down_sync(0xffffffff, dot, offset);
-      if (lane == 0) {
-        ub[o] = static_cast<scalar_t>(dot);
-        row_sq += dot * dot;
-      }
-    }
+    const acc_t row_sq = rows_times_v(w, vb, ub, 0, rows, cols);
     __syncthreads();
     const acc_t wv_norm = sqrt(block_sum(row_sq, scratch));  // = sigma = <u_new, W v>
     const acc_t unorm = max(wv_norm, static_cast<acc_t>(kNormEps));
@@ -88,11 +105,7 @@ __global__ void matrix_tiles_wtu_kernel(const int64_t* __restrict__ weight_ptrs,
   const scalar_t* ub = u + b * rows;
   const int64_t o0 = tile * kTileRows, o1 = o0 + kTileRows < rows ? o0 + kTileRows : rows;
   acc_t* out = partial + (b * tiles + tile) * cols;
-  for (int64_t k = threadIdx.x; k < cols; k += kThreads) {
-    acc_t acc = 0;
-    for (int64_t o = o0; o < o1; ++o) acc += static_cast<acc_t>(w[o * cols + k]) * static_cast<acc_t>(ub[o]);
-    out[k] = acc;
-  }
+  for (int64_t k = threadIdx.x; k < cols; k += kThreads) out[k] = column_dot(w, ub, k, o0, o1, cols);
 }
 
 template <typename scalar_t>
@@ -124,18 +137,7 @@ __global__ void matrix_tiles_wv_kernel(const int64_t* __restrict__ weight_ptrs, 
   const scalar_t* vb = v + b * cols;
   scalar_t* ub = u + b * rows;
   const int64_t o0 = tile * kTileRows, o1 = o0 + kTileRows < rows ? o0 + kTileRows : rows;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  acc_t row_sq = 0;
-  for (int64_t o = o0 + warp; o < o1; o += kThreads / 32) {
-    acc_t dot = 0;
-    for (int64_t k = lane; k < cols; k += 32) dot += static_cast<acc_t>(w[o * cols + k]) * static_cast<acc_t>(vb[k]);
-    for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_down_sync(0xffffffff, dot, offset);
-    if (lane == 0) {
-      ub[o] = static_cast<scalar_t>(dot);
-      row_sq += dot * dot;
-    }
-  }
-  const acc_t total = block_sum(row_sq, scratch);
+  const acc_t total = block_sum(rows_times_v(w, vb, ub, o0, o1, cols), scratch);
   if (threadIdx.x == 0) tile_sq[b * tiles + tile] = total;
 }
 
