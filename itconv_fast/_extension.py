@@ -12,10 +12,11 @@ _reason = "not loaded yet"
 _warned: set = set()  # the ops that have warned about their fallback (one warning per op)
 _quiet = False  # the test suite's switch for the fallback warnings
 soft_couple_groups = None  # the extension's unboxed call of torch.ops.itconv_fast.soft_couple_
+_build: dict = {}  # the loaded extension's build record (torch=..., cuda=0/1, cuda_arch_list=...)
 
 
 def _load() -> None:
-    global _loaded, _reason, soft_couple_groups
+    global _loaded, _reason, soft_couple_groups, _build
     try:
         module = importlib.import_module("itconv_fast._C")
     except ImportError as exc:  # no build, or built against another torch (undefined symbols)
@@ -31,6 +32,7 @@ def _load() -> None:
         return
     _loaded = True
     _reason = ""
+    _build = built
     soft_couple_groups = module.soft_couple_groups
 
 
@@ -43,9 +45,7 @@ def loaded() -> bool:
 
 def build_info() -> dict:
     """The extension's build record (torch version, cuda=0/1, cuda_arch_list), {} when not loaded."""
-    if not _loaded:
-        return {}
-    return dict(item.split("=", 1) for item in torch.ops.itconv_fast._build_info().split(";"))
+    return dict(_build) if _loaded else {}
 
 
 def cpu_info() -> dict:
@@ -61,7 +61,7 @@ def cpu_info() -> dict:
 
 def cuda_compiled() -> bool:
     """Whether the loaded extension carries CUDA kernels."""
-    return _loaded and "cuda=1" in torch.ops.itconv_fast._build_info()
+    return _loaded and _build.get("cuda") == "1"  # read once at load: ops consult it per call
 
 
 def has_kernels_for(device) -> bool:
