@@ -625,9 +625,14 @@ def lipschitz(source, power_iterations, gram_iterations, no_gram, json_out, mark
     `example_input()`; it runs as Python, so only pass scripts you trust (checkpoints are read with
     weights_only=True). Prints matrix, operator, Gram-bound and (circular padding) exact sigma per layer.
     """
-    from itconv_fast.lipschitz import lipschitz_report
+    from itconv_fast.lipschitz import ModelScriptError, lipschitz_report, load_model_source
 
-    model, example = _lipschitz_source(source)
+    try:
+        model, example = load_model_source(source)
+    except ModelScriptError as exc:  # the user's script failed
+        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:  # not a usable script or checkpoint (CheckpointError included)
+        raise click.BadParameter(str(exc), param_hint="SOURCE") from None
     report = lipschitz_report(model, example, power_iterations=power_iterations, gram_iterations=gram_iterations,
                               gram=not no_gram)
     click.echo(report.to_markdown() if markdown else report.table())
@@ -635,42 +640,6 @@ def lipschitz(source, power_iterations, gram_iterations, no_gram, json_out, mark
         from itconv_fast.checkpoint import atomic_write_json
 
         atomic_write_json(json_out, report.to_dict())
-
-
-def _lipschitz_source(source: str):
-    """(model, example input) from a checkpoint or a script; errors name the file."""
-    if source.endswith(".py") and os.path.isfile(source):
-        import runpy
-
-        try:
-            namespace = runpy.run_path(source, run_name="__itconv_lipschitz__")
-        except Exception as exc:  # the user's script failed: one line naming it
-            raise click.ClickException(f"{source}: the script raised {type(exc).__name__}: {exc}") from None
-        model = namespace.get("model")
-        if model is None and callable(namespace.get("build_model")):
-            model = namespace["build_model"]()
-        example = namespace.get("example_input")
-        if callable(example):
-            example = example()
-        if not isinstance(model, torch.nn.Module):
-            raise click.BadParameter(f"{source} defines neither `model` (an nn.Module) nor `build_model()`",
-                                     param_hint="SOURCE")
-        if not isinstance(example, (torch.Tensor, tuple, list)):
-            raise click.BadParameter(f"{source} defines no `example_input` (a tensor, or a function returning one)",
-                                     param_hint="SOURCE")
-        return model, example
-    from itconv_fast.checkpoint import CheckpointError
-    from itconv_fast.models import load_checkpoint
-
-    path = os.path.join(source, "checkpoint.pt") if os.path.isdir(source) else source
-    if not os.path.isfile(path):
-        raise click.BadParameter(f"no checkpoint.pt in {source}", param_hint="SOURCE")
-    try:
-        model = load_checkpoint(path)
-    except CheckpointError as exc:
-        raise click.BadParameter(str(exc), param_hint="SOURCE") from None
-    cfg = model.config
-    return model, torch.zeros(1, cfg["in_channels"], cfg["input_size"], cfg["input_size"])
 
 
 if __name__ == "__main__":

@@ -525,6 +525,11 @@ def test_lipschitz_cli_on_a_script_and_on_bad_input(tmp_path):
     broken.write_text("raise ValueError('boom')\n")
     result = CliRunner().invoke(main, ["lipschitz", str(broken)])
     assert result.exit_code == 1 and "broken.py: the script raised ValueError: boom" in result.output
+    failing = tmp_path / "failing.py"
+    failing.write_text("def build_model():\n    raise RuntimeError('no weights')\n")
+    result = CliRunner().invoke(main, ["lipschitz", str(failing)])
+    assert result.exit_code == 1 and "failing.py: the script raised RuntimeError: no weights" in result.output
+    assert "Traceback" not in result.output
     empty = tmp_path / "empty.py"
     empty.write_text("x = 1\n")
     result = CliRunner().invoke(main, ["lipschitz", str(empty)])
