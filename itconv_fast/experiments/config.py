@@ -218,7 +218,7 @@ def config_to_yaml(config: TrainConfig) -> str:
 
 def write_config_file(path: str, config: TrainConfig) -> None:
     """The resolved configuration as YAML, written atomically (`--config` reads it back to the same run)."""
-    from .checkpoint import atomic_write_text
+    from ..io.checkpoint import atomic_write_text
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_text(path, "# itconv-fast run configuration (itconv-fast train --config this-file)\n"

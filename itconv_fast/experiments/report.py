@@ -224,7 +224,7 @@ def _fig4a(rows, path) -> bool:
 
 def write_report(sweep_dir: str, out: str = None) -> str:
     """Writes the markdown report (default DIR/report.md) and its figures beside it; returns its path."""
-    from .checkpoint import atomic_write_text
+    from ..io.checkpoint import atomic_write_text
 
     rows = read_results(sweep_dir)
     out = out or os.path.join(sweep_dir, "report.md")

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .checkpoint import atomic_write_json, atomic_write_text
+from ..io.checkpoint import atomic_write_json, atomic_write_text
 from .config import FIELDS, ConfigError, TrainConfig, build_config, read_yaml
 
 __all__ = ["SweepSpec", "Trial", "SweepError", "load_sweep", "expand", "run_sweep", "run_trial", "collect_results",
@@ -204,7 +204,7 @@ def run_trial(config: TrainConfig, out: str, indices: dict, report=None) -> dict
     indices, writes indices.json and result.json; returns the result row. `report(dict)` gets every epoch's
     metrics (Ray Tune's tune.report in a sweep)."""
     from . import train as training
-    from .indices import indices_of_run
+    from .evaluation import indices_of_run
 
     started = time.perf_counter()
     resume = os.path.exists(os.path.join(out, "checkpoint.pt"))

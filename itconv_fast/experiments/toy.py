@@ -150,7 +150,7 @@ def _probe_algorithm(x, z, example_x, T: int, K: int) -> dict:
 
 def run_toy(out_dir: str, config: ToyConfig = ToyConfig(), plot: bool = True) -> dict:
     """Trains both networks, probes the three solvers on 4,096 test inputs, writes toy.json (and toy.png)."""
-    from .checkpoint import atomic_write_json
+    from ..io.checkpoint import atomic_write_json
 
     os.makedirs(out_dir, exist_ok=True)
     test_x, test_z = _sample(4096, torch.Generator().manual_seed(config.seed + 1))

@@ -12,11 +12,9 @@ resume=True continues a killed run from its last finished epoch.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
-import platform
 import random
 import time
 from typing import Optional
@@ -25,13 +23,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import ops
-from .checkpoint import (CheckpointError, atomic_save, atomic_write_json, atomic_write_text, load_checkpoint_state,
+from ..io.checkpoint import (CheckpointError, atomic_save, atomic_write_json, load_checkpoint_state,
                          rng_state, save_checkpoint, set_rng_state)
+from ..data import datasets
+from ..models import IterResNet
+from ..nn.coupling import GradientCoupler
 from .config import PRESETS, TrainConfig, build_config, config_from, write_config_file  # noqa: F401 (re-exported)
-from .coupling import GradientCoupler
-from .data import datasets
-from .models import IterResNet
+from .run_log import TENSORBOARD_TAGS, environment, event_writer, write_metrics_csv
+from .step import TrainStep, autocast
 
 __all__ = ["TrainConfig", "PRESETS", "config_from", "build_config", "train", "evaluate", "build_model", "atomic_save",
            "atomic_write_json"]
@@ -70,7 +69,7 @@ def evaluate(model, task: datasets.Task, split: datasets.Split, device, batch_si
     model.eval()
     loss_sum, wrong, n = 0.0, 0, 0
     for x, y in datasets.batches(task, split, batch_size, train=False, device=device):
-        with _autocast(device):
+        with autocast(device):
             logits = model(x)
         logits = logits.float()
         loss_sum += task.loss(logits, y).item() * x.shape[0]
@@ -78,50 +77,6 @@ def evaluate(model, task: datasets.Task, split: datasets.Split, device, batch_si
         n += x.shape[0]
     model.train(was)
     return loss_sum / max(n, 1), wrong / max(n, 1)
-
-
-def _autocast(device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def _environment(device) -> dict:
-    env = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "extension_backend": "compiled" if ops.extension_loaded() else "reference",
-        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-    }
-    return env
-
-
-EPOCH_FIELDS = ("epoch", "train_loss", "train_error", "test_loss", "test_error", "lr", "seconds")
-TENSORBOARD_TAGS = {"train_loss": "loss/train", "test_loss": "loss/test", "train_error": "error/train",
-                    "test_error": "error/test", "lr": "lr", "seconds": "seconds_per_epoch"}
-
-
-def write_metrics_csv(path: str, epochs: list) -> None:
-    """metrics.csv: one row per epoch, the columns of EPOCH_FIELDS (for spreadsheets and pandas)."""
-    import csv
-    import io
-
-    text = io.StringIO()
-    out = csv.DictWriter(text, fieldnames=EPOCH_FIELDS, extrasaction="ignore", lineterminator="\n")
-    out.writeheader()
-    out.writerows(epochs)
-    atomic_write_text(path, text.getvalue())
-
-
-def _event_writer(out_dir: str, start_epoch: int):
-    """TensorBoard event files in out_dir/tensorboard (scalars per epoch). On resume, events past the last
-    finished epoch (from the killed session) are purged, so curves never hold an epoch twice."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_epoch + 1 if start_epoch else None)
 
 
 def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
@@ -171,7 +126,7 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
 
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
-    metrics = {"config": dataclasses.asdict(config), "environment": _environment(device), "epochs": []}
+    metrics = {"config": dataclasses.asdict(config), "environment": environment(device), "epochs": []}
     start_epoch = 0
     if resume and os.path.exists(ckpt_path):
         state = load_checkpoint_state(ckpt_path, map_location=device,
@@ -191,13 +146,15 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
         metrics["resumed_at_epochs"] = list(state.get("resumed_at_epochs", [])) + [start_epoch]
     if rank == 0:
         write_config_file(os.path.join(out_dir, "config.yaml"), config)
-        writer = _event_writer(out_dir, start_epoch)
+        writer = event_writer(out_dir, start_epoch)
 
     net = model
     if distributed:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         net = torch.compile(net)
+    step = TrainStep(net, task, optimizer, scheduler, coupler, device=device, accumulate=config.accumulate,
+                     distributed=distributed)
 
     from tqdm.auto import tqdm
 
@@ -219,25 +176,10 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
                                           indices=mine),
                          total=n_steps * config.accumulate, desc=f"epoch {epoch + 1}", leave=False, disable=not show)
         for i, (x, y) in enumerate(batch_bar):
-            m = i % config.accumulate
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            if m == 0:
-                optimizer.zero_grad(set_to_none=True)
-            # Under DDP only the last micro-batch of a step all-reduces (inside its backward).
-            skip_sync = distributed and m < config.accumulate - 1
-            with net.no_sync() if skip_sync else contextlib.nullcontext():
-                with _autocast(device):
-                    logits = net(x)
-                loss = task.loss(logits.float(), y)
-                (loss / config.accumulate).backward()
+            loss, logits = step(x, y, i % config.accumulate)
             loss_sum += loss.item() * x.shape[0]
-            wrong += (~task.correct(logits.detach().float(), y)).sum().item()
+            wrong += (~task.correct(logits.float(), y)).sum().item()
             seen += x.shape[0]
-            if m == config.accumulate - 1:
-                coupler()  # after the all-reduce, before the step
-                optimizer.step()
-                scheduler.step()
             batch_bar.set_postfix(loss=f"{loss.item():.3f}")
         test_loss, test_error = evaluate(model, task, task.test, device)
         record = {

@@ -38,7 +38,7 @@ import torch
 
 from .indices import (IndexReport, _batches, _cached_batch, _Counter, _Extras, _index_report, _per_example_norm,
                       _stage_step, _Sums, _top1_wrong)
-from .residual import check_residual_model
+from ..models.residual import check_residual_model
 
 __all__ = ["analyze", "AnalysisReport", "StageAnalysis", "BlockRefinement", "MEASURES", "plot_analysis"]
 

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
-__all__ = ["compute_indices", "indices_of_run", "run_evaluation", "IndexReport", "StageIndices", "index_flops"]
+__all__ = ["compute_indices", "IndexReport", "StageIndices", "index_flops"]
 
 METHODS = ("cached", "reference")
 
@@ -295,7 +295,7 @@ def compute_indices(
         raise ValueError(f"compute_indices: method must be one of {METHODS}, got {method!r}")
     if batch_size < 1:
         raise ValueError(f"compute_indices: batch_size must be >= 1, got {batch_size}")
-    from .residual import check_residual_model
+    from ..models.residual import check_residual_model
 
     check_residual_model(model, "compute_indices")
     counter, norms, n, num_classes = _evaluate(model, data, extra_iterations, method, error_fn, batch_size)
@@ -381,46 +381,3 @@ def index_flops(model, extra_iterations: int = 16) -> dict:
         # block t re-runs blocks t+1..T from the cached z_{t-1}; extra iterations are incremental.
         cached += (Ts - 1 + Ts + K) * rest + sum(Ts - t for t in range(1, Ts + 1)) + K
     return {"reference_blocks": reference, "cached_blocks": cached, "ratio": reference / cached}
-
-
-def run_evaluation(run: str, *, batch_size: int = 512, test_size: Optional[int] = None, device: str = "auto"):
-    """What measuring a training run needs: (model, test batches, chance error, error_fn, loss_fn), the test
-    set and scoring being the run's own (exact digit sets and summed BCE for Digitclutter). The checkpoint is
-    read safely (weights_only); a bad one raises CheckpointError naming it."""
-    import os
-
-    from .checkpoint import CheckpointError, load_checkpoint_state
-    from .config import TrainConfig
-    from .data import datasets, digitclutter
-    from .models import load_checkpoint
-    from .train import resolve_device
-
-    path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
-    dev = resolve_device(device)
-    state = load_checkpoint_state(path, map_location="cpu", required=("model", "model_config", "config"))
-    try:
-        config = TrainConfig(**state["config"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: its training configuration is not readable ({exc})") from None
-    model = load_checkpoint(path, map_location=dev)
-    task = datasets.load(config.dataset, data_dir=config.data_dir, n_digits=config.n_digits, train_size=config.train_size,
-                         test_size=config.test_size, seed=config.seed, cache_dir=config.cache_dir or datasets.default_cache_dir())
-    if test_size is not None:
-        task.test = datasets.Split(task.test.images[:test_size], task.test.targets[:test_size])
-    data = list(datasets.batches(task, task.test, batch_size, train=False, device=dev))
-    if task.multilabel:
-        error_fn = lambda logits, y: ~digitclutter.exact_set_correct(logits, y)  # noqa: E731
-        loss_fn = lambda logits, y: torch.nn.functional.binary_cross_entropy_with_logits(  # noqa: E731
-            logits, y, reduction="none").sum(1)
-    else:
-        error_fn, loss_fn = None, None
-    return model, data, task.chance_error, error_fn, loss_fn
-
-
-def indices_of_run(run: str, *, extra_iterations: int = 16, method: str = "cached", batch_size: int = 512,
-                   test_size: Optional[int] = None, device: str = "auto") -> IndexReport:
-    """The indices of a training run (a run directory or its checkpoint.pt) on the run's own test set
-    (see run_evaluation)."""
-    model, data, chance, error_fn, _ = run_evaluation(run, batch_size=batch_size, test_size=test_size, device=device)
-    return compute_indices(model, data, extra_iterations=extra_iterations, method=method, chance_error=chance,
-                           batch_size=batch_size, error_fn=error_fn)

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .nn import (LayerGeometry, _as_matrix, _compute_dtype, _dilate, _normalize, _output_size, _power_steps,
+from ..nn.layer_geometry import (LayerGeometry, _as_matrix, _compute_dtype, _dilate, _normalize, _output_size, _power_steps,
                  gram_sigmas, layer_geometry, supported_layer)
 
 __all__ = ["LayerLipschitz", "LipschitzReport", "lipschitz_report", "circular_exact_sigmas", "load_model_source",
@@ -263,7 +263,7 @@ def load_model_source(source: str):
         if not isinstance(example, (torch.Tensor, tuple, list)):
             raise ValueError(f"{source} defines no `example_input` (a tensor, or a function returning one)")
         return model, example
-    from .models import load_checkpoint
+    from ..models import load_checkpoint
 
     path = os.path.join(source, "checkpoint.pt") if os.path.isdir(source) else source
     if not os.path.isfile(path):

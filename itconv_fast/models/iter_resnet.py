@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint_state
-from .coupling import groups_from_blocks
-from .spectral import StageSpectralNorm, bn_scale, check_mu
+from ..io.checkpoint import CheckpointError, load_checkpoint_state
+from ..nn.coupling import groups_from_blocks
+from .stage_spectral_norm import StageSpectralNorm, bn_scale, check_mu
 
 __all__ = ["IterResNet", "Stage", "Block", "Transition", "load_checkpoint", "INITS"]
 

@@ -151,7 +151,7 @@ class ResidualStack(nn.Module):
 
     def coupling_groups(self) -> list:
         """Same-named parameters of a stage's residual functions, one group each (for GradientCoupler)."""
-        from .coupling import groups_from_blocks
+        from ..nn.coupling import groups_from_blocks
 
         return groups_from_blocks(*([block.f for block in stage.blocks] for stage in self.stages))
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ops import SPECTRAL_MODES, _lead_kernel, batched_spectral_norm, init_power_vector
+from ..ops.spectral import SPECTRAL_MODES, _lead_kernel, batched_spectral_norm, init_power_vector
 
 __all__ = ["StageSpectralNorm", "fold_batchnorm", "bn_scale", "check_mu"]
 

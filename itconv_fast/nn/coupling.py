@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .ops import _as_groups, _check_coupling_settings, _check_groups, soft_couple_
+from ..ops.coupling import _as_groups, _check_coupling_settings, _check_groups, soft_couple_
 
 __all__ = ["GradientCoupler", "groups_from_blocks"]
 

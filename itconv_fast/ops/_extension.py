@@ -87,3 +87,8 @@ def warn_fallback(op: str, device=None) -> None:
     _warned.add(op)
     warnings.warn(f"itconv_fast: {op} runs its pure-PyTorch reference because {fallback_reason(device)}.",
                   RuntimeWarning, stacklevel=3)
+
+
+def extension_loaded() -> bool:
+    """True when the compiled extension `itconv_fast._C` is loaded (else the references serve)."""
+    return loaded()
