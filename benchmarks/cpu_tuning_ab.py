@@ -26,7 +26,8 @@ import sys
 CHILD = r"""
 import json, sys, torch
 from torch.utils import benchmark
-from itconv_fast import ops, _extension
+from itconv_fast import ops
+from itconv_fast.ops import _extension
 case, n, numel, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
 if case == "resnet":

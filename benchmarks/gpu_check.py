@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     import torch
 
     import itconv_fast
-    from itconv_fast import _extension, bench
+    from itconv_fast import bench
+    from itconv_fast.ops import _extension
 
     if not torch.cuda.is_available():
         print("gpu-check: no GPU visible to torch (torch.cuda.is_available() is False)", file=sys.stderr)

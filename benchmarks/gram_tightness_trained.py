@@ -12,7 +12,7 @@ import torch
 
 from itconv_fast import ops
 from itconv_fast.models import load_checkpoint
-from itconv_fast.spectral import fold_batchnorm
+from itconv_fast.models.stage_spectral_norm import fold_batchnorm
 
 
 def main(run, out=None):

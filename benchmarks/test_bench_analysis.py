@@ -1,11 +1,11 @@
-"""pytest-benchmark: analyze(all measures) vs compute_indices alone (cases: itconv_fast.analysis / indices).
+"""pytest-benchmark: analyze(all measures) vs compute_indices alone (cases: itconv_fast.measures.analysis / indices).
 A small network here; `itconv-fast bench analysis` measures ResNet-101-16 on 1,000 examples."""
 
 import pytest
 import torch
 
-from itconv_fast.analysis import analyze
-from itconv_fast.indices import compute_indices
+from itconv_fast.measures.analysis import analyze
+from itconv_fast.measures.indices import compute_indices
 from itconv_fast.models import IterResNet
 
 

@@ -20,8 +20,8 @@ import time
 import pytest
 import torch
 
-from itconv_fast.indices import compute_indices
-from itconv_fast.residual import sequence_error
+from itconv_fast.measures.indices import compute_indices
+from itconv_fast.models.residual import sequence_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,12 +20,12 @@ import statistics
 
 import torch
 
-from itconv_fast.checkpoint import load_checkpoint_state
-from itconv_fast.config import TrainConfig
+from itconv_fast.io.checkpoint import load_checkpoint_state
+from itconv_fast.experiments.config import TrainConfig
 from itconv_fast.data import datasets
 from itconv_fast.models import load_checkpoint
 from itconv_fast.ops import init_power_vector
-from itconv_fast.spectral import StageSpectralNorm
+from itconv_fast.models.stage_spectral_norm import StageSpectralNorm
 
 
 def _norms(t):

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from itconv_fast import GradientCoupler, ResidualStack
-from itconv_fast.analysis import analyze
-from itconv_fast.residual import sequence_error, sequence_loss
+from itconv_fast.measures.analysis import analyze
+from itconv_fast.models.residual import sequence_error, sequence_loss
 
 
 def parity_data(n: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from itconv_fast import GradientCoupler, transformer_encoder_adapter
-from itconv_fast.analysis import analyze
+from itconv_fast.measures.analysis import analyze
 from itconv_fast.data import datasets
-from itconv_fast.indices import compute_indices
+from itconv_fast.measures.indices import compute_indices
 
 
 class PatchStem(nn.Module):

@@ -21,7 +21,8 @@ def devices():
 @pytest.fixture(params=["extension", "reference"])
 def path(request, monkeypatch):
     """Run a test through the compiled ops (their C++ checks) and through the pure-PyTorch fallback."""
-    from itconv_fast import _extension, ops
+    from itconv_fast import ops
+    from itconv_fast.ops import _extension
 
     if request.param == "extension":
         if not ops.extension_loaded():

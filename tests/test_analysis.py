@@ -1,4 +1,4 @@
-"""Refinement measures, anytime inference and convergence traces (itconv_fast.analysis), each pinned against
+"""Refinement measures, anytime inference and convergence traces (itconv_fast.measures.analysis), each pinned against
 a direct computation that perturbs one block at a time, in float64."""
 
 import math
@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from itconv_fast.analysis import MEASURES, analyze, plot_analysis
-from itconv_fast.indices import compute_indices
+from itconv_fast.measures.analysis import MEASURES, analyze, plot_analysis
+from itconv_fast.measures.indices import compute_indices
 from itconv_fast.models import IterResNet
 
 K = 4

@@ -6,7 +6,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from itconv_fast import bench
+from itconv_fast import bench, ops
 from itconv_fast.cli.app import main
 
 
@@ -54,15 +54,15 @@ def test_bench_without_subcommand_writes_one_combined_report(tmp_path, monkeypat
             return {"rows": rows, "ratios": ratios}, f"table {name}"
         return run
 
-    monkeypatch.setattr(bench, "run_coupling_benchmark", fake("coupling", {16: {
+    monkeypatch.setattr(bench.suite, "run_coupling_benchmark", fake("coupling", {16: {
         "fused soft_couple_": 1.0, "(a) per-slot loop": 10.0, "(b) _foreach": 5.0, "(c) torch.compile(reference)": 4.0,
         "(d) copy (memory floor)": 0.5}}, "fused soft_couple_"))
-    monkeypatch.setattr(bench, "run_spectral_benchmark", fake("spectral", {16: {
+    monkeypatch.setattr(bench.suite, "run_spectral_benchmark", fake("spectral", {16: {
         "batched operator": 2.0, "per-layer operator loop": 6.0, "batched matrix": 0.1,
         "per-layer torch spectral_norm (matrix)": 2.0}}, "batched operator"))
-    monkeypatch.setattr(bench, "run_indices_benchmark", fake("indices", {"8x4@32px,n=64": {"cached": 1.0, "reference": 3.0}},
+    monkeypatch.setattr(bench.suite, "run_indices_benchmark", fake("indices", {"8x4@32px,n=64": {"cached": 1.0, "reference": 3.0}},
                                                               "cached"))
-    monkeypatch.setattr(bench, "run_train_step_benchmark", fake("train", {8: {
+    monkeypatch.setattr(bench.suite, "run_train_step_benchmark", fake("train", {8: {
         "plain": 1.0, "coupling (lam 0.5)": 1.01, "spectral norm (operator, 1 power step)": 1.02,
         "coupling + spectral norm": 1.05}}, "plain"))
     def fake_lipschitz(*args, **kwargs):
@@ -71,7 +71,7 @@ def test_bench_without_subcommand_writes_one_combined_report(tmp_path, monkeypat
                 for c, o in overheads.items()]
         return {"rows": rows, "overhead_vs_torch": {"resnet18, batch 4, 64x64": {}}}, "table lipschitz"
 
-    monkeypatch.setattr(bench, "run_lipschitz_benchmark", fake_lipschitz)
+    monkeypatch.setattr(bench.suite, "run_lipschitz_benchmark", fake_lipschitz)
     out, md = tmp_path / "all.json", tmp_path / "all.md"
     result = CliRunner().invoke(main, ["bench", "--quick", "--json", str(out), "--markdown", str(md)])
     assert result.exit_code == 0, result.output
@@ -96,7 +96,7 @@ def test_bench_without_subcommand_writes_one_combined_report(tmp_path, monkeypat
 
 def test_bench_lipschitz_cli_reports_overheads_against_torch(tmp_path, monkeypatch):
     """The real cases on a tiny stand-in for the ResNets (the schema and the overhead arithmetic)."""
-    from itconv_fast import zoo
+    from itconv_fast.models import zoo
 
     monkeypatch.setattr(zoo, "resnet18", lambda: zoo.ResNet(zoo.BasicBlock, [1, 1, 1, 1], num_classes=1000, width=4))
     out = tmp_path / "lip.json"
@@ -114,9 +114,9 @@ def test_bench_lipschitz_cli_reports_overheads_against_torch(tmp_path, monkeypat
 
 
 def test_a_fallback_run_is_labelled_as_the_reference_in_every_table(monkeypatch):
-    from itconv_fast import _extension
+    from itconv_fast.ops import _extension
 
-    assert bench.label_backend("t") == ("t" if bench.ops.extension_loaded() else bench.label_backend("t"))
+    assert bench.label_backend("t") == ("t" if ops.extension_loaded() else bench.label_backend("t"))
     monkeypatch.setattr(_extension, "_loaded", False)
     labelled = bench.label_backend("| fused | 1 ms |")
     assert labelled.startswith("[BACKEND: pure-PyTorch reference") and labelled.endswith("| fused | 1 ms |")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from itconv_fast import train as training
-from itconv_fast.checkpoint import CheckpointError, load_checkpoint_state, save_checkpoint
+from itconv_fast.experiments import training
+from itconv_fast.io.checkpoint import CheckpointError, load_checkpoint_state, save_checkpoint
 from itconv_fast.cli.app import main
 from itconv_fast.models import load_checkpoint
 
@@ -125,7 +125,7 @@ def test_cli_resume_from_a_corrupt_checkpoint_is_a_usage_error(run_dir, tmp_path
 
 
 def test_atomic_writes_get_ordinary_permissions(tmp_path):
-    from itconv_fast.checkpoint import atomic_write_json
+    from itconv_fast.io.checkpoint import atomic_write_json
 
     old = os.umask(0o022)
     try:

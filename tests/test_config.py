@@ -9,7 +9,7 @@ import yaml
 from click.testing import CliRunner
 
 from itconv_fast.cli.app import main
-from itconv_fast.config import FIELDS, ConfigError, TrainConfig, build_config, config_from, load_config_file
+from itconv_fast.experiments.config import FIELDS, ConfigError, TrainConfig, build_config, config_from, load_config_file
 
 TINY = {"train_size": 96, "test_size": 32, "width": 2, "blocks": 2, "batch_size": 32, "epochs": 2, "lam": 0.5,
         "sn_mu": 0.9}
@@ -137,7 +137,7 @@ def test_shipped_configuration_files_are_valid():
     import glob
     import os
 
-    from itconv_fast import sweep as sweeps
+    from itconv_fast.experiments import sweep as sweeps
 
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     runs = glob.glob(os.path.join(root, "*.yaml"))

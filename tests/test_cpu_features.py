@@ -9,7 +9,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from itconv_fast import _extension, ops
+from itconv_fast import ops
+from itconv_fast.ops import _extension
 from itconv_fast.cli.app import main
 
 pytestmark = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not built")
@@ -64,7 +65,8 @@ def test_info_prints_the_cpu_tuning_and_the_arch_list():
 
 _CHILD = r"""
 import json, sys, torch
-from itconv_fast import _extension, _reference, ops
+from itconv_fast import ops
+from itconv_fast.ops import _extension, _reference
 results = []
 gen = torch.Generator().manual_seed(0)
 for n in range(2, 18):

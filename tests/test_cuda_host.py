@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from itconv_fast import _reference, ops
+from itconv_fast import ops
+from itconv_fast.ops import _reference
 
 pytestmark = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not built")
 

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from itconv_fast import _reference, ops
+from itconv_fast import ops
+from itconv_fast.ops import _reference
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not built")]
 

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from itconv_fast import _reference
+from itconv_fast.ops import _reference
 
 emulation = pytest.importorskip("itconv_fast._device_emulation", reason="emulation extension not built")
 

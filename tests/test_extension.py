@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 
-from itconv_fast import _extension, _reference, ops
+from itconv_fast import ops
+from itconv_fast.ops import _extension, _reference
 
 
 @pytest.mark.skipif(os.environ.get("ITCONV_FAST_REQUIRE_EXTENSION") != "1", reason="set by CI, which builds it")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from itconv_fast.indices import compute_indices, index_flops
+from itconv_fast.measures.indices import compute_indices, index_flops
 from itconv_fast.models import IterResNet
 
 

@@ -12,9 +12,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from conftest import free_port
-from itconv_fast import _extension, lipschitz_report
+from itconv_fast import lipschitz_report
+from itconv_fast.ops import _extension
 from itconv_fast import nn as inn
-from itconv_fast.lipschitz import circular_exact_sigmas
+from itconv_fast.nn import geometry as geo, parametrization
+from itconv_fast.measures.lipschitz import circular_exact_sigmas
 
 
 def dense_operator(layer: nn.Module, input_size) -> torch.Tensor:
@@ -151,9 +153,9 @@ def test_gradient_is_that_of_sigma_with_the_vectors_held(name, make, size, mode,
     w.grad = None
     u, v = p._u.clone(), p._v.clone()
     if mode == "matrix" or isinstance(layer, nn.Linear):
-        sigma = torch.dot(u, inn._as_matrix(p.geometry, w) @ v.reshape(-1))
+        sigma = torch.dot(u, geo._as_matrix(p.geometry, w) @ v.reshape(-1))
     else:
-        sigma = (u * inn._forward_map(p.geometry, v[None], w)[0]).sum()
+        sigma = (u * geo._forward_map(p.geometry, v[None], w)[0]).sum()
     factor = mu / sigma if hard else 1 / torch.clamp(sigma / mu, min=1)
     (w * factor * r).sum().backward()
     torch.testing.assert_close(got, w.grad, rtol=1e-10, atol=1e-12)
@@ -265,11 +267,11 @@ def test_operator_path_of_the_extension_equals_the_generic_convolutions(monkeypa
     layers = [nn.Conv2d(5, 5, 3, padding=1).double() for _ in range(3)]
     geometry = inn.layer_geometry(layers[0])
     assert geometry.extension_operator_path
-    u = inn._normalize(torch.randn(3, 5, 6, 6, dtype=torch.float64))
+    u = geo._normalize(torch.randn(3, 5, 6, 6, dtype=torch.float64))
     u_generic = u.clone()
-    v, sigma = inn._power_steps(geometry, "operator", [m.weight for m in layers], u, (6, 6), 7)
+    v, sigma = geo._power_steps(geometry, "operator", [m.weight for m in layers], u, (6, 6), 7)
     monkeypatch.setattr(inn.LayerGeometry, "extension_operator_path", property(lambda self: False))
-    v2, sigma2 = inn._power_steps(geometry, "operator", [m.weight for m in layers], u_generic, (6, 6), 7)
+    v2, sigma2 = geo._power_steps(geometry, "operator", [m.weight for m in layers], u_generic, (6, 6), 7)
     torch.testing.assert_close(sigma, sigma2, rtol=1e-12, atol=0)
     torch.testing.assert_close(v, v2, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(u, u_generic, rtol=1e-10, atol=1e-12)
@@ -341,8 +343,8 @@ def test_batched_runs_one_call_per_group(monkeypatch):
     model = SmallNet()
     sn = inn.BatchedSpectralNorm(model, mode="operator", example_input=torch.randn(1, 3, 8, 8))
     calls = []
-    real = inn._power_steps
-    monkeypatch.setattr(inn, "_power_steps", lambda g, *a, **k: calls.append(g) or real(g, *a, **k))
+    real = parametrization._power_steps
+    monkeypatch.setattr(parametrization, "_power_steps", lambda g, *a, **k: calls.append(g) or real(g, *a, **k))
     model(torch.randn(2, 3, 8, 8))
     assert len(calls) == len(sn.groups) == 7
 
@@ -542,7 +544,7 @@ def test_lipschitz_cli_on_a_script_and_on_bad_input(tmp_path):
 
 def test_zoo_resnets_have_torchvisions_shapes():
     """Parameter counts of torchvision's resnet18 / resnet50 (11,689,512 / 25,557,032), convs 20 / 53."""
-    from itconv_fast import zoo
+    from itconv_fast.models import zoo
 
     for build, params, convs in ((zoo.resnet18, 11_689_512, 20), (zoo.resnet50, 25_557_032, 53)):
         model = build()

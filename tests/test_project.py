@@ -48,3 +48,32 @@ def test_cuda_builds_ship_ptx_of_the_newest_arch():
     assert f"-gencode=arch=compute_{newest},code=compute_{newest}" in flags
     assert all(f"-gencode=arch=compute_{a.replace('.', '')},code=sm_{a.replace('.', '')}" in flags
                for a in (x.removesuffix("+PTX") for x in archs))
+
+
+def test_every_import_the_readme_and_docs_show_works():
+    """Each `from itconv_fast... import ...` / `import itconv_fast...` line of README.md and docs/*.md runs."""
+    import importlib
+    import importlib.util
+
+    texts = [(ROOT / "README.md").read_text()] + [p.read_text() for p in (ROOT / "docs").glob("*.md")]
+    lines = {m.group(0).strip() for text in texts
+             for m in re.finditer(r"^\s*(?:from itconv_fast[\w.]* import [\w, ]+|import itconv_fast[\w.]*)\s*$", text, re.M)}
+    assert len(lines) >= 8
+    for line in sorted(lines):
+        if line.startswith("import "):
+            importlib.import_module(line.split()[1])
+            continue
+        module, names = re.match(r"from (\S+) import (.+)", line).groups()
+        imported = importlib.import_module(module)
+        for name in (n.strip() for n in names.split(",")):
+            assert hasattr(imported, name) or importlib.util.find_spec(f"{module}.{name}"), f"{line}: no {name}"
+
+
+def test_the_names_users_reach_for_are_at_the_package_top():
+    import itconv_fast
+
+    for name in ("compute_indices", "analyze", "IterResNet", "GradientCoupler", "ResidualStack",
+                 "transformer_encoder_adapter", "lipschitz_report", "spectral_norm", "BatchedSpectralNorm",
+                 "train", "TrainConfig", "indices_of_run", "load_checkpoint", "soft_couple_", "batched_spectral_norm"):
+        assert name in itconv_fast.__all__ and getattr(itconv_fast, name) is not None, name
+    assert all(hasattr(itconv_fast, name) for name in itconv_fast.__all__)

@@ -8,9 +8,9 @@ import statistics
 import pytest
 from click.testing import CliRunner
 
-from itconv_fast import sweep as sweeps
+from itconv_fast.experiments import sweep as sweeps
 from itconv_fast.cli.app import main
-from itconv_fast.report import write_report
+from itconv_fast.experiments.report import write_report
 
 BASE = {"width": 2, "blocks": 2, "train_size": 128, "test_size": 64, "batch_size": 32, "epochs": 1}
 

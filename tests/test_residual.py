@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from itconv_fast import GradientCoupler
-from itconv_fast.analysis import analyze
-from itconv_fast.indices import compute_indices
-from itconv_fast.residual import (ResidualStack, check_residual_model, sequence_error, sequence_loss,
+from itconv_fast.measures.analysis import analyze
+from itconv_fast.measures.indices import compute_indices
+from itconv_fast.models.residual import (ResidualStack, check_residual_model, sequence_error, sequence_loss,
                                   transformer_encoder_adapter)
 
 D, L, C = 16, 5, 4

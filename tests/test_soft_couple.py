@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from itconv_fast import _extension, _reference, ops
+from itconv_fast import ops
+from itconv_fast.ops import _extension, _reference
 from conftest import devices
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from conftest import devices
-from itconv_fast import _reference, ops
-from itconv_fast.spectral import StageSpectralNorm, bn_scale, fold_batchnorm
+from itconv_fast import ops
+from itconv_fast.ops import _reference
+from itconv_fast.models.stage_spectral_norm import StageSpectralNorm, bn_scale, fold_batchnorm
 
 needs_extension = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not built")
 

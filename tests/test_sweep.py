@@ -13,7 +13,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from itconv_fast import sweep as sweeps
+from itconv_fast.experiments import sweep as sweeps
 from itconv_fast.cli.app import main
 
 BASE = {"width": 2, "blocks": 2, "train_size": 128, "test_size": 64, "batch_size": 32, "epochs": 2}
@@ -115,7 +115,7 @@ def test_killed_sweep_resumes_only_the_missing_trial(tmp_path):
         indices = json.loads((trial / "indices.json").read_text())
         assert row["di_s1"] == ("" if indices["stages"][0]["di"] is None else str(indices["stages"][0]["di"]))
     # The report's per-trial table is these trials' own numbers.
-    from itconv_fast.report import write_report
+    from itconv_fast.experiments.report import write_report
 
     every_trial = open(write_report(str(out))).read().split("## Every trial")[1]
     for trial in (first, second):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from itconv_fast import train as training
+from itconv_fast.experiments import training
 from itconv_fast.cli.app import main
 from itconv_fast.models import load_checkpoint
 

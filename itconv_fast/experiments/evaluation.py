@@ -15,7 +15,7 @@ from ..io.checkpoint import CheckpointError, load_checkpoint_state
 from ..measures.indices import IndexReport, compute_indices
 from ..models import load_checkpoint
 from .config import TrainConfig
-from .train import resolve_device
+from .training import resolve_device
 
 __all__ = ["run_evaluation", "indices_of_run"]
 

@@ -203,7 +203,7 @@ def run_trial(config: TrainConfig, out: str, indices: dict, report=None) -> dict
     """Trains one configuration in `out` (resuming from its checkpoint if there is one), measures its
     indices, writes indices.json and result.json; returns the result row. `report(dict)` gets every epoch's
     metrics (Ray Tune's tune.report in a sweep)."""
-    from . import train as training
+    from . import training
     from .evaluation import indices_of_run
 
     started = time.perf_counter()

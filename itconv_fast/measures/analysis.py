@@ -4,7 +4,7 @@
     report.indices.di, report.stages[0].refinement[3].cosine_mean, report.stages[0].anytime_error,
     report.anytime_all_error, report.stages[0].trace["fixed_point_residual"]["median"], report.to_dict()
 
-Every measure comes from the cached evaluator of itconv_fast.indices (stage inputs and unperturbed z_t
+Every measure comes from the cached evaluator of itconv_fast.measures.indices (stage inputs and unperturbed z_t
 computed once per batch, perturbed stage outputs batched through the rest of the network), plus one
 backward pass per batch for the gradients and one pass per k for the all-stages anytime curve:
 

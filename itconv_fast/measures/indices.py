@@ -144,7 +144,7 @@ def _reference_batch(model, x, y, wrong_fn, counter, K):
 
 
 class _Extras:
-    """What the analysis (itconv_fast.analysis) adds to the cached pass: losses of every perturbation,
+    """What the analysis (itconv_fast.measures.analysis) adds to the cached pass: losses of every perturbation,
     "apply block t twice" perturbations, and per-example traces of the extra iterations."""
 
     def __init__(self, loss_fn=None, twice: bool = False, traces: bool = False) -> None:
@@ -277,7 +277,7 @@ def compute_indices(
     """Convergence, Recurrence and Divergence indices of a trained IterResNet (SPEC section 4).
 
     Args:
-        model: an IterResNet or any residual model (itconv_fast.residual: stem, stages[s].blocks[t].residual,
+        model: an IterResNet or any residual model (itconv_fast.models.residual: stem, stages[s].blocks[t].residual,
             stages[s].pcr, transitions, head; ResidualStack and transformer_encoder_adapter wrap others).
             Evaluated in eval mode; its training flag is restored.
         data: (x, y) tensors, or an iterable of (x, y) batches (already normalised, on any device).

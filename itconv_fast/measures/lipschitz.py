@@ -25,8 +25,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..nn.layer_geometry import (LayerGeometry, _as_matrix, _compute_dtype, _dilate, _normalize, _output_size, _power_steps,
-                 gram_sigmas, layer_geometry, supported_layer)
+from ..nn.geometry import (LayerGeometry, _as_matrix, _compute_dtype, _dilate, _normalize, _output_size,
+                                 _power_steps, gram_sigmas, layer_geometry, supported_layer)
 
 __all__ = ["LayerLipschitz", "LipschitzReport", "lipschitz_report", "circular_exact_sigmas", "load_model_source",
            "ModelScriptError"]

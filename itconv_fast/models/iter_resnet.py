@@ -5,7 +5,7 @@
     model.head, model.pcr
 
 Block update: z_t = z_{t-1} + f~_t(z_{t-1}) (ordinary, ICR) or z_t = x_s + f~_t(z_{t-1}) (PCR), with
-f~_t = f_t / c_t under spectral normalization (itconv_fast.spectral) and f~_t = f_t without it.
+f~_t = f_t / c_t under spectral normalization (itconv_fast.models.stage_spectral_norm) and f~_t = f_t without it.
 """
 
 from __future__ import annotations
@@ -231,8 +231,8 @@ class IterResNet(nn.Module):
 
 
 def load_checkpoint(path: str, map_location="cpu") -> IterResNet:
-    """The model of a training checkpoint (written by itconv_fast.train), in eval mode. The file is read
-    with weights_only=True (itconv_fast.checkpoint): a file that is truncated, not ours or holds foreign
+    """The model of a training checkpoint (written by itconv_fast.experiments.training), in eval mode. The file is read
+    with weights_only=True (itconv_fast.io.checkpoint): a file that is truncated, not ours or holds foreign
     objects raises CheckpointError (a ValueError) naming it, and never runs code."""
     state = load_checkpoint_state(path, map_location=map_location)
     where = path if not os.path.isdir(path) else os.path.join(path, "checkpoint.pt")

@@ -31,7 +31,7 @@ __all__ = ["ResidualStack", "transformer_encoder_adapter", "check_residual_model
 def check_residual_model(model, where: str = "itconv-fast") -> None:
     """Raises TypeError naming the first missing part of the residual-model protocol (module docstring)."""
     def missing(what):
-        raise TypeError(f"{where}: the model is not a residual model: {what} (see itconv_fast.residual; wrap it with "
+        raise TypeError(f"{where}: the model is not a residual model: {what} (see itconv_fast.models.residual; wrap it with "
                         "ResidualStack or transformer_encoder_adapter)")
 
     for name in ("stem", "head"):

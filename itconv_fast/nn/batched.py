@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .layer_geometry import _check_mode_supports, layer_geometry, supported_layer
-from .spectral_norm import SpectralNorm, _parametrization, parametrize_original, spectral_norm
+from .geometry import _check_mode_supports, layer_geometry, supported_layer
+from .parametrization import SpectralNorm, _parametrization, parametrize_original, spectral_norm
 
 __all__ = ["BatchedSpectralNorm"]
 

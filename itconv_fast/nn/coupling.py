@@ -58,7 +58,7 @@ class GradientCoupler:
 
     Args:
         groups: a model that defines ``coupling_groups()`` (the toolkit's ResNets and ResidualStack do), a
-            residual model with ``stages[s].blocks`` (itconv_fast.residual), or a sequence of parameter groups
+            residual model with ``stages[s].blocks`` (itconv_fast.models.residual), or a sequence of parameter groups
             (see :func:`groups_from_blocks`).
         lam: coupling factor in [0, 1] (0: ordinary training; 1: the gradients of a group are replaced by
             their mean, so recurrently initialised blocks stay identical: a recurrent network).
@@ -80,7 +80,7 @@ class GradientCoupler:
         if hasattr(groups, "coupling_groups"):
             groups = groups.coupling_groups()
         elif isinstance(groups, nn.Module) and hasattr(groups, "stages"):
-            # A residual model (itconv_fast.residual): each stage's blocks, same-named parameters grouped.
+            # A residual model (itconv_fast.models.residual): each stage's blocks, same-named parameters grouped.
             stages = groups.stages
             if not all(isinstance(b, nn.Module) for st in stages for b in getattr(st, "blocks", [None])):
                 raise TypeError("GradientCoupler: the model's stages need `blocks` that are nn.Modules (a residual model)")
@@ -88,7 +88,7 @@ class GradientCoupler:
         if isinstance(groups, nn.Module):
             raise TypeError(
                 "GradientCoupler: this model defines no coupling_groups() and no stages of blocks; build the groups "
-                "with groups_from_blocks(model.<blocks>, ...) or wrap it in itconv_fast.residual.ResidualStack"
+                "with groups_from_blocks(model.<blocks>, ...) or wrap it in itconv_fast.ResidualStack"
             )
         self.groups: list[list[nn.Parameter]] = [list(g) for g in groups]
         for gi, group in enumerate(self.groups):

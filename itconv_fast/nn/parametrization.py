@@ -25,7 +25,7 @@ Modes (``sigma`` is what the weight is divided by; see ``MODES``):
 Soft by default: W / max(sigma / mu, 1) (rescaled only when sigma > mu, as in invertible ResNets);
 ``hard=True``: W * mu / sigma. float16 / bfloat16 weights: vectors and iteration in float32.
 
-Split in three files: `layer_geometry` (maps and power steps), this one (the parametrization), `batched`.
+Split in three files: `geometry` (maps and power steps), this one (the parametrization), `batched`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..ops import _reference
-from .layer_geometry import (MODES, LayerGeometry, _check_mode_supports, _compute_dtype, _HeldVectorRescale, _normalize,
+from .geometry import (MODES, LayerGeometry, _check_mode_supports, _compute_dtype, _HeldVectorRescale, _normalize,
                              _output_size, _power_steps, _rescale, _sigmas_from_vectors, gram_sigmas, layer_geometry,
                              supported_layer)
 

@@ -1,0 +1,12 @@
+"""What is measured on a trained residual model: the three indices of iterative convergence
+(`compute_indices`), the analyses beyond them (`analyze`) and per-layer Lipschitz constants
+(`lipschitz_report`). Builds on models (any model of the residual-model protocol), nn and ops.
+"""
+
+from .analysis import MEASURES, AnalysisReport, BlockRefinement, StageAnalysis, analyze, plot_analysis
+from .indices import IndexReport, StageIndices, compute_indices, index_flops
+from .lipschitz import LayerLipschitz, LipschitzReport, circular_exact_sigmas, lipschitz_report
+
+__all__ = ["compute_indices", "IndexReport", "StageIndices", "index_flops", "analyze", "AnalysisReport",
+           "StageAnalysis", "BlockRefinement", "MEASURES", "plot_analysis", "lipschitz_report", "LipschitzReport",
+           "LayerLipschitz", "circular_exact_sigmas"]

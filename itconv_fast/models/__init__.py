@@ -1,0 +1,14 @@
+"""Residual networks: the paper's `IterResNet` (ordinary, ICR, PCR) with its stage-wise spectral normalization,
+the residual-model protocol that the measures read (`ResidualStack`, the transformer adapter), and the zoo of
+torchvision-like ResNets used by benchmarks and examples. Builds on ops, nn and io.
+"""
+
+from . import zoo
+from .iter_resnet import INITS, Block, IterResNet, Stage, Transition, load_checkpoint
+from .residual import (LayerResidual, ResidualStack, check_residual_model, sequence_error, sequence_loss,
+                       transformer_encoder_adapter)
+from .stage_spectral_norm import StageSpectralNorm, bn_scale, check_mu, fold_batchnorm
+
+__all__ = ["IterResNet", "Stage", "Block", "Transition", "load_checkpoint", "INITS", "StageSpectralNorm",
+           "fold_batchnorm", "bn_scale", "check_mu", "ResidualStack", "LayerResidual", "transformer_encoder_adapter",
+           "check_residual_model", "sequence_error", "sequence_loss", "zoo"]

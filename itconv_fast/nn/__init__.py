@@ -1,0 +1,15 @@
+"""What users put into their own models: spectral normalization of any Linear / ConvNd / ConvTransposeNd layer
+(per layer, or batched over a whole model) and soft gradient coupling of same-shaped blocks. Builds on ops.
+
+Files: `geometry` (a layer's linear map and the power steps of same-geometry groups), `parametrization`
+(`spectral_norm`), `batched` (`BatchedSpectralNorm`), `coupling` (`GradientCoupler`).
+"""
+
+from .batched import BatchedSpectralNorm
+from .coupling import GradientCoupler, groups_from_blocks
+from .geometry import MODES, LayerGeometry, gram_sigmas, layer_geometry, supported_layer
+from .parametrization import SpectralNorm, spectral_norm
+from ..ops.spectral import gram_bound_nd
+
+__all__ = ["MODES", "SpectralNorm", "spectral_norm", "BatchedSpectralNorm", "supported_layer", "layer_geometry",
+           "LayerGeometry", "gram_sigmas", "gram_bound_nd", "GradientCoupler", "groups_from_blocks"]
