@@ -9,6 +9,33 @@ import click
 from .params import FiniteFloatRange
 
 
+def parse_objectives(ctx, param, values):
+    """--objective NAME:WEIGHT (repeatable) -> {name: weight}, or None when not given."""
+    if not values:
+        return None
+    import math
+
+    from itconv_fast.experiments.config import OBJECTIVE_NAMES
+
+    objectives = {}
+    for text in values:
+        name, sep, weight_text = text.partition(":")
+        if not sep or not name:
+            raise click.BadParameter(f"{text!r}: expected NAME:WEIGHT, e.g. fixed-point:0.1", ctx, param)
+        if name not in OBJECTIVE_NAMES:
+            raise click.BadParameter(f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVE_NAMES)}", ctx, param)
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            weight = float("nan")
+        if not math.isfinite(weight) or weight < 0:
+            raise click.BadParameter(f"{text!r}: the weight must be a finite number >= 0", ctx, param)
+        if name in objectives:
+            raise click.BadParameter(f"{name} is given twice", ctx, param)
+        objectives[name] = weight
+    return objectives
+
+
 @click.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="YAML file of train options (keys as below, with _ for -); flags given here override it. "
@@ -36,6 +63,13 @@ from .params import FiniteFloatRange
 @click.option("--init", type=click.Choice(["auto", "nonrecurrent", "recurrent"]), default=None,
               help="auto: recurrent when --lam > 0 (the paper).")
 @click.option("--bn-gamma-init", type=FiniteFloatRange(), default=None)
+@click.option("--objective", "objectives", multiple=True, metavar="NAME:WEIGHT", callback=parse_objectives,
+              help="An extra loss term and its weight (repeatable): extra-iterations, fixed-point, jacobian-frobenius, "
+                   "jacobian-spectral; e.g. --objective fixed-point:0.1.")
+@click.option("--objective-k", type=click.IntRange(min=1), default=None,
+              help="K_train of extra-iterations: each step applies a stage's last block k <= K_train more times (default 16).")
+@click.option("--objective-rho", type=FiniteFloatRange(min=0.0), default=None,
+              help="The target sigma of jacobian-spectral: max(0, sigma - rho)^2 is penalised (default 0.9).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--accumulate", type=click.IntRange(min=1), default=None,
@@ -49,11 +83,12 @@ from .params import FiniteFloatRange
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def train(config_file, preset, dataset, data_dir, download, n_digits, train_size, test_size, width, blocks, stages, lam,
-          coupling_kernel, skip_first, sn_mu, sn_mode, pcr, init, bn_gamma_init, epochs, batch_size, accumulate, lr, weight_decay,
-          seed, device, out, resume, compile_, no_progress) -> None:
+          coupling_kernel, skip_first, sn_mu, sn_mode, pcr, init, bn_gamma_init, objectives, objective_k, objective_rho,
+          epochs, batch_size, accumulate, lr, weight_decay, seed, device, out, resume, compile_, no_progress) -> None:
     """Train the paper's ResNet with soft gradient coupling and a Lipschitz constraint.
 
-    Examples: itconv-fast train --lam 0.5 --sn-mu 0.95; itconv-fast train --config run.yaml --seed 1
+    Examples: itconv-fast train --lam 0.5 --sn-mu 0.95; itconv-fast train --objective fixed-point:0.1;
+    itconv-fast train --config run.yaml --seed 1
     """
 
     from itconv_fast.experiments import training
@@ -63,7 +98,8 @@ def train(config_file, preset, dataset, data_dir, download, n_digits, train_size
     flags = dict(dataset=dataset, data_dir=data_dir, download=download or None, n_digits=n_digits,
                  train_size=train_size, test_size=test_size, width=width, blocks=blocks, stages=stages, lam=lam,
                  coupling_kernel=coupling_kernel, skip_first=skip_first, sn_mu=sn_mu, sn_mode=sn_mode, pcr=pcr, init=init,
-                 bn_gamma_init=bn_gamma_init, epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr,
+                 bn_gamma_init=bn_gamma_init, objectives=objectives, objective_k=objective_k,
+                 objective_rho=objective_rho, epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr,
                  weight_decay=weight_decay, seed=seed, device=device, compile=compile_)
     flags = {k: v for k, v in flags.items() if v is not None}
     config = resolve_train_config(config_file, preset, flags)
@@ -82,12 +118,14 @@ def train(config_file, preset, dataset, data_dir, download, n_digits, train_size
         raise click.BadParameter(str(exc), param_hint="--data-dir") from exc
     if out is None:
         mu = "none" if config.sn_mu is None else f"{config.sn_mu:g}"
-        out = os.path.join("runs", f"{config.dataset}-lam{config.lam:g}-mu{mu}-seed{config.seed}")
+        extra = "".join(f"-{name}{weight:g}" for name, weight in config.objectives.items())
+        out = os.path.join("runs", f"{config.dataset}-lam{config.lam:g}-mu{mu}{extra}-seed{config.seed}")
     if os.path.exists(os.path.join(out, "checkpoint.pt")) and not resume:
         raise click.BadParameter(f"{out} already holds a run; pass --resume to continue it or choose another --out",
                                  param_hint="--out")
     click.echo(f"training {config.dataset} (preset {config.preset}): width {config.width}, {config.stages} x {config.blocks} blocks, "
-               f"lam {config.lam}, sn_mu {config.sn_mu} ({config.sn_mode}), init {config.resolved_init()} -> {out}")
+               f"lam {config.lam}, sn_mu {config.sn_mu} ({config.sn_mode}), init {config.resolved_init()}"
+               + "".join(f", {name} x {weight:g}" for name, weight in config.objectives.items()) + f" -> {out}")
     try:
         metrics = training.train(config, out, resume=resume, progress=not no_progress, task=task)
     except CheckpointError as exc:

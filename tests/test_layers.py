@@ -13,7 +13,7 @@ PACKAGE = ROOT / "itconv_fast"
 CLI = ROOT / "cli"
 
 # Rank of each layer: a module may import from its own layer and from lower ranks only.
-RANKS = {"io": 0, "ops": 0, "data": 0, "nn": 1, "models": 2, "measures": 3, "experiments": 4, "bench": 5,
+RANKS = {"io": 0, "ops": 0, "data": 0, "nn": 1, "models": 2, "measures": 3, "objectives": 3, "experiments": 4, "bench": 5,
          "": 6, "cli": 7}
 
 

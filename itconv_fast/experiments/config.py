@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 __all__ = ["TrainConfig", "PRESETS", "ConfigError", "config_from", "build_config", "load_config_file",
@@ -67,6 +67,9 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     cache_dir: Optional[str] = None
+    objectives: dict = field(default_factory=dict)  # extra loss terms, {name: weight} (itconv_fast.objectives)
+    objective_k: int = 16  # K_train of the extra-iteration loss
+    objective_rho: float = 0.9  # the target sigma of the spectral Jacobian penalty
     preset: str = "quick"
 
     def __post_init__(self) -> None:
@@ -146,6 +149,28 @@ def _text(optional):
     return check
 
 
+# The objectives' names (itconv_fast.objectives.OBJECTIVES), kept here so that configurations are checked without
+# importing the objectives (tests/test_objectives.py checks that the two lists agree).
+OBJECTIVE_NAMES = ("extra-iterations", "fixed-point", "jacobian-frobenius", "jacobian-spectral")
+
+
+def _objectives(key, v):
+    """{name: weight}, names from OBJECTIVE_NAMES, weights finite and >= 0; returned sorted by name."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"{key}: must be a mapping of objective names to weights, got {v!r}", key)
+    checked = {}
+    for name in sorted(v, key=str):
+        if name not in OBJECTIVE_NAMES:
+            raise ConfigError(f"{key}: unknown objective {name!r}; expected one of {', '.join(OBJECTIVE_NAMES)}", key)
+        weight = v[name]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"{key}: the weight of {name} must be a finite number >= 0, got {weight!r}", key)
+        checked[name] = float(weight)
+    return checked
+
+
 _CHECKS = {
     "dataset": _choice(DATASETS), "data_dir": _text(True), "download": _bool, "n_digits": _int(1),
     "train_size": _int(1, True), "test_size": _int(1, True), "width": _int(1), "blocks": _int(1), "stages": _int(1),
@@ -154,6 +179,7 @@ _CHECKS = {
     "pcr": _bool, "init": _choice(INIT_CHOICES), "bn_gamma_init": _float(), "epochs": _int(1), "batch_size": _int(1),
     "accumulate": _int(1), "lr": _float(0.0, low_open=True), "weight_decay": _float(0.0), "warmup_epochs": _float(0.0),
     "seed": _int(), "device": _text(False), "compile": _bool, "cache_dir": _text(True), "preset": _choice(tuple(PRESETS)),
+    "objectives": _objectives, "objective_k": _int(1), "objective_rho": _float(0.0),
 }
 assert set(_CHECKS) == set(FIELDS), "every TrainConfig field needs a check"
 

@@ -24,7 +24,8 @@ __all__ = ["read_results", "group_trials", "write_report"]
 
 CONFIG_COLUMNS = ("dataset", "n_digits", "train_size", "test_size", "width", "blocks", "stages", "lam",
                   "coupling_kernel", "coupling_bandwidth", "skip_first", "sn_mu", "sn_mode", "pcr", "init_resolved",
-                  "bn_gamma_init", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "preset")
+                  "bn_gamma_init", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "preset", "objectives",
+                  "objective_k", "objective_rho")
 METRICS = ("final_test_error", "ci", "ri", "di")
 
 

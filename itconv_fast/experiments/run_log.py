@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,13 +33,15 @@ TENSORBOARD_TAGS = {"train_loss": "loss/train", "test_loss": "loss/test", "train
                     "test_error": "error/test", "lr": "lr", "seconds": "seconds_per_epoch"}
 
 
-def write_metrics_csv(path: str, epochs: list) -> None:
-    """metrics.csv: one row per epoch, the columns of EPOCH_FIELDS (for spreadsheets and pandas)."""
+def write_metrics_csv(path: str, epochs: list, objectives: Sequence[str] = ()) -> None:
+    """metrics.csv: one row per epoch, the columns of EPOCH_FIELDS and one per objective, named after it (the
+    term's mean over the epoch's examples), for spreadsheets and pandas."""
     import csv
     import io
 
     text = io.StringIO()
-    out = csv.DictWriter(text, fieldnames=EPOCH_FIELDS, extrasaction="ignore", lineterminator="\n")
+    out = csv.DictWriter(text, fieldnames=list(EPOCH_FIELDS) + list(objectives), extrasaction="ignore",
+                         lineterminator="\n")
     out.writeheader()
     out.writerows(epochs)
     atomic_write_text(path, text.getvalue())

@@ -4,16 +4,22 @@
 A step is `accumulate` micro-batches: each runs forward and backward (under DDP only the last one
 all-reduces, inside its backward); after the last, the gradient coupler mixes the gradients (after the
 all-reduce, before the optimizer) and the optimizer and scheduler step.
+
+Extra loss terms plug in here, and only here: `objectives` (itconv_fast.objectives) are computed after each
+micro-batch's forward from the stage activations it recorded, and `weight * term` is added to the task loss
+(a weight of 0 computes and logs the term without training on it: the step is then the plain one, bit for bit).
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Optional, Sequence
 
 import torch
 
 from ..data import datasets
 from ..nn.coupling import GradientCoupler
+from ..objectives import Objective, ObjectiveContext, record_stages
 
 __all__ = ["TrainStep", "autocast"]
 
@@ -27,16 +33,33 @@ def autocast(device: torch.device):
 
 class TrainStep:
     """`step(x, y, m)` runs micro-batch m (0..accumulate-1) of a step and returns (loss, logits), both
-    detached; the optimizer steps after micro-batch accumulate-1.
+    detached (the task loss, without the objectives); the optimizer steps after micro-batch accumulate-1.
 
-    net: the module that runs forward (the model, or its DDP / compiled wrapper); distributed: whether net
-    is DDP (its no_sync skips the all-reduce of all micro-batches but the last).
+    net: the module that runs forward (the model, or its DDP / compiled wrapper); model: the residual model
+    inside it (for the objectives; default net); distributed: whether net is DDP (its no_sync skips the
+    all-reduce of all micro-batches but the last). objectives: extra loss terms; their values of the last
+    micro-batch are in `last_terms` ({name: float}) and their parts in `last_parts` ({name: {part: float}}).
+    seed: with the step count and the micro-batch index, seeds the objectives' random draws (a resumed run
+    draws what the uninterrupted one drew).
     """
 
     def __init__(self, net: torch.nn.Module, task: datasets.Task, optimizer: torch.optim.Optimizer, scheduler,
-                 coupler: GradientCoupler, *, device: torch.device, accumulate: int = 1, distributed: bool = False):
+                 coupler: GradientCoupler, *, device: torch.device, accumulate: int = 1, distributed: bool = False,
+                 objectives: Sequence[Objective] = (), model: Optional[torch.nn.Module] = None, seed: int = 0):
         self.net, self.task, self.optimizer, self.scheduler, self.coupler = net, task, optimizer, scheduler, coupler
         self.device, self.accumulate, self.distributed = device, accumulate, distributed
+        self.objectives = list(objectives)
+        names = [o.name for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"TrainStep: an objective is given twice ({names})")
+        self.model = net if model is None else model
+        self.seed = seed
+        self.last_terms: dict = {}
+        self.last_parts: dict = {}
+
+    def _generator(self, m: int) -> torch.Generator:
+        steps_taken = getattr(self.scheduler, "last_epoch", 0)
+        return torch.Generator().manual_seed(((self.seed * 1_000_003) + steps_taken) * 1024 + m)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cuda":
@@ -45,10 +68,22 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
         skip_sync = self.distributed and m < self.accumulate - 1
         with self.net.no_sync() if skip_sync else contextlib.nullcontext():
-            with autocast(self.device):
-                logits = self.net(x)
+            with record_stages(self.model) if self.objectives else contextlib.nullcontext() as stages:
+                with autocast(self.device):
+                    logits = self.net(x)
             loss = self.task.loss(logits.float(), y)
-            (loss / self.accumulate).backward()
+            total = loss
+            if self.objectives:
+                context = ObjectiveContext(self.model, stages.inputs, stages.outputs, x, y, self.task.loss,
+                                           self._generator(m))
+                for objective in self.objectives:
+                    with autocast(self.device):
+                        term = objective(context)
+                    self.last_terms[objective.name] = term.value.item()
+                    self.last_parts[objective.name] = term.parts
+                    if objective.weight != 0:
+                        total = total + objective.weight * term.value.float()
+            (total / self.accumulate).backward()
         if m == self.accumulate - 1:
             self.coupler()  # after the all-reduce, before the step
             self.optimizer.step()

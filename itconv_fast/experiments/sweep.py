@@ -127,6 +127,8 @@ def load_sweep(path: str) -> SweepSpec:
 def _format(value) -> str:
     if value is None:
         return "none"
+    if isinstance(value, dict):  # objectives: {name: weight} -> name:weight+name:weight ("none" when empty)
+        return "+".join(f"{k}:{_format(v)}" for k, v in value.items()) or "none"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
@@ -299,7 +301,8 @@ def collect_results(spec: SweepSpec, out_dir: str) -> list:
             continue
         with open(path, encoding="utf-8") as f:
             stored = json.load(f)
-        rows.append({"trial": t.name, **stored["config"], **stored["result"]})
+        config = {k: (_format(v) if isinstance(v, dict) else v) for k, v in stored["config"].items()}
+        rows.append({"trial": t.name, **config, **stored["result"]})
     columns = ["trial", *FIELDS]
     for row in rows:
         columns += [k for k in row if k not in columns]

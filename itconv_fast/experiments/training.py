@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..io.checkpoint import (CheckpointError, atomic_save, atomic_write_json, load_checkpoint_state,
-                         rng_state, save_checkpoint, set_rng_state)
 from ..data import datasets
+from ..io.checkpoint import (CheckpointError, atomic_save, atomic_write_json, load_checkpoint_state,
+                             rng_state, save_checkpoint, set_rng_state)
 from ..models import IterResNet
 from ..nn.coupling import GradientCoupler
+from ..objectives import make_objective
 from .config import PRESETS, TrainConfig, build_config, config_from, write_config_file  # noqa: F401 (re-exported)
 from .run_log import TENSORBOARD_TAGS, environment, event_writer, write_metrics_csv
 from .step import TrainStep, autocast
@@ -77,6 +78,14 @@ def evaluate(model, task: datasets.Task, split: datasets.Split, device, batch_si
         n += x.shape[0]
     model.train(was)
     return loss_sum / max(n, 1), wrong / max(n, 1)
+
+
+def objective_values(step: TrainStep) -> dict:
+    """The last micro-batch's objective terms and their numeric parts, as {name: v, "name/part": v}."""
+    values = dict(step.last_terms)
+    for name, parts in step.last_parts.items():
+        values.update({f"{name}/{part}": float(v) for part, v in parts.items() if isinstance(v, (int, float))})
+    return values
 
 
 def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
@@ -131,8 +140,9 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
     if resume and os.path.exists(ckpt_path):
         state = load_checkpoint_state(ckpt_path, map_location=device,
                                       required=("model", "optimizer", "scheduler", "rng", "epoch", "epochs", "config"))
-        if state["config"] != dataclasses.asdict(config):
-            changed = sorted(k for k in state["config"] if state["config"][k] != dataclasses.asdict(config).get(k))
+        saved = {**dataclasses.asdict(TrainConfig()), **state["config"]}  # fields added since take their defaults
+        if saved != dataclasses.asdict(config):
+            changed = sorted(k for k in saved if saved[k] != dataclasses.asdict(config).get(k))
             raise ValueError(f"cannot resume {out_dir}: its configuration differs in {changed}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -153,8 +163,10 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         net = torch.compile(net)
+    objectives = [make_objective(name, weight, k=config.objective_k, rho=config.objective_rho)
+                  for name, weight in config.objectives.items()]
     step = TrainStep(net, task, optimizer, scheduler, coupler, device=device, accumulate=config.accumulate,
-                     distributed=distributed)
+                     distributed=distributed, objectives=objectives, model=model, seed=config.seed)
 
     from tqdm.auto import tqdm
 
@@ -172,12 +184,15 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
         n_steps = len(order) // config.batch_size
         mine = order[: n_steps * config.batch_size].view(n_steps, world, config.accumulate, micro)[:, rank].reshape(-1)
         loss_sum, wrong, seen = 0.0, 0, 0
+        term_sums: dict = {}  # objective name (and name/part) -> sum over examples
         batch_bar = tqdm(datasets.batches(task, task.train, micro, train=True, generator=generator, device=device,
                                           indices=mine),
                          total=n_steps * config.accumulate, desc=f"epoch {epoch + 1}", leave=False, disable=not show)
         for i, (x, y) in enumerate(batch_bar):
             loss, logits = step(x, y, i % config.accumulate)
             loss_sum += loss.item() * x.shape[0]
+            for key, value in objective_values(step).items():
+                term_sums[key] = term_sums.get(key, 0.0) + value * x.shape[0]
             wrong += (~task.correct(logits.float(), y)).sum().item()
             seen += x.shape[0]
             batch_bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -191,6 +206,7 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - started,
         }
+        record.update({key: total / max(seen, 1) for key, total in term_sums.items()})
         metrics["epochs"].append(record)
         if rank == 0:
             save_checkpoint({"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
@@ -198,9 +214,11 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
                              "epochs": metrics["epochs"], "config": dataclasses.asdict(config),
                              "resumed_at_epochs": metrics.get("resumed_at_epochs", [])}, ckpt_path)
             atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)
-            write_metrics_csv(os.path.join(out_dir, "metrics.csv"), metrics["epochs"])
+            write_metrics_csv(os.path.join(out_dir, "metrics.csv"), metrics["epochs"], objectives=list(config.objectives))
             for key, tag in TENSORBOARD_TAGS.items():
                 writer.add_scalar(tag, record[key], epoch + 1)
+            for key in term_sums:
+                writer.add_scalar(f"objective/{key}", record[key], epoch + 1)
             writer.flush()
             if on_epoch is not None:
                 on_epoch(record)

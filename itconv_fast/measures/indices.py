@@ -28,6 +28,8 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
+from ..models.residual import block_update, check_residual_model
+
 __all__ = ["compute_indices", "IndexReport", "StageIndices", "index_flops"]
 
 METHODS = ("cached", "reference")
@@ -89,9 +91,7 @@ class _Counter:
         self.wrong[key] = self.wrong.get(key, 0.0) + float(wrong)
 
 
-def _stage_step(stage, block, z, x_s):
-    """One block update: z + f~(z) (ICR) or x_s + f~(z) (PCR)."""
-    return (x_s if stage.pcr else z) + block.residual(z)
+_stage_step = block_update  # one block update: z + f~(z) (ICR) or x_s + f~(z) (PCR)
 
 
 def _run_stage(stage, x_s, *, stop_after=None, drop=None, extra=0):
@@ -295,8 +295,6 @@ def compute_indices(
         raise ValueError(f"compute_indices: method must be one of {METHODS}, got {method!r}")
     if batch_size < 1:
         raise ValueError(f"compute_indices: batch_size must be >= 1, got {batch_size}")
-    from ..models.residual import check_residual_model
-
     check_residual_model(model, "compute_indices")
     counter, norms, n, num_classes = _evaluate(model, data, extra_iterations, method, error_fn, batch_size)
     return _index_report(model, counter, norms, n, num_classes, extra_iterations, method, chance_error)

@@ -25,7 +25,12 @@ import torch
 from torch import nn
 
 __all__ = ["ResidualStack", "transformer_encoder_adapter", "check_residual_model", "sequence_error", "sequence_loss",
-           "LayerResidual"]
+           "LayerResidual", "block_update"]
+
+
+def block_update(stage, block, z: torch.Tensor, x_s: torch.Tensor) -> torch.Tensor:
+    """One block update of a residual model's stage: z + f(z), or x_s + f(z) when the stage is PCR."""
+    return (x_s if stage.pcr else z) + block.residual(z)
 
 
 def check_residual_model(model, where: str = "itconv-fast") -> None:
