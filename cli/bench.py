@@ -176,13 +176,16 @@ def bench_analysis(width, blocks, examples, rounds, out, device) -> None:
 @click.option("--batch", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--sn-mode", type=click.Choice(["operator", "matrix", "gram"]), default="operator", show_default=True)
 @click.option("--min-run-time", type=FiniteFloatRange(min=0.01), default=10.0, show_default=True)
+@click.option("--objectives/--no-objectives", default=True, show_default=True,
+              help="Also one row per objective (itconv_fast.objectives, weight 1) on the plain network.")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None)
 @_device_option
-def bench_train_step(width, blocks, batch, sn_mode, min_run_time, out, device) -> None:
-    """Overhead of coupling and spectral normalization on one training step of the paper's ResNet-101."""
+def bench_train_step(width, blocks, batch, sn_mode, min_run_time, objectives, out, device) -> None:
+    """Overhead of coupling, spectral normalization and the objectives on one training step of the paper's ResNet."""
     from itconv_fast import bench as bench_lib
 
-    report, table = bench_lib.run_train_step_benchmark(width, blocks, batch, device, min_run_time, sn_mode)
+    report, table = bench_lib.run_train_step_benchmark(width, blocks, batch, device, min_run_time, sn_mode,
+                                                       objectives=objectives)
     click.echo(table)
     for case, ratio in report["ratios"][f"width {width}"].items():
         click.echo(f"{case}: {100 * (ratio - 1):+.1f}% vs plain")

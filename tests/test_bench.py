@@ -64,7 +64,7 @@ def test_bench_without_subcommand_writes_one_combined_report(tmp_path, monkeypat
                                                               "cached"))
     monkeypatch.setattr(bench.suite, "run_train_step_benchmark", fake("train", {8: {
         "plain": 1.0, "coupling (lam 0.5)": 1.01, "spectral norm (operator, 1 power step)": 1.02,
-        "coupling + spectral norm": 1.05}}, "plain"))
+        "coupling + spectral norm": 1.05, "objective: fixed-point (weight 1)": 1.3}}, "plain"))
     def fake_lipschitz(*args, **kwargs):
         overheads = dict(zip(bench.LIPSCHITZ_CASES, (0.0, 0.2, 0.1, 0.08, 0.3, 0.25)))
         rows = [{"setting": "resnet18, batch 4, 64x64", "case": c, "overhead_s": o, "median_s": 1 + o}
@@ -84,6 +84,7 @@ def test_bench_without_subcommand_writes_one_combined_report(tmp_path, monkeypat
     assert by[("indices", "cached", "reference")]["baseline_median_s"] == 3.0
     assert by[("train_step", "coupling+spectral_norm", "plain_step")]["speedup"] == pytest.approx(1 / 1.05)
     assert by[("train_step", "coupling", "plain_step")]["median_s"] == 1.01
+    assert by[("train_step", "objective:fixed-point", "plain_step")]["speedup"] == pytest.approx(1 / 1.3)
     drop_in = by[("spectral_norm_drop_in", "batched_matrix", "torch_spectral_norm")]
     assert (drop_in["median_s"], drop_in["baseline_median_s"]) == (0.08, 0.2)  # overheads over the plain step
     # operator mode is a different quantity from torch's: not a row of the combined report
@@ -125,3 +126,13 @@ def test_a_fallback_run_is_labelled_as_the_reference_in_every_table(monkeypatch)
     assert table.startswith("[BACKEND: pure-PyTorch reference")
     assert report["machine"]["backend"].startswith("pure-PyTorch reference")
     assert "cpu_isa" in report["machine"] and "cuda_arch_list" in report["machine"]
+
+
+def test_train_step_cases_time_every_objective_through_the_training_step():
+    from itconv_fast.bench.train_step import OBJECTIVE_CASE, train_step_cases
+    from itconv_fast.objectives import OBJECTIVES
+
+    cases = train_step_cases(width=2, blocks=2, batch=4, objectives=True)
+    assert {OBJECTIVE_CASE.format(name) for name in OBJECTIVES} <= set(cases)
+    for fn in cases.values():
+        fn()

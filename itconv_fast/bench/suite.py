@@ -74,7 +74,10 @@ def run_all(quick: bool = False, device: str = "cpu", log=print) -> dict:
     for case, median in rows.items():
         if case == "plain":
             continue
-        variant = next(v for prefix, v in sorted(_TRAIN_STEP.items(), key=lambda kv: -len(kv[0])) if case.startswith(prefix))
+        if case.startswith("objective: "):
+            variant = "objective:" + case.split()[1]
+        else:
+            variant = next(v for prefix, v in sorted(_TRAIN_STEP.items(), key=lambda kv: -len(kv[0])) if case.startswith(prefix))
         results.append(_entry("train_step", variant, "plain_step", f"ResNet-{6 * blocks + 5}-{width}, batch {batch}",
                               median, rows["plain"]))
     log("lipschitz ...")
