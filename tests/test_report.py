@@ -84,3 +84,29 @@ def test_figures_are_drawn_and_linked(sweep_dir, tmp_path):
 def test_report_of_a_directory_without_results_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "results.csv" in result.output
+
+
+def test_objectives_get_the_error_against_di_figure_and_stay_out_of_the_papers_figures(tmp_path):
+    spec = sweeps.parse_sweep({"base": BASE, "grid": [
+        {"objectives": [{"fixed-point": 1.0}, {"extra-iterations": 0.5}], "seed": [0, 1]},
+        {"seed": [0, 1]}, {"sn_mu": [0.95], "pcr": [False, True], "seed": [0]}]}, "s.yaml")
+    out = tmp_path / "sweep"
+    sweeps.check_out_dir(spec, str(out))
+    trials = sweeps.expand(spec)
+    assert [t.name for t in trials][:2] == ["objectives=fixed-point:1,seed=0", "objectives=fixed-point:1,seed=1"]
+    for i, trial in enumerate(trials):
+        folder = out / "trials" / trial.name
+        folder.mkdir(parents=True)
+        row = {"final_test_error": 0.1 + 0.01 * i, "final_train_error": 0.05, "final_test_loss": 1.0,
+               "chance_error": 0.99, "epochs_run": 1, "ci": 0.5, "ri": 0.9, "di": 0.05 * i,
+               "ci_s1": 0.5, "ri_s1": 0.9, "di_s1": 0.05 * i, "train_seconds": 1.0}
+        (folder / "result.json").write_text(json.dumps({"config": dataclasses.asdict(trial.config), "result": row}))
+    rows = sweeps.collect_results(spec, str(out))
+    assert rows[0]["objectives"] == "fixed-point:1" and rows[4]["objectives"] == "none"
+    md = open(write_report(str(out))).read()
+    assert (out / "report-error-di.png").stat().st_size > 10_000
+    assert "objectives=fixed-point:1" in md and "objectives=extra-iterations:0.5" in md
+    # Fig 2b (ordinary networks) draws only the two trials without objectives or SN.
+    from itconv_fast.experiments.report import _is_plain, read_results
+
+    assert sum(_is_plain(r) for r in read_results(str(out))) == 2

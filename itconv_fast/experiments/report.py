@@ -103,8 +103,15 @@ def _fmt(mean, sd, digits=3):
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
+def _objectives(row) -> str:
+    """The row's objectives as written in results.csv ("name:weight+..."), "" for none (or no such column)."""
+    value = row.get("objectives")
+    return "" if value in (None, "none") else str(value)
+
+
 def _is_plain(row) -> bool:
-    return row["sn_mu"] is None and not row["pcr"]
+    """The paper's networks without spectral normalization and without extra objectives."""
+    return row["sn_mu"] is None and not row["pcr"] and not _objectives(row)
 
 
 def _plt():
@@ -223,6 +230,59 @@ def _fig4a(rows, path) -> bool:
     return True
 
 
+def _variant(row) -> tuple:
+    """(family, label) of a trial on the error-against-DI figure."""
+    if _objectives(row):
+        return _objectives(row).split(":")[0], _objectives(row).replace("+", " + ")
+    if row["sn_mu"] is not None:
+        name = "PCR" if row["pcr"] else "ICR"
+        return name, f"{name}, SN mu {row['sn_mu']:g}"
+    if row["lam"] > 0:
+        return "coupling", f"coupling lam {row['lam']:g}"
+    return "ordinary", "ordinary (lam 0, no SN)"
+
+
+_FAMILY_STYLE = {"ordinary": ("k", "s"), "coupling": ("0.5", "D"), "ICR": ("C0", "o"), "PCR": ("C3", "o"),
+                 "extra-iterations": ("C2", "^"), "fixed-point": ("C1", "v"), "jacobian-frobenius": ("C4", "P"),
+                 "jacobian-spectral": ("C5", "X")}
+
+
+def _fig_error_against_di(rows, path, threshold: float = 0.15) -> bool:
+    """The title question on one figure: test error against DI, one point per variant (mean ± sd over seeds, the
+    seeds as faint dots), the ordinary network, the paper's two objectives and the new ones on the same axes."""
+    if not any(_objectives(r) for r in rows):
+        return False
+    plt = _plt()
+    variants = OrderedDict()
+    for r in rows:
+        variants.setdefault(_variant(r), []).append(r)
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    members = OrderedDict()  # family -> its variants in order: a family's later variants (larger weights) draw larger
+    for family, label in variants:
+        members.setdefault(family, []).append(label)
+    for (family, label), rs in variants.items():
+        color, marker = _FAMILY_STYLE.get(family, ("C7", "o"))
+        rank, count = members[family].index(label), len(members[family])
+        size = 8 if count == 1 else 6 + 5 * rank / (count - 1)
+        ax.scatter([r["di"] for r in rs], [r["final_test_error"] for r in rs], color=color, marker=marker, s=14,
+                   alpha=0.3)
+        (dx, dsd, _), (ey, esd, _) = _mean_sd([r["di"] for r in rs]), _mean_sd([r["final_test_error"] for r in rs])
+        ax.errorbar([dx], [ey], xerr=[dsd], yerr=[esd], color=color, marker=marker, ms=size, mec="k", capsize=3,
+                    label=f"{label} (n={len(rs)})")
+    ax.axvline(threshold, color="0.6", ls="--", lw=1)
+    ax.text(threshold, ax.get_ylim()[1], f" DI {threshold:g}", color="0.4", fontsize=8, va="top")
+    ax.set_xlabel("Divergence Index (mean over stages; 0: extra iterations do no harm)")
+    ax.set_ylabel("final test error")
+    ax.set_xlim(-0.05, 1.05)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title("Do objectives that encourage convergence help? Test error against DI\n"
+                 "(mean ± sd over seeds; faint: single seeds; lower left is better)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_report(sweep_dir: str, out: str = None) -> str:
     """Writes the markdown report (default DIR/report.md) and its figures beside it; returns its path."""
     from ..io.checkpoint import atomic_write_text
@@ -243,6 +303,7 @@ def write_report(sweep_dir: str, out: str = None) -> str:
          lambda p: _lines_against_lam(rows, ("final_test_error",), ("test error",), p, "Fig 3b: error against lam (no SN)")),
         ("fig3c", "Fig 3c: error against CI and DI", lambda p: _fig3c(rows, p)),
         ("fig4a", "Fig 4a / S2 Fig: spectrally normalised ICR and PCR", lambda p: _fig4a(rows, p)),
+        ("error-di", "Test error against DI: objectives for convergence", lambda p: _fig_error_against_di(rows, p)),
     ):
         path = os.path.join(folder, f"{stem}-{name}.png")
         if draw(path):
