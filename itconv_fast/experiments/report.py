@@ -276,7 +276,8 @@ def _fig_error_against_di(rows, path, threshold: float = 0.15) -> bool:
     ax.set_xlim(-0.05, 1.05)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title("Do objectives that encourage convergence help? Test error against DI\n"
-                 "(mean ± sd over seeds; faint: single seeds; lower left is better)", fontsize=10)
+                 "(mean ± sd over seeds; faint: single seeds; larger marker: larger weight; lower left is better)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
