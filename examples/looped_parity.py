@@ -16,7 +16,14 @@ After training on strings of length --train-length with T iterations, `analyze` 
 k = 1 .. T + K (k > T repeats the last block, the stage's own block for lam = 1) on held-out strings of the
 training length and of --test-lengths, and the fixed-point traces of the last block.
 
+--objective NAME:WEIGHT adds an objective of `itconv_fast.objectives` to the loss, in this script's own loop
+(record the stages during the forward, build an ObjectiveContext, add weight * term), e.g. the extra-iteration
+("progressive") loss of Bansal et al. 2022, which asks the output to stay right for up to --objective-k more
+iterations of the last block.
+
     python examples/looped_parity.py --out docs/transformers/parity [--lams 0 1] [--steps 1500]
+    python examples/looped_parity.py --out docs/transformers/parity-extra-iterations --lams 1 \
+        --objective extra-iterations:1
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from torch import nn
 from itconv_fast import GradientCoupler, ResidualStack
 from itconv_fast.measures.analysis import analyze
 from itconv_fast.models.residual import sequence_error, sequence_loss
+from itconv_fast.objectives import ObjectiveContext, make_objective, record_stages
 
 
 def parity_data(n: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,13 +102,21 @@ def train_one(lam: float, args) -> tuple[ResidualStack, list]:
     optimizer = torch.optim.AdamW(stack.parameters(), lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(args.seed + 1)
+    objectives = [make_objective(name, weight, k=args.objective_k) for name, weight in args.objective]
     history, start, running, last = [], time.perf_counter(), 0.0, 0
     stack.train()
     for step in range(1, args.steps + 1):
         bits, target = parity_data(args.batch_size, args.train_length, generator)
-        loss = sequence_loss(stack(bits), target).mean()
+        with record_stages(stack) as stages:
+            logits = stack(bits)
+        loss = sequence_loss(logits, target).mean()
+        total = loss
+        if objectives:
+            context = ObjectiveContext(stack, stages.inputs, stages.outputs, bits, target,
+                                       lambda out, y: sequence_loss(out, y).mean(), generator)
+            total = total + sum(o.weight * o(context).value for o in objectives)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(stack.parameters(), 1.0)
         coupler()
         optimizer.step()
@@ -111,6 +127,11 @@ def train_one(lam: float, args) -> tuple[ResidualStack, list]:
             running, last = 0.0, step
             print(f"lam {lam}: step {step}: train loss {history[-1]['train_loss']:.4f}", flush=True)
     return stack, history
+
+
+def _objective(text: str) -> tuple[str, float]:
+    name, _, weight = text.partition(":")
+    return name, float(weight)
 
 
 def main(argv=None) -> dict:
@@ -129,6 +150,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--log-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--objective", type=_objective, action="append", default=[], metavar="NAME:WEIGHT",
+                        help="an extra loss term of itconv_fast.objectives (repeatable), e.g. extra-iterations:1")
+    parser.add_argument("--objective-k", type=int, default=12, help="K_train of extra-iterations")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,6 +161,7 @@ def main(argv=None) -> dict:
     lengths = [args.train_length] + [n for n in args.test_lengths if n != args.train_length]
     test = {n: parity_data(args.test_size, n, generator) for n in lengths}
     results = {"task": "running parity", "train_length": args.train_length, "iterations": args.iterations,
+               "objectives": dict(args.objective), "objective_k": args.objective_k,
                "extra": args.extra, "width": args.width, "steps": args.steps, "batch_size": args.batch_size,
                "lr": args.lr, "threads": torch.get_num_threads(), "runs": []}
     curves = []

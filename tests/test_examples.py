@@ -72,6 +72,17 @@ def test_looped_parity_example_learns_and_runs_past_its_iterations(tmp_path):
     assert (out / "parity.png").stat().st_size > 0
 
 
+def test_looped_parity_example_trains_with_an_objective(tmp_path):
+    out = tmp_path / "parity"
+    _run_example("looped_parity.py", ["--out", str(out), "--lams", "1", "--steps", "40", "--log-every", "20",
+                                      "--width", "16", "--iterations", "4", "--train-length", "8",
+                                      "--test-lengths", "16", "--extra", "4", "--test-size", "50", "--threads", "1",
+                                      "--objective", "extra-iterations:1", "--objective-k", "3"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["objectives"] == {"extra-iterations": 1.0} and results["objective_k"] == 3
+    assert results["runs"][0]["block_spread"] == 0.0
+
+
 def test_lipschitz_dropin_example_bounds_every_layer(tmp_path):
     """examples/lipschitz_dropin.py: torch's reshaped-kernel sigma under-reports a 3x3 conv's norm, and
     BatchedSpectralNorm(mu=1, operator) brings every layer's measured norm to <= 1 (power-iteration limit:
