@@ -44,7 +44,7 @@ def indices(run, extra_iterations, method, batch_size, test_size, device, plot, 
     from itconv_fast.data import vision
     from itconv_fast.experiments import evaluation, training
     from itconv_fast.io.checkpoint import CheckpointError, atomic_write_json
-    from itconv_fast.measures.indices import compute_indices
+    from itconv_fast.measures.indices import NonFiniteOutputsError, compute_indices
 
     path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
     if not os.path.isfile(path):
@@ -62,15 +62,19 @@ def indices(run, extra_iterations, method, batch_size, test_size, device, plot, 
         raise click.ClickException(str(exc)) from exc
     folder = os.path.dirname(os.path.abspath(path))
     analysis = None
-    if chosen == ("indices",):
-        report = compute_indices(model, data, extra_iterations=extra_iterations, method=method, chance_error=chance,
-                                 batch_size=batch_size, error_fn=error_fn)
-    else:
-        from itconv_fast.measures.analysis import analyze
+    try:
+        if chosen == ("indices",):
+            report = compute_indices(model, data, extra_iterations=extra_iterations, method=method, chance_error=chance,
+                                     batch_size=batch_size, error_fn=error_fn)
+        else:
+            from itconv_fast.measures.analysis import analyze
 
-        analysis = analyze(model, data, measures=chosen, extra_iterations=extra_iterations, threshold=threshold,
-                           chance_error=chance, error_fn=error_fn, loss_fn=loss_fn, batch_size=batch_size)
-        report = analysis.indices
+            analysis = analyze(model, data, measures=chosen, extra_iterations=extra_iterations, threshold=threshold,
+                               chance_error=chance, error_fn=error_fn, loss_fn=loss_fn, batch_size=batch_size)
+            report = analysis.indices
+    except NonFiniteOutputsError as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
+    if analysis is not None:
         atomic_write_json(os.path.join(folder, "analysis.json"), analysis.to_dict())
     out = os.path.join(folder, "indices.json")
     atomic_write_json(out, report.to_dict())

@@ -20,7 +20,9 @@ from .params import FiniteFloatRange
 @click.option("--gpus-per-run", type=FiniteFloatRange(min=0.0), default=0.0, show_default=True,
               help="GPUs Ray reserves per trial (fractions share a GPU).")
 @click.option("--quiet", is_flag=True, help="No Ray Tune progress tables.")
-def sweep(sweep_file, out, address, cpus_per_run, gpus_per_run, quiet) -> None:
+@click.option("--retry-diverged", is_flag=True,
+              help="Run diverged trials again, from their last good epoch (by default a divergence is a result).")
+def sweep(sweep_file, out, address, cpus_per_run, gpus_per_run, quiet, retry_diverged) -> None:
     """Train every configuration of a sweep file on Ray Tune, measure each network's indices, write
     OUT/results.csv (see docs/reproduction.md for the paper's sweeps)."""
     from itconv_fast.experiments import sweep as sweeps
@@ -38,18 +40,26 @@ def sweep(sweep_file, out, address, cpus_per_run, gpus_per_run, quiet) -> None:
         sweeps.check_out_dir(spec, out)
     except sweeps.SweepError as exc:
         raise click.BadParameter(str(exc), param_hint="--out") from None
-    todo = sweeps.pending(spec, out)
+    todo = sweeps.pending(spec, out, retry_diverged)
     click.echo(f"{len(trials)} trials, {len(trials) - len(todo)} already finished, running {len(todo)} -> {out}")
     try:
         rows = sweeps.run_sweep(spec, out, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
-                                verbose=0 if quiet else 1)
+                                verbose=0 if quiet else 1, retry_diverged=retry_diverged)
+    except sweeps.SweepLocked as exc:
+        raise click.BadParameter(str(exc), param_hint="--out") from None
     except sweeps.SweepError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{'trial':<40} {'test err':>8} {'CI':>6} {'RI':>6} {'DI':>6}")
+    except OSError as exc:  # a full disk: results.csv is written atomically, the previous one is kept
+        raise click.ClickException(f"{exc.filename or out}: {exc.strerror or exc}; the previous files are kept") from None
+    click.echo(f"{'trial':<40} {'status':>8} {'test err':>8} {'CI':>6} {'RI':>6} {'DI':>6}")
     for row in rows:
+        status = row.get("status", "ok")
+        if status != "ok":
+            click.echo(f"{row['trial']:<40} {status:>8} {row.get('reason', '')}")
+            continue
         values = [row.get(k) for k in ("ci", "ri", "di")]
         cells = " ".join("   nan" if v is None else f"{v:6.3f}" for v in values)
-        click.echo(f"{row['trial']:<40} {row['final_test_error']:8.4f} {cells}")
+        click.echo(f"{row['trial']:<40} {status:>8} {row['final_test_error']:8.4f} {cells}")
     click.echo(f"wrote {os.path.join(out, 'results.csv')} ({len(rows)} of {len(trials)} trials)")
 
 
@@ -65,4 +75,6 @@ def report(sweep_dir, out) -> None:
         path = reports.write_report(sweep_dir, out)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise click.BadParameter(str(exc).strip("'\""), param_hint="SWEEP_DIR") from None
+    except OSError as exc:  # a full disk: every file is written atomically, the previous ones are kept
+        raise click.ClickException(f"{exc.filename or out}: {exc.strerror or exc}; the previous files are kept") from None
     click.echo(f"wrote {path}")

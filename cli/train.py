@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
@@ -80,11 +81,15 @@ def parse_objectives(ctx, param, values):
 @click.option("--device", type=str, default=None, help="auto (default), cpu, cuda, cuda:N.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<dataset>-lam<lam>-mu<mu>-seed<seed>).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--restart-diverged", is_flag=True,
+              help="With --resume, on a run whose training diverged: continue from its last good epoch (--lr and "
+                   "--weight-decay may differ from the run's).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def train(config_file, preset, dataset, data_dir, download, n_digits, train_size, test_size, width, blocks, stages, lam,
           coupling_kernel, skip_first, sn_mu, sn_mode, pcr, init, bn_gamma_init, objectives, objective_k, objective_rho,
-          epochs, batch_size, accumulate, lr, weight_decay, seed, device, out, resume, compile_, no_progress) -> None:
+          epochs, batch_size, accumulate, lr, weight_decay, seed, device, out, resume, restart_diverged, compile_,
+          no_progress) -> None:
     """Train the paper's ResNet with soft gradient coupling and a Lipschitz constraint.
 
     Examples: itconv-fast train --lam 0.5 --sn-mu 0.95; itconv-fast train --objective fixed-point:0.1;
@@ -92,6 +97,7 @@ def train(config_file, preset, dataset, data_dir, download, n_digits, train_size
     """
 
     from itconv_fast.experiments import training
+    from itconv_fast.experiments.divergence import EXIT_DIVERGED, TrainingDiverged
     from itconv_fast.io.checkpoint import CheckpointError
     from itconv_fast.data import datasets, vision
 
@@ -126,10 +132,23 @@ def train(config_file, preset, dataset, data_dir, download, n_digits, train_size
     click.echo(f"training {config.dataset} (preset {config.preset}): width {config.width}, {config.stages} x {config.blocks} blocks, "
                f"lam {config.lam}, sn_mu {config.sn_mu} ({config.sn_mode}), init {config.resolved_init()}"
                + "".join(f", {name} x {weight:g}" for name, weight in config.objectives.items()) + f" -> {out}")
+    if restart_diverged and not resume:
+        raise click.BadParameter("--restart-diverged goes with --resume", param_hint="--restart-diverged")
     try:
-        metrics = training.train(config, out, resume=resume, progress=not no_progress, task=task)
+        metrics = training.train(config, out, resume=resume, progress=not no_progress, task=task,
+                                 restart_diverged=restart_diverged)
+    except TrainingDiverged as exc:
+        good = exc.record.get("epoch", 1) - 1
+        click.echo(f"{exc.describe()}; no step was taken with it; {out}/metrics.json says status: diverged; "
+                   + (f"{out}/checkpoint.pt is still epoch {good}'s" if good else "no epoch had finished")
+                   + f" (exit {EXIT_DIVERGED})", err=True)
+        sys.exit(EXIT_DIVERGED)
+    except training.RunDivergedError as exc:
+        raise click.BadParameter(str(exc), param_hint="--resume") from None
     except CheckpointError as exc:
         raise click.BadParameter(str(exc), param_hint="--resume") from None
+    except OSError as exc:  # a full disk, a write error: the previous files are intact (atomic writes)
+        raise click.ClickException(f"{exc.filename or out}: {exc.strerror or exc}; the previous files are kept") from None
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     last = metrics["epochs"][-1]

@@ -19,6 +19,7 @@ import pickle
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,7 +121,7 @@ def read_idx(path: str) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise DatasetFilesError(f"{path}: cannot read ({exc})") from exc
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DatasetFilesError(f"{path}: not an IDX file (bad magic number)")
@@ -228,7 +229,7 @@ def load_cifar(name: str, data_dir: str, train: bool) -> tuple[torch.Tensor, tor
                     raws.append((member.read(), f"{archive}:{spec['folder']}/{m}"))
         except KeyError as exc:
             raise DatasetFilesError(f"{archive}: lacks {spec['folder']}/{exc.args[0]}") from exc
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # zlib.error: corrupt deflate data
             raise DatasetFilesError(f"{archive}: corrupt or truncated archive ({exc})") from exc
     else:
         raise _missing(name.upper().replace("CIFAR", "CIFAR-"), [folder, data_dir],

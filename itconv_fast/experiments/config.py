@@ -98,13 +98,24 @@ PRESETS = {
 }
 
 
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+MAX_INT = 2**31 - 1  # no count or seed of a run is larger; a larger one is a typo or an attack, not a run
+
+
 # Field checks: each returns the normalised value (ints stay ints, numbers become floats) or raises.
 def _int(low=None, optional=False):
     def check(key, v):
         if v is None and optional:
             return None
-        if isinstance(v, bool) or not isinstance(v, int) or (low is not None and v < low):
+        if isinstance(v, bool) or not isinstance(v, int) or (low is not None and v < low) or abs(v) > MAX_INT:
             bound = f" >= {low}" if low is not None else ""
+            bound += f" and <= {MAX_INT}"
             raise ConfigError(f"{key}: must be an integer{bound}{' or null' if optional else ''}, got {v!r}", key)
         return v
     return check
@@ -114,7 +125,7 @@ def _float(low=None, high=None, low_open=False, optional=False):
     def check(key, v):
         if v is None and optional:
             return None
-        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and _finite(v)
         ok = ok and (low is None or (v > low if low_open else v >= low)) and (high is None or v <= high)
         if not ok:
             what = "a finite number"
@@ -165,7 +176,7 @@ def _objectives(key, v):
         if name not in OBJECTIVE_NAMES:
             raise ConfigError(f"{key}: unknown objective {name!r}; expected one of {', '.join(OBJECTIVE_NAMES)}", key)
         weight = v[name]
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not _finite(weight) or weight < 0:
             raise ConfigError(f"{key}: the weight of {name} must be a finite number >= 0, got {weight!r}", key)
         checked[name] = float(weight)
     return checked
@@ -185,9 +196,10 @@ assert set(_CHECKS) == set(FIELDS), "every TrainConfig field needs a check"
 
 
 def _check_keys(values: dict, where: str) -> None:
-    unknown = sorted(set(values) - set(FIELDS))
+    unknown = sorted((k for k in values if k not in FIELDS), key=repr)
     if unknown:
-        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+        names = ", ".join(k if isinstance(k, str) and k.isidentifier() else repr(k) for k in unknown)
+        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {names} "
                           f"(known: {', '.join(FIELDS)})", unknown[0])
 
 
@@ -216,12 +228,16 @@ def read_yaml(path: str, error=None):
     error = error or ConfigError
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            return yaml.safe_load(f)  # safe_load: plain data only, a !!python/object tag is an error, never code
     except OSError as exc:
         raise error(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except RecursionError:
+        raise error(f"{path}: nested too deeply") from None
+    except (yaml.YAMLError, ValueError, TypeError) as exc:  # ValueError: e.g. an integer of 5,000 digits
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid YAML"
-        raise error(f"{path}: not valid YAML ({first})") from None
+        raise error(f"{path}: not valid YAML ({first[:200]})") from None
 
 
 def load_config_file(path: str) -> dict:

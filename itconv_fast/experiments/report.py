@@ -57,6 +57,7 @@ def read_results(sweep_dir: str) -> list:
                 if row[key] is None:
                     row[key] = float("nan")
         row["init_resolved"] = row["init"] if row["init"] != "auto" else ("recurrent" if row["lam"] > 0 else "nonrecurrent")
+        row["status"] = row.get("status") or "ok"  # results from before statuses existed
     return rows
 
 
@@ -114,6 +115,14 @@ def _is_plain(row) -> bool:
     return row["sn_mu"] is None and not row["pcr"] and not _objectives(row)
 
 
+def _savefig(fig, path: str) -> None:
+    """A figure written atomically (a failed write keeps the previous PNG)."""
+    from ..io.checkpoint import atomic_file
+
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+
+
 def _plt():
     import matplotlib
 
@@ -143,7 +152,7 @@ def _fig2b(rows, path) -> bool:
     axes[0].set_ylabel("index")
     fig.suptitle(f"Fig 2b: ordinary networks (lam = 0, non-recurrent, no SN), {len(sel)} networks", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _savefig(fig, path)
     plt.close(fig)
     return True
 
@@ -175,7 +184,7 @@ def _lines_against_lam(rows, metrics, titles, path, suptitle) -> bool:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _savefig(fig, path)
     plt.close(fig)
     return True
 
@@ -197,7 +206,7 @@ def _fig3c(rows, path) -> bool:
     axes[0].legend(fontsize=8)
     fig.suptitle("Fig 3c: test error against CI and DI (networks without SN; one dot per network)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _savefig(fig, path)
     plt.close(fig)
     return True
 
@@ -225,7 +234,7 @@ def _fig4a(rows, path) -> bool:
     axes[0].invert_yaxis()
     fig.suptitle("Fig 4a / S2 Fig: spectrally normalised networks (blue ICR, red PCR; large dot: mean over seeds)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _savefig(fig, path)
     plt.close(fig)
     return True
 
@@ -279,7 +288,7 @@ def _fig_error_against_di(rows, path, threshold: float = 0.15) -> bool:
                  "(mean ± sd over seeds; faint: single seeds; larger marker: larger weight; lower left is better)",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _savefig(fig, path)
     plt.close(fig)
     return True
 
@@ -288,7 +297,10 @@ def write_report(sweep_dir: str, out: str = None) -> str:
     """Writes the markdown report (default DIR/report.md) and its figures beside it; returns its path."""
     from ..io.checkpoint import atomic_write_text
 
-    rows = read_results(sweep_dir)
+    all_rows = read_results(sweep_dir)
+    rows = [r for r in all_rows if r["status"] == "ok"]  # diverged and failed trials have no metrics to average
+    if not rows:
+        raise ValueError(f"{sweep_dir}: none of its {len(all_rows)} trials finished with status ok")
     out = out or os.path.join(sweep_dir, "report.md")
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
@@ -310,16 +322,22 @@ def write_report(sweep_dir: str, out: str = None) -> str:
         if draw(path):
             figures.append((title, os.path.basename(path)))
 
-    groups = group_trials(rows)
+    groups = group_trials(all_rows)
+    left_out = len(all_rows) - len(rows)
     lines = [f"# Sweep report: {os.path.basename(os.path.abspath(sweep_dir))}", "",
-             f"{len(rows)} finished trials in {len(groups)} groups (trials that differ only in their seed). "
+             f"{len(rows)} finished trials in {len(groups)} groups (trials that differ only in their seed)"
+             + (f"; {left_out} more diverged or failed and are left out of every mean and figure "
+                "(column 'left out'; their reasons are in the last table)" if left_out else "") + ". "
              "Values are mean ± standard deviation over seeds (sample sd; 0 for a single seed). Test error is the "
              f"final epoch's; chance error {rows[0]['chance_error']:.4f}. Indices: SPEC section 4.", "",
-             "## Groups", "", "| group | n | test error | CI | RI | DI | " + " | ".join(f"DI s{s}" for s in range(1, S + 1)) + " |",
-             "|---|---|---|---|---|---|" + "---|" * S]
-    for key, rs in groups.items():
+             "## Groups", "", "| group | n | test error | CI | RI | DI | " + " | ".join(f"DI s{s}" for s in range(1, S + 1))
+             + " | left out |", "|---|---|---|---|---|---|" + "---|" * S + "---|"]
+    for key, group in groups.items():
+        rs = [r for r in group if r["status"] == "ok"]
         cells = [_fmt(*_mean_sd([r[m] for r in rs])[:2], 4 if m == "final_test_error" else 3) for m in METRICS]
         cells += [_fmt(*_mean_sd([r[f"di_s{s}"] for r in rs])[:2]) for s in range(1, S + 1)]
+        dropped = [r["status"] for r in group if r["status"] != "ok"]
+        cells.append(", ".join(f"{dropped.count(s)} {s}" for s in sorted(set(dropped))) or "0")
         lines.append(f"| {_label(key)} | {len(rs)} | " + " | ".join(cells) + " |")
     lines += ["", "## Figures", ""]
     for title, name in figures:
@@ -336,5 +354,9 @@ def write_report(sweep_dir: str, out: str = None) -> str:
         for s in range(1, S + 1):
             cells += [num(r[f"ci_s{s}"]), num(r[f"ri_s{s}"]), num(r[f"di_s{s}"])]
         lines.append(f"| {r['trial']} | {r['seed']} | " + " | ".join(cells) + f" | {r['train_seconds']:.0f} |")
+    if left_out:
+        lines += ["", "## Diverged and failed trials", "", "| trial | seed | status | reason |", "|---|---|---|---|"]
+        lines += [f"| {r['trial']} | {r['seed']} | {r['status']} | {r.get('reason') or ''} |"
+                  for r in all_rows if r["status"] != "ok"]
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out

@@ -1,6 +1,9 @@
 """One training step, kept apart from the loop that drives epochs, checkpoints and logs (as timm's
 `train_one_epoch` and Lightning's `training_step` keep theirs).
 
+A non-finite loss (before its backward) or gradient norm (before coupling and the optimizer) raises
+`TrainingDiverged` (experiments/divergence.py): no step is taken with it.
+
 A step is `accumulate` micro-batches: each runs forward and backward (under DDP only the last one
 all-reduces, inside its backward); after the last, the gradient coupler mixes the gradients (after the
 all-reduce, before the optimizer) and the optimizer and scheduler step.
@@ -20,6 +23,7 @@ import torch
 from ..data import datasets
 from ..nn.coupling import GradientCoupler
 from ..objectives import Objective, ObjectiveContext, record_stages
+from .divergence import check_finite_gradients, check_finite_loss
 
 __all__ = ["TrainStep", "autocast"]
 
@@ -57,6 +61,9 @@ class TrainStep:
         self.last_terms: dict = {}
         self.last_parts: dict = {}
 
+    def optimizer_parameters(self):
+        return (p for group in self.optimizer.param_groups for p in group["params"])
+
     def _generator(self, m: int) -> torch.Generator:
         steps_taken = getattr(self.scheduler, "last_epoch", 0)
         return torch.Generator().manual_seed(((self.seed * 1_000_003) + steps_taken) * 1024 + m)
@@ -83,8 +90,11 @@ class TrainStep:
                     self.last_parts[objective.name] = term.parts
                     if objective.weight != 0:
                         total = total + objective.weight * term.value.float()
+            if not self.distributed:  # under DDP a NaN reaches every rank through the all-reduced gradients
+                check_finite_loss(total)  # before backward: a diverged step leaves every weight as it was
             (total / self.accumulate).backward()
         if m == self.accumulate - 1:
+            check_finite_gradients(self.optimizer_parameters())
             self.coupler()  # after the all-reduce, before the step
             self.optimizer.step()
             self.scheduler.step()

@@ -39,14 +39,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..io.checkpoint import atomic_write_json, atomic_write_text
+from ..io.checkpoint import atomic_write_json, atomic_write_text, json_safe
 from .config import FIELDS, ConfigError, TrainConfig, build_config, read_yaml
+from .sweep_lock import LOCK_NAME, SweepLocked, sweep_lock  # noqa: F401 (SweepLocked: what run_sweep raises)
 
 __all__ = ["SweepSpec", "Trial", "SweepError", "load_sweep", "expand", "run_sweep", "run_trial", "collect_results",
-           "RESULT_COLUMNS", "pending", "check_out_dir"]
+           "RESULT_COLUMNS", "pending", "check_out_dir", "trial_status", "STATUSES", "SweepLocked"]
 
+MAX_TRIALS = 10_000  # a grid larger than this is a mistake (or an attack), not a sweep
 INDEX_OPTIONS = {"extra_iterations": 16, "batch_size": 512, "test_size": None, "method": "cached"}
-RESULT_COLUMNS = ("final_test_error", "final_train_error", "final_test_loss", "chance_error", "epochs_run",
+STATUSES = ("ok", "diverged", "failed")  # of a trial, in results.csv's status column (with its reason)
+RESULT_COLUMNS = ("status", "reason", "final_test_error", "final_train_error", "final_test_loss", "chance_error", "epochs_run",
                   "ci", "ri", "di")  # then ci_s1, ri_s1, di_s1, ... per stage, then train_seconds, indices_seconds
 
 
@@ -82,7 +85,8 @@ def _yaml():
 def parse_sweep(values, where: str) -> SweepSpec:
     if not isinstance(values, dict):
         raise SweepError(f"{where}: a sweep file is a mapping with base, grid and (optionally) indices")
-    unknown = sorted(set(values) - {"base", "grid", "indices"})
+    unknown = sorted(k if isinstance(k, str) and k.isidentifier() else repr(k)
+                     for k in values if k not in ("base", "grid", "indices"))
     if unknown:
         raise SweepError(f"{where}: unknown top-level key {', '.join(unknown)} (known: base, grid, indices)")
     base = values.get("base") or {}
@@ -103,15 +107,19 @@ def parse_sweep(values, where: str) -> SweepSpec:
                 raise SweepError(f"{where}: grid: preset cannot vary (set it in base)")
             if not isinstance(options, list) or not options:
                 raise SweepError(f"{where}: grid: {key} must be a non-empty list of values, got {options!r}")
+    count = sum(math.prod(len(options) for options in g.values()) for g in grid)
+    if count > MAX_TRIALS:
+        raise SweepError(f"{where}: the grid has {count} trials; at most {MAX_TRIALS} (split it into several sweeps)")
     indices = dict(INDEX_OPTIONS)
     given = values.get("indices") or {}
     if not isinstance(given, dict) or set(given) - set(INDEX_OPTIONS):
         raise SweepError(f"{where}: indices takes only {', '.join(INDEX_OPTIONS)}")
     indices.update(given)
     for key in ("extra_iterations", "batch_size"):
-        if isinstance(indices[key], bool) or not isinstance(indices[key], int) or indices[key] < 1:
+        if isinstance(indices[key], bool) or not isinstance(indices[key], int) or not 1 <= indices[key] <= 2**31 - 1:
             raise SweepError(f"{where}: indices: {key} must be an integer >= 1, got {indices[key]!r}")
-    if indices["test_size"] is not None and (not isinstance(indices["test_size"], int) or indices["test_size"] < 1):
+    size = indices["test_size"]
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 2**31 - 1):
         raise SweepError(f"{where}: indices: test_size must be an integer >= 1 or null")
     if indices["method"] not in ("cached", "reference"):
         raise SweepError(f"{where}: indices: method must be cached or reference")
@@ -175,7 +183,7 @@ def check_out_dir(spec: SweepSpec, out_dir: str) -> None:
             raise SweepError(f"{out_dir} holds a different sweep (its sweep.yaml differs in {', '.join(changed) or 'form'}); "
                              "rerun with the sweep file it was started with, or choose another --out")
         return
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
+    if os.path.isdir(out_dir) and [name for name in os.listdir(out_dir) if name != LOCK_NAME]:
         raise SweepError(f"{out_dir} is not empty and holds no sweep.yaml: choose another --out")
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(spec.canonical(), sort_keys=False))
@@ -185,32 +193,55 @@ def trial_dir(out_dir: str, trial: Trial) -> str:
     return os.path.join(out_dir, "trials", trial.name)
 
 
-def _finished(out_dir: str, trial: Trial) -> bool:
+def trial_status(out_dir: str, trial: Trial):
+    """The status in the trial's result.json ("ok", "diverged" or "failed"; files from before statuses existed
+    are "ok"), or None when it has no readable result for this configuration."""
     path = os.path.join(trial_dir(out_dir, trial), "result.json")
-    if not os.path.exists(path):
-        return False
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f).get("config") == dataclasses.asdict(trial.config)
+            stored = json.load(f)
     except (OSError, ValueError):
-        return False
+        return None
+    if not isinstance(stored, dict) or stored.get("config") != dataclasses.asdict(trial.config):
+        return None
+    status = (stored.get("result") or {}).get("status", "ok")
+    return status if status in STATUSES else None
 
 
-def pending(spec: SweepSpec, out_dir: str) -> list:
-    """The trials of `spec` that have no finished result in out_dir."""
-    return [t for t in expand(spec) if not _finished(os.path.abspath(out_dir), t)]
+def _finished(out_dir: str, trial: Trial, retry_diverged: bool = False) -> bool:
+    status = trial_status(out_dir, trial)
+    return status == "ok" or (status == "diverged" and not retry_diverged)
 
 
-def run_trial(config: TrainConfig, out: str, indices: dict, report=None) -> dict:
+def pending(spec: SweepSpec, out_dir: str, retry_diverged: bool = False) -> list:
+    """The trials of `spec` without a finished result in out_dir: never run, failed, or (with retry_diverged)
+    diverged. A diverged trial is a result (the configuration diverges) and is not retried unless asked."""
+    return [t for t in expand(spec) if not _finished(os.path.abspath(out_dir), t, retry_diverged)]
+
+
+def _write_result(out: str, config: TrainConfig, row: dict) -> None:
+    atomic_write_json(os.path.join(out, "result.json"), {"config": dataclasses.asdict(config), "result": json_safe(row)})
+
+
+def run_trial(config: TrainConfig, out: str, indices: dict, report=None, retry_diverged: bool = False) -> dict:
     """Trains one configuration in `out` (resuming from its checkpoint if there is one), measures its
     indices, writes indices.json and result.json; returns the result row. `report(dict)` gets every epoch's
-    metrics (Ray Tune's tune.report in a sweep)."""
+    metrics (Ray Tune's tune.report in a sweep). A run that diverges is a result with status "diverged" and
+    the reason (no indices); retry_diverged restarts a diverged run from its last good epoch."""
     from . import training
+    from .divergence import TrainingDiverged
     from .evaluation import indices_of_run
 
     started = time.perf_counter()
-    resume = os.path.exists(os.path.join(out, "checkpoint.pt"))
-    metrics = training.train(config, out, resume=resume, progress=False, on_epoch=report)
+    resume = os.path.exists(os.path.join(out, "checkpoint.pt")) or training.previous_divergence(out) is not None
+    try:
+        metrics = training.train(config, out, resume=resume, progress=False, on_epoch=report,
+                                 restart_diverged=retry_diverged)
+    except TrainingDiverged as exc:
+        row = {"status": "diverged", "reason": exc.describe(), "epochs_run": exc.record.get("epoch", 1) - 1,
+               "session_seconds": time.perf_counter() - started}
+        _write_result(out, config, row)
+        return row
     train_seconds = sum(e["seconds"] for e in metrics["epochs"])
     t0 = time.perf_counter()
     index_report = indices_of_run(out, extra_iterations=indices["extra_iterations"], method=indices["method"],
@@ -218,6 +249,7 @@ def run_trial(config: TrainConfig, out: str, indices: dict, report=None) -> dict
     atomic_write_json(os.path.join(out, "indices.json"), index_report.to_dict())
     last = metrics["epochs"][-1]
     row = {
+        "status": "ok", "reason": "",
         "final_test_error": last["test_error"], "final_train_error": last["train_error"],
         "final_test_loss": last["test_loss"], "chance_error": metrics["chance_error"],
         "epochs_run": len(metrics["epochs"]), "ci": index_report.ci, "ri": index_report.ri, "di": index_report.di,
@@ -227,12 +259,8 @@ def run_trial(config: TrainConfig, out: str, indices: dict, report=None) -> dict
     row["train_seconds"] = train_seconds
     row["indices_seconds"] = time.perf_counter() - t0
     row["session_seconds"] = time.perf_counter() - started
-    atomic_write_json(os.path.join(out, "result.json"), {"config": dataclasses.asdict(config), "result": _json_safe(row)})
+    _write_result(out, config, row)
     return row
-
-
-def _json_safe(row: dict) -> dict:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
 
 
 def _tune_trainable(space: dict) -> None:
@@ -244,19 +272,33 @@ def _tune_trainable(space: dict) -> None:
     params = space["trial"]
     torch.set_num_threads(max(1, int(params["threads"])))
     config = TrainConfig(**params["config"])
-    row = run_trial(config, params["dir"], params["indices"], report=lambda record: tune.report(dict(record)))
-    tune.report({**_json_safe(row), "done": True})
+    try:
+        row = run_trial(config, params["dir"], params["indices"], report=lambda record: tune.report(dict(record)),
+                        retry_diverged=params.get("retry_diverged", False))
+    except Exception as exc:  # a crashed trial: recorded as failed (Ray retries it; a success overwrites this)
+        lines = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+        os.makedirs(params["dir"], exist_ok=True)
+        _write_result(params["dir"], config, {"status": "failed", "reason": reason})
+        raise
+    tune.report({**json_safe(row), "done": True})
 
 
 def run_sweep(spec: SweepSpec, out_dir: str, *, address: Optional[str] = None, cpus_per_run: float = 1,
-              gpus_per_run: float = 0, verbose: int = 1) -> list:
+              gpus_per_run: float = 0, verbose: int = 1, retry_diverged: bool = False) -> list:
     """Runs the trials of `spec` that are not finished in out_dir on Ray Tune, then writes results.csv.
-    Returns the result rows (one per trial, in grid order)."""
+    Returns the result rows (one per trial with a result, in grid order). A diverged trial is a result and is
+    not run again unless retry_diverged; a failed one is run again."""
     if cpus_per_run <= 0 or gpus_per_run < 0:
         raise SweepError("cpus per run must be > 0 and gpus per run >= 0")
     out_dir = os.path.abspath(out_dir)
     check_out_dir(spec, out_dir)
-    todo = pending(spec, out_dir)
+    with sweep_lock(out_dir):  # one driver per directory (SweepLocked names the live one)
+        return _run_locked(spec, out_dir, address, cpus_per_run, gpus_per_run, verbose, retry_diverged)
+
+
+def _run_locked(spec, out_dir, address, cpus_per_run, gpus_per_run, verbose, retry_diverged) -> list:
+    todo = pending(spec, out_dir, retry_diverged)
     if todo:
         import ray
         from ray import tune
@@ -270,7 +312,8 @@ def run_sweep(spec: SweepSpec, out_dir: str, *, address: Optional[str] = None, c
                 ray.init(address=address, **kwargs)
         try:
             space = [{"name": t.name, "dir": trial_dir(out_dir, t), "config": dataclasses.asdict(t.config),
-                      "indices": spec.indices, "threads": max(1, int(cpus_per_run))} for t in todo]
+                      "indices": spec.indices, "threads": max(1, int(cpus_per_run)), "retry_diverged": retry_diverged}
+                     for t in todo]
             tuner = tune.Tuner(
                 tune.with_resources(_tune_trainable, {"cpu": cpus_per_run, "gpu": gpus_per_run}),
                 param_space={"trial": tune.grid_search(space)},
@@ -293,16 +336,17 @@ def run_sweep(spec: SweepSpec, out_dir: str, *, address: Optional[str] = None, c
 
 
 def collect_results(spec: SweepSpec, out_dir: str) -> list:
-    """DIR/results.csv from the finished trials' result.json (grid order); returns the rows."""
+    """DIR/results.csv from the trials' result.json (grid order; every status: ok, diverged, failed, with the
+    reason); returns the rows."""
     rows = []
     for t in expand(spec):
         path = os.path.join(trial_dir(out_dir, t), "result.json")
-        if not _finished(out_dir, t):
+        if trial_status(out_dir, t) is None:
             continue
         with open(path, encoding="utf-8") as f:
             stored = json.load(f)
         config = {k: (_format(v) if isinstance(v, dict) else v) for k, v in stored["config"].items()}
-        rows.append({"trial": t.name, **config, **stored["result"]})
+        rows.append({"trial": t.name, **config, "status": "ok", "reason": "", **stored["result"]})
     columns = ["trial", *FIELDS]
     for row in rows:
         columns += [k for k in row if k not in columns]

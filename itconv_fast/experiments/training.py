@@ -13,6 +13,7 @@ resume=True continues a killed run from its last finished epoch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
@@ -31,6 +32,7 @@ from ..nn.coupling import GradientCoupler
 from ..objectives import make_objective
 from .config import PRESETS, TrainConfig, build_config, config_from, write_config_file  # noqa: F401 (re-exported)
 from .run_log import TENSORBOARD_TAGS, environment, event_writer, write_metrics_csv
+from .divergence import RESTARTABLE_FIELDS, TrainingDiverged
 from .step import TrainStep, autocast
 
 __all__ = ["TrainConfig", "PRESETS", "config_from", "build_config", "train", "evaluate", "build_model", "atomic_save",
@@ -80,6 +82,23 @@ def evaluate(model, task: datasets.Task, split: datasets.Split, device, batch_si
     return loss_sum / max(n, 1), wrong / max(n, 1)
 
 
+class RunDivergedError(ValueError):
+    """--resume of a run whose training diverged, without --restart-diverged."""
+
+
+def previous_divergence(out_dir: str):
+    """The divergence record of a run directory whose metrics.json says `status: diverged`, else None."""
+    try:
+        with open(os.path.join(out_dir, "metrics.json"), encoding="utf-8") as f:
+            metrics = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if isinstance(metrics, dict) and metrics.get("status") == "diverged":
+        record = metrics.get("divergence")
+        return dict(record) if isinstance(record, dict) else {}
+    return None
+
+
 def objective_values(step: TrainStep) -> dict:
     """The last micro-batch's objective terms and their numeric parts, as {name: v, "name/part": v}."""
     values = dict(step.last_terms)
@@ -90,8 +109,13 @@ def objective_values(step: TrainStep) -> dict:
 
 def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
           task: Optional[datasets.Task] = None, stop_after_epochs: Optional[int] = None, return_model: bool = False,
-          on_epoch=None):
+          on_epoch=None, restart_diverged: bool = False):
     """Trains (or resumes) a run; returns the metrics dict also written to out_dir/metrics.json.
+
+    A non-finite loss or gradient norm raises TrainingDiverged (experiments/divergence.py) before the
+    optimizer steps: metrics.json then says `status: diverged` (with epoch, step, lr) and checkpoint.pt stays
+    the last good epoch's. resume=True on such a run raises RunDivergedError unless restart_diverged=True,
+    which continues from the last good epoch and lets lr and weight_decay differ from the saved run.
 
     stop_after_epochs: end after this many epochs of this call (for tests of interruption and resume).
     return_model: return (metrics, model) instead of metrics.
@@ -135,18 +159,35 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
 
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
-    metrics = {"config": dataclasses.asdict(config), "environment": environment(device), "epochs": []}
+    metrics = {"config": dataclasses.asdict(config), "environment": environment(device), "epochs": [],
+               "status": "running"}
     start_epoch = 0
+    diverged = previous_divergence(out_dir) if resume else None
+    if diverged is not None:
+        if not restart_diverged:
+            kept = (f"its last good checkpoint (epoch {diverged.get('epoch', 1) - 1}) is kept: restart from it"
+                    if os.path.exists(ckpt_path) else "no epoch had finished: start it again")
+            raise RunDivergedError(f"{out_dir} diverged (non-finite {diverged.get('what', 'values')} at epoch "
+                                   f"{diverged.get('epoch')}, step {diverged.get('step')}, lr {diverged.get('lr')}); "
+                                   f"{kept} with --restart-diverged (e.g. with a lower --lr)")
+        metrics["restarts"] = [{"diverged": diverged, "lr": config.lr, "weight_decay": config.weight_decay}]
     if resume and os.path.exists(ckpt_path):
         state = load_checkpoint_state(ckpt_path, map_location=device,
                                       required=("model", "optimizer", "scheduler", "rng", "epoch", "epochs", "config"))
         saved = {**dataclasses.asdict(TrainConfig()), **state["config"]}  # fields added since take their defaults
-        if saved != dataclasses.asdict(config):
-            changed = sorted(k for k in saved if saved[k] != dataclasses.asdict(config).get(k))
+        may_change = RESTARTABLE_FIELDS if diverged is not None else ()
+        changed = sorted(k for k in saved if saved[k] != dataclasses.asdict(config).get(k) and k not in may_change)
+        if changed:
             raise ValueError(f"cannot resume {out_dir}: its configuration differs in {changed}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if diverged is not None:  # the restart's lr and weight decay replace the saved ones, on the same schedule
+            scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["lr"] = lr * lr_factor(scheduler.last_epoch, total_steps, warmup)
+                group["weight_decay"] = config.weight_decay
+            metrics["restarts"] = list(state.get("restarts", [])) + metrics["restarts"]
         try:
             set_rng_state(state["rng"], generator)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -189,7 +230,16 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
                                           indices=mine),
                          total=n_steps * config.accumulate, desc=f"epoch {epoch + 1}", leave=False, disable=not show)
         for i, (x, y) in enumerate(batch_bar):
-            loss, logits = step(x, y, i % config.accumulate)
+            try:
+                loss, logits = step(x, y, i % config.accumulate)
+            except TrainingDiverged as exc:
+                exc.record.update(epoch=epoch + 1, step=scheduler.last_epoch + 1, step_in_epoch=i // config.accumulate + 1,
+                                  lr=optimizer.param_groups[0]["lr"], what=exc.what, value=str(exc.value))
+                metrics.update(status="diverged", divergence=exc.record, chance_error=task.chance_error)
+                if rank == 0:
+                    writer.close()
+                    atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)  # the checkpoint stays as it was
+                raise TrainingDiverged(exc.what, exc.value, exc.record) from None
             loss_sum += loss.item() * x.shape[0]
             for key, value in objective_values(step).items():
                 term_sums[key] = term_sums.get(key, 0.0) + value * x.shape[0]
@@ -212,7 +262,8 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
             save_checkpoint({"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "rng": rng_state(generator), "epoch": epoch,
                              "epochs": metrics["epochs"], "config": dataclasses.asdict(config),
-                             "resumed_at_epochs": metrics.get("resumed_at_epochs", [])}, ckpt_path)
+                             "resumed_at_epochs": metrics.get("resumed_at_epochs", []),
+                             "restarts": metrics.get("restarts", [])}, ckpt_path)
             atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)
             write_metrics_csv(os.path.join(out_dir, "metrics.csv"), metrics["epochs"], objectives=list(config.objectives))
             for key, tag in TENSORBOARD_TAGS.items():
@@ -227,6 +278,7 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
         if stop_after_epochs is not None and ran >= stop_after_epochs:
             break
     metrics["chance_error"] = task.chance_error
+    metrics["status"] = "ok" if len(metrics["epochs"]) == config.epochs else "stopped"
     if rank == 0:
         writer.close()
         atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)

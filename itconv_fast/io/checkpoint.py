@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint_state", "rng_state", "set_rng_state",
-           "atomic_file", "atomic_save", "atomic_write_json", "atomic_write_text"]
+           "atomic_file", "atomic_save", "atomic_write_json", "atomic_write_text", "json_safe"]
 
 
 class CheckpointError(ValueError):
@@ -29,7 +30,8 @@ class CheckpointError(ValueError):
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str):
     """Write to a temporary file beside `path`, fsync, then rename over it: a kill at any moment leaves
-    either the old file or the new one, never a partial one."""
+    either the old file or the new one, never a partial one. A write that fails (a full disk: ENOSPC) leaves
+    the old file as it was and raises OSError naming `path` (also when torch.save reports it as a RuntimeError)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=folder)
     try:
@@ -39,9 +41,24 @@ def atomic_file(path: str, mode: str):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        cause = _os_error_in(exc)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, f"cannot write it ({cause.strerror or cause})", path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _os_error_in(exc: BaseException):
+    """The OSError that exc is or that it was raised from (torch.save wraps its file's errors), else None."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def _umask() -> int:
@@ -50,9 +67,22 @@ def _umask() -> int:
     return mask
 
 
+def json_safe(value):
+    """value with every non-finite float (NaN, inf) replaced by None, through dicts, lists and tuples: JSON has
+    no NaN, and a file with one is not JSON to other readers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [json_safe(x) for x in value]
+    if isinstance(value, dict):
+        return {k: json_safe(x) for k, x in value.items()}
+    return value
+
+
 def atomic_write_json(path: str, obj) -> None:
+    """obj as JSON (non-finite floats written as null), atomically."""
     with atomic_file(path, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(json_safe(obj), f, indent=2, allow_nan=False)
 
 
 def atomic_write_text(path: str, text: str) -> None:

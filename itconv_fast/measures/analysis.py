@@ -38,6 +38,7 @@ import torch
 
 from .indices import (IndexReport, _batches, _cached_batch, _Counter, _Extras, _index_report, _per_example_norm,
                       _stage_step, _Sums, _top1_wrong)
+from ..io.checkpoint import json_safe
 from ..models.residual import check_residual_model
 
 __all__ = ["analyze", "AnalysisReport", "StageAnalysis", "BlockRefinement", "MEASURES", "plot_analysis"]
@@ -77,16 +78,7 @@ class AnalysisReport:
     per_example: dict = field(default_factory=dict, repr=False)  # (stage, name) -> tensor; not in to_dict
 
     def to_dict(self) -> dict:
-        def clean(v):
-            if isinstance(v, float) and math.isnan(v):
-                return None
-            if isinstance(v, (list, tuple)):
-                return [clean(x) for x in v]
-            if isinstance(v, dict):
-                return {k: clean(x) for k, x in v.items()}
-            return v
-
-        return clean({"measures": list(self.measures), "threshold": self.threshold, "loss": self.loss,
+        return json_safe({"measures": list(self.measures), "threshold": self.threshold, "loss": self.loss,
                       "indices": self.indices.to_dict(), "stages": [asdict(s) for s in self.stages],
                       "anytime_all_error": self.anytime_all_error, "anytime_all_loss": self.anytime_all_loss})
 

@@ -28,9 +28,10 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
+from ..io.checkpoint import json_safe
 from ..models.residual import block_update, check_residual_model
 
-__all__ = ["compute_indices", "IndexReport", "StageIndices", "index_flops"]
+__all__ = ["compute_indices", "IndexReport", "StageIndices", "index_flops", "NonFiniteOutputsError"]
 
 METHODS = ("cached", "reference")
 
@@ -60,16 +61,7 @@ class IndexReport:
     notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        def clean(v):
-            if isinstance(v, float) and math.isnan(v):
-                return None  # JSON has no NaN
-            if isinstance(v, list):
-                return [clean(x) for x in v]
-            if isinstance(v, dict):
-                return {k: clean(x) for k, x in v.items()}
-            return v
-
-        return clean(asdict(self))
+        return json_safe(asdict(self))  # JSON has no NaN: undefined values are None
 
 
 def _phi(e, e_star, e_ch):
@@ -128,9 +120,22 @@ def _after_stage(model, z, s):
     return model.head(z)
 
 
+class NonFiniteOutputsError(ValueError):
+    """The unperturbed network's outputs hold NaN or inf: its errors, and so its indices, are undefined."""
+
+
+def _check_finite_outputs(logits: torch.Tensor) -> None:
+    bad = (~torch.isfinite(logits)).reshape(logits.shape[0], -1).any(dim=1)
+    if bad.any():
+        raise NonFiniteOutputsError(
+            f"the network's outputs are not finite (NaN or inf) on {int(bad.sum())} of {logits.shape[0]} examples of "
+            "a batch: its errors and indices are undefined (did its training diverge?)")
+
+
 def _reference_batch(model, x, y, wrong_fn, counter, K):
     """One plain forward per perturbation; returns the number of outputs K (the logits' last dimension)."""
     logits = _perturbed_forward(model, x, 0)
+    _check_finite_outputs(logits)
     counter.add("star", wrong_fn(logits, y).sum())
     for s, stage in enumerate(model.stages):
         T = len(stage.blocks)
@@ -177,6 +182,7 @@ def _cached_batch(model, x, y, wrong_fn, counter, K, chunk, norms, extras: Optio
         trajectories.append(traj)
         z = traj[-1]
     logits = model.head(z)
+    _check_finite_outputs(logits)
     num_outputs = logits.shape[-1]
     counter.add("star", wrong_fn(logits, y).sum())
     if extras is not None:

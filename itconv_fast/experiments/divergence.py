@@ -1,0 +1,54 @@
+"""Diverging training: a non-finite loss or gradient norm stops the run at that step, before the optimizer
+takes it, so that the last good checkpoint is what the run keeps.
+
+`itconv-fast train` exits with EXIT_DIVERGED (3) and metrics.json says `status: diverged` with the epoch,
+step and learning rate; `--resume` on such a run starts from its last good epoch only with
+`--restart-diverged` (and typically a lower `--lr`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+__all__ = ["TrainingDiverged", "EXIT_DIVERGED", "RESTARTABLE_FIELDS", "check_finite_loss", "check_finite_gradients"]
+
+EXIT_DIVERGED = 3  # the exit code of a diverged `itconv-fast train` (1: other errors, 2: usage errors)
+RESTARTABLE_FIELDS = ("lr", "weight_decay")  # what may change when a diverged run restarts from its last good epoch
+
+
+class TrainingDiverged(RuntimeError):
+    """Training met a non-finite loss or gradient norm; no optimizer step was taken with it.
+
+    what: "loss" or "gradient norm"; value: the non-finite value; record: where (epoch, step, lr), filled in by
+    the training loop."""
+
+    def __init__(self, what: str, value: float, record: dict = None) -> None:
+        self.what, self.value, self.record = what, value, dict(record or {})
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        where = ""
+        if self.record:
+            where = (f" at epoch {self.record.get('epoch')}, step {self.record.get('step')} "
+                     f"(lr {self.record.get('lr', float('nan')):.4g})")
+        return f"training diverged: non-finite {self.what} ({self.value}){where}"
+
+
+def check_finite_loss(loss: torch.Tensor) -> None:
+    value = loss.detach().float().item()
+    if not math.isfinite(value):
+        raise TrainingDiverged("loss", value)
+
+
+def check_finite_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """The global gradient norm (one fused norm per device and dtype); raises if it is NaN or inf."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    total = torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms])).item()
+    if not math.isfinite(total):
+        raise TrainingDiverged("gradient norm", total)
