@@ -39,6 +39,10 @@ class ObjectiveContext:
     loss_fn: Callable  # (logits, targets) -> scalar loss, the task's
     generator: torch.Generator  # for random draws (seeded per step, so resumed runs draw the same)
 
+    def stages(self):
+        """(stage, x_s, z_T) of every stage."""
+        return zip(self.model.stages, self.stage_inputs, self.stage_outputs)
+
 
 class Objective:
     """An extra loss term; `weight` multiplies it in the training loss (0: computed and logged, not trained on)."""

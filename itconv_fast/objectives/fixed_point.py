@@ -23,7 +23,7 @@ class FixedPointResidual(Objective):
         model = context.model
         values = []
         with frozen_batchnorm_statistics(model):
-            for stage, x_s, z in zip(model.stages, context.stage_inputs, context.stage_outputs):
+            for stage, x_s, z in context.stages():
                 step = last_block_map(stage, z, x_s) - z
                 ratio = per_example_squared_norm(step) / per_example_squared_norm(z).clamp_min(1e-12)
                 values.append(ratio.mean())

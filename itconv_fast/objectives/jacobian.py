@@ -33,7 +33,7 @@ class JacobianFrobenius(Objective):
         model = context.model
         values = []
         with frozen_batchnorm_statistics(model):
-            for stage, x_s, z in zip(model.stages, context.stage_inputs, context.stage_outputs):
+            for stage, x_s, z in context.stages():
                 out = last_block_map(stage, z, x_s)
                 eps = torch.randn(z.shape, generator=context.generator, dtype=z.dtype).to(z.device)
                 vjp, = torch.autograd.grad(out, z, eps, create_graph=True)
@@ -61,7 +61,7 @@ class JacobianSpectral(Objective):
         model = context.model
         values, sigmas = [], []
         with frozen_batchnorm_statistics(model):
-            for stage, x_s, z in zip(model.stages, context.stage_inputs, context.stage_outputs):
+            for stage, x_s, z in context.stages():
                 out = last_block_map(stage, z, x_s)
                 # J^T g is linear in g: differentiating it against g with v gives J v (a double VJP).
                 g = torch.zeros_like(out, requires_grad=True)
