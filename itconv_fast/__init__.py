@@ -24,7 +24,7 @@ from . import data, experiments, measures, models, nn, objectives, ops
 from .experiments import TrainConfig, indices_of_run, train
 from .measures import AnalysisReport, IndexReport, LipschitzReport, analyze, compute_indices, lipschitz_report
 from .models import (IterResNet, ResidualStack, StageSpectralNorm, check_residual_model, load_checkpoint,
-                     sequence_error, sequence_loss, transformer_encoder_adapter)
+                     residual_model, sequence_error, sequence_loss, transformer_encoder_adapter)
 from .nn import BatchedSpectralNorm, GradientCoupler, groups_from_blocks, spectral_norm
 from .objectives import (ExtraIterationLoss, FixedPointResidual, JacobianFrobenius, JacobianSpectral, make_objective,
                          record_stages)
@@ -41,7 +41,7 @@ __all__ = [
     "GradientCoupler", "groups_from_blocks", "spectral_norm", "BatchedSpectralNorm",
     # models
     "IterResNet", "StageSpectralNorm", "load_checkpoint", "ResidualStack", "check_residual_model",
-    "transformer_encoder_adapter", "sequence_error", "sequence_loss",
+    "transformer_encoder_adapter", "residual_model", "sequence_error", "sequence_loss",
     # measures
     "compute_indices", "IndexReport", "analyze", "AnalysisReport", "lipschitz_report", "LipschitzReport",
     # objectives

@@ -5,6 +5,7 @@ step instead of one per layer.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable, Optional, Union
 
 import torch
@@ -44,6 +45,7 @@ class BatchedSpectralNorm:
         if not isinstance(model, nn.Module):
             raise TypeError(f"BatchedSpectralNorm: model must be an nn.Module, got {type(model).__name__}")
         selected = self._select(model, include)
+        self._check_ties(model, selected)
         if not selected:
             raise ValueError("BatchedSpectralNorm: the model has no supported layer (nn.Linear, ConvNd, "
                              "ConvTransposeNd) selected by include")
@@ -58,6 +60,11 @@ class BatchedSpectralNorm:
             if parametrize.is_parametrized(module, "weight"):
                 raise ValueError(f"BatchedSpectralNorm: {qualified}.weight is already parametrized")
         self.model, self.mode = model, mode
+        # Never silent: what has a weight matrix but is not normalised is listed, and named once in a warning.
+        self.skipped = self.unsupported_weights(model)
+        if self.skipped:
+            warnings.warn(f"BatchedSpectralNorm: {len(self.skipped)} module(s) with a weight matrix are not normalised "
+                          f"(not a supported layer type): {', '.join(self.skipped)}", RuntimeWarning, stacklevel=2)
         self.layers: list[tuple[str, nn.Module]] = []
         for qualified, module in selected:
             spectral_norm(module, mode=mode, mu=mu, input_size=input_sizes.get(qualified),
@@ -74,6 +81,28 @@ class BatchedSpectralNorm:
             with torch.no_grad():
                 model(example_input)
             model.train(was_training)
+
+    @staticmethod
+    def _check_ties(model, selected) -> None:
+        """A selected layer whose weight is also another module's parameter (GPT-2's lm_head and its token
+        embedding) is refused: normalising one would silently untie the two."""
+        owners: dict = {}
+        for name, module in model.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+        for qualified, module in selected:
+            others = [o for o in owners.get(id(module.weight), []) if o != f"{qualified}.weight"]
+            if others:
+                raise ValueError(f"BatchedSpectralNorm: {qualified}.weight is tied to {', '.join(others)}; normalising "
+                                 f"{qualified} would untie them. Leave it out (include=lambda name, m: name != "
+                                 f"{qualified!r}) or untie the weights first")
+
+    @staticmethod
+    def unsupported_weights(model: nn.Module) -> list:
+        """Qualified names of the modules with a matrix-shaped (2-D or larger) weight that spectral_norm does not
+        support (an Embedding, a custom layer): what a model-wide normalisation leaves out."""
+        return [n for n, m in model.named_modules()
+                if not supported_layer(m) and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2]
 
     @staticmethod
     def _select(model, include):

@@ -15,7 +15,7 @@ from torch import nn
 from ..ops import _extension, _reference
 from ..ops.spectral import gram_bound_nd
 
-__all__ = ["LayerGeometry", "MODES", "supported_layer", "layer_geometry", "gram_sigmas"]
+__all__ = ["LayerGeometry", "MODES", "supported_layer", "layer_geometry", "gram_sigmas", "transposed_linear"]
 
 MODES = ("operator", "matrix", "gram")
 _NORM_EPS = _reference._NORM_EPS
@@ -80,8 +80,20 @@ class LayerGeometry:
                 and self.pads == (kw // 2, kw // 2, kh // 2, kh // 2))
 
 
+def transposed_linear(module: nn.Module) -> bool:
+    """A linear layer that stores its weight transposed, [in, out], and computes x @ W + b: Hugging Face
+    transformers' `Conv1D` (GPT-2's attention and MLP projections). Recognised by name, without importing
+    transformers."""
+    cls = type(module)
+    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
+
+
 def supported_layer(module: nn.Module) -> bool:
-    """Whether `spectral_norm` accepts this module type (Linear, ConvNd, ConvTransposeNd; not lazy ones)."""
+    """Whether `spectral_norm` accepts this module type (Linear, ConvNd, ConvTransposeNd, transformers' Conv1D;
+    not lazy ones)."""
+    if transposed_linear(module):
+        return True
     return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(
         module, nn.modules.lazy.LazyModuleMixin)
 
@@ -94,11 +106,14 @@ def layer_geometry(module: nn.Module, name: str = "module") -> LayerGeometry:
     """The LayerGeometry of a supported layer; TypeError naming the layer for anything else."""
     if not supported_layer(module):
         raise TypeError(f"spectral_norm: {name} is a {type(module).__name__}; supported layers are nn.Linear, "
-                        f"nn.Conv1d/2d/3d and nn.ConvTranspose1d/2d/3d (lazy layers after their first forward)")
+                        f"nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d (lazy layers after their first forward) and "
+                        f"transformers' Conv1D")
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.numel() == 0:
         raise ValueError(f"spectral_norm: {name} has no non-empty weight")
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or transposed_linear(module):
+        # A transposed linear layer is normalised as stored: W and its transpose have the same singular values,
+        # and dividing either by sigma is the same division (its power vectors swap their roles).
         return LayerGeometry("linear", 0, tuple(weight.shape))
     nd = len(module.kernel_size)
     kind = "conv_transpose" if module.transposed else "conv"
