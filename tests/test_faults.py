@@ -381,9 +381,9 @@ def test_sweep_with_a_diverging_and_a_crashing_trial_on_ray(tmp_path):
     assert first.returncode == 1 and "1 trial(s) failed" in stderr, stdout[-2000:] + stderr[-2000:]
     with open(out / "results.csv", newline="") as f:
         rows = {r["trial"]: r for r in csv.DictReader(f)}
-    assert rows["lr=0.2"]["status"] == "ok" and rows["lr=0.2"]["di"] != ""
+    assert rows["lr=0.2"]["status"] == "ok" and rows["lr=0.2"]["final_test_error"] != ""
     assert rows["lr=1e+06"]["status"] == "diverged" and "non-finite" in rows["lr=1e+06"]["reason"]
-    crashed = [r for name, r in rows.items() if name.startswith("dataset=mnist")]
+    crashed = [r for r in rows.values() if r["dataset"] == "mnist"]
     assert crashed and crashed[0]["status"] == "failed" and "DatasetFilesError" in crashed[0]["reason"]
     assert not (out / LOCK_NAME).exists()
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
