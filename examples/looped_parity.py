@@ -184,11 +184,13 @@ def main(argv=None) -> dict:
         results["runs"].append(run)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    plot(curves, args.iterations, os.path.join(args.out, "parity.png"))
+    note = ", ".join(f"{name} x {weight:g}" + (f" (K_train {args.objective_k})" if name == "extra-iterations" else "")
+                     for name, weight in args.objective)
+    plot(curves, args.iterations, os.path.join(args.out, "parity.png"), note)
     return results
 
 
-def plot(curves, T: int, path: str) -> None:
+def plot(curves, T: int, path: str, note: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,8 +203,8 @@ def plot(curves, T: int, path: str) -> None:
             ax.plot(range(1, len(errors) + 1), errors, marker="o", ms=2, label=f"length {n}")
         ax.axvline(T, color="grey", ls=":", lw=1)
         ax.axhline(0.5, color="grey", ls="--", lw=1)
-        ax.set(title=f"lam {lam:g}" + (" (weight-shared)" if lam == 1 else ""), xlabel="iterations k (trained: T)",
-               ylim=(0, 0.6))
+        ax.set(title=f"lam {lam:g}" + (" (weight-shared)" if lam == 1 else "") + (f"\n+ {note}" if note else ""),
+               xlabel="iterations k (trained: T)", ylim=(0, 0.6))
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("token error (running parity)")
     fig.tight_layout()
