@@ -16,7 +16,7 @@ export MAX_JOBS ?= 2
 
 SOURCES := Makefile setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: setup test test-fast train bench gpu-check ptxas clean
+.PHONY: setup test test-fast train bench docs gpu-check ptxas clean
 
 setup: $(STAMP)
 
@@ -24,7 +24,7 @@ $(STAMP): $(SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) numpy click tqdm matplotlib pyyaml tensorboard ninja pybind11 \
-		pytest pytest-benchmark hypothesis 'ray[tune]' torchvision timm transformers
+		pytest pytest-benchmark hypothesis 'ray[tune]' torchvision timm transformers mkdocs 'mkdocstrings[python]'
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -c "import itconv_fast, sys; sys.exit(0 if itconv_fast.extension_loaded() else 'extension failed to load')"
 	touch $(STAMP)
@@ -34,6 +34,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow"
+
+# The documentation site (README's pages and the API reference from the docstrings), warnings as errors.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 ARGS ?= --lam 0.5 --sn-mu 0.95
 
@@ -57,4 +61,4 @@ ptxas: $(STAMP)
 	$(PY) benchmarks/ptxas_usage.py --markdown
 
 clean:
-	rm -rf build itconv_fast/_C*.so $(STAMP)
+	rm -rf build site itconv_fast/_C*.so itconv_fast/_cuda_build.txt $(STAMP)

@@ -9,14 +9,59 @@ Without a visible GPU the arch list defaults to DEFAULT_CUDA_ARCH_LIST (TORCH_CU
 
 import glob
 import os
+import re
+import shutil
 import subprocess
+import sys
+import tempfile
 
-import torch
-from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def _is_toolkit(home) -> bool:
+    return bool(home) and os.path.isfile(os.path.join(home, "bin", "nvcc")) and any(
+        os.path.isdir(os.path.join(home, d)) for d in ("lib64", "lib", "targets"))
+
+
+def find_cuda_home():
+    """The CUDA toolkit the way users have it: CUDA_HOME (or CUDA_PATH); the toolkit that `nvcc` on PATH really
+    runs, also when that nvcc is a wrapper script outside the toolkit (nvcc --dryrun names its own folder); then
+    /usr/local/cuda. None when there is none. torch.utils.cpp_extension guesses from nvcc's folder alone, and a
+    wrapper in /usr/local/bin made it guess /usr/local, where no libcudart is: the link failed."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if _is_toolkit(home):
+            return home
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                probe = os.path.join(folder, "probe.cu")
+                open(probe, "w").close()
+                out = subprocess.run([nvcc, "--dryrun", "-c", probe, "-o", os.path.join(folder, "probe.o")],
+                                     capture_output=True, text=True, timeout=120)
+            found = re.search(r"_HERE_=(\S+)", out.stdout + out.stderr)
+            if found and _is_toolkit(os.path.dirname(os.path.normpath(found.group(1)))):
+                return os.path.dirname(os.path.normpath(found.group(1)))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return "/usr/local/cuda" if _is_toolkit("/usr/local/cuda") else None
+
+
+_cuda_home = find_cuda_home()
+if _cuda_home and not os.environ.get("CUDA_HOME"):
+    os.environ["CUDA_HOME"] = _cuda_home  # read by torch.utils.cpp_extension when it is imported, just below
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0;10.0;12.0+PTX"
+
+
+def cuda_forced() -> bool:
+    return os.environ.get("ITCONV_FAST_CUDA", "auto").lower() in ("1", "true", "on", "yes")
 
 
 def want_cuda() -> bool:
@@ -30,7 +75,22 @@ def want_cuda() -> bool:
                 "ITCONV_FAST_CUDA=1 but no CUDA toolkit (CUDA_HOME) or no CUDA build of torch was found"
             )
         return True
+    if not available:
+        record_cuda_build(False, "no CUDA toolkit was found (CUDA_HOME, nvcc on PATH, /usr/local/cuda)"
+                          if CUDA_HOME is None else f"torch {torch.__version__} is not a CUDA build")
     return available
+
+
+CUDA_RECORD = os.path.join("itconv_fast", "_cuda_build.txt")
+
+
+def record_cuda_build(built: bool, reason: str = "", build_lib: str = None) -> None:
+    """itconv_fast/_cuda_build.txt: whether the CUDA kernels were built and, if not, why (`itconv-fast info`).
+    Written into the source tree (editable installs) and, during build_ext, into the build folder (wheels)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in [here] + ([build_lib] if build_lib and os.path.isdir(os.path.join(build_lib, "itconv_fast")) else []):
+        with open(os.path.join(root, CUDA_RECORD), "w", encoding="utf-8") as f:
+            f.write(("built" if built else f"not built: {reason}") + "\n")
 
 
 def wheel_cuda_include_dirs() -> list[str]:
@@ -89,8 +149,37 @@ def extension():
         for folder in wheel_cuda_include_dirs():
             cxx += ["-idirafter", folder]
             nvcc += [f"-Xcompiler=-idirafter{folder}"]
-        return CUDAExtension("itconv_fast._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+        ext = CUDAExtension("itconv_fast._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+        ext.cpu_fallback = CppExtension("itconv_fast._C", [s for s in sources if not s.endswith(".cu")],
+                                        extra_compile_args={"cxx": [f for f in cxx if "CUDA" not in f]}, **kwargs)
+        return ext
     return CppExtension("itconv_fast._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+
+
+class BuildWithCPUFallback(BuildExtension):
+    """A build that cannot fail for want of CUDA: when the CUDA half of itconv_fast._C does not compile or link
+    (and ITCONV_FAST_CUDA=1 did not demand it), the extension is built again with its CPU kernels only, one line
+    says why, and itconv_fast/_cuda_build.txt records it for `itconv-fast info`."""
+
+    def build_extension(self, ext):
+        fallback = getattr(ext, "cpu_fallback", None)
+        if fallback is None:
+            return super().build_extension(ext)
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # a compile or link error of the CUDA sources, or of the CUDA-enabled C++ ones
+            if cuda_forced():
+                raise
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            print(f"itconv-fast: the CUDA kernels could not be built ({reason[:200]}); building the CPU kernels "
+                  "only. Set CUDA_HOME to a full CUDA toolkit (and ITCONV_FAST_CUDA=1 to make this an error) to get "
+                  "them.", file=sys.stderr, flush=True)
+            # The flags BuildExtension added to the CUDA extension (ABI, extension name) apply to the CPU build too.
+            fallback.extra_compile_args["cxx"] = [f for f in ext.extra_compile_args["cxx"] if "CUDA" not in f]
+            record_cuda_build(False, f"the CUDA build failed ({reason[:200]})", self.build_lib)
+            super().build_extension(fallback)
+        else:
+            record_cuda_build(True, "", self.build_lib)
 
 
 def emulation_extension():
@@ -102,7 +191,8 @@ def emulation_extension():
                         extra_compile_args={"cxx": ["-O2", "-ffp-contract=off"]})
 
 
-setup(
-    ext_modules=[extension(), emulation_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+if __name__ == "__main__":  # (setuptools runs this file as __main__; tests import its helpers)
+    setup(
+        ext_modules=[extension(), emulation_extension()],
+        cmdclass={"build_ext": BuildWithCPUFallback.with_options(use_ninja=True)},
+    )

@@ -21,6 +21,7 @@ def info() -> None:
         "cuda_available": torch.cuda.is_available(),
         "extension_loaded": ops.extension_loaded(),
         "extension_cuda_kernels": _extension.cuda_compiled(),
+        "cuda_build": _extension.cuda_build_record(),
         "cuda_arch_list": _extension.build_info().get("cuda_arch_list"),
         "threads": torch.get_num_threads(),
     }

@@ -134,11 +134,17 @@ class IterResNet(nn.Module):
     """The paper's pre-activation ResNet with S stages of T same-shaped blocks (SPEC section 1).
 
     Args:
-        num_classes: K. in_channels: 1 (MNIST, Digitclutter) or 3 (CIFAR). width: w (stage s has w * 2^s).
-        blocks: T per stage. stages: S. input_size: the input's side (for operator-mode spectral norms).
-        pcr: properly convergent updates z_t = x_s + f~_t(z_{t-1}). sn_mu: the Lipschitz bound (None: off).
-        sn_mode: "operator", "matrix" or "gram". init: "nonrecurrent" or "recurrent" (every block of a stage
-        a copy of the first). bn_gamma_init: initial BN gamma (the paper's variant: 0.1).
+        num_classes: K.
+        in_channels: 1 (MNIST, Digitclutter) or 3 (CIFAR).
+        width: w (stage s has w * 2^s).
+        blocks: T per stage.
+        stages: S.
+        input_size: the input's side (for operator-mode spectral norms).
+        pcr: properly convergent updates z_t = x_s + f~_t(z_{t-1}).
+        sn_mu: the Lipschitz bound (None: off).
+        sn_mode: "operator", "matrix" or "gram".
+        init: "nonrecurrent" or "recurrent" (every block of a stage a copy of the first).
+        bn_gamma_init: initial BN gamma (the paper's variant: 0.1).
     """
 
     def __init__(

@@ -45,9 +45,12 @@ class StageSpectralNorm(nn.Module):
     """Lipschitz bound mu on the T residual functions of one stage, batched over the blocks.
 
     Args:
-        blocks: T. channels: the stage's width C. input_size: (H, W), the stage's feature-map size
-        (operator mode measures the convolution on exactly this size).
-        mu: the bound (> 0). mode: "operator" (default), "matrix" or "gram" (see batched_spectral_norm).
+        blocks: T.
+        channels: the stage's width C.
+        input_size: (H, W), the stage's feature-map size (operator mode measures the convolution on exactly
+            this size).
+        mu: the bound (> 0).
+        mode: "operator" (default), "matrix" or "gram" (see batched_spectral_norm).
         n_power_iterations: power steps per training forward (default 1; gram: Gram steps, default 4: the
             kernel doubles in size each step, so a 6-step bound of a 64-channel stage costs seconds).
         init_iterations: power steps run at construction so the first bounds are already tight.

@@ -62,7 +62,7 @@ class GradientCoupler:
             (see :func:`groups_from_blocks`).
         lam: coupling factor in [0, 1] (0: ordinary training; 1: the gradients of a group are replaced by
             their mean, so recurrently initialised blocks stay identical: a recurrent network).
-        kernel, bandwidth, skip_first: see :func:`itconv_fast.ops.soft_couple_`.
+        kernel: "uniform" or "triangular"; bandwidth and skip_first: see :func:`itconv_fast.ops.soft_couple_`.
 
     A ``None`` gradient counts as zero: when other members of its group have gradients, it is
     materialised as zeros before coupling (so that block does receive its share of the mean).

@@ -59,6 +59,19 @@ def cpu_info() -> dict:
     return info
 
 
+def cuda_build_record() -> str:
+    """What setup.py recorded about the CUDA kernels: "built", or "not built: <why>" (itconv_fast/_cuda_build.txt);
+    "unknown" for a build from before the record existed."""
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_cuda_build.txt")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def cuda_compiled() -> bool:
     """Whether the loaded extension carries CUDA kernels."""
     return _loaded and _build.get("cuda") == "1"  # read once at load: ops consult it per call
