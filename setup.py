@@ -68,6 +68,7 @@ def want_cuda() -> bool:
     flag = os.environ.get("ITCONV_FAST_CUDA", "auto").lower()
     available = CUDA_HOME is not None and torch.version.cuda is not None
     if flag in ("0", "false", "off", "no"):
+        record_cuda_build(False, "ITCONV_FAST_CUDA=0")
         return False
     if flag in ("1", "true", "on", "yes"):
         if not available:
