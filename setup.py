@@ -177,6 +177,9 @@ class BuildWithCPUFallback(BuildExtension):
                   "them.", file=sys.stderr, flush=True)
             # The flags BuildExtension added to the CUDA extension (ABI, extension name) apply to the CPU build too.
             fallback.extra_compile_args["cxx"] = [f for f in ext.extra_compile_args["cxx"] if "CUDA" not in f]
+            for key, value in vars(ext).items():  # what build_ext.finalize_options set on it (_needs_stub, ...)
+                if key.startswith("_") and not hasattr(fallback, key):
+                    setattr(fallback, key, value)
             record_cuda_build(False, f"the CUDA build failed ({reason[:200]})", self.build_lib)
             super().build_extension(fallback)
         else:

@@ -107,6 +107,49 @@ def objective_values(step: TrainStep) -> dict:
     return values
 
 
+def _resume(out_dir, config, device, model, optimizer, scheduler, generator, metrics, *, restart_diverged, lr,
+            total_steps, warmup) -> int:
+    """Restores a run from out_dir/checkpoint.pt into the model, optimizer, schedule, RNG and metrics; returns the
+    epoch to start from (0 without a checkpoint). A diverged run is restarted only with restart_diverged, and then
+    with the new lr and weight decay on the saved schedule; any other change of configuration is refused."""
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    start_epoch = 0
+    diverged = previous_divergence(out_dir)
+    if diverged is not None:
+        if not restart_diverged:
+            kept = (f"its last good checkpoint (epoch {diverged.get('epoch', 1) - 1}) is kept: restart from it"
+                    if os.path.exists(ckpt_path) else "no epoch had finished: start it again")
+            raise RunDivergedError(f"{out_dir} diverged (non-finite {diverged.get('what', 'values')} at epoch "
+                                   f"{diverged.get('epoch')}, step {diverged.get('step')}, lr {diverged.get('lr')}); "
+                                   f"{kept} with --restart-diverged (e.g. with a lower --lr)")
+        metrics["restarts"] = [{"diverged": diverged, "lr": config.lr, "weight_decay": config.weight_decay}]
+    if os.path.exists(ckpt_path):
+        state = load_checkpoint_state(ckpt_path, map_location=device,
+                                      required=("model", "optimizer", "scheduler", "rng", "epoch", "epochs", "config"))
+        saved = {**dataclasses.asdict(TrainConfig()), **state["config"]}  # fields added since take their defaults
+        may_change = RESTARTABLE_FIELDS if diverged is not None else ()
+        changed = sorted(k for k in saved if saved[k] != dataclasses.asdict(config).get(k) and k not in may_change)
+        if changed:
+            raise ValueError(f"cannot resume {out_dir}: its configuration differs in {changed}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if diverged is not None:  # the restart's lr and weight decay replace the saved ones, on the same schedule
+            scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["lr"] = lr * lr_factor(scheduler.last_epoch, total_steps, warmup)
+                group["weight_decay"] = config.weight_decay
+            metrics["restarts"] = list(state.get("restarts", [])) + metrics["restarts"]
+        try:
+            set_rng_state(state["rng"], generator)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{ckpt_path}: its RNG state is not readable ({exc})") from None
+        metrics["epochs"] = state["epochs"]
+        start_epoch = state["epoch"] + 1
+        metrics["resumed_at_epochs"] = list(state.get("resumed_at_epochs", [])) + [start_epoch]
+    return start_epoch
+
+
 def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
           task: Optional[datasets.Task] = None, stop_after_epochs: Optional[int] = None, return_model: bool = False,
           on_epoch=None, restart_diverged: bool = False):
@@ -161,40 +204,8 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     metrics = {"config": dataclasses.asdict(config), "environment": environment(device), "epochs": [],
                "status": "running"}
-    start_epoch = 0
-    diverged = previous_divergence(out_dir) if resume else None
-    if diverged is not None:
-        if not restart_diverged:
-            kept = (f"its last good checkpoint (epoch {diverged.get('epoch', 1) - 1}) is kept: restart from it"
-                    if os.path.exists(ckpt_path) else "no epoch had finished: start it again")
-            raise RunDivergedError(f"{out_dir} diverged (non-finite {diverged.get('what', 'values')} at epoch "
-                                   f"{diverged.get('epoch')}, step {diverged.get('step')}, lr {diverged.get('lr')}); "
-                                   f"{kept} with --restart-diverged (e.g. with a lower --lr)")
-        metrics["restarts"] = [{"diverged": diverged, "lr": config.lr, "weight_decay": config.weight_decay}]
-    if resume and os.path.exists(ckpt_path):
-        state = load_checkpoint_state(ckpt_path, map_location=device,
-                                      required=("model", "optimizer", "scheduler", "rng", "epoch", "epochs", "config"))
-        saved = {**dataclasses.asdict(TrainConfig()), **state["config"]}  # fields added since take their defaults
-        may_change = RESTARTABLE_FIELDS if diverged is not None else ()
-        changed = sorted(k for k in saved if saved[k] != dataclasses.asdict(config).get(k) and k not in may_change)
-        if changed:
-            raise ValueError(f"cannot resume {out_dir}: its configuration differs in {changed}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if diverged is not None:  # the restart's lr and weight decay replace the saved ones, on the same schedule
-            scheduler.base_lrs = [lr for _ in optimizer.param_groups]
-            for group in optimizer.param_groups:
-                group["lr"] = lr * lr_factor(scheduler.last_epoch, total_steps, warmup)
-                group["weight_decay"] = config.weight_decay
-            metrics["restarts"] = list(state.get("restarts", [])) + metrics["restarts"]
-        try:
-            set_rng_state(state["rng"], generator)
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{ckpt_path}: its RNG state is not readable ({exc})") from None
-        metrics["epochs"] = state["epochs"]
-        start_epoch = state["epoch"] + 1
-        metrics["resumed_at_epochs"] = list(state.get("resumed_at_epochs", [])) + [start_epoch]
+    start_epoch = _resume(out_dir, config, device, model, optimizer, scheduler, generator, metrics,
+                          restart_diverged=restart_diverged, lr=lr, total_steps=total_steps, warmup=warmup) if resume else 0
     if rank == 0:
         write_config_file(os.path.join(out_dir, "config.yaml"), config)
         writer = event_writer(out_dir, start_epoch)
