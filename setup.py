@@ -180,8 +180,8 @@ class BuildWithCPUFallback(BuildExtension):
             for key, value in vars(ext).items():  # what build_ext.finalize_options set on it (_needs_stub, ...)
                 if key.startswith("_") and not hasattr(fallback, key):
                     setattr(fallback, key, value)
-            record_cuda_build(False, f"the CUDA build failed ({reason[:200]})", self.build_lib)
             super().build_extension(fallback)
+            record_cuda_build(False, f"the CUDA build failed ({reason[:200]})", self.build_lib)
         else:
             record_cuda_build(True, "", self.build_lib)
 
