@@ -67,12 +67,15 @@ def sweep(sweep_file, out, address, cpus_per_run, gpus_per_run, quiet, retry_div
 @click.argument("sweep_dir", type=click.Path(exists=True))
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="The markdown file (default SWEEP_DIR/report.md); its PNG figures are written beside it.")
-def report(sweep_dir, out) -> None:
+@click.option("--with", "references", type=click.Path(exists=True), multiple=True,
+              help="Another sweep's results.csv (or directory): its trials at this sweep's scale join the tables and "
+                   "figures as references (repeatable).")
+def report(sweep_dir, out, references) -> None:
     """Markdown report with the paper's figures (Fig 2b, 3a-c, 4a) from a sweep's results.csv."""
     from itconv_fast.experiments import report as reports
 
     try:
-        path = reports.write_report(sweep_dir, out)
+        path = reports.write_report(sweep_dir, out, references=references)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise click.BadParameter(str(exc).strip("'\""), param_hint="SWEEP_DIR") from None
     except OSError as exc:  # a full disk: every file is written atomically, the previous ones are kept

@@ -110,3 +110,28 @@ def test_objectives_get_the_error_against_di_figure_and_stay_out_of_the_papers_f
     from itconv_fast.experiments.report import _is_plain, read_results
 
     assert sum(_is_plain(r) for r in read_results(str(out))) == 2
+
+
+def test_reference_trials_at_the_same_scale_join_the_report(tmp_path, sweep_dir):
+    """`report --with OTHER/results.csv`: the other sweep's trials at this sweep's scale join the tables and the
+    figures, marked by their source; trials at another scale stay out."""
+    spec = sweeps.parse_sweep({"base": BASE, "grid": {"objectives": [{"fixed-point": 1.0}], "seed": [0, 1]}}, "o.yaml")
+    out = tmp_path / "objectives"
+    sweeps.check_out_dir(spec, str(out))
+    for i, trial in enumerate(sweeps.expand(spec)):
+        folder = out / "trials" / trial.name
+        folder.mkdir(parents=True)
+        row = {"final_test_error": 0.2, "final_train_error": 0.1, "final_test_loss": 1.0, "chance_error": 0.99,
+               "epochs_run": 1, "ci": 0.5, "ri": 0.9, "di": 0.1 * i, "ci_s1": 0.5, "ri_s1": 0.9, "di_s1": 0.1,
+               "ci_s2": 0.5, "ri_s2": 0.9, "di_s2": 0.1, "ci_s3": 0.5, "ri_s3": 0.9, "di_s3": 0.1, "train_seconds": 1.0}
+        (folder / "result.json").write_text(json.dumps({"config": dataclasses.asdict(trial.config), "result": row}))
+    sweeps.collect_results(spec, str(out))
+    other = tmp_path / "other.csv"  # the fixture's sweep at another width: not joined
+    other.write_text((sweep_dir / "results.csv").read_text().replace(",2,2,3,", ",16,2,3,"))
+    result = CliRunner().invoke(main, ["report", str(out), "--with", str(sweep_dir / "results.csv"), "--with", str(other)])
+    assert result.exit_code == 0, result.output
+    md = (out / "report.md").read_text()
+    every = _table(md, "Every trial")
+    assert len(every) == 2 + 10 and sum("(sweep)" in cells[0] for cells in every) == 10
+    assert "10 trials at the same scale" in md and "0 trials at the same scale" in md
+    assert (out / "report-error-di.png").exists() and (out / "report-fig4a.png").exists()

@@ -248,6 +248,8 @@ def _variant(row) -> tuple:
         return name, f"{name}, SN mu {row['sn_mu']:g}"
     if row["lam"] > 0:
         return "coupling", f"coupling lam {row['lam']:g}"
+    if row.get("init_resolved") == "recurrent":
+        return "ordinary", "ordinary, recurrent init (lam 0, no SN)"
     return "ordinary", "ordinary (lam 0, no SN)"
 
 
@@ -293,11 +295,35 @@ def _fig_error_against_di(rows, path, threshold: float = 0.15) -> bool:
     return True
 
 
-def write_report(sweep_dir: str, out: str = None) -> str:
-    """Writes the markdown report (default DIR/report.md) and its figures beside it; returns its path."""
+SCALE_COLUMNS = ("dataset", "n_digits", "train_size", "test_size", "width", "blocks", "stages", "epochs", "batch_size",
+                 "lr", "sn_mode", "preset")
+
+
+def rows_at_the_same_scale(rows: list, references: list) -> list:
+    """The reference rows whose scale (data set, sizes, network shape, schedule, estimator: SCALE_COLUMNS) is one
+    that `rows` have: what another sweep contributes to this one's comparison."""
+    scales = {tuple(r.get(k) for k in SCALE_COLUMNS) for r in rows}
+    return [r for r in references if tuple(r.get(k) for k in SCALE_COLUMNS) in scales]
+
+
+def write_report(sweep_dir: str, out: str = None, references=()) -> str:
+    """Writes the markdown report (default DIR/report.md) and its figures beside it; returns its path.
+
+    references: results.csv files (or sweep directories) of other sweeps whose trials at this sweep's scale join
+    the tables and figures, marked by their source (e.g. the ordinary and the paper's networks beside new
+    objectives)."""
     from ..io.checkpoint import atomic_write_text
 
     all_rows = read_results(sweep_dir)
+    joined = []
+    for source in references:
+        extra = rows_at_the_same_scale(all_rows, read_results(source))
+        tag = os.path.basename(os.path.dirname(os.path.abspath(source)) if source.endswith(".csv") else
+                               os.path.abspath(source))
+        for row in extra:
+            row["trial"] = f"{row['trial']} ({tag})"
+        joined.append(f"{len(extra)} trials at the same scale from `{source}` (marked ({tag}))")
+        all_rows += extra
     rows = [r for r in all_rows if r["status"] == "ok"]  # diverged and failed trials have no metrics to average
     if not rows:
         raise ValueError(f"{sweep_dir}: none of its {len(all_rows)} trials finished with status ok")
@@ -327,7 +353,8 @@ def write_report(sweep_dir: str, out: str = None) -> str:
     lines = [f"# Sweep report: {os.path.basename(os.path.abspath(sweep_dir))}", "",
              f"{len(rows)} finished trials in {len(groups)} groups (trials that differ only in their seed)"
              + (f"; {left_out} more diverged or failed and are left out of every mean and figure "
-                "(column 'left out'; their reasons are in the last table)" if left_out else "") + ". "
+                "(column 'left out'; their reasons are in the last table)" if left_out else "")
+             + (f"; with {', '.join(joined)}" if joined else "") + ". "
              "Values are mean ± standard deviation over seeds (sample sd; 0 for a single seed). Test error is the "
              f"final epoch's; chance error {rows[0]['chance_error']:.4f}. Indices: SPEC section 4.", "",
              "## Groups", "", "| group | n | test error | CI | RI | DI | " + " | ".join(f"DI s{s}" for s in range(1, S + 1))
