@@ -17,8 +17,15 @@ import tempfile
 
 
 def _is_toolkit(home) -> bool:
-    return bool(home) and os.path.isfile(os.path.join(home, "bin", "nvcc")) and any(
-        os.path.isdir(os.path.join(home, d)) for d in ("lib64", "lib", "targets"))
+    """A CUDA toolkit: nvcc, the runtime's header and the runtime library to link (/usr/local, where a wrapper
+    nvcc may sit beside a lib folder, is not one)."""
+    if not home or not os.path.isfile(os.path.join(home, "bin", "nvcc")):
+        return False
+    headers = [os.path.join(home, "include", "cuda_runtime.h")] + glob.glob(os.path.join(home, "targets", "*", "include",
+                                                                                         "cuda_runtime.h"))
+    libraries = [p for d in ("lib64", "lib", os.path.join("targets", "*", "lib"))
+                 for p in glob.glob(os.path.join(home, d, "libcudart.so*"))]
+    return any(os.path.isfile(h) for h in headers) and bool(libraries)
 
 
 def find_cuda_home():

@@ -34,6 +34,8 @@ def test_the_toolkit_behind_a_wrapper_nvcc_is_found(tmp_path):
         pytest.skip("no CUDA toolkit on this machine")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    (tmp_path / "lib").mkdir()  # like /usr/local: a lib folder beside the wrapper, but no CUDA runtime in it
+    (tmp_path / "include").mkdir()
     wrapper = bin_dir / "nvcc"  # like /usr/local/bin/nvcc on our machines: a script outside the toolkit
     wrapper.write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
     wrapper.chmod(0o755)
