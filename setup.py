@@ -178,7 +178,13 @@ class BuildWithCPUFallback(BuildExtension):
         except Exception as exc:  # a compile or link error of the CUDA sources, or of the CUDA-enabled C++ ones
             if cuda_forced():
                 raise
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            text = str(exc).strip()
+            if "-shared" in text:  # the compiler's or linker's own message is already on stderr, above this line
+                reason = "linking failed"
+            elif "compiling" in text.lower():
+                reason = "compiling failed"
+            else:
+                reason = text.splitlines()[-1][:200] if text else type(exc).__name__
             print(f"itconv-fast: the CUDA kernels could not be built ({reason[:200]}); building the CPU kernels "
                   "only. Set CUDA_HOME to a full CUDA toolkit (and ITCONV_FAST_CUDA=1 to make this an error) to get "
                   "them.", file=sys.stderr, flush=True)
