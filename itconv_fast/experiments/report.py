@@ -58,6 +58,9 @@ def read_results(sweep_dir: str) -> list:
                     row[key] = float("nan")
         row["init_resolved"] = row["init"] if row["init"] != "auto" else ("recurrent" if row["lam"] > 0 else "nonrecurrent")
         row["status"] = row.get("status") or "ok"  # results from before statuses existed
+        for key, default in (("objectives", "none"), ("objective_k", 16), ("objective_rho", 0.9)):
+            if row.get(key) is None:  # results from before objectives existed trained without any
+                row[key] = default
     return rows
 
 
