@@ -23,7 +23,8 @@ from itconv_fast.data import datasets, vision
 from itconv_fast.experiments import sweep as sweeps
 from itconv_fast.experiments.config import FIELDS, TrainConfig
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+# derandomize: CI replays the same examples every run (a new failure is found here, not by chance in CI).
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                          HealthCheck.too_slow])
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),

@@ -116,7 +116,9 @@ def read_digitclutter(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         with np.load(path, allow_pickle=False) as f:
             images, labels, digest = f["images"], f["labels"], str(f["sha256"])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+    # zipfile says NotImplementedError for an unknown compression method and RuntimeError for an "encrypted"
+    # member: both are what a flipped header byte gives.
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
         raise vision.DatasetFilesError(f"{path}: unreadable Digitclutter file ({type(exc).__name__}: {exc})") from exc
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (1, 32, 32):
         raise vision.DatasetFilesError(f"{path}: images have dtype {images.dtype} and shape {images.shape}")

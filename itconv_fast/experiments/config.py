@@ -207,7 +207,7 @@ def build_config(preset: str = "quick", values: Optional[dict] = None) -> TrainC
     """The preset's values, then every entry of `values` as given (None included: `sn_mu: null` is off)."""
     values = dict(values or {})
     _check_keys(values, "configuration")
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}; got {preset!r}", "preset")
     merged = dict(PRESETS[preset])
     merged.update(values)

@@ -317,10 +317,10 @@ def write_report(sweep_dir: str, out: str = None, references=()) -> str:
     objectives)."""
     from ..io.checkpoint import atomic_write_text
 
-    all_rows = read_results(sweep_dir)
-    joined = []
+    own = read_results(sweep_dir)
+    all_rows, joined = list(own), []
     for source in references:
-        extra = rows_at_the_same_scale(all_rows, read_results(source))
+        extra = rows_at_the_same_scale(own, read_results(source))  # this sweep's scales, not another reference's
         tag = os.path.basename(os.path.dirname(os.path.abspath(source)) if source.endswith(".csv") else
                                os.path.abspath(source))
         for row in extra:

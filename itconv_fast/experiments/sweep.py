@@ -193,9 +193,9 @@ def trial_dir(out_dir: str, trial: Trial) -> str:
     return os.path.join(out_dir, "trials", trial.name)
 
 
-def trial_status(out_dir: str, trial: Trial):
-    """The status in the trial's result.json ("ok", "diverged" or "failed"; files from before statuses existed
-    are "ok"), or None when it has no readable result for this configuration."""
+def _stored_result(out_dir: str, trial: Trial):
+    """The trial's result.json as {"config", "result"} when it is readable, is this configuration's and has a
+    known status (files from before statuses existed are "ok"); else None."""
     path = os.path.join(trial_dir(out_dir, trial), "result.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -204,8 +204,17 @@ def trial_status(out_dir: str, trial: Trial):
         return None
     if not isinstance(stored, dict) or stored.get("config") != dataclasses.asdict(trial.config):
         return None
-    status = (stored.get("result") or {}).get("status", "ok")
-    return status if status in STATUSES else None
+    result = stored.get("result")
+    if not isinstance(result, dict) or result.get("status", "ok") not in STATUSES:
+        return None
+    return stored
+
+
+def trial_status(out_dir: str, trial: Trial):
+    """The status in the trial's result.json ("ok", "diverged" or "failed"), or None when it has no readable
+    result for this configuration."""
+    stored = _stored_result(out_dir, trial)
+    return None if stored is None else stored["result"].get("status", "ok")
 
 
 def _finished(out_dir: str, trial: Trial, retry_diverged: bool = False) -> bool:
@@ -340,11 +349,9 @@ def collect_results(spec: SweepSpec, out_dir: str) -> list:
     reason); returns the rows."""
     rows = []
     for t in expand(spec):
-        path = os.path.join(trial_dir(out_dir, t), "result.json")
-        if trial_status(out_dir, t) is None:
+        stored = _stored_result(out_dir, t)
+        if stored is None:
             continue
-        with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
         config = {k: (_format(v) if isinstance(v, dict) else v) for k, v in stored["config"].items()}
         rows.append({"trial": t.name, **config, "status": "ok", "reason": "", **stored["result"]})
     columns = ["trial", *FIELDS]

@@ -50,9 +50,7 @@ class Objective:
     name = "objective"
 
     def __init__(self, weight: float = 1.0) -> None:
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"{self.name}: weight must be a finite number >= 0, got {weight!r}")
-        self.weight = float(weight)
+        self.weight = check_float(weight, f"{self.name}: weight", 0.0)
 
     def __call__(self, context: ObjectiveContext) -> ObjectiveTerm:
         raise NotImplementedError
@@ -65,9 +63,6 @@ class _StageRecorder:
     def __init__(self, n: int) -> None:
         self.inputs: list = [None] * n
         self.outputs: list = [None] * n
-
-    def complete(self) -> bool:
-        return all(z is not None for z in self.outputs)
 
 
 @contextlib.contextmanager
