@@ -226,6 +226,17 @@ def test_mismatched_devices_rejected(path):
     assert all(torch.equal(a, b) for a, b in zip(groups[0], before))
 
 
+def test_group_spanning_devices_is_refused_on_the_cpu(path):
+    """A group whose first member is on the CPU and another elsewhere (here: meta) is refused before the op is
+    called. The wrapper used to look only at each group's first member and passed the mixed list to the op
+    (on an H200 the CPU + CUDA list crashed the process; with meta it silently did nothing)."""
+    groups = [[torch.randn(3), torch.randn(3)], [torch.randn(3), torch.empty(3, device="meta")]]
+    before = [t.clone() for t in groups[0]]
+    with pytest.raises(ValueError, match="group 1: member 1 is on meta, member 0 on cpu"):
+        ops.soft_couple_(groups, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(groups[0], before))
+
+
 @needs_extension
 def test_op_checks_its_own_arguments():
     """Direct torch.ops callers get the C++ checks (ValueError / TypeError) and no modification."""

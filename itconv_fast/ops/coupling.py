@@ -163,7 +163,9 @@ def soft_couple_(
     if _extension.loaded() and _soft_couple_one_call(groups, lam, kernel, bandwidth, skip_first):
         return
     checked = _as_groups(groups)
-    devices = list(dict.fromkeys(members[0].device for members in checked if members))
+    # Every member's device, not only each group's first: a group that spans devices must be refused here (the
+    # op called with CPU and CUDA tensors in one list crashed on an H200, 2026-11-29).
+    devices = list(dict.fromkeys(t.device for members in checked for t in members))
     if len(devices) > 1 or not all(_extension.has_kernels_for(d) for d in devices):
         # Several per-device calls, and the reference, need every group checked before anything is written.
         _check_groups(checked, skip_first)
