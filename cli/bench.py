@@ -192,3 +192,31 @@ def bench_train_step(width, blocks, batch, sn_mode, min_run_time, objectives, ou
     if out:
         bench_lib.save_report(report, out)
         click.echo(f"wrote {out}")
+
+
+@bench.command("train")
+@click.option("--size", "sizes", type=click.Choice(["quick", "paper"]), multiple=True, default=("quick", "paper"),
+              show_default=True, help="quick: the quick preset (Digitclutter, ResNet-29-8); paper: ResNet-101-16 on "
+                                      "32 x 32 x 3 random CIFAR-shaped images. Repeatable.")
+@click.option("--epochs", type=click.IntRange(min=2), default=3, show_default=True,
+              help="Epochs per run; the first is reported apart (compilation, warm-up).")
+@click.option("--paper-steps", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Steps in an epoch of the paper size.")
+@click.option("--quick-train-size", type=click.IntRange(min=128), default=None,
+              help="Training examples of the quick size (default: the preset's 12,000).")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None)
+@_device_option
+def bench_train(sizes, epochs, paper_steps, quick_train_size, out, device) -> None:
+    """Epoch time of itconv-fast train (eager and compiled, with and without coupling + spectral normalization)
+    against a plain PyTorch training loop, runs interleaved epoch by epoch."""
+    from itconv_fast import bench as bench_lib
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    report, table = bench_lib.run_train_benchmark(sizes, device=device, epochs=epochs, paper_steps=paper_steps,
+                                                  quick_train_size=quick_train_size,
+                                                  log=lambda m: click.echo(m, err=True))
+    click.echo(table)
+    if out:
+        bench_lib.save_report(report, out)
+        click.echo(f"wrote {out}")

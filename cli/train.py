@@ -84,12 +84,15 @@ def parse_objectives(ctx, param, values):
 @click.option("--restart-diverged", is_flag=True,
               help="With --resume, on a run whose training diverged: continue from its last good epoch (--lr and "
                    "--weight-decay may differ from the run's).")
-@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
+@click.option("--compile", "compile_", type=click.Choice(["auto", "on", "off"]), is_flag=False, flag_value="on",
+              default=None, help="torch.compile the model: auto (default) turns it on when the run has enough steps to "
+                                 "repay the compilation on its device (docs/training.md); --compile alone is on.")
+@click.option("--no-compile", is_flag=True, help="Same as --compile off.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def train(config_file, preset, dataset, data_dir, download, n_digits, train_size, test_size, width, blocks, stages, lam,
           coupling_kernel, skip_first, sn_mu, sn_mode, pcr, init, bn_gamma_init, objectives, objective_k, objective_rho,
           epochs, batch_size, accumulate, lr, weight_decay, seed, device, out, resume, restart_diverged, compile_,
-          no_progress) -> None:
+          no_compile, no_progress) -> None:
     """Train the paper's ResNet with soft gradient coupling and a Lipschitz constraint.
 
     Examples: itconv-fast train --lam 0.5 --sn-mu 0.95; itconv-fast train --objective fixed-point:0.1;
@@ -106,7 +109,8 @@ def train(config_file, preset, dataset, data_dir, download, n_digits, train_size
                  coupling_kernel=coupling_kernel, skip_first=skip_first, sn_mu=sn_mu, sn_mode=sn_mode, pcr=pcr, init=init,
                  bn_gamma_init=bn_gamma_init, objectives=objectives, objective_k=objective_k,
                  objective_rho=objective_rho, epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr,
-                 weight_decay=weight_decay, seed=seed, device=device, compile=compile_)
+                 weight_decay=weight_decay, seed=seed, device=device,
+                 compile="off" if no_compile else compile_)
     flags = {k: v for k, v in flags.items() if v is not None}
     config = resolve_train_config(config_file, preset, flags)
     try:

@@ -122,7 +122,7 @@ def test_every_run_writes_metrics_csv_and_tensorboard_events(tmp_path):
     assert CliRunner().invoke(main, ["train", "--config", str(path), "--out", str(out), "--no-progress"]).exit_code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     lines = (out / "metrics.csv").read_text().splitlines()
-    assert lines[0] == "epoch,train_loss,train_error,test_loss,test_error,lr,seconds"
+    assert lines[0] == "epoch,train_loss,train_error,test_loss,test_error,lr,seconds,train_seconds"
     assert len(lines) == 1 + len(metrics["epochs"])
     assert float(lines[2].split(",")[4]) == metrics["epochs"][1]["test_error"]
     events = EventAccumulator(str(out / "tensorboard"))

@@ -282,7 +282,7 @@ def test_training_logs_every_term_and_resumes_to_the_same_metrics(tmp_path, cach
     full = training.train(_config(), str(tmp_path / "full"), progress=False)
     training.train(_config(), str(tmp_path / "part"), progress=False, stop_after_epochs=1)
     resumed = training.train(_config(), str(tmp_path / "part"), resume=True, progress=False)
-    assert full["epochs"] == [dict(e, seconds=f["seconds"]) for e, f in zip(resumed["epochs"], full["epochs"])]
+    assert full["epochs"] == [dict(e, seconds=f["seconds"], train_seconds=f["train_seconds"]) for e, f in zip(resumed["epochs"], full["epochs"])]
     for name in ("fixed-point", "extra-iterations"):
         assert all(e[name] > 0 for e in full["epochs"])
     header = (tmp_path / "full" / "metrics.csv").read_text().splitlines()[0].split(",")

@@ -33,7 +33,7 @@ def test_cli_trains_and_writes_outputs(tmp_path):
     assert metrics["config"]["lam"] == 0.5 and metrics["config"]["sn_mu"] == 0.95
     assert metrics["environment"]["extension_backend"] in ("compiled", "reference")
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
-    for key in ("epoch", "train_loss", "train_error", "test_error", "lr", "seconds"):
+    for key in ("epoch", "train_loss", "train_error", "test_error", "lr", "seconds", "train_seconds"):
         assert key in metrics["epochs"][0]
     model = load_checkpoint(str(out / "checkpoint.pt"))
     assert model.stages[0].sn is not None and len(model.stages[0].blocks) == 2

@@ -18,7 +18,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 __all__ = ["TrainConfig", "PRESETS", "ConfigError", "config_from", "build_config", "load_config_file",
            "write_config_file", "config_to_yaml", "FIELDS"]
@@ -65,7 +65,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     seed: int = 0
     device: str = "auto"
-    compile: bool = False
+    compile: Union[bool, str] = "auto"  # torch.compile: True, False, or "auto" (on where it pays: experiments/compile.py)
     cache_dir: Optional[str] = None
     objectives: dict = field(default_factory=dict)  # extra loss terms, {name: weight} (itconv_fast.objectives)
     objective_k: int = 16  # K_train of the extra-iteration loss
@@ -152,6 +152,14 @@ def _bool(key, v):
     return v
 
 
+def _compile(key, v):
+    if isinstance(v, bool) or v == "auto":
+        return v
+    if v in ("on", "off"):  # the CLI's spelling
+        return v == "on"
+    raise ConfigError(f"{key}: must be true, false or auto, got {v!r}", key)
+
+
 def _text(optional):
     def check(key, v):
         if (v is None and optional) or isinstance(v, str):
@@ -189,7 +197,7 @@ _CHECKS = {
     "skip_first": _int(0), "sn_mu": _float(0.0, low_open=True, optional=True), "sn_mode": _choice(SN_MODES),
     "pcr": _bool, "init": _choice(INIT_CHOICES), "bn_gamma_init": _float(), "epochs": _int(1), "batch_size": _int(1),
     "accumulate": _int(1), "lr": _float(0.0, low_open=True), "weight_decay": _float(0.0), "warmup_epochs": _float(0.0),
-    "seed": _int(), "device": _text(False), "compile": _bool, "cache_dir": _text(True), "preset": _choice(tuple(PRESETS)),
+    "seed": _int(), "device": _text(False), "compile": _compile, "cache_dir": _text(True), "preset": _choice(tuple(PRESETS)),
     "objectives": _objectives, "objective_k": _int(1), "objective_rho": _float(0.0),
 }
 assert set(_CHECKS) == set(FIELDS), "every TrainConfig field needs a check"

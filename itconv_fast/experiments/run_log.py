@@ -28,7 +28,7 @@ def environment(device) -> dict:
     return env
 
 
-EPOCH_FIELDS = ("epoch", "train_loss", "train_error", "test_loss", "test_error", "lr", "seconds")
+EPOCH_FIELDS = ("epoch", "train_loss", "train_error", "test_loss", "test_error", "lr", "seconds", "train_seconds")
 TENSORBOARD_TAGS = {"train_loss": "loss/train", "test_loss": "loss/test", "train_error": "error/train",
                     "test_error": "error/test", "lr": "lr", "seconds": "seconds_per_epoch"}
 

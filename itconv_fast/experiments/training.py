@@ -33,9 +33,10 @@ from ..objectives import make_objective
 from .config import PRESETS, TrainConfig, build_config, config_from, write_config_file  # noqa: F401 (re-exported)
 from .run_log import TENSORBOARD_TAGS, environment, event_writer, write_metrics_csv
 from .divergence import RESTARTABLE_FIELDS, TrainingDiverged
+from .compilation import decide_compile, use_compile_cache
 from .step import TrainStep, autocast
 
-__all__ = ["TrainConfig", "PRESETS", "config_from", "build_config", "train", "evaluate", "build_model", "atomic_save",
+__all__ = ["TrainConfig", "PRESETS", "config_from", "build_config", "train", "train_epochs", "evaluate", "build_model", "atomic_save",
            "atomic_write_json"]
 
 
@@ -127,7 +128,8 @@ def _resume(out_dir, config, device, model, optimizer, scheduler, generator, met
         state = load_checkpoint_state(ckpt_path, map_location=device,
                                       required=("model", "optimizer", "scheduler", "rng", "epoch", "epochs", "config"))
         saved = {**dataclasses.asdict(TrainConfig()), **state["config"]}  # fields added since take their defaults
-        may_change = RESTARTABLE_FIELDS if diverged is not None else ()
+        # compile may differ (same computation to float tolerance; an old run saved true/false, the default is auto)
+        may_change = ("compile",) + (RESTARTABLE_FIELDS if diverged is not None else ())
         changed = sorted(k for k in saved if saved[k] != dataclasses.asdict(config).get(k) and k not in may_change)
         if changed:
             raise ValueError(f"cannot resume {out_dir}: its configuration differs in {changed}")
@@ -154,6 +156,7 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
           task: Optional[datasets.Task] = None, stop_after_epochs: Optional[int] = None, return_model: bool = False,
           on_epoch=None, restart_diverged: bool = False):
     """Trains (or resumes) a run; returns the metrics dict also written to out_dir/metrics.json.
+    (train_epochs, the same run as a generator of its epochs' records.)
 
     A non-finite loss or gradient norm raises TrainingDiverged (experiments/divergence.py) before the
     optimizer steps: metrics.json then says `status: diverged` (with epoch, step, lr) and checkpoint.pt stays
@@ -166,6 +169,21 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
     Under torchrun (WORLD_SIZE > 1) every rank trains on its shard of each global batch with
     DistributedDataParallel (gloo on CPU, nccl on CUDA); only rank 0 writes.
     """
+    epochs = train_epochs(config, out_dir, resume=resume, progress=progress, task=task,
+                          stop_after_epochs=stop_after_epochs, return_model=return_model, on_epoch=on_epoch,
+                          restart_diverged=restart_diverged)
+    while True:
+        try:
+            next(epochs)
+        except StopIteration as finished:
+            return finished.value
+
+
+def train_epochs(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
+                 task: Optional[datasets.Task] = None, stop_after_epochs: Optional[int] = None,
+                 return_model: bool = False, on_epoch=None, restart_diverged: bool = False):
+    """`train` as a generator: yields each finished epoch's record (after its checkpoint is written) and returns
+    what train returns. Lets a caller interleave the epochs of several runs (itconv-fast bench train)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = resolve_device(config.device)
     if distributed and not dist.is_initialized():
@@ -213,7 +231,11 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
     net = model
     if distributed:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
+    compiled, why = decide_compile(config.compile, device, total_steps - scheduler.last_epoch,
+                                   objectives=bool(config.objectives), distributed=distributed)
+    metrics["compile"] = {"setting": config.compile, "on": compiled, "reason": why}
+    if compiled:
+        metrics["compile"]["cache_dir"] = use_compile_cache(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
         net = torch.compile(net)
     objectives = [make_objective(name, weight, k=config.objective_k, rho=config.objective_rho)
                   for name, weight in config.objectives.items()]
@@ -257,6 +279,7 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
             wrong += (~task.correct(logits.float(), y)).sum().item()
             seen += x.shape[0]
             batch_bar.set_postfix(loss=f"{loss.item():.3f}")
+        train_seconds = time.perf_counter() - started  # the training pass alone (loss.item() synchronised it)
         test_loss, test_error = evaluate(model, task, task.test, device)
         record = {
             "epoch": epoch + 1,
@@ -266,6 +289,7 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
             "test_error": test_error,
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - started,
+            "train_seconds": train_seconds,
         }
         record.update({key: total / max(seen, 1) for key, total in term_sums.items()})
         metrics["epochs"].append(record)
@@ -285,6 +309,7 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
             if on_epoch is not None:
                 on_epoch(record)
         epochs_bar.set_postfix(test_error=f"{test_error:.3f}")
+        yield record
         ran += 1
         if stop_after_epochs is not None and ran >= stop_after_epochs:
             break

@@ -1,0 +1,143 @@
+"""`itconv-fast bench train`: epoch times of `itconv-fast train` against the plain PyTorch loop (plain_loop.py).
+
+Per size, five runs train side by side, their epochs interleaved (round r runs epoch r of every run, in an
+order that rotates each round, so that drift of a shared machine hits all alike):
+
+    plain loop                   eager, no coupling, no spectral normalization (the baseline)
+    train lam 0                  itconv-fast train, eager, no coupling, no spectral normalization
+    train lam 0.5 + mu 0.95      itconv-fast train, eager, coupling + spectral normalization (operator mode)
+    (the same two compiled)      --compile on
+
+An epoch's time is its training pass (`train_seconds`; evaluation, checkpoints and logs excluded). The first
+epoch is reported apart (it holds compilation and warm-up); the others give the median. From those the
+report derives each compiled run's compilation time (its first epoch's excess over the eager run's) and the
+break-even step count of compiling (compilation time / time saved per step), which `--compile auto` uses.
+
+Sizes: "quick" is the quick preset (Digitclutter, ResNet-29-8, 93 steps an epoch); "paper" is the paper's
+width and depth, ResNet-101-16 on 32 x 32 x 3 CIFAR-shaped random images (`paper_steps` steps an epoch,
+nothing downloaded, CIFAR's augmentation on).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+import torch
+
+from .plain_loop import plain_epochs
+from .runner import label_backend, machine_description
+
+__all__ = ["SIZES", "TRAIN_CASES", "run_train_benchmark", "train_benchmark_task"]
+
+SIZES = ("quick", "paper")
+PLAIN = "plain loop (eager)"
+TRAIN_CASES = {  # name: (lam, sn_mu, compile)
+    "train lam 0 (eager)": (0.0, None, False),
+    "train lam 0.5 + mu 0.95 (eager)": (0.5, 0.95, False),
+    "train lam 0 (compiled)": (0.0, None, True),
+    "train lam 0.5 + mu 0.95 (compiled)": (0.5, 0.95, True),
+}
+
+
+def train_benchmark_task(size: str, *, paper_steps: int = 200, batch_size: int = 128, quick_train_size=None):
+    """(task, TrainConfig values) of a size."""
+    from ..data import datasets
+    from ..experiments.config import PRESETS
+
+    if size == "quick":
+        values = dict(PRESETS["quick"])
+        if quick_train_size is not None:
+            values["train_size"] = quick_train_size
+        task = datasets.load("digitclutter", n_digits=3, train_size=values["train_size"],
+                             test_size=values["test_size"], seed=0, cache_dir=datasets.default_cache_dir())
+        return task, dict(values, dataset="digitclutter")
+    if size != "paper":
+        raise ValueError(f"bench train: size must be one of {SIZES}, got {size!r}")
+    g = torch.Generator().manual_seed(0)
+    n_train, n_test = paper_steps * batch_size, 1000
+
+    def split(n):
+        return datasets.Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                              torch.randint(0, 10, (n,), generator=g))
+
+    task = datasets.Task("cifar10-shaped random", split(n_train), split(n_test), num_classes=10, in_channels=3,
+                         mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), augment=True)
+    values = dict(PRESETS["paper"], dataset="cifar10", train_size=n_train, test_size=n_test, batch_size=batch_size)
+    return task, values
+
+
+def _runs(task, values: dict, preset: str, epochs: int, device: str, workdir: str) -> dict:
+    from ..experiments.config import build_config
+    from ..experiments.training import train_epochs
+
+    runs = {PLAIN: plain_epochs(task, width=values["width"], blocks=values["blocks"], epochs=epochs,
+                                batch_size=values["batch_size"], lr=values["lr"],
+                                warmup_epochs=values.get("warmup_epochs", 1.0), device=device)}
+    for i, (name, (lam, mu, compiled)) in enumerate(TRAIN_CASES.items()):
+        config = build_config(preset, {**values, "epochs": epochs, "lam": lam, "sn_mu": mu, "compile": compiled,
+                                        "device": device})
+        runs[name] = train_epochs(config, f"{workdir}/run{i}", progress=False, task=task)
+    return runs
+
+
+def run_train_benchmark(sizes=SIZES, *, device: str = "cpu", epochs: int = 3, paper_steps: int = 200,
+                        quick_train_size=None, log=print) -> tuple[dict, str]:
+    """Epoch times of the plain loop and itconv-fast train (see the module's text) for each size; returns
+    (JSON-ready report in `bench`'s schema, table)."""
+    if epochs < 2:
+        raise ValueError("bench train: epochs must be >= 2 (the first holds compilation and warm-up)")
+    rows, ratios, tables = [], {}, []
+    for size in sizes:
+        task, values = train_benchmark_task(size, paper_steps=paper_steps, batch_size=128,
+                                            quick_train_size=quick_train_size)
+        steps = len(task.train) // values["batch_size"]
+        label = (f"{size}: ResNet-{6 * values['blocks'] + 5}-{values['width']}, batch {values['batch_size']}, "
+                 f"{steps} steps an epoch")
+        records = {}
+        with tempfile.TemporaryDirectory(prefix="itconv-bench-train-") as workdir:
+            runs = _runs(task, values, size, epochs, device, workdir)
+            records = {name: [] for name in runs}
+            names = list(runs)
+            for r in range(epochs):
+                order = names[r % len(names):] + names[: r % len(names)]
+                for name in order:
+                    t0 = time.perf_counter()
+                    records[name].append(next(runs[name]))
+                    log(f"  {size} epoch {r + 1}/{epochs} {name}: {records[name][-1]['train_seconds']:.2f} s "
+                        f"(wall {time.perf_counter() - t0:.1f} s)")
+            for run in runs.values():
+                run.close()
+        medians = {n: statistics.median(e["train_seconds"] for e in recs[1:]) for n, recs in records.items()}
+        firsts = {n: recs[0]["train_seconds"] for n, recs in records.items()}
+        for name in runs:
+            rows.append({"size": size, "case": name, "steps_per_epoch": steps, "median_epoch_s": medians[name],
+                         "median_step_s": medians[name] / steps, "first_epoch_s": firsts[name],
+                         "epochs_timed": epochs - 1, "epoch_s": [e["train_seconds"] for e in records[name]],
+                         "last_test_error": records[name][-1]["test_error"]})
+        ratio = {n: medians[n] / medians[PLAIN] for n in medians if n != PLAIN}
+        for variant in ("eager", "compiled"):
+            plain_ours, regularised = f"train lam 0 ({variant})", f"train lam 0.5 + mu 0.95 ({variant})"
+            ratio[f"overhead of coupling + spectral norm ({variant})"] = medians[regularised] / medians[plain_ours] - 1
+        for lam in ("lam 0", "lam 0.5 + mu 0.95"):
+            eager, compiled = medians[f"train {lam} (eager)"], medians[f"train {lam} (compiled)"]
+            compile_s = (firsts[f"train {lam} (compiled)"] - compiled) - (firsts[f"train {lam} (eager)"] - eager)
+            saved = (eager - compiled) / steps
+            ratio[f"compilation seconds ({lam})"] = compile_s
+            ratio[f"break-even steps ({lam})"] = compile_s / saved if saved > 0 else float("inf")
+        ratios[size] = ratio
+        lines = [f"[{label}; epoch = training pass; median of {epochs - 1} epochs after the first, interleaved]"]
+        for name in runs:
+            lines.append(f"  {name:38s} {medians[name]:8.2f} s/epoch  {medians[name] / steps * 1e3:8.1f} ms/step  "
+                         f"{medians[name] / medians[PLAIN]:5.2f}x plain  (first epoch {firsts[name]:.1f} s)")
+        for key, value in ratio.items():
+            if key.startswith(("overhead", "compilation", "break-even")):
+                text = f"{value * 100:+.1f}%" if key.startswith("overhead") else f"{value:.0f}"
+                lines.append(f"  {key:58s} {text}")
+        tables.append("\n".join(lines))
+        log(tables[-1])
+    report = {"benchmark": "train", "machine": machine_description(device), "rows": rows, "ratios": ratios,
+              "method": "runs interleaved epoch by epoch (rotating order); median training-pass time of the epochs "
+                        "after the first"}
+    return report, label_backend("\n\n".join(tables))
