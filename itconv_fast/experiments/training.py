@@ -4,7 +4,8 @@
 
 SGD with momentum 0.9 and weight decay, linear warm-up then cosine decay (per step; lr scaled linearly with
 batch size from a base of 128), coupling after backward (after DDP's all-reduce), one spectral power step
-per training forward, evaluation after every epoch; bf16 autocast and channels_last on CUDA. Outputs in
+per training forward, evaluation after every epoch; bf16 autocast on CUDA, channels-last kernels where they are
+faster (all of them on CUDA, stages of 16+ channels on the CPU). Outputs in
 out_dir: config.yaml (the resolved configuration), metrics.json, metrics.csv, TensorBoard event files in
 tensorboard/, and checkpoint.pt (loaded with weights_only=True), all written atomically every epoch;
 resume=True continues a killed run from its last finished epoch.
@@ -38,6 +39,9 @@ from .step import TrainStep, autocast
 
 __all__ = ["TrainConfig", "PRESETS", "config_from", "build_config", "train", "train_epochs", "evaluate", "build_model", "atomic_save",
            "atomic_write_json"]
+
+
+CPU_CHANNELS_LAST_MIN_WIDTH = 16  # measured: benchmarks/NOTES.md "Memory format on the CPU"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -206,8 +210,8 @@ def train_epochs(config: TrainConfig, out_dir: str, *, resume: bool = False, pro
                              n_digits=config.n_digits, train_size=config.train_size, test_size=config.test_size,
                              seed=config.seed, cache_dir=config.cache_dir or datasets.default_cache_dir())
     model = build_model(config, task).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # NHWC where it is faster: everywhere on CUDA, stages of 16+ channels on the CPU (IterResNet.to_channels_last).
+    model.to_channels_last(min_width=1 if device.type == "cuda" else CPU_CHANNELS_LAST_MIN_WIDTH)
     coupler = GradientCoupler(model, config.lam, kernel=config.coupling_kernel, bandwidth=config.coupling_bandwidth,
                               skip_first=config.skip_first)
     lr = config.lr * config.batch_size / 128

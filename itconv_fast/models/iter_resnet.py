@@ -45,10 +45,14 @@ class Block(nn.Module):
     def f(self, z: torch.Tensor, correction: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The residual function; with `correction` c, f(z) / c. Dividing conv2's (bias-free) kernel by c
         instead of its output costs C^2 k^2 operations rather than a pass over the activations."""
-        h = torch.relu(self.bn2(self.conv1(torch.relu(self.bn1(z)))))
         if correction is None:
-            return self.conv2(h)
-        return nn.functional.conv2d(h, self.conv2.weight / correction, padding=self.conv2.padding)
+            return self.f_with_conv2(z, self.conv2.weight)
+        return self.f_with_conv2(z, self.conv2.weight / correction)
+
+    def f_with_conv2(self, z: torch.Tensor, conv2_weight: torch.Tensor) -> torch.Tensor:
+        """f(z) with conv2's kernel replaced by `conv2_weight` (its spectrally corrected kernel)."""
+        h = torch.relu(self.bn2(self.conv1(torch.relu(self.bn1(z)))))
+        return nn.functional.conv2d(h, conv2_weight, padding=self.conv2.padding)
 
     def residual(self, z: torch.Tensor) -> torch.Tensor:
         """f~(z): the residual function, divided by its spectral correction c_t when the stage has one."""
@@ -72,14 +76,21 @@ class Stage(nn.Module):
         self._cached = None  # (key, corrections) for evaluation
 
     def _stacked(self):
-        """The spectral norm's inputs: conv1 stacked (BN gets folded into it, a new tensor anyway), conv2
-        as the list of the blocks' own kernels (read in place: no copy of T weights per step)."""
+        """The spectral norm's inputs: conv1 and conv2 stacked ([T, C, C, k, k]; conv2's stack also gives the
+        blocks their corrected kernels in forward) and the BN scales d1, d2 ([T, C])."""
         b = self.blocks
         conv1 = torch.stack([x.conv1.weight for x in b])
-        conv2 = [x.conv2.weight for x in b]
-        d1 = torch.stack([bn_scale(x.bn1.weight, x.bn1.running_var, x.bn1.eps) for x in b])
-        d2 = torch.stack([bn_scale(x.bn2.weight, x.bn2.running_var, x.bn2.eps) for x in b])
-        return conv1, conv2, d1, d2
+        conv2 = torch.stack([x.conv2.weight for x in b])
+        return conv1, conv2, self._bn_scales([x.bn1 for x in b]), self._bn_scales([x.bn2 for x in b])
+
+    @staticmethod
+    def _bn_scales(norms) -> torch.Tensor:
+        """[T, C]: every block's BN scale gamma / sqrt(running_var + eps), as one operation on stacked values
+        (not T: a step's autograd graph is a few nodes shorter per stage, which shows at small widths)."""
+        eps = norms[0].eps
+        if any(n.eps != eps for n in norms):
+            return torch.stack([bn_scale(n.weight, n.running_var, n.eps) for n in norms])
+        return bn_scale(torch.stack([n.weight for n in norms]), torch.stack([n.running_var for n in norms]), eps)
 
     def _state_key(self):
         tensors = [t for x in self.blocks for t in (x.conv1.weight, x.conv2.weight, x.bn1.weight, x.bn2.weight,
@@ -113,12 +124,23 @@ class Stage(nn.Module):
         return self.sn.refresh(*self._stacked(), n_iter=n_iter) if self.sn is not None else None
 
     def forward(self, x: torch.Tensor, *, stop_after: Optional[int] = None) -> torch.Tensor:
-        c = self.corrections(update=self.training) if self.sn is not None else None
+        kernels = None
+        if self.sn is not None:
+            if self.training:  # one power step; conv2's stack serves the bound and the corrected kernels
+                self._cached = None
+                conv1, conv2, d1, d2 = self._stacked()
+                c = self.sn(conv1, conv2, d1, d2)
+            else:
+                c = self.corrections()
+                conv2 = torch.stack([b.conv2.weight for b in self.blocks])
+            # Every block's conv2 / c_t in one division (the same numbers as T divisions; one autograd node
+            # instead of T, which shows at the quick preset's sizes).
+            kernels = (conv2 / c.to(conv2.dtype).view(-1, 1, 1, 1, 1)).unbind(0)
         z = x
         for t, block in enumerate(self.blocks):
             if stop_after is not None and t >= stop_after:
                 break
-            r = block.f(z, None if c is None else c[t])
+            r = block.f(z) if kernels is None else block.f_with_conv2(z, kernels[t])
             z = (x if self.pcr else z) + r
         return z
 
@@ -203,6 +225,21 @@ class IterResNet(nn.Module):
         for stage in self.stages:
             if stage.sn is not None:
                 stage.refresh(stage.sn.init_iterations)
+
+    def to_channels_last(self, min_width: int = 1) -> "IterResNet":
+        """Stores the kernels of every stage at least `min_width` wide (and of the transition into it) channels-last,
+        so that its convolutions run on NHWC activations; returns self. The values do not change. On the CPU
+        oneDNN's NHWC convolutions are faster from 16 channels on (ResNet-101-16: a training step takes 0.75x the
+        time), but ATen's channels-last BatchNorm is slow below that (ResNet-29-8 all channels-last: 1.09x);
+        benchmarks/NOTES.md. On CUDA the whole network runs channels-last (min_width=1)."""
+        if self.config["width"] >= min_width:
+            self.stem.to(memory_format=torch.channels_last)
+        for s, stage in enumerate(self.stages):
+            if self.config["width"] * 2**s >= min_width:
+                stage.to(memory_format=torch.channels_last)
+                if s > 0:
+                    self.transitions[s - 1].to(memory_format=torch.channels_last)
+        return self
 
     def coupling_groups(self) -> list[list[nn.Parameter]]:
         """The 6 parameter slots of every stage, as groups for GradientCoupler (BN statistics are never shared)."""

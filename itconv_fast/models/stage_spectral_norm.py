@@ -103,9 +103,27 @@ class StageSpectralNorm(nn.Module):
         Updates the persistent vectors in training mode (or when update=True)."""
         n_iter = n_iter or self.n_power_iterations
         update = self.training if update is None else update
-        s1 = self._sigma(fold_batchnorm(conv1, d1, d2), self.u1, n_iter, update)
-        s2 = self._sigma(conv2, self.u2, n_iter, update)
-        return s1 * s2
+        folded = fold_batchnorm(conv1, d1, d2)
+        conv2 = conv2 if isinstance(conv2, torch.Tensor) else torch.stack(list(conv2))
+        if self.mode == "gram" or conv2.shape != folded.shape or conv2.dtype != folded.dtype:
+            return self._sigma(folded, self.u1, n_iter, update) * self._sigma(conv2, self.u2, n_iter, update)
+        # Both conv slots in one batched call ([2T, ...] kernels and vectors): one power-iteration op, one autograd
+        # node and one weight-gradient convolution per stage instead of two of each (the per-call overhead is
+        # most of the cost at the quick preset's sizes; benchmarks/NOTES.md). Each kernel's iteration is its own,
+        # so the numbers are those of two calls.
+        for name in ("u1", "u2"):
+            buffer = getattr(self, name)
+            if buffer.dtype != folded.dtype:  # e.g. a float64 model: the vectors follow the weights
+                buffer.data = buffer.data.to(folded.dtype)
+        t = folded.shape[0]
+        u = torch.cat([self.u1, self.u2])
+        sigma = batched_spectral_norm(torch.cat([folded, conv2]), u, mode=self.mode, n_iter=n_iter,
+                                      input_size=self.input_size)
+        if update:
+            with torch.no_grad():
+                self.u1.copy_(u[:t])
+                self.u2.copy_(u[t:])
+        return sigma[:t] * sigma[t:]
 
     def forward(self, conv1, conv2, d1, d2) -> torch.Tensor:
         """The corrections c_t = max(L^_t / mu, 1), shape [T] (divide each block's residual by its c_t)."""
