@@ -3,11 +3,16 @@
 Runs, on a machine with a GPU and the extension built with its CUDA kernels:
 1. `pytest -m cuda` (every CUDA-marked test: the kernels against the reference, bit for bit where the CPU is);
 2. `itconv-fast bench --device cuda` (every comparison, side by side; --quick for the short settings);
-3. the ptxas resource usage of every kernel (benchmarks/ptxas_usage.py), when nvcc is there;
-and writes {"machine", "pytest": {returncode, summary, tail}, "bench", "ptxas"} to --out
+3. `itconv-fast bench train --device cuda`: epoch times of the plain loop against itconv-fast train, eager and
+   compiled (--train-sizes, --paper-steps; --quick: the quick size only);
+4. the CUDA-graph check: the quick preset's network with coupling + spectral normalization trained eager, compiled
+   and compiled with CUDA graphs (mode="reduce-overhead") from the same weights (benchmarks/compiled_step_probe.py):
+   losses against eager, step times;
+5. the ptxas resource usage of every kernel (benchmarks/ptxas_usage.py), when nvcc is there;
+and writes {"machine", "pytest": {returncode, summary, tail}, "bench", "train", "cuda_graphs", "ptxas"} to --out
 (default gpu-check-<host>-<date>.json). Exits non-zero when there is no GPU, or when a test failed.
 
-    python benchmarks/gpu_check.py [--quick] [--out FILE]
+    python benchmarks/gpu_check.py [--quick] [--train-sizes quick,paper] [--paper-steps 200] [--out FILE]
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ def run_cuda_tests() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the benchmarks' short settings")
+    parser.add_argument("--train-sizes", default=None, help="sizes of bench train (default quick,paper; quick with --quick)")
+    parser.add_argument("--paper-steps", type=int, default=200, help="steps in an epoch of bench train's paper size")
     parser.add_argument("--out", help="the file to write (JSON)")
     args = parser.parse_args(argv)
 
@@ -60,8 +67,16 @@ def main(argv=None) -> int:
     print("itconv-fast bench --device cuda ...", flush=True)
     report["bench"] = bench.run_all(quick=args.quick, device="cuda")
     print(bench.results_markdown(report["bench"]), flush=True)
+    sizes = tuple((args.train_sizes or ("quick" if args.quick else "quick,paper")).split(","))
+    print(f"itconv-fast bench train --device cuda ({', '.join(sizes)}) ...", flush=True)
+    report["train"], table = bench.run_train_benchmark(sizes, device="cuda", paper_steps=args.paper_steps)
+    print(table, flush=True)
+    print("CUDA graphs (compiled_step_probe, quick preset's network) ...", flush=True)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import compiled_step_probe
+
+    report["cuda_graphs"] = compiled_step_probe.probe("cuda", steps=30, width=8, blocks=4, regularised="regularised")
     try:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import ptxas_usage
 
         report["ptxas"] = ptxas_usage.usage()

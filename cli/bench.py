@@ -204,9 +204,10 @@ def bench_train_step(width, blocks, batch, sn_mode, min_run_time, objectives, ou
               help="Steps in an epoch of the paper size.")
 @click.option("--quick-train-size", type=click.IntRange(min=128), default=None,
               help="Training examples of the quick size (default: the preset's 12,000).")
+@click.option("--no-compile", is_flag=True, help="Leave out the compiled runs (minutes of compilation on a CPU).")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None)
 @_device_option
-def bench_train(sizes, epochs, paper_steps, quick_train_size, out, device) -> None:
+def bench_train(sizes, epochs, paper_steps, quick_train_size, no_compile, out, device) -> None:
     """Epoch time of itconv-fast train (eager and compiled, with and without coupling + spectral normalization)
     against a plain PyTorch training loop, runs interleaved epoch by epoch."""
     from itconv_fast import bench as bench_lib
@@ -214,7 +215,7 @@ def bench_train(sizes, epochs, paper_steps, quick_train_size, out, device) -> No
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
     report, table = bench_lib.run_train_benchmark(sizes, device=device, epochs=epochs, paper_steps=paper_steps,
-                                                  quick_train_size=quick_train_size,
+                                                  quick_train_size=quick_train_size, compiled=not no_compile,
                                                   log=lambda m: click.echo(m, err=True))
     click.echo(table)
     if out:

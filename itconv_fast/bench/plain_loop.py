@@ -5,12 +5,20 @@ the optimizer and schedule (SGD with momentum 0.9, linear warm-up then cosine de
 the batch size) and bf16 autocast with channels_last on CUDA. It logs what such a loop logs (mean loss and
 error per epoch) and evaluates on the test split after every epoch, like ours; it writes no checkpoints.
 
-benchmarks/plain_loop.py runs it from the command line.
+It runs in a process of its own (`python -m itconv_fast.bench.plain_loop`, benchmarks/plain_loop.py), as a
+researcher's script does: with the C library's default allocator, not the one `itconv-fast train` sets
+(experiments/host_memory.py). With --stepped it waits for a line on stdin before each epoch and prints each
+epoch's record as a JSON line, so that `bench train` interleaves its epochs with those of the other runs.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -18,7 +26,9 @@ import torch
 from ..data import datasets
 from ..models import IterResNet
 
-__all__ = ["plain_epochs"]
+__all__ = ["plain_epochs", "train_benchmark_task", "PlainLoopProcess", "main"]
+
+SIZES = ("quick", "paper")
 
 
 def plain_epochs(task: datasets.Task, *, width: int, blocks: int, stages: int = 3, epochs: int, batch_size: int = 128,
@@ -76,3 +86,86 @@ def plain_epochs(task: datasets.Task, *, width: int, blocks: int, stages: int = 
         yield {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_error": wrong / max(seen, 1),
                "test_error": test_wrong / max(test_seen, 1), "seconds": time.perf_counter() - started,
                "train_seconds": train_seconds}
+
+
+def train_benchmark_task(size: str, *, paper_steps: int = 200, batch_size: int = 128, quick_train_size=None):
+    """(task, TrainConfig values) of a size."""
+    from ..data import datasets
+    from ..experiments.config import PRESETS
+
+    if size == "quick":
+        values = dict(PRESETS["quick"])
+        if quick_train_size is not None:
+            values["train_size"] = quick_train_size
+        task = datasets.load("digitclutter", n_digits=3, train_size=values["train_size"],
+                             test_size=values["test_size"], seed=0, cache_dir=datasets.default_cache_dir())
+        return task, dict(values, dataset="digitclutter")
+    if size != "paper":
+        raise ValueError(f"bench train: size must be one of {SIZES}, got {size!r}")
+    g = torch.Generator().manual_seed(0)
+    n_train, n_test = paper_steps * batch_size, 1000
+
+    def split(n):
+        return datasets.Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                              torch.randint(0, 10, (n,), generator=g))
+
+    task = datasets.Task("cifar10-shaped random", split(n_train), split(n_test), num_classes=10, in_channels=3,
+                         mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), augment=True)
+    values = dict(PRESETS["paper"], dataset="cifar10", train_size=n_train, test_size=n_test, batch_size=batch_size)
+    return task, values
+
+
+class PlainLoopProcess:
+    """plain_epochs in a child process, one epoch per next() (an iterator of records, like train_epochs)."""
+
+    def __init__(self, size: str, *, epochs: int, device: str, paper_steps: int, quick_train_size=None) -> None:
+        cmd = [sys.executable, "-m", "itconv_fast.bench.plain_loop", "--size", size, "--epochs", str(epochs),
+               "--device", device, "--paper-steps", str(paper_steps), "--stepped"]
+        if quick_train_size is not None:
+            cmd += ["--quick-train-size", str(quick_train_size)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            self.close()
+            raise RuntimeError(f"the plain loop's process ended (exit code {self.process.returncode})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="The plain PyTorch training loop, one JSON record per epoch.")
+    parser.add_argument("--size", choices=SIZES, default="quick")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--paper-steps", type=int, default=200)
+    parser.add_argument("--quick-train-size", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--stepped", action="store_true", help="wait for a line on stdin before each epoch")
+    args = parser.parse_args(argv)
+    task, values = train_benchmark_task(args.size, paper_steps=args.paper_steps, quick_train_size=args.quick_train_size)
+    epochs = plain_epochs(task, width=values["width"], blocks=values["blocks"], epochs=args.epochs,
+                          batch_size=values["batch_size"], lr=values["lr"],
+                          warmup_epochs=values.get("warmup_epochs", 1.0), device=args.device)
+    for _ in range(args.epochs):
+        if args.stepped and not sys.stdin.readline():
+            return 0
+        print(json.dumps(next(epochs)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,7 +3,8 @@
 Per size, five runs train side by side, their epochs interleaved (round r runs epoch r of every run, in an
 order that rotates each round, so that drift of a shared machine hits all alike):
 
-    plain loop                   eager, no coupling, no spectral normalization (the baseline)
+    plain loop                   eager, no coupling, no spectral normalization (the baseline), in a process of
+                                 its own with the default allocator, as a researcher's script runs
     train lam 0                  itconv-fast train, eager, no coupling, no spectral normalization
     train lam 0.5 + mu 0.95      itconv-fast train, eager, coupling + spectral normalization (operator mode)
     (the same two compiled)      --compile on
@@ -26,12 +27,10 @@ import time
 
 import torch
 
-from .plain_loop import plain_epochs
+from .plain_loop import SIZES, PlainLoopProcess, train_benchmark_task
 from .runner import label_backend, machine_description
 
 __all__ = ["SIZES", "TRAIN_CASES", "run_train_benchmark", "train_benchmark_task"]
-
-SIZES = ("quick", "paper")
 PLAIN = "plain loop (eager)"
 TRAIN_CASES = {  # name: (lam, sn_mu, compile)
     "train lam 0 (eager)": (0.0, None, False),
@@ -41,51 +40,26 @@ TRAIN_CASES = {  # name: (lam, sn_mu, compile)
 }
 
 
-def train_benchmark_task(size: str, *, paper_steps: int = 200, batch_size: int = 128, quick_train_size=None):
-    """(task, TrainConfig values) of a size."""
-    from ..data import datasets
-    from ..experiments.config import PRESETS
-
-    if size == "quick":
-        values = dict(PRESETS["quick"])
-        if quick_train_size is not None:
-            values["train_size"] = quick_train_size
-        task = datasets.load("digitclutter", n_digits=3, train_size=values["train_size"],
-                             test_size=values["test_size"], seed=0, cache_dir=datasets.default_cache_dir())
-        return task, dict(values, dataset="digitclutter")
-    if size != "paper":
-        raise ValueError(f"bench train: size must be one of {SIZES}, got {size!r}")
-    g = torch.Generator().manual_seed(0)
-    n_train, n_test = paper_steps * batch_size, 1000
-
-    def split(n):
-        return datasets.Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                              torch.randint(0, 10, (n,), generator=g))
-
-    task = datasets.Task("cifar10-shaped random", split(n_train), split(n_test), num_classes=10, in_channels=3,
-                         mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), augment=True)
-    values = dict(PRESETS["paper"], dataset="cifar10", train_size=n_train, test_size=n_test, batch_size=batch_size)
-    return task, values
-
-
-def _runs(task, values: dict, preset: str, epochs: int, device: str, workdir: str) -> dict:
+def _runs(task, values: dict, preset: str, epochs: int, device: str, workdir: str, compiled: bool, paper_steps: int,
+          quick_train_size) -> dict:
     from ..experiments.config import build_config
     from ..experiments.training import train_epochs
 
-    runs = {PLAIN: plain_epochs(task, width=values["width"], blocks=values["blocks"], epochs=epochs,
-                                batch_size=values["batch_size"], lr=values["lr"],
-                                warmup_epochs=values.get("warmup_epochs", 1.0), device=device)}
-    for i, (name, (lam, mu, compiled)) in enumerate(TRAIN_CASES.items()):
-        config = build_config(preset, {**values, "epochs": epochs, "lam": lam, "sn_mu": mu, "compile": compiled,
+    runs = {PLAIN: PlainLoopProcess(preset, epochs=epochs, device=device, paper_steps=paper_steps,
+                                    quick_train_size=quick_train_size)}
+    for i, (name, (lam, mu, compile_)) in enumerate(TRAIN_CASES.items()):
+        if compile_ and not compiled:
+            continue
+        config = build_config(preset, {**values, "epochs": epochs, "lam": lam, "sn_mu": mu, "compile": compile_,
                                         "device": device})
         runs[name] = train_epochs(config, f"{workdir}/run{i}", progress=False, task=task)
     return runs
 
 
 def run_train_benchmark(sizes=SIZES, *, device: str = "cpu", epochs: int = 3, paper_steps: int = 200,
-                        quick_train_size=None, log=print) -> tuple[dict, str]:
+                        quick_train_size=None, compiled: bool = True, log=print) -> tuple[dict, str]:
     """Epoch times of the plain loop and itconv-fast train (see the module's text) for each size; returns
-    (JSON-ready report in `bench`'s schema, table)."""
+    (JSON-ready report in `bench`'s schema, table). compiled=False leaves the compiled runs out."""
     if epochs < 2:
         raise ValueError("bench train: epochs must be >= 2 (the first holds compilation and warm-up)")
     rows, ratios, tables = [], {}, []
@@ -97,7 +71,7 @@ def run_train_benchmark(sizes=SIZES, *, device: str = "cpu", epochs: int = 3, pa
                  f"{steps} steps an epoch")
         records = {}
         with tempfile.TemporaryDirectory(prefix="itconv-bench-train-") as workdir:
-            runs = _runs(task, values, size, epochs, device, workdir)
+            runs = _runs(task, values, size, epochs, device, workdir, compiled, paper_steps, quick_train_size)
             records = {name: [] for name in runs}
             names = list(runs)
             for r in range(epochs):
@@ -117,10 +91,10 @@ def run_train_benchmark(sizes=SIZES, *, device: str = "cpu", epochs: int = 3, pa
                          "epochs_timed": epochs - 1, "epoch_s": [e["train_seconds"] for e in records[name]],
                          "last_test_error": records[name][-1]["test_error"]})
         ratio = {n: medians[n] / medians[PLAIN] for n in medians if n != PLAIN}
-        for variant in ("eager", "compiled"):
+        for variant in ("eager", "compiled") if compiled else ("eager",):
             plain_ours, regularised = f"train lam 0 ({variant})", f"train lam 0.5 + mu 0.95 ({variant})"
             ratio[f"overhead of coupling + spectral norm ({variant})"] = medians[regularised] / medians[plain_ours] - 1
-        for lam in ("lam 0", "lam 0.5 + mu 0.95"):
+        for lam in ("lam 0", "lam 0.5 + mu 0.95") if compiled else ():
             eager, compiled = medians[f"train {lam} (eager)"], medians[f"train {lam} (compiled)"]
             compile_s = (firsts[f"train {lam} (compiled)"] - compiled) - (firsts[f"train {lam} (eager)"] - eager)
             saved = (eager - compiled) / steps

@@ -20,11 +20,12 @@ the sweep directory: the cache keys hold the device and the compiler).
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["BREAK_EVEN_STEPS", "decide_compile", "use_compile_cache", "compile_cache_dir"]
+__all__ = ["BREAK_EVEN_STEPS", "decide_compile", "use_compile_cache", "compile_cache_dir", "sweep_compile_cache_dir"]
 
 # Steps from which compiling pays, per device type (measured 2026-11-29, benchmarks/NOTES.md "Compilation"):
 # cpu: quick preset 2 cores ~ 900 steps cold-cache, ResNet-101-16 ~ 600; cuda (H200, torch 2.11): quick preset
@@ -35,7 +36,7 @@ BREAK_EVEN_STEPS = {"cpu": 1_000, "cuda": 35_000}
 _USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 
-def decide_compile(setting: Union[bool, str], device: torch.device, steps_left: int, *, objectives: bool = False,
+def decide_compile(setting: Union[bool, str], device: "torch.device", steps_left: int, *, objectives: bool = False,
                    distributed: bool = False) -> tuple[bool, str]:
     """(compile or not, why) for a run's `compile` setting (True, False, "auto")."""
     if setting is True:
@@ -61,6 +62,14 @@ def compile_cache_dir() -> str:
     from ..data.datasets import default_cache_dir
 
     return os.path.join(default_cache_dir(), "inductor")
+
+
+def sweep_compile_cache_dir(sweep_dir: str) -> str:
+    """The directory every trial of a sweep compiles into: the user's TORCHINDUCTOR_CACHE_DIR, else
+    <sweep dir>/compile-cache (on a cluster, shared by the machines that share the sweep directory)."""
+    if _USER_CACHE_DIR:
+        return os.path.abspath(_USER_CACHE_DIR)
+    return os.path.join(os.path.abspath(sweep_dir), "compile-cache")
 
 
 def use_compile_cache(directory: Optional[str] = None) -> str:

@@ -1,8 +1,9 @@
 """One training step, kept apart from the loop that drives epochs, checkpoints and logs (as timm's
 `train_one_epoch` and Lightning's `training_step` keep theirs).
 
-A non-finite loss (before its backward) or gradient norm (before coupling and the optimizer) raises
-`TrainingDiverged` (experiments/divergence.py): no step is taken with it.
+A non-finite loss or gradient norm raises `TrainingDiverged` (experiments/divergence.py) after the last
+micro-batch's backward, before coupling and the optimizer: no step is taken with it. Both are checked with one
+read of the device per step (a GPU step is otherwise stalled by every read).
 
 A step is `accumulate` micro-batches: each runs forward and backward (under DDP only the last one
 all-reduces, inside its backward); after the last, the gradient coupler mixes the gradients (after the
@@ -23,7 +24,7 @@ import torch
 from ..data import datasets
 from ..nn.coupling import GradientCoupler
 from ..objectives import Objective, ObjectiveContext, record_stages
-from .divergence import check_finite_gradients, check_finite_loss
+from .divergence import check_finite_step
 
 __all__ = ["TrainStep", "autocast"]
 
@@ -60,6 +61,7 @@ class TrainStep:
         self.seed = seed
         self.last_terms: dict = {}
         self.last_parts: dict = {}
+        self._losses: list = []  # this step's micro-batch losses, checked with the gradients after the last backward
 
     def optimizer_parameters(self):
         return (p for group in self.optimizer.param_groups for p in group["params"])
@@ -90,11 +92,13 @@ class TrainStep:
                     self.last_parts[objective.name] = term.parts
                     if objective.weight != 0:
                         total = total + objective.weight * term.value.float()
-            if not self.distributed:  # under DDP a NaN reaches every rank through the all-reduced gradients
-                check_finite_loss(total)  # before backward: a diverged step leaves every weight as it was
             (total / self.accumulate).backward()
+        if m == 0:
+            self._losses = []
+        if not self.distributed:  # under DDP a NaN reaches every rank through the all-reduced gradients
+            self._losses.append(total.detach())
         if m == self.accumulate - 1:
-            check_finite_gradients(self.optimizer_parameters())
+            check_finite_step(self._losses, self.optimizer_parameters())  # before the step: weights stay as they were
             self.coupler()  # after the all-reduce, before the step
             self.optimizer.step()
             self.scheduler.step()

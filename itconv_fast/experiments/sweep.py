@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..io.checkpoint import atomic_write_json, atomic_write_text, json_safe
+from .compilation import sweep_compile_cache_dir, use_compile_cache
 from .config import FIELDS, ConfigError, TrainConfig, build_config, read_yaml
 from .sweep_lock import LOCK_NAME, SweepLocked, sweep_lock  # noqa: F401 (SweepLocked: what run_sweep raises)
 
@@ -280,6 +281,8 @@ def _tune_trainable(space: dict) -> None:
 
     params = space["trial"]
     torch.set_num_threads(max(1, int(params["threads"])))
+    if params.get("compile_cache"):  # every trial compiles into the sweep's cache: the first compiles, the rest load
+        use_compile_cache(params["compile_cache"])
     config = TrainConfig(**params["config"])
     try:
         row = run_trial(config, params["dir"], params["indices"], report=lambda record: tune.report(dict(record)),
@@ -321,7 +324,8 @@ def _run_locked(spec, out_dir, address, cpus_per_run, gpus_per_run, verbose, ret
                 ray.init(address=address, **kwargs)
         try:
             space = [{"name": t.name, "dir": trial_dir(out_dir, t), "config": dataclasses.asdict(t.config),
-                      "indices": spec.indices, "threads": max(1, int(cpus_per_run)), "retry_diverged": retry_diverged}
+                      "indices": spec.indices, "threads": max(1, int(cpus_per_run)), "retry_diverged": retry_diverged,
+                      "compile_cache": sweep_compile_cache_dir(out_dir)}
                      for t in todo]
             tuner = tune.Tuner(
                 tune.with_resources(_tune_trainable, {"cpu": cpus_per_run, "gpu": gpus_per_run}),

@@ -35,6 +35,7 @@ from .config import PRESETS, TrainConfig, build_config, config_from, write_confi
 from .run_log import TENSORBOARD_TAGS, environment, event_writer, write_metrics_csv
 from .divergence import RESTARTABLE_FIELDS, TrainingDiverged
 from .compilation import decide_compile, use_compile_cache
+from .host_memory import keep_freed_memory
 from .step import TrainStep, autocast
 
 __all__ = ["TrainConfig", "PRESETS", "config_from", "build_config", "train", "train_epochs", "evaluate", "build_model", "atomic_save",
@@ -226,6 +227,8 @@ def train_epochs(config: TrainConfig, out_dir: str, *, resume: bool = False, pro
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     metrics = {"config": dataclasses.asdict(config), "environment": environment(device), "epochs": [],
                "status": "running"}
+    if device.type == "cpu":  # a CPU step maps and zeroes fresh pages for its activations unless freed memory is kept
+        metrics["environment"]["malloc"] = keep_freed_memory()
     start_epoch = _resume(out_dir, config, device, model, optimizer, scheduler, generator, metrics,
                           restart_diverged=restart_diverged, lr=lr, total_steps=total_steps, warmup=warmup) if resume else 0
     if rank == 0:
@@ -261,7 +264,11 @@ def train_epochs(config: TrainConfig, out_dir: str, *, resume: bool = False, pro
         micro = config.batch_size // parts
         n_steps = len(order) // config.batch_size
         mine = order[: n_steps * config.batch_size].view(n_steps, world, config.accumulate, micro)[:, rank].reshape(-1)
-        loss_sum, wrong, seen = 0.0, 0, 0
+        # Sums kept on the device and read once per epoch: a read per step would stall a GPU's launch queue. (float64:
+        # the same additions as summing loss.item() in Python, so the same numbers.)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        wrong_sum = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
         term_sums: dict = {}  # objective name (and name/part) -> sum over examples
         batch_bar = tqdm(datasets.batches(task, task.train, micro, train=True, generator=generator, device=device,
                                           indices=mine),
@@ -277,13 +284,15 @@ def train_epochs(config: TrainConfig, out_dir: str, *, resume: bool = False, pro
                     writer.close()
                     atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)  # the checkpoint stays as it was
                 raise TrainingDiverged(exc.what, exc.value, exc.record) from None
-            loss_sum += loss.item() * x.shape[0]
+            loss_sum += loss.double() * x.shape[0]
             for key, value in objective_values(step).items():
                 term_sums[key] = term_sums.get(key, 0.0) + value * x.shape[0]
-            wrong += (~task.correct(logits.float(), y)).sum().item()
+            wrong_sum += (~task.correct(logits.float(), y)).sum()
             seen += x.shape[0]
-            batch_bar.set_postfix(loss=f"{loss.item():.3f}")
-        train_seconds = time.perf_counter() - started  # the training pass alone (loss.item() synchronised it)
+            if show and i % 20 == 0:
+                batch_bar.set_postfix(loss=f"{loss.item():.3f}")
+        loss_sum, wrong = loss_sum.item(), int(wrong_sum.item())  # (this read waits for the epoch's last step)
+        train_seconds = time.perf_counter() - started  # the training pass alone
         test_loss, test_error = evaluate(model, task, task.test, device)
         record = {
             "epoch": epoch + 1,
