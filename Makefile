@@ -50,9 +50,12 @@ bench: $(STAMP)
 	$(VENV)/bin/itconv-fast bench indices --out benchmarks/results/indices-cpu-2core.json
 	$(VENV)/bin/itconv-fast bench train-step --out benchmarks/results/train-step-cpu-2core.json
 	$(VENV)/bin/itconv-fast bench lipschitz --min-run-time 8 --out benchmarks/results/lipschitz-cpu-2core.json
+	$(VENV)/bin/itconv-fast bench train --size quick --out benchmarks/results/bench-train-quick-cpu-2core.json
+	$(VENV)/bin/itconv-fast bench train --size paper --paper-steps 100 --out benchmarks/results/bench-train-paper-cpu-2core.json
 
-# On a machine with a GPU: the CUDA tests, the benchmarks on the GPU and the kernels' ptxas usage, written to
-# one JSON file to send back (benchmarks/gpu_check.py).
+# On a machine with a GPU: the CUDA tests, the benchmarks on the GPU (the epoch-time comparison of bench train and
+# the CUDA-graph check among them) and the kernels' ptxas usage, written to one JSON file to send back
+# (benchmarks/gpu_check.py).
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py $(if $(OUT),--out $(OUT))
 

@@ -36,18 +36,22 @@ def test_compile_setting_refuses_anything_else(bad):
 
 
 def test_auto_compiles_from_the_break_even_step_count():
-    threshold = compilation.BREAK_EVEN_STEPS["cpu"]
-    assert compilation.decide_compile("auto", CPU, threshold)[0] is True
-    on, why = compilation.decide_compile("auto", CPU, threshold - 1)
+    threshold = compilation.BREAK_EVEN_STEPS["cuda"]
+    cuda = torch.device("cuda")
+    assert compilation.decide_compile("auto", cuda, threshold)[0] is True
+    on, why = compilation.decide_compile("auto", cuda, threshold - 1)
     assert on is False and str(threshold) in why
-    assert compilation.decide_compile("auto", torch.device("cuda"), compilation.BREAK_EVEN_STEPS["cuda"])[0] is True
+    assert compilation.compile_mode(cuda) == "reduce-overhead" and compilation.compile_mode(CPU) == "default"
+    # Measured not to pay on the CPU: auto never compiles there, however long the run.
+    on, why = compilation.decide_compile("auto", CPU, 10**9)
+    assert on is False and "does not pay" in why
     assert compilation.decide_compile("auto", torch.device("meta"), 10**9)[0] is False  # nothing measured there
 
 
 def test_auto_stays_off_where_compiled_runs_were_not_measured_and_explicit_settings_win():
-    many = 10**9
-    assert compilation.decide_compile("auto", CPU, many, objectives=True)[0] is False
-    assert compilation.decide_compile("auto", CPU, many, distributed=True)[0] is False
+    many, cuda = 10**9, torch.device("cuda")
+    assert compilation.decide_compile("auto", cuda, many, objectives=True)[0] is False
+    assert compilation.decide_compile("auto", cuda, many, distributed=True)[0] is False
     assert compilation.decide_compile(True, CPU, 1, objectives=True) == (True, "on (asked for)")
     assert compilation.decide_compile(False, CPU, many) == (False, "off (asked for)")
 
@@ -69,7 +73,7 @@ def test_compile_cache_is_one_directory_and_the_users_choice_wins(tmp_path, monk
 def test_a_run_records_its_compile_decision(tmp_path):
     metrics = train(tiny_config(epochs=1), str(tmp_path / "run"), progress=False)
     assert metrics["compile"]["setting"] == "auto" and metrics["compile"]["on"] is False
-    assert "break-even" in metrics["compile"]["reason"]
+    assert "does not pay on cpu" in metrics["compile"]["reason"]
     assert 0 < metrics["epochs"][0]["train_seconds"] <= metrics["epochs"][0]["seconds"]
 
 

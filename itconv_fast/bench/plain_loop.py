@@ -5,10 +5,9 @@ the optimizer and schedule (SGD with momentum 0.9, linear warm-up then cosine de
 the batch size) and bf16 autocast with channels_last on CUDA. It logs what such a loop logs (mean loss and
 error per epoch) and evaluates on the test split after every epoch, like ours; it writes no checkpoints.
 
-It runs in a process of its own (`python -m itconv_fast.bench.plain_loop`, benchmarks/plain_loop.py), as a
-researcher's script does: with the C library's default allocator, not the one `itconv-fast train` sets
-(experiments/host_memory.py). With --stepped it waits for a line on stdin before each epoch and prints each
-epoch's record as a JSON line, so that `bench train` interleaves its epochs with those of the other runs.
+`bench train` runs it in a process of its own, as a researcher's script runs (with the C library's default
+allocator, not the one `itconv-fast train` sets: experiments/host_memory.py); benchmarks/plain_loop.py runs it
+from the command line (`main`; --stepped waits for a line on stdin before each epoch).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -26,7 +24,7 @@ import torch
 from ..data import datasets
 from ..models import IterResNet
 
-__all__ = ["plain_epochs", "train_benchmark_task", "PlainLoopProcess", "main"]
+__all__ = ["plain_epochs", "train_benchmark_task", "main"]
 
 SIZES = ("quick", "paper")
 
@@ -113,38 +111,6 @@ def train_benchmark_task(size: str, *, paper_steps: int = 200, batch_size: int =
                          mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), augment=True)
     values = dict(PRESETS["paper"], dataset="cifar10", train_size=n_train, test_size=n_test, batch_size=batch_size)
     return task, values
-
-
-class PlainLoopProcess:
-    """plain_epochs in a child process, one epoch per next() (an iterator of records, like train_epochs)."""
-
-    def __init__(self, size: str, *, epochs: int, device: str, paper_steps: int, quick_train_size=None) -> None:
-        cmd = [sys.executable, "-m", "itconv_fast.bench.plain_loop", "--size", size, "--epochs", str(epochs),
-               "--device", device, "--paper-steps", str(paper_steps), "--stepped"]
-        if quick_train_size is not None:
-            cmd += ["--quick-train-size", str(quick_train_size)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        self.process.stdin.write("\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            self.close()
-            raise RuntimeError(f"the plain loop's process ended (exit code {self.process.returncode})")
-        return json.loads(line)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
 
 
 def main(argv=None) -> int:

@@ -1,14 +1,17 @@
-"""When a training run is compiled (`--compile auto`, the default), and where Inductor keeps what it compiled.
+"""When a training run is compiled (`--compile auto`, the default), how, and where Inductor keeps what it compiled.
 
-torch.compile makes each step faster but costs a fixed compilation time in the first epoch, so it pays only
-from some number of steps on. `auto` turns it on when the steps this session will run reach the break-even
-measured on the device (`itconv-fast bench train` prints it; benchmarks/NOTES.md has the measurements):
+torch.compile makes each step faster, or not, and costs a fixed compilation time in the first epoch, so it pays
+only from some number of steps on. `auto` turns it on when the steps this session will run reach the break-even
+measured on the device type (`itconv-fast bench train` prints it; benchmarks/NOTES.md "Compilation"):
 
-    on  when  steps_left >= BREAK_EVEN_STEPS[device type]   (and no objectives, no DDP: not yet measured there)
+    cpu   never: on the 2-core CI machine a compiled step was at best 4% faster (quick preset, break-even about
+          3,000-5,000 steps, more than the preset's 744) and slower at the paper's width
+    cuda  from 5,000 steps, compiled with CUDA graphs (mode="reduce-overhead"): on an H200 the quick preset's
+          network with coupling + spectral normalization took 5.1 ms a step against 25.3 ms eager, after 38 s of
+          compilation (break-even about 1,900 steps; the margin covers what the full loop adds around the graphs)
 
-The rule is a step count, not a time, because both the compilation time and the saving per step grow with
-the network; the counts are the largest break-even measured on each device type, so `auto` never turns
-compilation on where it was measured to lose.
+and never with objectives or under DDP (compiled runs not measured there). `auto` also lets TorchDynamo fall
+back to eager code where compiling fails, so that a default run never fails for it.
 
 Compiled code is cached on disk (Inductor's FX-graph and AOTAutograd caches). Every run uses one directory,
 TORCHINDUCTOR_CACHE_DIR when the user set it, else `<cache dir>/inductor` (`ITCONV_FAST_CACHE`, default
@@ -25,12 +28,12 @@ from typing import TYPE_CHECKING, Optional, Union
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BREAK_EVEN_STEPS", "decide_compile", "use_compile_cache", "compile_cache_dir", "sweep_compile_cache_dir"]
+__all__ = ["BREAK_EVEN_STEPS", "COMPILE_MODES", "compile_mode", "decide_compile", "use_compile_cache",
+           "compile_cache_dir", "sweep_compile_cache_dir"]
 
-# Steps from which compiling pays, per device type (measured 2026-11-29, benchmarks/NOTES.md "Compilation"):
-# cpu: quick preset 2 cores ~ 900 steps cold-cache, ResNet-101-16 ~ 600; cuda (H200, torch 2.11): quick preset
-# ~ 9,300 steps, ResNet-101-16 ~ 33,000 (a GPU step is mostly cuDNN time that compiling does not shorten).
-BREAK_EVEN_STEPS = {"cpu": 1_000, "cuda": 35_000}
+# Steps from which compiling pays, per device type (None: never), and the mode it compiles with.
+BREAK_EVEN_STEPS = {"cpu": None, "cuda": 5_000}
+COMPILE_MODES = {"cpu": "default", "cuda": "reduce-overhead"}
 
 # Set by the user before we set it (we only fill it in when it is missing).
 _USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
@@ -47,12 +50,19 @@ def decide_compile(setting: Union[bool, str], device: "torch.device", steps_left
         return False, "auto: off (objectives record stage activations with hooks; compiled runs not measured)"
     if distributed:
         return False, "auto: off (DistributedDataParallel: compiled runs not measured)"
-    threshold = BREAK_EVEN_STEPS.get(device.type)
-    if threshold is None:
+    if device.type not in BREAK_EVEN_STEPS:
         return False, f"auto: off (no break-even measured on {device.type})"
+    threshold = BREAK_EVEN_STEPS[device.type]
+    if threshold is None:
+        return False, f"auto: off (compiling does not pay on {device.type}: benchmarks/NOTES.md)"
     if steps_left >= threshold:
         return True, f"auto: on ({steps_left} steps >= {threshold}, the break-even on {device.type})"
     return False, f"auto: off ({steps_left} steps < {threshold}, the break-even on {device.type})"
+
+
+def compile_mode(device: "torch.device") -> str:
+    """torch.compile's mode on a device type: CUDA graphs on CUDA, Inductor's default elsewhere."""
+    return COMPILE_MODES.get(device.type, "default")
 
 
 def compile_cache_dir() -> str:

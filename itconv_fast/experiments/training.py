@@ -14,6 +14,7 @@ resume=True continues a killed run from its last finished epoch.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from ..objectives import make_objective
 from .config import PRESETS, TrainConfig, build_config, config_from, write_config_file  # noqa: F401 (re-exported)
 from .run_log import TENSORBOARD_TAGS, environment, event_writer, write_metrics_csv
 from .divergence import RESTARTABLE_FIELDS, TrainingDiverged
-from .compilation import decide_compile, use_compile_cache
+from .compilation import compile_mode, decide_compile, use_compile_cache
 from .host_memory import keep_freed_memory
 from .step import TrainStep, autocast
 
@@ -242,8 +243,11 @@ def train_epochs(config: TrainConfig, out_dir: str, *, resume: bool = False, pro
                                    objectives=bool(config.objectives), distributed=distributed)
     metrics["compile"] = {"setting": config.compile, "on": compiled, "reason": why}
     if compiled:
-        metrics["compile"]["cache_dir"] = use_compile_cache(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
-        net = torch.compile(net)
+        metrics["compile"].update(cache_dir=use_compile_cache(os.environ.get("TORCHINDUCTOR_CACHE_DIR")),
+                                  mode=compile_mode(device))
+        if config.compile == "auto":  # a default run never fails for compiling: TorchDynamo falls back to eager code
+            importlib.import_module("torch._dynamo").config.suppress_errors = True
+        net = torch.compile(net, mode=compile_mode(device))
     objectives = [make_objective(name, weight, k=config.objective_k, rho=config.objective_rho)
                   for name, weight in config.objectives.items()]
     step = TrainStep(net, task, optimizer, scheduler, coupler, device=device, accumulate=config.accumulate,
