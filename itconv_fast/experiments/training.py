@@ -39,8 +39,8 @@ from .compilation import compile_mode, decide_compile, use_compile_cache
 from .host_memory import keep_freed_memory
 from .step import TrainStep, autocast
 
-__all__ = ["TrainConfig", "PRESETS", "config_from", "build_config", "train", "train_epochs", "evaluate", "build_model", "atomic_save",
-           "atomic_write_json"]
+__all__ = ["TrainConfig", "PRESETS", "config_from", "build_config", "train", "train_epochs", "evaluate", "build_model",
+           "atomic_save", "atomic_write_json"]
 
 
 CPU_CHANNELS_LAST_MIN_WIDTH = 16  # measured: benchmarks/NOTES.md "Memory format on the CPU"

@@ -229,9 +229,10 @@ class IterResNet(nn.Module):
     def to_channels_last(self, min_width: int = 1) -> "IterResNet":
         """Stores the kernels of every stage at least `min_width` wide (and of the transition into it) channels-last,
         so that its convolutions run on NHWC activations; returns self. The values do not change. On the CPU
-        oneDNN's NHWC convolutions are faster from 16 channels on (ResNet-101-16: a training step takes 0.75x the
-        time), but ATen's channels-last BatchNorm is slow below that (ResNet-29-8 all channels-last: 1.09x);
-        benchmarks/NOTES.md. On CUDA the whole network runs channels-last (min_width=1)."""
+        oneDNN's NHWC convolutions are faster from 16 channels on (ResNet-101-16 training steps: 0.80x in a
+        one-process A/B, 0.95x over interleaved epochs in separate processes), but ATen's channels-last BatchNorm
+        is slow below that (ResNet-29-8 all channels-last: 1.09x); benchmarks/NOTES.md. On CUDA the whole network
+        runs channels-last (min_width=1)."""
         if self.config["width"] >= min_width:
             self.stem.to(memory_format=torch.channels_last)
         for s, stage in enumerate(self.stages):
