@@ -70,6 +70,24 @@ def test_compile_cache_is_one_directory_and_the_users_choice_wins(tmp_path, monk
     assert compilation.sweep_compile_cache_dir(str(tmp_path / "sweep")) == str(tmp_path / "mine")
 
 
+@pytest.mark.parametrize("args, expected", [(["--compile"], "on"), (["--compile", "auto"], "auto"),
+                                            (["--compile", "off"], "off"), ([], None)])
+def test_the_compile_option_parses_bare_and_with_a_value(args, expected):
+    from itconv_fast.cli.train import train as train_command
+
+    assert train_command.make_context("train", list(args)).params["compile_"] == expected
+
+
+def test_no_compile_on_the_command_line_is_recorded_as_off(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--no-compile", "--width", "4", "--blocks", "1", "--train-size", "128",
+                                       "--test-size", "32", "--epochs", "1", "--batch-size", "64", "--device", "cpu",
+                                       "--no-progress", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "metrics.json").read_text())["compile"]
+    assert recorded["setting"] is False and recorded["on"] is False and recorded["reason"] == "off (asked for)"
+
+
 def test_a_run_records_its_compile_decision(tmp_path):
     metrics = train(tiny_config(epochs=1), str(tmp_path / "run"), progress=False)
     assert metrics["compile"]["setting"] == "auto" and metrics["compile"]["on"] is False

@@ -1,7 +1,6 @@
 """The benchmarks behind `itconv-fast bench` and benchmarks/: one module per comparison (coupling, spectral,
-indices, train_step, train_loop
-with the plain PyTorch baseline in plain_loop, lipschitz), the shared timing runner, and the suite that runs them all. Builds on every
-layer below; only the CLI and benchmarks/ import it.
+indices, train_step, train_loop against the plain PyTorch loop of plain_loop, lipschitz), the shared timing
+runner, and the suite that runs them all. Builds on every layer below; only the CLI and benchmarks/ import it.
 """
 
 from .coupling import coupling_cases, resnet_gradient_groups, run_coupling_benchmark
@@ -11,8 +10,8 @@ from .runner import cpu_model, interleaved_step_times, label_backend, machine_de
 from .spectral import gram_tightness, resnet_block_convs, run_spectral_benchmark, spectral_cases
 from .suite import results_markdown, run_all
 from .train_step import run_train_step_benchmark, train_step_cases
-from .plain_loop import plain_epochs
-from .train_loop import run_train_benchmark, train_benchmark_task
+from .plain_loop import plain_epochs, train_benchmark_task
+from .train_loop import run_train_benchmark
 
 __all__ = ["resnet_gradient_groups", "coupling_cases", "run_coupling_benchmark", "resnet_block_convs",
            "spectral_cases", "run_spectral_benchmark", "gram_tightness", "run_indices_benchmark",

@@ -7,23 +7,23 @@ error per epoch) and evaluates on the test split after every epoch, like ours; i
 
 `bench train` runs it in a process of its own, as a researcher's script runs (with the C library's default
 allocator, not the one `itconv-fast train` sets: experiments/host_memory.py); benchmarks/plain_loop.py runs it
-from the command line (`main`; --stepped waits for a line on stdin before each epoch).
+from the command line (`main`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 
 import torch
 
 from ..data import datasets
+from ..experiments.training import lr_factor
 from ..models import IterResNet
 
-__all__ = ["plain_epochs", "train_benchmark_task", "main"]
+__all__ = ["plain_epochs", "plain_run", "train_benchmark_values", "train_benchmark_task", "main"]
 
 SIZES = ("quick", "paper")
 
@@ -42,13 +42,8 @@ def plain_epochs(task: datasets.Task, *, width: int, blocks: int, stages: int = 
     optimizer = torch.optim.SGD(model.parameters(), lr=lr * batch_size / 128, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = len(task.train) // batch_size
     total, warmup = steps_per_epoch * epochs, int(round(warmup_epochs * steps_per_epoch))
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    # The schedule `train` uses (a pure function of the step: sharing it keeps the two schedules equal).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
     generator = torch.Generator().manual_seed(seed)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -85,31 +80,47 @@ def plain_epochs(task: datasets.Task, *, width: int, blocks: int, stages: int = 
                "train_seconds": train_seconds}
 
 
-def train_benchmark_task(size: str, *, paper_steps: int = 200, batch_size: int = 128, quick_train_size=None):
-    """(task, TrainConfig values) of a size."""
-    from ..data import datasets
+def train_benchmark_values(size: str, *, paper_steps: int = 200, batch_size: int = 128, quick_train_size=None) -> dict:
+    """The TrainConfig values of a size (train_size gives its steps an epoch with batch_size)."""
     from ..experiments.config import PRESETS
 
     if size == "quick":
-        values = dict(PRESETS["quick"])
+        values = dict(PRESETS["quick"], dataset="digitclutter")
         if quick_train_size is not None:
             values["train_size"] = quick_train_size
-        task = datasets.load("digitclutter", n_digits=3, train_size=values["train_size"],
-                             test_size=values["test_size"], seed=0, cache_dir=datasets.default_cache_dir())
-        return task, dict(values, dataset="digitclutter")
+        return values
     if size != "paper":
         raise ValueError(f"bench train: size must be one of {SIZES}, got {size!r}")
+    return dict(PRESETS["paper"], dataset="cifar10", train_size=paper_steps * batch_size, test_size=1000,
+                batch_size=batch_size)
+
+
+def train_benchmark_task(size: str, *, paper_steps: int = 200, batch_size: int = 128, quick_train_size=None):
+    """(task, TrainConfig values) of a size: Digitclutter for "quick" (cached on disk), random CIFAR-shaped images
+    for "paper"."""
+    values = train_benchmark_values(size, paper_steps=paper_steps, batch_size=batch_size,
+                                    quick_train_size=quick_train_size)
+    if size == "quick":
+        task = datasets.load("digitclutter", n_digits=3, train_size=values["train_size"],
+                             test_size=values["test_size"], seed=0, cache_dir=datasets.default_cache_dir())
+        return task, values
     g = torch.Generator().manual_seed(0)
-    n_train, n_test = paper_steps * batch_size, 1000
 
     def split(n):
         return datasets.Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
                               torch.randint(0, 10, (n,), generator=g))
 
-    task = datasets.Task("cifar10-shaped random", split(n_train), split(n_test), num_classes=10, in_channels=3,
-                         mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), augment=True)
-    values = dict(PRESETS["paper"], dataset="cifar10", train_size=n_train, test_size=n_test, batch_size=batch_size)
+    task = datasets.Task("cifar10-shaped random", split(values["train_size"]), split(values["test_size"]),
+                         num_classes=10, in_channels=3, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), augment=True)
     return task, values
+
+
+def plain_run(size: str, *, epochs: int, device: str = "cpu", paper_steps: int = 200, quick_train_size=None):
+    """plain_epochs on a size's task, with its preset's width, depth, batch, lr and warm-up."""
+    task, values = train_benchmark_task(size, paper_steps=paper_steps, quick_train_size=quick_train_size)
+    return plain_epochs(task, width=values["width"], blocks=values["blocks"], epochs=epochs,
+                        batch_size=values["batch_size"], lr=values["lr"],
+                        warmup_epochs=values.get("warmup_epochs", 1.0), device=device)
 
 
 def main(argv=None) -> int:
@@ -119,16 +130,10 @@ def main(argv=None) -> int:
     parser.add_argument("--paper-steps", type=int, default=200)
     parser.add_argument("--quick-train-size", type=int, default=None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--stepped", action="store_true", help="wait for a line on stdin before each epoch")
     args = parser.parse_args(argv)
-    task, values = train_benchmark_task(args.size, paper_steps=args.paper_steps, quick_train_size=args.quick_train_size)
-    epochs = plain_epochs(task, width=values["width"], blocks=values["blocks"], epochs=args.epochs,
-                          batch_size=values["batch_size"], lr=values["lr"],
-                          warmup_epochs=values.get("warmup_epochs", 1.0), device=args.device)
-    for _ in range(args.epochs):
-        if args.stepped and not sys.stdin.readline():
-            return 0
-        print(json.dumps(next(epochs)), flush=True)
+    for record in plain_run(args.size, epochs=args.epochs, device=args.device, paper_steps=args.paper_steps,
+                            quick_train_size=args.quick_train_size):
+        print(json.dumps(record), flush=True)
     return 0
 
 

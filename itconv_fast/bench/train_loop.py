@@ -31,10 +31,10 @@ import time
 
 import torch
 
-from .plain_loop import SIZES, plain_epochs, train_benchmark_task
+from .plain_loop import SIZES, plain_run, train_benchmark_task, train_benchmark_values
 from .runner import label_backend, machine_description
 
-__all__ = ["SIZES", "TRAIN_CASES", "run_train_benchmark", "train_benchmark_task"]
+__all__ = ["SIZES", "TRAIN_CASES", "run_train_benchmark"]
 PLAIN = "plain loop (eager)"
 TRAIN_CASES = {  # name: (lam, sn_mu, compile)
     "train lam 0 (eager)": (0.0, None, False),
@@ -49,11 +49,9 @@ def _case_epochs(case: str, size: str, *, epochs: int, device: str, paper_steps:
     from ..experiments.config import build_config
     from ..experiments.training import train_epochs
 
-    task, values = train_benchmark_task(size, paper_steps=paper_steps, quick_train_size=quick_train_size)
     if case == PLAIN:
-        return plain_epochs(task, width=values["width"], blocks=values["blocks"], epochs=epochs,
-                            batch_size=values["batch_size"], lr=values["lr"],
-                            warmup_epochs=values.get("warmup_epochs", 1.0), device=device)
+        return plain_run(size, epochs=epochs, device=device, paper_steps=paper_steps, quick_train_size=quick_train_size)
+    task, values = train_benchmark_task(size, paper_steps=paper_steps, quick_train_size=quick_train_size)
     lam, mu, compile_ = TRAIN_CASES[case]
     config = build_config(size, {**values, "epochs": epochs, "lam": lam, "sn_mu": mu, "compile": compile_,
                                  "device": device})
@@ -117,12 +115,12 @@ def run_train_benchmark(sizes=SIZES, *, device: str = "cpu", epochs: int = 3, pa
         raise ValueError("bench train: epochs must be >= 2 (the first holds compilation and warm-up)")
     rows, ratios, tables = [], {}, []
     for size in sizes:
-        task, values = train_benchmark_task(size, paper_steps=paper_steps, batch_size=128,
-                                            quick_train_size=quick_train_size)
-        steps = len(task.train) // values["batch_size"]
+        values = train_benchmark_values(size, paper_steps=paper_steps, quick_train_size=quick_train_size)
+        if size == "quick":  # Digitclutter is generated and cached once here, not by the five processes at once
+            train_benchmark_task(size, quick_train_size=quick_train_size)
+        steps = values["train_size"] // values["batch_size"]
         label = (f"{size}: ResNet-{6 * values['blocks'] + 5}-{values['width']}, batch {values['batch_size']}, "
                  f"{steps} steps an epoch")
-        records = {}
         with tempfile.TemporaryDirectory(prefix="itconv-bench-train-") as workdir:
             runs = _runs(size, epochs, device, workdir, compiled, paper_steps, quick_train_size)
             records = {name: [] for name in runs}

@@ -83,9 +83,10 @@ def sweep_compile_cache_dir(sweep_dir: str) -> str:
 
 
 def use_compile_cache(directory: Optional[str] = None) -> str:
-    """Points Inductor's on-disk caches at `directory` (default: compile_cache_dir()) for this process and the
-    processes it starts; returns the directory. Call it before the first compilation."""
-    directory = os.path.abspath(directory or compile_cache_dir())
+    """Points Inductor's on-disk caches at `directory` (default: the one this process already uses, e.g. a sweep's,
+    else compile_cache_dir()) for this process and the processes it starts; returns the directory. Call it before
+    the first compilation."""
+    directory = os.path.abspath(directory or os.environ.get("TORCHINDUCTOR_CACHE_DIR") or compile_cache_dir())
     os.makedirs(directory, exist_ok=True)
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") != directory:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory

@@ -13,8 +13,7 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["TrainingDiverged", "EXIT_DIVERGED", "RESTARTABLE_FIELDS", "check_finite_loss", "check_finite_gradients",
-           "check_finite_step"]
+__all__ = ["TrainingDiverged", "EXIT_DIVERGED", "RESTARTABLE_FIELDS", "check_finite_step"]
 
 EXIT_DIVERGED = 3  # the exit code of a diverged `itconv-fast train` (1: other errors, 2: usage errors)
 RESTARTABLE_FIELDS = ("lr", "weight_decay")  # what may change when a diverged run restarts from its last good epoch
@@ -38,27 +37,10 @@ class TrainingDiverged(RuntimeError):
         return f"training diverged: non-finite {self.what} ({self.value}){where}"
 
 
-def check_finite_loss(loss: torch.Tensor) -> None:
-    value = loss.detach().float().item()
-    if not math.isfinite(value):
-        raise TrainingDiverged("loss", value)
-
-
-def check_finite_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
-    """The global gradient norm (one fused norm per device and dtype); raises if it is NaN or inf."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    norms = torch._foreach_norm(grads)
-    total = torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms])).item()
-    if not math.isfinite(total):
-        raise TrainingDiverged("gradient norm", total)
-
-
 def check_finite_step(losses: Iterable[torch.Tensor], parameters: Iterable[torch.nn.Parameter]) -> None:
-    """check_finite_loss on every loss and check_finite_gradients, with one read of the device (one
-    synchronisation per step instead of one per check: on a GPU each read stalls the launch queue). Raises
-    TrainingDiverged naming the loss when a loss is non-finite, else the gradient norm."""
+    """Raises TrainingDiverged when a loss (named first) or the global gradient norm (one fused norm per device and
+    dtype) is NaN or inf. Both are read from the device at once: one synchronisation per step, where a GPU step
+    is otherwise stalled by every read."""
     values = [loss.detach().float().reshape(1) for loss in losses]
     grads = [p.grad for p in parameters if p.grad is not None]
     if grads:
@@ -66,8 +48,7 @@ def check_finite_step(losses: Iterable[torch.Tensor], parameters: Iterable[torch
         values.append(torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms])).reshape(1))
     if not values:
         return
-    device = values[0].device
-    checked = torch.cat([v.to(device) for v in values])
+    checked = torch.cat([v.to(values[0].device) for v in values])
     if bool(torch.isfinite(checked).all()):  # the one synchronisation
         return
     read = checked.tolist()

@@ -2,10 +2,11 @@
 
 A CPU training step allocates and frees many activation-sized buffers. With glibc's defaults, buffers above
 the mmap threshold are mapped fresh and unmapped on free, and every fresh page is zeroed by the kernel on its
-first touch: the quick preset's step took 3.4x as many page faults and about 1.2x the time (measured
-2026-11-29, benchmarks/NOTES.md "Host memory"). Raising the mmap and trim thresholds (what jemalloc or
-tcmalloc, PyTorch's advice for CPU training, do in their own way) keeps freed memory for the next step;
-the process keeps its peak heap until it exits, which a training process does anyway.
+first touch: a quick-preset run took 4.4x as many page faults (922k against 209k; in a bare step loop the step
+took 1.2x the time, in the training loop no difference was measured: benchmarks/NOTES.md "Host memory").
+Raising the mmap and trim thresholds (what jemalloc or tcmalloc, PyTorch's advice for CPU training, do in their
+own way) keeps freed memory for the next step; the process keeps its peak heap until it exits, which a
+training process does anyway.
 
 Set ITCONV_FAST_MALLOC=default to leave the allocator alone.
 """
@@ -16,7 +17,7 @@ import ctypes
 import ctypes.util
 import os
 
-__all__ = ["keep_freed_memory", "allocator_setting"]
+__all__ = ["keep_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -44,7 +45,3 @@ def keep_freed_memory() -> str:
     _applied = "glibc: freed memory kept (mmap and trim thresholds 1 GiB)" if ok else "default (mallopt refused)"
     return _applied
 
-
-def allocator_setting() -> str:
-    """What keep_freed_memory did in this process ("default" when it was not called)."""
-    return _applied or "default"

@@ -243,7 +243,7 @@ def train_epochs(config: TrainConfig, out_dir: str, *, resume: bool = False, pro
                                    objectives=bool(config.objectives), distributed=distributed)
     metrics["compile"] = {"setting": config.compile, "on": compiled, "reason": why}
     if compiled:
-        metrics["compile"].update(cache_dir=use_compile_cache(os.environ.get("TORCHINDUCTOR_CACHE_DIR")),
+        metrics["compile"].update(cache_dir=use_compile_cache(),
                                   mode=compile_mode(device))
         if config.compile == "auto":  # a default run never fails for compiling: TorchDynamo falls back to eager code
             importlib.import_module("torch._dynamo").config.suppress_errors = True

@@ -101,21 +101,28 @@ class Stage(nn.Module):
     def corrections(self, update: bool = False) -> torch.Tensor:
         """c_t = max(L^_t / mu, 1) for every block, [T]. With update=True (training forward) the power
         vectors take one step; otherwise nothing changes and the result is cached until the weights change."""
+        return self._corrections(update)[0]
+
+    def _corrections(self, update: bool):
+        """(corrections, conv2's stacked kernels when they were stacked to compute them, else None)."""
         if update:
             self._cached = None
-            return self.sn(*self._stacked())
+            stacked = self._stacked()
+            return self.sn(*stacked), stacked[1]
         key = self._state_key()
         if self._cached is None or self._cached[0] != key or torch.is_grad_enabled():
+            stacked = self._stacked()
             was = self.sn.training
             self.sn.eval()  # no vector update
             try:
-                c = self.sn(*self._stacked())
+                c = self.sn(*stacked)
             finally:
                 self.sn.train(was)
             if torch.is_grad_enabled():
-                return c
+                return c, stacked[1]
             self._cached = (key, c)
-        return self._cached[1]
+            return c, stacked[1]
+        return self._cached[1], None
 
     @torch.no_grad()
     def refresh(self, n_iter: int = 50) -> torch.Tensor:
@@ -126,12 +133,9 @@ class Stage(nn.Module):
     def forward(self, x: torch.Tensor, *, stop_after: Optional[int] = None) -> torch.Tensor:
         kernels = None
         if self.sn is not None:
-            if self.training:  # one power step; conv2's stack serves the bound and the corrected kernels
-                self._cached = None
-                conv1, conv2, d1, d2 = self._stacked()
-                c = self.sn(conv1, conv2, d1, d2)
-            else:
-                c = self.corrections()
+            # One power step when training; conv2's stack serves the bound and the corrected kernels.
+            c, conv2 = self._corrections(update=self.training)
+            if conv2 is None:  # the corrections came from the evaluation cache
                 conv2 = torch.stack([b.conv2.weight for b in self.blocks])
             # Every block's conv2 / c_t in one division (the same numbers as T divisions; one autograd node
             # instead of T, which shows at the quick preset's sizes).
