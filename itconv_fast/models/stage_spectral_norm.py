@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.spectral import SPECTRAL_MODES, _lead_kernel, batched_spectral_norm, init_power_vector
+from ..ops.spectral import (SPECTRAL_MODES, _lead_kernel, batched_spectral_norm, init_power_vector, power_iteration,
+                            sigma_weight_grad)
 
 __all__ = ["StageSpectralNorm", "fold_batchnorm", "bn_scale", "check_mu"]
 
@@ -39,6 +40,50 @@ def bn_scale(weight: torch.Tensor, running_var: torch.Tensor, eps: float) -> tor
 def fold_batchnorm(conv1: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
     """K'[t, o, i] = d2[t, o] * K1[t, o, i] * d1[t, i] for stacked kernels [T, C_out, C_in, kh, kw]."""
     return d2[:, :, None, None, None] * conv1 * d1[:, None, :, None, None]
+
+
+class _BoundedConv2(torch.autograd.Function):
+    """conv2_t / c_t for every block of a stage and c_t = max(sigma(F_t) sigma(conv2_t) / mu, 1), as one autograd
+    node whose backward is a handful of batched operations: the same function, differentiated by hand, as the
+    composite graph of `StageSpectralNorm.forward` (~20 nodes a stage fewer, which shows at small widths).
+
+    Its inputs are computed by the caller without gradient (`StageSpectralNorm.bounded_conv2`): the kernels
+    [K1; K2] stacked [2T, C, C, k, k], the BN scales d = gamma / s with s = sqrt(running_var + eps) ([2T, C]: BN1
+    then BN2), the sigmas [2T] of [F; K2] (F_t = D2_t K1_t D1_t) and d sigma / d [F; K2] with the power vectors
+    held constant (`sigma_weight_grad`). The trailing arguments are the parameters themselves (conv1 x T,
+    conv2 x T, gamma1 x T, gamma2 x T), there for their gradients only.
+    """
+
+    @staticmethod
+    def forward(ctx, kernels, d, s, grad_sigma_w, sigma, mu, *params):
+        t = kernels.shape[0] // 2
+        scaled = sigma[:t] * sigma[t:] / mu
+        c = torch.clamp(scaled, min=1.0)
+        ctx.save_for_backward(kernels, d, s, grad_sigma_w, sigma, scaled, c)
+        ctx.mu = mu
+        ctx.mark_non_differentiable(c)
+        return kernels[t:] / c.view(-1, 1, 1, 1, 1), c
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_c):
+        kernels, d, s, grad_sigma_w, sigma, scaled, c = ctx.saved_tensors
+        t = kernels.shape[0] // 2
+        k1, k2 = kernels[:t], kernels[t:]
+        # out_t = K2_t / c_t: d/dK2_t directly, and d/dc_t through the clamp (whose gradient passes where
+        # scaled >= 1) to the bound sigma(F_t) sigma(K2_t) / mu, then to both sigmas.
+        grad_c = (grad_out * k2).sum(dim=(1, 2, 3, 4)).div_(c * c).neg_()
+        grad_bound = torch.where(scaled >= 1.0, grad_c, torch.zeros_like(grad_c)).div_(ctx.mu)
+        grad_sigma = torch.cat([grad_bound * sigma[t:], grad_bound * sigma[:t]])  # d/d sigma(F), d/d sigma(K2)
+        grad_w = grad_sigma_w * grad_sigma.view(-1, 1, 1, 1, 1)
+        grad_folded = grad_w[:t]
+        grad_k2 = grad_w[t:].add_(grad_out / c.view(-1, 1, 1, 1, 1))
+        # F = d2[o] K1[o, i] d1[i]
+        d1, d2 = d[:t, None, :, None, None], d[t:, :, None, None, None]
+        grad_k1 = grad_folded * d2 * d1
+        weighted = grad_folded * k1
+        grad_d = torch.cat([(weighted * d2).sum(dim=(1, 3, 4)), (weighted * d1).sum(dim=(2, 3, 4))])
+        grad_gamma = grad_d.div_(s)
+        return (None,) * 6 + grad_k1.unbind(0) + grad_k2.unbind(0) + grad_gamma.unbind(0)
 
 
 class StageSpectralNorm(nn.Module):
@@ -85,6 +130,17 @@ class StageSpectralNorm(nn.Module):
             else:
                 self.register_buffer(name, init_power_vector(shape_w, mode, self.input_size, generator=gen))
 
+    def _apply(self, fn, recurse=True):
+        # The power vectors are not activations: `.to(memory_format=torch.channels_last)` on a model would make
+        # the [T, C, H, W] vectors channels-last, and the power step's grouped convolutions, their weight
+        # gradient and the normalisations on them 2-3x slower (measured at the quick preset). Keep them dense.
+        super()._apply(fn, recurse)
+        for name in ("u1", "u2"):
+            buffer = getattr(self, name)
+            if not buffer.is_contiguous():
+                setattr(self, name, buffer.contiguous())
+        return self
+
     def extra_repr(self) -> str:
         return f"mu={self.mu}, mode={self.mode!r}, input_size={self.input_size}, n_power_iterations={self.n_power_iterations}"
 
@@ -128,6 +184,46 @@ class StageSpectralNorm(nn.Module):
     def forward(self, conv1, conv2, d1, d2) -> torch.Tensor:
         """The corrections c_t = max(L^_t / mu, 1), shape [T] (divide each block's residual by its c_t)."""
         return torch.clamp(self.bounds(conv1, conv2, d1, d2) / self.mu, min=1.0)
+
+    def bounded_conv2(self, conv1, conv2, bn1, bn2, *, update: Optional[bool] = None):
+        """(conv2_t / c_t stacked [T, C, C, k, k], c [T]) for the blocks' own modules (T conv1, T conv2, T BN1,
+        T BN2), with one power step that updates the vectors in training mode (or when update=True): the values
+        of forward (bit for bit), computed in a few batched operations on [2T] stacks and one autograd node
+        (_BoundedConv2). Operator and matrix modes with one eps per stage; else the composite graph."""
+        update = self.training if update is None else update
+        t = len(conv1)
+        eps = bn1[0].eps
+        if self.mode == "gram" or any(n.eps != eps for n in list(bn1) + list(bn2)):
+            k2 = torch.stack([m.weight for m in conv2])
+            bounds = self.bounds(torch.stack([m.weight for m in conv1]), k2,
+                                 torch.stack([bn_scale(n.weight, n.running_var, n.eps) for n in bn1]),
+                                 torch.stack([bn_scale(n.weight, n.running_var, n.eps) for n in bn2]), update=update)
+            c = torch.clamp(bounds / self.mu, min=1.0)
+            return k2 / c.to(k2.dtype).view(-1, 1, 1, 1, 1), c
+        params = [m.weight for group in (conv1, conv2, bn1, bn2) for m in group]
+        differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        with torch.no_grad():
+            # Dense stacks: kernels of channels-last stages stack into strided 5-D tensors, which would send the
+            # grouped power-step convolutions and every elementwise operation on them down slow paths.
+            kernels = torch.stack(params[: 2 * t]).contiguous()  # [K1; K2], [2T, C, C, k, k]
+            s = torch.sqrt(torch.stack([n.running_var for n in list(bn1) + list(bn2)]) + eps)  # [2T, C]
+            d = torch.stack(params[2 * t :]) / s  # bn_scale of every BN: gamma / sqrt(running_var + eps)
+            # [F; K2] with F = d2 * K1 * d1 (fold_batchnorm's products, in its order)
+            weight = kernels.clone()
+            weight[:t].mul_(d[t:, :, None, None, None]).mul_(d[:t, None, :, None, None])
+            if self.u1.dtype != weight.dtype:  # e.g. a float64 model: the vectors follow the weights
+                self.u1.data, self.u2.data = self.u1.data.to(weight.dtype), self.u2.data.to(weight.dtype)
+            u = torch.cat([self.u1, self.u2])  # updated by the step; copied back to the buffers when training
+            v, sigma = power_iteration(weight, u, mode=self.mode, n_iter=self.n_power_iterations)
+            if update:
+                self.u1.copy_(u[:t])
+                self.u2.copy_(u[t:])
+            if not differentiable:
+                c = torch.clamp(sigma[:t] * sigma[t:] / self.mu, min=1.0)
+                return kernels[t:] / c.view(-1, 1, 1, 1, 1), c
+            # d sigma / d [F; K2] now, while u and v are in cache (in backward they are cold: 2x the time there)
+            grad_sigma_w = sigma_weight_grad(u, v, self.mode, weight.shape)
+        return _BoundedConv2.apply(kernels, d, s, grad_sigma_w, sigma, self.mu, *params)
 
     @torch.no_grad()
     def refresh(self, conv1, conv2, d1, d2, n_iter: int = 50) -> torch.Tensor:

@@ -15,7 +15,8 @@ import torch
 
 from . import _extension, _reference
 
-__all__ = ["batched_spectral_norm", "gram_spectral_bound", "gram_bound_nd", "init_power_vector", "SPECTRAL_MODES"]
+__all__ = ["batched_spectral_norm", "power_iteration", "sigma_weight_grad", "gram_spectral_bound", "gram_bound_nd",
+           "init_power_vector", "SPECTRAL_MODES"]
 
 SPECTRAL_MODES = ("operator", "matrix", "gram")
 
@@ -139,7 +140,7 @@ class _SigmaOfKernelListWithFixedVectors(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_sigma):
         u, v = ctx.saved_tensors
-        grad = _SigmaWithFixedVectors.weight_grad(u, v, ctx.mode, ctx.shape) * grad_sigma.view(-1, 1, 1, 1, 1)
+        grad = sigma_weight_grad(u, v, ctx.mode, ctx.shape) * grad_sigma.view(-1, 1, 1, 1, 1)
         return (None, None, None, None) + tuple(grad.unbind(0))
 
 
@@ -155,15 +156,9 @@ class _SigmaWithFixedVectors(torch.autograd.Function):
         return sigma.clone()
 
     @staticmethod
-    def weight_grad(u, v, mode, shape):
-        if mode == "operator":
-            return _conv_weight_grad(v, u, shape)
-        return (u.unsqueeze(2) * v.unsqueeze(1)).view(shape)
-
-    @staticmethod
     def backward(ctx, grad_sigma):
         u, v = ctx.saved_tensors
-        grad = _SigmaWithFixedVectors.weight_grad(u, v, ctx.mode, ctx.shape)
+        grad = sigma_weight_grad(u, v, ctx.mode, ctx.shape)
         return grad * grad_sigma.view(-1, 1, 1, 1, 1), None, None, None, None
 
 
@@ -213,6 +208,43 @@ def gram_bound_nd(weight: torch.Tensor, n_iter: int = 4) -> torch.Tensor:
     return (row_sums.pow(power) * torch.exp(log_scale * power).unsqueeze(1)).amax(dim=1)
 
 
+def _power_iteration(weight, u, mode: str, n_iter: int):
+    """(v, sigma) of the compiled op for the kernels' device, or of the reference; u updated in place. No
+    gradient, no validation (the callers validate)."""
+    as_list = not isinstance(weight, torch.Tensor)
+    w = [k.detach() for k in weight] if as_list else weight.detach()
+    device = _lead_kernel(weight).device
+    # Operator mode is composite (ATen convolutions, any device); matrix mode has CPU and CUDA kernels.
+    if _extension.loaded() and (mode == "operator" or _extension.has_kernels_for(device)):
+        ops = torch.ops.itconv_fast
+        op = ops.power_iteration_operator_ if mode == "operator" else ops.power_iteration_matrix_
+        return (op.list if as_list else op.default)(w, u, n_iter)
+    _extension.warn_fallback("batched_spectral_norm", device)
+    ref = _reference.power_iteration_operator_ if mode == "operator" else _reference.power_iteration_matrix_
+    return ref(torch.stack(w) if as_list else w, u, n_iter)
+
+
+def power_iteration(weight: torch.Tensor, u: torch.Tensor, *, mode: str = "operator", n_iter: int = 1):
+    """n_iter power steps on each of B kernels [B, C_out, C_in, kh, kw], u ([B, C_out, H, W] for "operator",
+    [B, C_out] for "matrix") updated in place. Returns (v, sigma): the last unit right vectors and
+    sigma = <u, W v>, without gradient (see `sigma_weight_grad`; `batched_spectral_norm` attaches it).
+    Raises ValueError naming the problem before anything is modified."""
+    if mode == "gram":
+        raise ValueError("power_iteration: mode 'gram' has no power iteration (use gram_spectral_bound)")
+    if u is None:
+        raise ValueError("power_iteration: u (the persistent vectors) is required")
+    _check_spectral(weight, u, mode, n_iter, None)
+    return _power_iteration(weight, u, mode, n_iter)
+
+
+def sigma_weight_grad(u: torch.Tensor, v: torch.Tensor, mode: str, weight_shape) -> torch.Tensor:
+    """d sigma_b / d W_b = u_b v_b^T (in the convolution's sense for operator mode) for all b, with u and v the
+    vectors of `power_iteration` (held constant, Miyato et al. 2018): [B, C_out, C_in, kh, kw]."""
+    if mode == "operator":
+        return _conv_weight_grad(v, u, weight_shape)
+    return (u.unsqueeze(2) * v.unsqueeze(1)).view(weight_shape)
+
+
 def batched_spectral_norm(
     weight: Union[torch.Tensor, Sequence[torch.Tensor]],
     u: Optional[torch.Tensor] = None,
@@ -243,16 +275,7 @@ def batched_spectral_norm(
         return gram_spectral_bound(torch.stack(list(weight)) if as_list else weight, n_iter)
     if u is None:
         u = init_power_vector(weight, mode, expected[2:] if mode == "operator" else None)
-    w = [k.detach() for k in weight] if as_list else weight.detach()
-    device = _lead_kernel(weight).device
-    # Operator mode is composite (ATen convolutions, any device); matrix mode has CPU and CUDA kernels.
-    if _extension.loaded() and (mode == "operator" or _extension.has_kernels_for(device)):
-        op = torch.ops.itconv_fast.power_iteration_operator_ if mode == "operator" else torch.ops.itconv_fast.power_iteration_matrix_
-        v, sigma = (op.list if as_list else op.default)(w, u, n_iter)
-    else:
-        _extension.warn_fallback("batched_spectral_norm", device)
-        ref = _reference.power_iteration_operator_ if mode == "operator" else _reference.power_iteration_matrix_
-        v, sigma = ref(torch.stack(w) if as_list else w, u, n_iter)
+    v, sigma = _power_iteration(weight, u, mode, n_iter)
     # u is updated in place by later calls: the backward pass needs this call's vectors.
     if as_list:
         if torch.is_grad_enabled() and any(k.requires_grad for k in weight):
