@@ -170,7 +170,13 @@ def test_bench_train_without_compiled_runs_writes_the_bench_schema(tmp_path):
     for row in report["rows"]:
         assert row["steps_per_epoch"] == 2 and len(row["epoch_s"]) == 2 and row["median_epoch_s"] > 0
     assert "overhead of coupling + spectral norm (eager)" in report["ratios"]["quick"]
-    assert "plain loop (eager)" in result.output
+    paired = report["paired_ratios"]["quick"]
+    assert set(paired) == {"train lam 0 (eager)", "train lam 0.5 + mu 0.95 (eager)",
+                           "overhead of coupling + spectral norm (eager)"}
+    times = {row["case"]: row["epoch_s"][1:] for row in report["rows"]}  # one timed round: paired = that ratio
+    regularised, plain = times["train lam 0.5 + mu 0.95 (eager)"][0], times["plain loop (eager)"][0]
+    assert paired["train lam 0.5 + mu 0.95 (eager)"] == pytest.approx(regularised / plain)
+    assert "plain loop (eager)" in result.output and "paired" in result.output
 
 
 @pytest.mark.slow

@@ -10,8 +10,10 @@ each round, so that drift of a shared machine hits all alike):
     (the same two compiled)      --compile on
 
 An epoch's time is its training pass (`train_seconds`; evaluation, checkpoints and logs excluded). The first
-epoch is reported apart (it holds compilation and warm-up); the others give the median. From those the
-report derives each compiled run's compilation time (its first epoch's excess over the eager run's) and the
+epoch is reported apart (it holds compilation and warm-up); the others give the median. Ratios come two ways:
+of the medians, and paired (the median over rounds of the two runs' ratio within a round, which cancels the
+drift between rounds that the interleaving is there for: on the 2-core machine it halved the spread of the
+overhead between repeated runs; benchmarks/NOTES.md). From the medians the report derives each compiled run's compilation time (its first epoch's excess over the eager run's) and the
 break-even step count of compiling (compilation time / time saved per step), which `--compile auto` uses.
 
 Sizes: "quick" is the quick preset (Digitclutter, ResNet-29-8, 93 steps an epoch); "paper" is the paper's
@@ -113,7 +115,7 @@ def run_train_benchmark(sizes=SIZES, *, device: str = "cpu", epochs: int = 3, pa
     (JSON-ready report in `bench`'s schema, table). compiled=False leaves the compiled runs out."""
     if epochs < 2:
         raise ValueError("bench train: epochs must be >= 2 (the first holds compilation and warm-up)")
-    rows, ratios, tables = [], {}, []
+    rows, ratios, paired_ratios, tables = [], {}, {}, []
     for size in sizes:
         values = train_benchmark_values(size, paper_steps=paper_steps, quick_train_size=quick_train_size)
         if size == "quick":  # Digitclutter is generated and cached once here, not by the five processes at once
@@ -141,28 +143,41 @@ def run_train_benchmark(sizes=SIZES, *, device: str = "cpu", epochs: int = 3, pa
                          "median_step_s": medians[name] / steps, "first_epoch_s": firsts[name],
                          "epochs_timed": epochs - 1, "epoch_s": [e["train_seconds"] for e in records[name]],
                          "last_test_error": records[name][-1]["test_error"]})
+        timed = {n: [e["train_seconds"] for e in recs[1:]] for n, recs in records.items()}
+
+        def paired_ratio(a, b):  # the median over rounds of a's epoch time over b's, the same round
+            return statistics.median(x / y for x, y in zip(timed[a], timed[b]))
+
         ratio = {n: medians[n] / medians[PLAIN] for n in medians if n != PLAIN}
+        paired = {n: paired_ratio(n, PLAIN) for n in medians if n != PLAIN}
         for variant in ("eager", "compiled") if compiled else ("eager",):
             plain_ours, regularised = f"train lam 0 ({variant})", f"train lam 0.5 + mu 0.95 ({variant})"
-            ratio[f"overhead of coupling + spectral norm ({variant})"] = medians[regularised] / medians[plain_ours] - 1
+            key = f"overhead of coupling + spectral norm ({variant})"
+            ratio[key] = medians[regularised] / medians[plain_ours] - 1
+            paired[key] = paired_ratio(regularised, plain_ours) - 1
         for lam in ("lam 0", "lam 0.5 + mu 0.95") if compiled else ():
             eager, fast = medians[f"train {lam} (eager)"], medians[f"train {lam} (compiled)"]
             compile_s = (firsts[f"train {lam} (compiled)"] - fast) - (firsts[f"train {lam} (eager)"] - eager)
             saved = (eager - fast) / steps
             ratio[f"compilation seconds ({lam})"] = compile_s
             ratio[f"break-even steps ({lam})"] = compile_s / saved if saved > 0 else float("inf")
-        ratios[size] = ratio
+        ratios[size], paired_ratios[size] = ratio, paired
         lines = [f"[{label}; epoch = training pass; median of {epochs - 1} epochs after the first, interleaved]"]
         for name in runs:
+            pair = f", paired {paired[name]:.3f}x" if name in paired else ""
             lines.append(f"  {name:38s} {medians[name]:8.2f} s/epoch  {medians[name] / steps * 1e3:8.1f} ms/step  "
-                         f"{medians[name] / medians[PLAIN]:5.2f}x plain  (first epoch {firsts[name]:.1f} s)")
+                         f"{medians[name] / medians[PLAIN]:5.2f}x plain{pair}  (first epoch {firsts[name]:.1f} s)")
         for key, value in ratio.items():
             if key.startswith(("overhead", "compilation", "break-even")):
                 text = f"{value * 100:+.1f}%" if key.startswith("overhead") else f"{value:.0f}"
+                if key in paired:
+                    text += f" (paired {paired[key] * 100:+.1f}%)"
                 lines.append(f"  {key:58s} {text}")
         tables.append("\n".join(lines))
         log(tables[-1])
     report = {"benchmark": "train", "machine": machine_description(device), "rows": rows, "ratios": ratios,
+              "paired_ratios": paired_ratios,
               "method": "runs interleaved epoch by epoch (rotating order); median training-pass time of the epochs "
-                        "after the first"}
+                        "after the first; ratios of those medians, and paired: the median over rounds of the "
+                        "ratio of two runs' epoch times in the same round"}
     return report, label_backend("\n\n".join(tables))
