@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     parser.add_argument("--regularised", choices=("both", "plain", "regularised"), default="both")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    return probe(args.device, args.steps, args.width, args.blocks, args.modes.split(","), args.regularised, args.out)
+    probe(args.device, args.steps, args.width, args.blocks, args.modes.split(","), args.regularised, args.out)
+    return 0
 
 
 def probe(device, steps=30, width=16, blocks=16, modes=("eager", "default", "reduce-overhead"), regularised="both",
@@ -116,5 +117,4 @@ def probe(device, steps=30, width=16, blocks=16, modes=("eager", "default", "red
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(main())

@@ -41,7 +41,8 @@ def run_cuda_tests() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the benchmarks' short settings")
-    parser.add_argument("--train-sizes", default=None, help="sizes of bench train (default quick,paper; quick with --quick)")
+    parser.add_argument("--train-sizes", default=None,
+                        help="sizes of bench train (default quick,paper; quick with --quick)")
     parser.add_argument("--paper-steps", type=int, default=200, help="steps in an epoch of bench train's paper size")
     parser.add_argument("--out", help="the file to write (JSON)")
     args = parser.parse_args(argv)

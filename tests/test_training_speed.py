@@ -24,7 +24,8 @@ def tiny_config(**values) -> TrainConfig:
                                   "batch_size": 64, "device": "cpu", **values})
 
 
-@pytest.mark.parametrize("given, expected", [(True, True), (False, False), ("auto", "auto"), ("on", True), ("off", False)])
+@pytest.mark.parametrize("given, expected",
+                         [(True, True), (False, False), ("auto", "auto"), ("on", True), ("off", False)])
 def test_compile_setting_accepts_true_false_auto(given, expected):
     assert TrainConfig(compile=given).compile == expected
 
@@ -160,8 +161,8 @@ def test_stage_forward_equals_blocks_applied_one_by_one_bit_for_bit():
 
 def test_bench_train_without_compiled_runs_writes_the_bench_schema(tmp_path):
     out = tmp_path / "train.json"
-    result = CliRunner().invoke(main, ["bench", "train", "--size", "quick", "--quick-train-size", "256", "--epochs", "2",
-                                       "--no-compile", "--out", str(out)])
+    result = CliRunner().invoke(main, ["bench", "train", "--size", "quick", "--quick-train-size", "256",
+                                       "--epochs", "2", "--no-compile", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["benchmark"] == "train" and {"cpu", "torch", "date"} <= set(report["machine"])
@@ -195,8 +196,8 @@ def test_compiled_and_eager_runs_give_the_same_metrics(tmp_path):
 @pytest.mark.slow
 def test_bench_train_with_compiled_runs_derives_the_break_even(tmp_path):
     out = tmp_path / "train.json"
-    result = CliRunner().invoke(main, ["bench", "train", "--size", "quick", "--quick-train-size", "256", "--epochs", "2",
-                                       "--out", str(out)])
+    result = CliRunner().invoke(main, ["bench", "train", "--size", "quick", "--quick-train-size", "256",
+                                       "--epochs", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     ratios = json.loads(out.read_text())["ratios"]["quick"]
     for key in ("overhead of coupling + spectral norm (compiled)", "compilation seconds (lam 0)",

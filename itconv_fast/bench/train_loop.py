@@ -12,9 +12,10 @@ each round, so that drift of a shared machine hits all alike):
 An epoch's time is its training pass (`train_seconds`; evaluation, checkpoints and logs excluded). The first
 epoch is reported apart (it holds compilation and warm-up); the others give the median. Ratios come two ways:
 of the medians, and paired (the median over rounds of the two runs' ratio within a round, which cancels the
-drift between rounds that the interleaving is there for: on the 2-core machine it halved the spread of the
-overhead between repeated runs; benchmarks/NOTES.md). From the medians the report derives each compiled run's compilation time (its first epoch's excess over the eager run's) and the
-break-even step count of compiling (compilation time / time saved per step), which `--compile auto` uses.
+drift between rounds that the interleaving is there for: on the 2-core machine it narrowed the spread of the
+overhead between repeated runs from 6.3 points to 2.5; benchmarks/NOTES.md). From the medians the report derives
+each compiled run's compilation time (its first epoch's excess over the eager run's) and the break-even step
+count of compiling (compilation time / time saved per step), which `--compile auto` uses.
 
 Sizes: "quick" is the quick preset (Digitclutter, ResNet-29-8, 93 steps an epoch); "paper" is the paper's
 width and depth, ResNet-101-16 on 32 x 32 x 3 CIFAR-shaped random images (`paper_steps` steps an epoch,

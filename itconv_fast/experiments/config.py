@@ -65,7 +65,8 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     seed: int = 0
     device: str = "auto"
-    compile: Union[bool, str] = "auto"  # torch.compile: True, False, or "auto" (on where it pays: experiments/compilation.py)
+    # torch.compile: True, False, or "auto" (on where it pays: experiments/compilation.py)
+    compile: Union[bool, str] = "auto"
     cache_dir: Optional[str] = None
     objectives: dict = field(default_factory=dict)  # extra loss terms, {name: weight} (itconv_fast.objectives)
     objective_k: int = 16  # K_train of the extra-iteration loss

@@ -44,4 +44,3 @@ def keep_freed_memory() -> str:
     ok = mallopt(_M_MMAP_THRESHOLD, _THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, _THRESHOLD) == 1
     _applied = "glibc: freed memory kept (mmap and trim thresholds 1 GiB)" if ok else "default (mallopt refused)"
     return _applied
-

@@ -45,7 +45,8 @@ def fold_batchnorm(conv1: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor) -> t
 class _BoundedConv2(torch.autograd.Function):
     """conv2_t / c_t for every block of a stage and c_t = max(sigma(F_t) sigma(conv2_t) / mu, 1), as one autograd
     node whose backward is a handful of batched operations: the same function, differentiated by hand, as the
-    composite graph of `StageSpectralNorm.forward` (~20 nodes a stage fewer, which shows at small widths).
+    composite graph of `StageSpectralNorm.forward`. (Fewer nodes alone saved nothing measurable; what it allows
+    did: d sigma / dW computed in forward, where u and v are in cache. benchmarks/NOTES.md, "second pass".)
 
     Its inputs are computed by the caller without gradient (`StageSpectralNorm.bounded_conv2`): the kernels
     [K1; K2] stacked [2T, C, C, k, k], the BN scales d = gamma / s with s = sqrt(running_var + eps) ([2T, C]: BN1
