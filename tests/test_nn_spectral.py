@@ -448,6 +448,7 @@ def _ddp_worker(rank, world, port, state, result_dir):
             ddp(x.chunk(world)[rank]).square().mean().backward()
             opt.step()
         torch.save(model.state_dict(), os.path.join(result_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears gloo down (a rare SIGABRT at exit otherwise)
     finally:
         dist.destroy_process_group()
 

@@ -144,6 +144,7 @@ def _ddp_worker(rank, world, port, out, cache):
     try:
         _, model = training.train(_ddp_config(), out, progress=False, return_model=True)
         torch.save(model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears gloo down (a rare SIGABRT at exit otherwise)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
