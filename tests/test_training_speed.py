@@ -129,7 +129,10 @@ def test_channels_last_stages_compute_the_same_network(sn_mu):
     assert fast.stem.weight.is_contiguous() and fast.stages[0].blocks[0].conv1.weight.is_contiguous()
     for s in (1, 2):
         assert fast.stages[s].blocks[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
-        assert fast.transitions[s - 1][2].weight.is_contiguous(memory_format=torch.channels_last)
+        assert fast.stages[s].channels_last and not fast.stages[0].channels_last
+    # a transition computes in the layout of the stage before it
+    assert fast.transitions[0][2].weight.is_contiguous()
+    assert fast.transitions[1][2].weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 32, 32)
     out_ref, out_fast = reference(x), fast(x)
     torch.testing.assert_close(out_fast, out_ref, rtol=1e-4, atol=1e-5)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..io.checkpoint import CheckpointError, load_checkpoint_state
 from ..nn.coupling import groups_from_blocks
+from ..nn.pooling import GlobalAvgPool2d
 from .stage_spectral_norm import StageSpectralNorm, bn_scale, check_mu
 
 __all__ = ["IterResNet", "Stage", "Block", "Transition", "load_checkpoint", "INITS"]
@@ -74,6 +75,7 @@ class Stage(nn.Module):
             block.index = t
         self.sn = StageSpectralNorm(blocks, channels, (input_size, input_size), sn_mu, sn_mode) if sn_mu is not None else None
         self._cached = None  # (key, corrections) for evaluation
+        self.channels_last = False  # set by IterResNet.to_channels_last: the stage then makes its input NHWC
 
     def _stacked(self):
         """The spectral norm's inputs: conv1 and conv2 stacked ([T, C, C, k, k]; conv2's stack also gives the
@@ -154,6 +156,10 @@ class Stage(nn.Module):
         kernels from `corrected_conv2()` when the caller computed them already (IterResNet.forward does, for
         all stages first)."""
         kernels = conv2 if conv2 is not None else self.corrected_conv2()
+        if self.channels_last:
+            # An NCHW input would meet the blocks' NHWC outputs in the residual adds and in ReLU's backward, where
+            # ATen's mixed-layout loops are about 30x slower than its vectorised ones (benchmarks/NOTES.md).
+            x = x.contiguous(memory_format=torch.channels_last)
         z = x
         for t, block in enumerate(self.blocks):
             if stop_after is not None and t >= stop_after:
@@ -222,7 +228,7 @@ class IterResNet(nn.Module):
             Stage(widths[s], blocks, input_size // 2**s, pcr, sn_mu, sn_mode) for s in range(stages)
         )
         self.transitions = nn.ModuleList(Transition(widths[s], widths[s + 1]) for s in range(stages - 1))
-        self.head = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        self.head = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(), GlobalAvgPool2d(), nn.Flatten(),
                                   nn.Linear(widths[-1], num_classes))
         self._initialise(init, bn_gamma_init)
 
@@ -245,18 +251,23 @@ class IterResNet(nn.Module):
                 stage.refresh(stage.sn.init_iterations)
 
     def to_channels_last(self, min_width: int = 1) -> "IterResNet":
-        """Stores the kernels of every stage at least `min_width` wide (and of the transition into it) channels-last,
-        so that its convolutions run on NHWC activations; returns self. The values do not change. On the CPU
-        oneDNN's NHWC convolutions are faster from 16 channels on (ResNet-101-16 training steps: 0.80x in a
-        one-process A/B, 0.95x over interleaved epochs in separate processes), but ATen's channels-last BatchNorm
-        is slow below that (ResNet-29-8 all channels-last: 1.09x); benchmarks/NOTES.md. On CUDA the whole network
-        runs channels-last (min_width=1)."""
-        if self.config["width"] >= min_width:
+        """Stores the kernels of every stage at least `min_width` wide channels-last, so that its convolutions run on
+        NHWC activations; returns self. The values do not change. On the CPU oneDNN's NHWC convolutions are faster
+        from 16 channels on (ResNet-101-16 training steps: 0.80x in a one-process A/B, 0.95x over interleaved
+        epochs in separate processes), but ATen's channels-last BatchNorm is slow below that (ResNet-29-8 all
+        channels-last: 1.09x); benchmarks/NOTES.md. On CUDA the whole network runs channels-last (min_width=1).
+
+        A transition computes in the layout of the stage before it (the layout of its input: converting its input
+        costs more than converting its output, 8.9 vs 7.5 ms a step for ResNet-29-8's first one) and a channels-last
+        stage makes its input NHWC (Stage.channels_last), so no operation mixes the two layouts."""
+        widths = [self.config["width"] * 2**s for s in range(len(self.stages))]
+        if widths[0] >= min_width:
             self.stem.to(memory_format=torch.channels_last)
         for s, stage in enumerate(self.stages):
-            if self.config["width"] * 2**s >= min_width:
+            if widths[s] >= min_width:
                 stage.to(memory_format=torch.channels_last)
-                if s > 0:
+                stage.channels_last = True
+                if s > 0 and widths[s - 1] >= min_width:
                     self.transitions[s - 1].to(memory_format=torch.channels_last)
         return self
 
