@@ -1,7 +1,8 @@
-"""Memory layouts on the CPU: a network that runs some stages channels-last (IterResNet.to_channels_last) mixes no
-layouts inside an operation (ATen's mixed-layout elementwise loops are about 30x slower than its vectorised ones),
-and the head's GlobalAvgPool2d gives nn.AdaptiveAvgPool2d(1)'s values and gradients, bit for bit, keeping a
-channels-last gradient channels-last."""
+"""Memory layouts on the CPU: a network that runs some stages channels-last and the convolutions of the others NHWC
+(IterResNet.to_channels_last) mixes no layouts inside an elementwise operation (ATen's mixed-layout loops are about
+30x slower than its vectorised ones); to_memory_format's gradient comes back in its input's layout; the head's
+GlobalAvgPool2d gives nn.AdaptiveAvgPool2d(1)'s values and gradients, bit for bit, keeping a channels-last gradient
+channels-last."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from itconv_fast.models import IterResNet
-from itconv_fast.nn import GlobalAvgPool2d
+from itconv_fast.models import IterResNet, iter_resnet
+from itconv_fast.nn import GlobalAvgPool2d, to_memory_format
 
 CL = torch.channels_last
 
@@ -41,26 +42,31 @@ class MixedLayouts(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("sn_mu", [None, 0.95])
-@pytest.mark.parametrize("min_width", [16, 32, 1])
-def test_a_training_step_with_channels_last_stages_mixes_no_layouts(sn_mu, min_width):
+@pytest.mark.parametrize("min_width, narrow_convolutions", [(16, True), (16, False), (32, True), (1, True), (64, True)])
+def test_a_training_step_with_channels_last_stages_mixes_no_layouts(sn_mu, min_width, narrow_convolutions):
     torch.manual_seed(0)
     model = IterResNet(10, 1, width=8, blocks=2, stages=3, input_size=32, sn_mu=sn_mu).train()
-    model.to_channels_last(min_width=min_width)
+    model.to_channels_last(min_width=min_width, narrow_convolutions=narrow_convolutions)
     x, y = torch.randn(6, 1, 32, 32), torch.randint(0, 10, (6,))
     with MixedLayouts(6) as mode:
         torch.nn.functional.cross_entropy(model(x), y).backward()
     assert mode.mixed == []
 
 
-@pytest.mark.parametrize("regression", ["transition", "head"])
-def test_the_recorder_sees_a_mixed_layout_relu_backward(regression):
-    """The guard against the layouts of before: the first transition's kernels NHWC on the NCHW output of stage 1,
-    or the head pooled by ATen's mean (whose gradient is NCHW behind an NHWC ReLU)."""
+@pytest.mark.parametrize("regression", ["stage input", "plain contiguous", "head"])
+def test_the_recorder_sees_a_mixed_layout_relu_backward(regression, monkeypatch):
+    """The guard against the layouts of before: a stage that takes its input as it comes (the first transition's
+    output NCHW into NHWC blocks), conversions whose gradients keep the new layout (`.contiguous`), or the head
+    pooled by ATen's mean (whose gradient is NCHW behind an NHWC ReLU)."""
     torch.manual_seed(0)
     model = IterResNet(10, 1, width=8, blocks=2, stages=3, input_size=32).train()
-    model.to_channels_last(min_width=16)
-    if regression == "transition":
-        model.transitions[0].to(memory_format=CL)
+    model.to_channels_last(min_width=16, narrow_convolutions=regression == "plain contiguous")
+    if regression == "stage input":
+        model.transitions[0][2].to(memory_format=torch.contiguous_format)
+        model.transitions[0].nhwc_conv = False
+        model.stages[1].memory_format = None
+    elif regression == "plain contiguous":
+        monkeypatch.setattr(iter_resnet, "to_memory_format", lambda x, fmt: x.contiguous(memory_format=fmt))
     else:
         model.head[2] = torch.nn.AdaptiveAvgPool2d(1)
     with MixedLayouts(6) as mode:
@@ -106,3 +112,25 @@ def test_global_avg_pool_without_gradients_and_twice_differentiated():
     assert torch.autograd.gradcheck(lambda t: pool(t).square(), (x,))
     assert torch.autograd.gradgradcheck(lambda t: pool(t).square(), (x,))
     assert isinstance(pool, torch.nn.AdaptiveAvgPool2d) and pool.output_size == 1
+
+
+@pytest.mark.parametrize("to_format", [CL, torch.contiguous_format])
+def test_to_memory_format_converts_the_gradient_back(to_format):
+    source = CL if to_format == torch.contiguous_format else torch.contiguous_format
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64).contiguous(memory_format=source).requires_grad_()
+    y = to_memory_format(x, to_format)
+    assert torch.equal(y, x) and y.is_contiguous(memory_format=to_format)
+    g = torch.randn(3, 4, 5, 6, dtype=torch.float64).contiguous(memory_format=to_format)
+    y.backward(g)
+    assert torch.equal(x.grad, g) and x.grad.is_contiguous(memory_format=source)
+    assert torch.autograd.gradcheck(lambda t: to_memory_format(t, to_format).square(), (x,))
+
+
+def test_to_memory_format_returns_a_tensor_already_in_the_layout_and_copies_without_gradients():
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=CL)
+    assert to_memory_format(x, CL) is x
+    y = to_memory_format(x, torch.contiguous_format)
+    assert y.is_contiguous() and torch.equal(y, x) and y.grad_fn is None
+    w = torch.randn(2, 3, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        assert to_memory_format(w, CL).grad_fn is None

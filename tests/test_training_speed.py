@@ -120,19 +120,26 @@ def test_train_epochs_yields_the_records_train_returns(tmp_path):
 
 
 @pytest.mark.parametrize("sn_mu", [None, 0.5])
-def test_channels_last_stages_compute_the_same_network(sn_mu):
+@pytest.mark.parametrize("min_width, narrow_convolutions", [(16, True), (16, False), (64, True), (1, True)])
+def test_channels_last_stages_compute_the_same_network(sn_mu, min_width, narrow_convolutions):
     torch.manual_seed(0)
     reference = IterResNet(10, 3, width=8, blocks=2, stages=3, sn_mu=sn_mu).train()
     fast = IterResNet(10, 3, width=8, blocks=2, stages=3, sn_mu=sn_mu).train()
     fast.load_state_dict(reference.state_dict())
-    fast.to_channels_last(min_width=16)  # stages 2 and 3 (16, 32 channels), not the stem or stage 1 (8)
-    assert fast.stem.weight.is_contiguous() and fast.stages[0].blocks[0].conv1.weight.is_contiguous()
-    for s in (1, 2):
-        assert fast.stages[s].blocks[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
-        assert fast.stages[s].channels_last and not fast.stages[0].channels_last
-    # a transition computes in the layout of the stage before it
-    assert fast.transitions[0][2].weight.is_contiguous()
-    assert fast.transitions[1][2].weight.is_contiguous(memory_format=torch.channels_last)
+    fast.to_channels_last(min_width=min_width, narrow_convolutions=narrow_convolutions)
+    cl = torch.channels_last
+    for s, width in enumerate((8, 16, 32)):
+        stage, conv = fast.stages[s], fast.stages[s].blocks[0].conv1.weight
+        if width >= min_width:  # a channels-last stage
+            assert stage.memory_format == cl and conv.is_contiguous(memory_format=cl)
+            assert stage.blocks[0].bn1.weight.is_contiguous() and not stage.blocks[0].nhwc_convs
+        else:  # a narrow one: NCHW activations; NHWC convolutions when asked
+            assert stage.memory_format == torch.contiguous_format
+            assert stage.blocks[0].nhwc_convs == narrow_convolutions
+            assert conv.is_contiguous(memory_format=cl if narrow_convolutions else torch.contiguous_format)
+    if min_width == 16:  # the transition out of the narrow stage: BN NCHW, its convolution NHWC
+        assert fast.transitions[0].nhwc_conv and fast.transitions[0][2].weight.is_contiguous(memory_format=cl)
+        assert fast.transitions[1][2].weight.is_contiguous(memory_format=cl) and not fast.transitions[1].nhwc_conv
     x = torch.randn(4, 3, 32, 32)
     out_ref, out_fast = reference(x), fast(x)
     torch.testing.assert_close(out_fast, out_ref, rtol=1e-4, atol=1e-5)
@@ -140,6 +147,8 @@ def test_channels_last_stages_compute_the_same_network(sn_mu):
     out_fast.square().sum().backward()
     for (name, p), q in zip(reference.named_parameters(), fast.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+    for (name, b), c in zip(reference.named_buffers(), fast.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_stage_forward_equals_blocks_applied_one_by_one_bit_for_bit():

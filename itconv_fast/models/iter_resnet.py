@@ -19,7 +19,7 @@ from torch import nn
 
 from ..io.checkpoint import CheckpointError, load_checkpoint_state
 from ..nn.coupling import groups_from_blocks
-from ..nn.pooling import GlobalAvgPool2d
+from ..nn.layouts import GlobalAvgPool2d, to_memory_format
 from .stage_spectral_norm import StageSpectralNorm, bn_scale, check_mu
 
 __all__ = ["IterResNet", "Stage", "Block", "Transition", "load_checkpoint", "INITS"]
@@ -42,6 +42,7 @@ class Block(nn.Module):
         self.conv2 = _conv3x3(channels, channels)
         self._stage = None  # weak reference to the owning stage (for the spectral correction)
         self.index = 0
+        self.nhwc_convs = False  # NCHW activations, NHWC convolutions (IterResNet.to_channels_last)
 
     def f(self, z: torch.Tensor, correction: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The residual function; with `correction` c, f(z) / c. Dividing conv2's (bias-free) kernel by c
@@ -52,8 +53,14 @@ class Block(nn.Module):
 
     def f_with_conv2(self, z: torch.Tensor, conv2_weight: torch.Tensor) -> torch.Tensor:
         """f(z) with conv2's kernel replaced by `conv2_weight` (its spectrally corrected kernel)."""
-        h = torch.relu(self.bn2(self.conv1(torch.relu(self.bn1(z)))))
-        return nn.functional.conv2d(h, conv2_weight, padding=self.conv2.padding)
+        h = torch.relu(self.bn2(self._from_conv(self.conv1(self._to_conv(torch.relu(self.bn1(z)))))))
+        return self._from_conv(nn.functional.conv2d(self._to_conv(h), conv2_weight, padding=self.conv2.padding))
+
+    def _to_conv(self, h: torch.Tensor) -> torch.Tensor:
+        return to_memory_format(h, torch.channels_last) if self.nhwc_convs else h
+
+    def _from_conv(self, h: torch.Tensor) -> torch.Tensor:
+        return to_memory_format(h, torch.contiguous_format) if self.nhwc_convs else h
 
     def residual(self, z: torch.Tensor) -> torch.Tensor:
         """f~(z): the residual function, divided by its spectral correction c_t when the stage has one."""
@@ -75,7 +82,7 @@ class Stage(nn.Module):
             block.index = t
         self.sn = StageSpectralNorm(blocks, channels, (input_size, input_size), sn_mu, sn_mode) if sn_mu is not None else None
         self._cached = None  # (key, corrections) for evaluation
-        self.channels_last = False  # set by IterResNet.to_channels_last: the stage then makes its input NHWC
+        self.memory_format = None  # of the activations; the input is converted to it (IterResNet.to_channels_last)
 
     def _stacked(self):
         """The spectral norm's inputs: conv1 and conv2 stacked ([T, C, C, k, k]; conv2's stack also gives the
@@ -156,10 +163,10 @@ class Stage(nn.Module):
         kernels from `corrected_conv2()` when the caller computed them already (IterResNet.forward does, for
         all stages first)."""
         kernels = conv2 if conv2 is not None else self.corrected_conv2()
-        if self.channels_last:
-            # An NCHW input would meet the blocks' NHWC outputs in the residual adds and in ReLU's backward, where
-            # ATen's mixed-layout loops are about 30x slower than its vectorised ones (benchmarks/NOTES.md).
-            x = x.contiguous(memory_format=torch.channels_last)
+        if self.memory_format is not None:
+            # An input in the other layout would meet the blocks' outputs in the residual adds and in ReLU's
+            # backward, where ATen's mixed-layout loops are about 30x slower than its vectorised ones.
+            x = to_memory_format(x, self.memory_format)
         z = x
         for t, block in enumerate(self.blocks):
             if stop_after is not None and t >= stop_after:
@@ -174,6 +181,11 @@ class Transition(nn.Sequential):
 
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__(nn.BatchNorm2d(c_in), nn.ReLU(), _conv3x3(c_in, c_out, stride=2))
+        self.nhwc_conv = False  # NCHW input, NHWC convolution (IterResNet.to_channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self[1](self[0](x))
+        return self[2](to_memory_format(h, torch.channels_last) if self.nhwc_conv else h)
 
 
 class IterResNet(nn.Module):
@@ -250,25 +262,40 @@ class IterResNet(nn.Module):
             if stage.sn is not None:
                 stage.refresh(stage.sn.init_iterations)
 
-    def to_channels_last(self, min_width: int = 1) -> "IterResNet":
-        """Stores the kernels of every stage at least `min_width` wide channels-last, so that its convolutions run on
-        NHWC activations; returns self. The values do not change. On the CPU oneDNN's NHWC convolutions are faster
-        from 16 channels on (ResNet-101-16 training steps: 0.80x in a one-process A/B, 0.95x over interleaved
-        epochs in separate processes), but ATen's channels-last BatchNorm is slow below that (ResNet-29-8 all
-        channels-last: 1.09x); benchmarks/NOTES.md. On CUDA the whole network runs channels-last (min_width=1).
+    def to_channels_last(self, min_width: int = 1, narrow_convolutions: bool = True) -> "IterResNet":
+        """Runs every stage at least `min_width` wide channels-last (its kernels stored NHWC, its activations
+        NHWC), and the convolutions of the narrower ones NHWC on NCHW activations (`narrow_convolutions`; off:
+        those stay NCHW); returns self. The values do not change. On the CPU oneDNN's NHWC convolutions are much
+        faster than its NCHW ones (8 channels at 32 x 32, forward + backward: 2.4 vs 9.8 ms), but ATen's
+        channels-last BatchNorm is slow below 16 channels (BN + ReLU at 8 channels: 4.9 vs 2.1 ms): narrow
+        stages keep BatchNorm, ReLU and the residual adds NCHW and convert at each convolution (0.15 ms a copy;
+        ResNet-29-8's step 0.96x -> 0.90x of all-NCHW). benchmarks/NOTES.md, "Layouts". On CUDA the whole
+        network runs channels-last (min_width=1).
 
-        A transition computes in the layout of the stage before it (the layout of its input: converting its input
-        costs more than converting its output, 8.9 vs 7.5 ms a step for ResNet-29-8's first one) and a channels-last
-        stage makes its input NHWC (Stage.channels_last), so no operation mixes the two layouts."""
-        widths = [self.config["width"] * 2**s for s in range(len(self.stages))]
-        if widths[0] >= min_width:
-            self.stem.to(memory_format=torch.channels_last)
+        Every conversion goes through `to_memory_format`, whose gradient comes back in the layout of its input,
+        and each stage converts its input to the layout of its activations (Stage.memory_format), so no
+        elementwise operation mixes the two layouts (ATen's mixed-layout loops are about 30x slower)."""
+        cl = torch.channels_last
+        wide = [self.config["width"] * 2**s >= min_width for s in range(len(self.stages))]
+        if wide[0]:
+            self.stem.to(memory_format=cl)
         for s, stage in enumerate(self.stages):
-            if widths[s] >= min_width:
-                stage.to(memory_format=torch.channels_last)
-                stage.channels_last = True
-                if s > 0 and widths[s - 1] >= min_width:
-                    self.transitions[s - 1].to(memory_format=torch.channels_last)
+            transition = self.transitions[s - 1] if s > 0 else None
+            if wide[s]:
+                stage.to(memory_format=cl)
+                stage.memory_format = cl
+            else:
+                stage.memory_format = torch.contiguous_format
+                for block in stage.blocks if narrow_convolutions else ():
+                    block.conv1.to(memory_format=cl)
+                    block.conv2.to(memory_format=cl)
+                    block.nhwc_convs = True
+            if transition is not None:  # BN and ReLU in the layout of the stage before, the convolution NHWC
+                if wide[s - 1]:
+                    transition.to(memory_format=cl)
+                elif wide[s] or narrow_convolutions:
+                    transition[2].to(memory_format=cl)
+                    transition.nhwc_conv = True
         return self
 
     def coupling_groups(self) -> list[list[nn.Parameter]]:

@@ -2,17 +2,17 @@
 (per layer, or batched over a whole model) and soft gradient coupling of same-shaped blocks. Builds on ops.
 
 Files: `geometry` (a layer's linear map and the power steps of same-geometry groups), `parametrization`
-(`spectral_norm`), `batched` (`BatchedSpectralNorm`), `coupling` (`GradientCoupler`), `pooling`
-(`GlobalAvgPool2d`: a head's pooling that keeps channels-last gradients channels-last).
+(`spectral_norm`), `batched` (`BatchedSpectralNorm`), `coupling` (`GradientCoupler`), `layouts`
+(`to_memory_format`, `GlobalAvgPool2d`: layout changes and pooling whose gradients keep the forward's layout).
 """
 
 from .batched import BatchedSpectralNorm
 from .coupling import GradientCoupler, groups_from_blocks
 from .geometry import MODES, LayerGeometry, gram_sigmas, layer_geometry, supported_layer
 from .parametrization import SpectralNorm, spectral_norm
-from .pooling import GlobalAvgPool2d
+from .layouts import GlobalAvgPool2d, to_memory_format
 from ..ops.spectral import gram_bound_nd
 
 __all__ = ["MODES", "SpectralNorm", "spectral_norm", "BatchedSpectralNorm", "supported_layer", "layer_geometry",
            "LayerGeometry", "gram_sigmas", "gram_bound_nd", "GradientCoupler", "groups_from_blocks",
-           "GlobalAvgPool2d"]
+           "GlobalAvgPool2d", "to_memory_format"]
