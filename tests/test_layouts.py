@@ -43,11 +43,13 @@ class MixedLayouts(TorchDispatchMode):
 
 @pytest.mark.parametrize("sn_mu", [None, 0.95])
 @pytest.mark.parametrize("min_width, narrow_convolutions", [(16, True), (16, False), (32, True), (1, True), (64, True)])
-def test_a_training_step_with_channels_last_stages_mixes_no_layouts(sn_mu, min_width, narrow_convolutions):
+@pytest.mark.parametrize("batch", ["1 channel", "3 channels, NHWC"])  # Digitclutter; CIFAR's augmented batches
+def test_a_training_step_with_channels_last_stages_mixes_no_layouts(sn_mu, min_width, narrow_convolutions, batch):
     torch.manual_seed(0)
-    model = IterResNet(10, 1, width=8, blocks=2, stages=3, input_size=32, sn_mu=sn_mu).train()
+    channels = 1 if batch == "1 channel" else 3
+    model = IterResNet(10, channels, width=8, blocks=2, stages=3, input_size=32, sn_mu=sn_mu).train()
     model.to_channels_last(min_width=min_width, narrow_convolutions=narrow_convolutions)
-    x, y = torch.randn(6, 1, 32, 32), torch.randint(0, 10, (6,))
+    x, y = torch.randn(6, channels, 32, 32).contiguous(memory_format=CL), torch.randint(0, 10, (6,))
     with MixedLayouts(6) as mode:
         torch.nn.functional.cross_entropy(model(x), y).backward()
     assert mode.mixed == []
