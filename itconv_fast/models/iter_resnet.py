@@ -20,7 +20,7 @@ from torch import nn
 from ..io.checkpoint import CheckpointError, load_checkpoint_state
 from ..nn.coupling import groups_from_blocks
 from ..nn.layouts import GlobalAvgPool2d, to_memory_format
-from .stage_spectral_norm import StageSpectralNorm, bn_scale, check_mu
+from .stage_spectral_norm import StageSpectralNorm, check_mu, stacked_bn_scales
 
 __all__ = ["IterResNet", "Stage", "Block", "Transition", "load_checkpoint", "INITS"]
 
@@ -90,16 +90,7 @@ class Stage(nn.Module):
         b = self.blocks
         conv1 = torch.stack([x.conv1.weight for x in b])
         conv2 = torch.stack([x.conv2.weight for x in b])
-        return conv1, conv2, self._bn_scales([x.bn1 for x in b]), self._bn_scales([x.bn2 for x in b])
-
-    @staticmethod
-    def _bn_scales(norms) -> torch.Tensor:
-        """[T, C]: every block's BN scale gamma / sqrt(running_var + eps), as one operation on stacked values
-        (not T: a step's autograd graph is a few nodes shorter per stage, which shows at small widths)."""
-        eps = norms[0].eps
-        if any(n.eps != eps for n in norms):
-            return torch.stack([bn_scale(n.weight, n.running_var, n.eps) for n in norms])
-        return bn_scale(torch.stack([n.weight for n in norms]), torch.stack([n.running_var for n in norms]), eps)
+        return conv1, conv2, stacked_bn_scales([x.bn1 for x in b]), stacked_bn_scales([x.bn2 for x in b])
 
     def _state_key(self):
         tensors = [t for x in self.blocks for t in (x.conv1.weight, x.conv2.weight, x.bn1.weight, x.bn2.weight,
@@ -286,10 +277,11 @@ class IterResNet(nn.Module):
                 stage.memory_format = cl
             else:
                 stage.memory_format = torch.contiguous_format
-                for block in stage.blocks if narrow_convolutions else ():
-                    block.conv1.to(memory_format=cl)
-                    block.conv2.to(memory_format=cl)
-                    block.nhwc_convs = True
+                if narrow_convolutions:
+                    for block in stage.blocks:
+                        block.conv1.to(memory_format=cl)
+                        block.conv2.to(memory_format=cl)
+                        block.nhwc_convs = True
             if transition is not None:  # BN and ReLU in the layout of the stage before, the convolution NHWC
                 if wide[s - 1]:
                     transition.to(memory_format=cl)

@@ -37,6 +37,16 @@ def bn_scale(weight: torch.Tensor, running_var: torch.Tensor, eps: float) -> tor
     return weight / torch.sqrt(running_var + eps)
 
 
+def stacked_bn_scales(norms) -> torch.Tensor:
+    """[T, C]: every BatchNorm's scale gamma / sqrt(running_var + eps), as one operation on stacked values
+    when they share eps (not T: a step's autograd graph is a few nodes shorter per stage, which shows at small
+    widths)."""
+    eps = norms[0].eps
+    if any(n.eps != eps for n in norms):
+        return torch.stack([bn_scale(n.weight, n.running_var, n.eps) for n in norms])
+    return bn_scale(torch.stack([n.weight for n in norms]), torch.stack([n.running_var for n in norms]), eps)
+
+
 def fold_batchnorm(conv1: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
     """K'[t, o, i] = d2[t, o] * K1[t, o, i] * d1[t, i] for stacked kernels [T, C_out, C_in, kh, kw]."""
     return d2[:, :, None, None, None] * conv1 * d1[:, None, :, None, None]
@@ -196,9 +206,8 @@ class StageSpectralNorm(nn.Module):
         eps = bn1[0].eps
         if self.mode == "gram" or any(n.eps != eps for n in list(bn1) + list(bn2)):
             k2 = torch.stack([m.weight for m in conv2])
-            bounds = self.bounds(torch.stack([m.weight for m in conv1]), k2,
-                                 torch.stack([bn_scale(n.weight, n.running_var, n.eps) for n in bn1]),
-                                 torch.stack([bn_scale(n.weight, n.running_var, n.eps) for n in bn2]), update=update)
+            bounds = self.bounds(torch.stack([m.weight for m in conv1]), k2, stacked_bn_scales(bn1),
+                                 stacked_bn_scales(bn2), update=update)
             c = torch.clamp(bounds / self.mu, min=1.0)
             return k2 / c.to(k2.dtype).view(-1, 1, 1, 1, 1), c
         params = [m.weight for group in (conv1, conv2, bn1, bn2) for m in group]

@@ -9,8 +9,8 @@ Files: `geometry` (a layer's linear map and the power steps of same-geometry gro
 from .batched import BatchedSpectralNorm
 from .coupling import GradientCoupler, groups_from_blocks
 from .geometry import MODES, LayerGeometry, gram_sigmas, layer_geometry, supported_layer
-from .parametrization import SpectralNorm, spectral_norm
 from .layouts import GlobalAvgPool2d, to_memory_format
+from .parametrization import SpectralNorm, spectral_norm
 from ..ops.spectral import gram_bound_nd
 
 __all__ = ["MODES", "SpectralNorm", "spectral_norm", "BatchedSpectralNorm", "supported_layer", "layer_geometry",
