@@ -132,7 +132,8 @@ def test_channels_last_stages_compute_the_same_network(sn_mu, min_width, narrow_
         stage, conv = fast.stages[s], fast.stages[s].blocks[0].conv1.weight
         if width >= min_width:  # a channels-last stage
             assert stage.memory_format == cl and conv.is_contiguous(memory_format=cl)
-            assert stage.blocks[0].bn1.weight.is_contiguous() and not stage.blocks[0].nhwc_convs
+            assert stage.blocks[-1].conv2.weight.is_contiguous(memory_format=cl)
+            assert not stage.blocks[0].nhwc_convs  # NHWC activations already: nothing to convert
         else:  # a narrow one: NCHW activations; NHWC convolutions when asked
             assert stage.memory_format == torch.contiguous_format
             assert stage.blocks[0].nhwc_convs == narrow_convolutions
