@@ -23,10 +23,13 @@ def layout(t: torch.Tensor) -> str:
 
 
 class MixedLayouts(TorchDispatchMode):
-    """Records the elementwise operations whose activation operands (4-D, batch `n`) differ in layout."""
+    """Records the elementwise operations whose activation operands (4-D, batch `n`) differ in layout (the fused
+    BatchNorm + ReLU's backward too: it would copy its gradient into the input's layout first)."""
 
     OPS = {torch.ops.aten.threshold_backward.default, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor,
            torch.ops.aten.mul.Tensor, torch.ops.aten.relu.default, torch.ops.aten.clamp_min.default}
+    if hasattr(torch.ops.itconv_fast, "batch_norm_relu_backward"):
+        OPS.add(torch.ops.itconv_fast.batch_norm_relu_backward.default)
 
     def __init__(self, n: int) -> None:
         super().__init__()
@@ -73,7 +76,7 @@ def test_the_recorder_sees_a_mixed_layout_relu_backward(regression, monkeypatch)
         model.head[2] = torch.nn.AdaptiveAvgPool2d(1)
     with MixedLayouts(6) as mode:
         model(torch.randn(6, 1, 32, 32)).sum().backward()
-    assert any("threshold_backward" in op for op, _, _ in mode.mixed)
+    assert any("threshold_backward" in op or "batch_norm_relu_backward" in op for op, _, _ in mode.mixed)
 
 
 def test_channels_last_stages_take_an_nchw_input():

@@ -1,8 +1,8 @@
 """The baseline of `itconv-fast bench train`: the paper's ResNet trained by the loop a researcher writes in plain
 PyTorch, without coupling or spectral normalization. It shares only what a fair comparison must share with
-`itconv-fast train`: the network (IterResNet, ordinary initialisation), the data pipeline (datasets.batches),
-the optimizer and schedule (SGD with momentum 0.9, linear warm-up then cosine decay per step, lr scaled with
-the batch size) and bf16 autocast with channels_last on CUDA. It logs what such a loop logs (mean loss and
+`itconv-fast train`: the network (IterResNet, ordinary initialisation, its BatchNorm + ReLU as ATen's two ops
+rather than our fused kernel), the data pipeline (datasets.batches), the optimizer and schedule (SGD with
+momentum 0.9, linear warm-up then cosine decay per step, lr scaled with the batch size) and bf16 autocast with channels_last on CUDA. It logs what such a loop logs (mean loss and
 error per epoch) and evaluates on the test split after every epoch, like ours; it writes no checkpoints.
 
 `bench train` runs it in a process of its own, as a researcher's script runs (with the C library's default
@@ -35,8 +35,9 @@ def plain_epochs(task: datasets.Task, *, width: int, blocks: int, stages: int = 
     seconds (training pass and evaluation) and train_seconds (the training pass alone)."""
     device = torch.device(device)
     torch.manual_seed(seed)
+    # BatchNorm + ReLU as ATen's two ops, as in a model written in plain PyTorch (not our fused kernel).
     model = IterResNet(task.num_classes, task.in_channels, width=width, blocks=blocks, stages=stages,
-                       input_size=task.train.images.shape[-1]).to(device)
+                       input_size=task.train.images.shape[-1]).fuse_bn_relu(False).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr * batch_size / 128, momentum=0.9, weight_decay=weight_decay)

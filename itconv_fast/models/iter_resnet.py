@@ -20,6 +20,7 @@ from torch import nn
 from ..io.checkpoint import CheckpointError, load_checkpoint_state
 from ..nn.coupling import groups_from_blocks
 from ..nn.layouts import GlobalAvgPool2d, to_memory_format
+from ..nn.norm import batch_norm_relu
 from .stage_spectral_norm import StageSpectralNorm, check_mu, stacked_bn_scales
 
 __all__ = ["IterResNet", "Stage", "Block", "Transition", "load_checkpoint", "INITS"]
@@ -29,6 +30,10 @@ INITS = ("nonrecurrent", "recurrent")
 
 def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+
+
+def _bn_relu(bn: nn.BatchNorm2d, z: torch.Tensor, fused: bool) -> torch.Tensor:
+    return batch_norm_relu(bn, z) if fused else torch.relu(bn(z))
 
 
 class Block(nn.Module):
@@ -43,6 +48,7 @@ class Block(nn.Module):
         self._stage = None  # weak reference to the owning stage (for the spectral correction)
         self.index = 0
         self.nhwc_convs = False  # NCHW activations, NHWC convolutions (IterResNet.to_channels_last)
+        self.fused_bn_relu = True  # BN + ReLU in one kernel (IterResNet.fuse_bn_relu)
 
     def f(self, z: torch.Tensor, correction: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The residual function; with `correction` c, f(z) / c. Dividing conv2's (bias-free) kernel by c
@@ -53,7 +59,8 @@ class Block(nn.Module):
 
     def f_with_conv2(self, z: torch.Tensor, conv2_weight: torch.Tensor) -> torch.Tensor:
         """f(z) with conv2's kernel replaced by `conv2_weight` (its spectrally corrected kernel)."""
-        h = torch.relu(self.bn2(self._from_conv(self.conv1(self._to_conv(torch.relu(self.bn1(z)))))))
+        h = _bn_relu(self.bn2, self._from_conv(self.conv1(self._to_conv(_bn_relu(self.bn1, z, self.fused_bn_relu)))),
+                     self.fused_bn_relu)
         return self._from_conv(nn.functional.conv2d(self._to_conv(h), conv2_weight, padding=self.conv2.padding))
 
     def _to_conv(self, h: torch.Tensor) -> torch.Tensor:
@@ -173,9 +180,10 @@ class Transition(nn.Sequential):
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__(nn.BatchNorm2d(c_in), nn.ReLU(), _conv3x3(c_in, c_out, stride=2))
         self.nhwc_conv = False  # NCHW input, NHWC convolution (IterResNet.to_channels_last)
+        self.fused_bn_relu = True  # self[1], the ReLU, fused into the BatchNorm (IterResNet.fuse_bn_relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self[1](self[0](x))
+        h = _bn_relu(self[0], x, self.fused_bn_relu)
         return self[2](to_memory_format(h, torch.channels_last) if self.nhwc_conv else h)
 
 
@@ -288,6 +296,15 @@ class IterResNet(nn.Module):
                 elif wide[s] or narrow_convolutions:
                     transition[2].to(memory_format=cl)
                     transition.nhwc_conv = True
+        return self
+
+    def fuse_bn_relu(self, enabled: bool = True) -> "IterResNet":
+        """Runs each block's and transition's BatchNorm + ReLU as one kernel (itconv_fast.nn.batch_norm_relu; on
+        by default) or, with enabled=False, as ATen's two ops, the way a model written in plain PyTorch runs them
+        (the baseline of `bench train`); returns self. The values agree to float rounding."""
+        for module in self.modules():
+            if isinstance(module, (Block, Transition)):
+                module.fused_bn_relu = bool(enabled)
         return self
 
     def coupling_groups(self) -> list[list[nn.Parameter]]:

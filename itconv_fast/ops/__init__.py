@@ -8,6 +8,7 @@ with one warning per op and process.
 """
 
 from ._extension import extension_loaded
+from .batch_norm import batch_norm_relu
 from .coupling import COUPLING_KERNELS, soft_couple_
 from .spectral import SPECTRAL_MODES, batched_spectral_norm, gram_bound_nd, gram_spectral_bound, init_power_vector
 
@@ -20,4 +21,5 @@ __all__ = [
     "gram_bound_nd",
     "init_power_vector",
     "SPECTRAL_MODES",
+    "batch_norm_relu",
 ]

@@ -160,3 +160,59 @@ def gram_spectral_bound(weight: torch.Tensor, n_iter: int = 6) -> torch.Tensor:
     power = 2.0 ** (-n_iter)
     row_sums = g.abs().sum(dim=(2, 3, 4))  # [B, C]
     return (row_sums.pow(power) * torch.exp(log_scale * power).unsqueeze(1)).amax(dim=1)
+
+
+def _bn_acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _bn_layout(x: torch.Tensor) -> torch.memory_format:
+    """The layout the fused BatchNorm + ReLU writes: channels-last for a channels-last 4-D input, else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _bn_coefficients(mean, invstd, weight, bias):
+    """The normalisation's affine form out = relu(x a + b), as the kernels compute it (batch_norm_relu.h)."""
+    a = invstd * weight.to(invstd.dtype)
+    return a, bias.to(invstd.dtype) - mean * a
+
+
+def batch_norm_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
+                    running_var: torch.Tensor, momentum: float, eps: float):
+    """Training-mode BatchNorm followed by ReLU: (out, batch mean, batch 1 / sqrt(var + eps), new running mean,
+    new running variance); the running statistics move by `momentum` towards the batch's (unbiased variance)."""
+    acc = _bn_acc(input.dtype)
+    dims = [0] + list(range(2, input.dim()))
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    x = input.to(acc)
+    m = input.numel() // max(input.shape[1], 1)
+    mean = x.double().mean(dims).to(acc)
+    var = (x - mean.view(shape)).square().double().sum(dims) / m
+    invstd = (1.0 / torch.sqrt(var + eps)).to(acc)
+    a, b = _bn_coefficients(mean, invstd, weight, bias)
+    out = torch.relu(x * a.view(shape) + b.view(shape)).to(input.dtype).contiguous(memory_format=_bn_layout(input))
+    new_mean = momentum * mean.to(running_mean.dtype) + (1.0 - momentum) * running_mean
+    new_var = momentum * (var * m / (m - 1)).to(running_var.dtype) + (1.0 - momentum) * running_var
+    return out, mean, invstd, new_mean, new_var
+
+
+def batch_norm_relu_backward(grad_out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                             save_mean: torch.Tensor, save_invstd: torch.Tensor):
+    """Gradients (input, weight, bias) of batch_norm_relu; ReLU's mask recomputed from the input as the kernels do
+    (the forward's output x a + b, rounded to the input's dtype, > 0)."""
+    acc = _bn_acc(input.dtype)
+    dims = [0] + list(range(2, input.dim()))
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    m = input.numel() // max(input.shape[1], 1)
+    x = input.to(acc)
+    a, b = _bn_coefficients(save_mean, save_invstd, weight, bias)
+    passes = (x * a.view(shape) + b.view(shape)).to(input.dtype).to(acc) > 0
+    g = torch.where(passes, grad_out.to(acc), torch.zeros((), dtype=acc, device=input.device))
+    centered = x - save_mean.view(shape)
+    sum_g, sum_gx = g.double().sum(dims), (g * centered).double().sum(dims)
+    k = (sum_gx / m).to(acc) * save_invstd * save_invstd
+    dx = ((g - (sum_g / m).to(acc).view(shape)) - centered * k.view(shape)) * (save_invstd * weight.to(acc)).view(shape)
+    grad_input = dx.to(input.dtype).contiguous(memory_format=_bn_layout(input))
+    return grad_input, (sum_gx.to(acc) * save_invstd).to(weight.dtype), sum_g.to(acc).to(weight.dtype)

@@ -21,9 +21,12 @@
 #endif
 
 // Helpers of a cloned function must be inlined into it: an out-of-line helper is compiled once, for
-// the baseline ISA, whichever clone calls it.
+// the baseline ISA, whichever clone calls it. The same holds for a lambda's body (ITCONV_LAMBDA_INLINE goes
+// after its parameter list).
 #if defined(__GNUC__)
 #define ITCONV_ALWAYS_INLINE inline __attribute__((always_inline))
+#define ITCONV_LAMBDA_INLINE __attribute__((always_inline))
 #else
 #define ITCONV_ALWAYS_INLINE inline
+#define ITCONV_LAMBDA_INLINE
 #endif

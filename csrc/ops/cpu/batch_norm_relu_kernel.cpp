@@ -1,0 +1,412 @@
+// CPU kernels of the fused BatchNorm + ReLU (training mode; formulas in ../batch_norm_relu.h).
+//
+// Why fused: in ATen a pre-activation block's BN + ReLU is four passes forward (two reductions, the
+// normalisation, the ReLU) and three backward (ReLU's mask, BN's reduction, BN's gradient); here the
+// ReLU rides on the normalisation and its mask on BN's backward passes, one pass over the activations
+// less each way and no intermediate tensor (benchmarks/NOTES.md, "Fused BatchNorm + ReLU").
+//
+// Layouts: channels-last 4-D tensors are read as [M, C] rows (the loops vectorise over the channels),
+// contiguous ones as [N, C, S] planes (over the plane). Reductions are blocked: float within a block of
+// rows (or a piece of a plane), double across blocks, combined in block order, so results do not depend
+// on the number of threads. FMA stays off (-ffp-contract=off) as in every kernel of ours.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../batch_norm_relu.h"
+#include "cpu_clones.h"
+
+namespace itconv_fast {
+namespace batch_norm_relu {
+namespace {
+
+constexpr int kLanes = 32;  // independent partial sums of a plane reduction (vectorisable without reassociation)
+
+// ---- row layout [M, C] ----
+//
+// Channels go in tiles of T = 16, 8, 4 or 1 (a compile-time width, so a tile's accumulators and coefficients
+// sit in vector registers) and, inside a tile, the loop runs down the rows of a block (at most
+// kRowBlockElements values, L1-resident while the tiles re-read it). With the channel count known only at run
+// time, a plain loop over each row's C values ran at half this speed (C = 16) or a third (C = 8).
+
+template <typename F>
+ITCONV_ALWAYS_INLINE void for_channel_tiles(int64_t C, F&& tile) {
+  int64_t c0 = 0;
+  for (; c0 + 16 <= C; c0 += 16) tile(std::integral_constant<int, 16>{}, c0);
+  for (; c0 + 8 <= C; c0 += 8) tile(std::integral_constant<int, 8>{}, c0);
+  for (; c0 + 4 <= C; c0 += 4) tile(std::integral_constant<int, 4>{}, c0);
+  for (; c0 < C; ++c0) tile(std::integral_constant<int, 1>{}, c0);
+}
+
+// part[c] += sum over rows [r0, r1) of x[m, c] - center[c], squared when kSquare (center == nullptr: 0).
+template <bool kSquare, typename scalar_t, typename acc_t>
+ITCONV_CPU_CLONES void rows_sum(const scalar_t* x, int64_t r0, int64_t r1, int64_t C, const acc_t* center, acc_t* part) {
+  for_channel_tiles(C, [&](auto width, int64_t c0) ITCONV_LAMBDA_INLINE {
+    constexpr int T = decltype(width)::value;
+    acc_t acc[T] = {}, ctr[T] = {};
+    if (center != nullptr)
+      for (int j = 0; j < T; ++j) ctr[j] = center[c0 + j];
+    for (int64_t m = r0; m < r1; ++m) {
+      const scalar_t* row = x + m * C + c0;
+#pragma omp simd
+      for (int j = 0; j < T; ++j) {
+        const acc_t d = static_cast<acc_t>(row[j]) - ctr[j];
+        acc[j] = acc[j] + (kSquare ? d * d : d);
+      }
+    }
+    for (int j = 0; j < T; ++j) part[c0 + j] = part[c0 + j] + acc[j];
+  });
+}
+
+// part[c] += g, part[C + c] += g (x - mean_c), g = dy where the forward's output was > 0.
+template <typename scalar_t, typename acc_t>
+ITCONV_CPU_CLONES void rows_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t r0, int64_t r1, int64_t C,
+                                      const acc_t* mean, const acc_t* a, const acc_t* b, acc_t* part) {
+  for_channel_tiles(C, [&](auto width, int64_t c0) ITCONV_LAMBDA_INLINE {
+    constexpr int T = decltype(width)::value;
+    acc_t sg[T] = {}, sgx[T] = {}, mu[T], at[T], bt[T];
+    for (int j = 0; j < T; ++j) mu[j] = mean[c0 + j], at[j] = a[c0 + j], bt[j] = b[c0 + j];
+    for (int64_t m = r0; m < r1; ++m) {
+      const int64_t o = m * C + c0;
+#pragma omp simd
+      for (int j = 0; j < T; ++j) {
+        const acc_t g = passes_relu<scalar_t, acc_t>(x[o + j], at[j], bt[j]) ? static_cast<acc_t>(dy[o + j]) : acc_t(0);
+        sg[j] = sg[j] + g;
+        sgx[j] = sgx[j] + g * (static_cast<acc_t>(x[o + j]) - mu[j]);
+      }
+    }
+    for (int j = 0; j < T; ++j) {
+      part[c0 + j] = part[c0 + j] + sg[j];
+      part[C + c0 + j] = part[C + c0 + j] + sgx[j];
+    }
+  });
+}
+
+// out = max(x a_c + b_c, 0) for rows [r0, r1) (NaN passes through, as torch.relu's).
+template <typename scalar_t, typename acc_t>
+ITCONV_CPU_CLONES void rows_normalize_relu(const scalar_t* x, scalar_t* out, int64_t r0, int64_t r1, int64_t C,
+                                           const acc_t* a, const acc_t* b) {
+  for_channel_tiles(C, [&](auto width, int64_t c0) ITCONV_LAMBDA_INLINE {
+    constexpr int T = decltype(width)::value;
+    acc_t at[T], bt[T];
+    for (int j = 0; j < T; ++j) at[j] = a[c0 + j], bt[j] = b[c0 + j];
+    for (int64_t m = r0; m < r1; ++m) {
+      const int64_t o = m * C + c0;
+#pragma omp simd
+      for (int j = 0; j < T; ++j) {
+        const acc_t v = static_cast<acc_t>(x[o + j]) * at[j] + bt[j];
+        out[o + j] = static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);
+      }
+    }
+  });
+}
+
+// dx = ((g - gm_c) - (x - mean_c) k_c) w_c.
+template <typename scalar_t, typename acc_t>
+ITCONV_CPU_CLONES void rows_grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t r0, int64_t r1,
+                                       int64_t C, const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* gm,
+                                       const acc_t* k, const acc_t* w) {
+  for_channel_tiles(C, [&](auto width, int64_t c0) ITCONV_LAMBDA_INLINE {
+    constexpr int T = decltype(width)::value;
+    acc_t mu[T], at[T], bt[T], gmt[T], kt[T], wt[T];
+    for (int j = 0; j < T; ++j) {
+      mu[j] = mean[c0 + j], at[j] = a[c0 + j], bt[j] = b[c0 + j];
+      gmt[j] = gm[c0 + j], kt[j] = k[c0 + j], wt[j] = w[c0 + j];
+    }
+    for (int64_t m = r0; m < r1; ++m) {
+      const int64_t o = m * C + c0;
+#pragma omp simd
+      for (int j = 0; j < T; ++j) {
+        const acc_t g = passes_relu<scalar_t, acc_t>(x[o + j], at[j], bt[j]) ? static_cast<acc_t>(dy[o + j]) : acc_t(0);
+        dx[o + j] = static_cast<scalar_t>(((g - gmt[j]) - (static_cast<acc_t>(x[o + j]) - mu[j]) * kt[j]) * wt[j]);
+      }
+    }
+  });
+}
+
+// ---- plane layout [N, C, S]: one channel's S values of one sample, contiguous ----
+
+template <typename acc_t>
+ITCONV_ALWAYS_INLINE acc_t fold_lanes(acc_t* part) {
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) part[j] = part[j] + part[j + width];
+  }
+  return part[0];
+}
+
+// sum over the plane of (x - center) (squared when `square`), float within pieces of kRowBlockElements.
+template <bool kSquare, typename scalar_t, typename acc_t>
+ITCONV_CPU_CLONES double plane_sum(const scalar_t* x, int64_t S, acc_t center) {
+  double total = 0;
+  for (int64_t p0 = 0; p0 < S; p0 += kRowBlockElements) {
+    const int64_t n = std::min(S - p0, kRowBlockElements);
+    const scalar_t* xp = x + p0;
+    acc_t part[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const acc_t d = static_cast<acc_t>(xp[i + j]) - center;
+        part[j] = part[j] + (kSquare ? d * d : d);
+      }
+    }
+    for (int j = 0; i + j < n; ++j) {
+      const acc_t d = static_cast<acc_t>(xp[i + j]) - center;
+      part[j] = part[j] + (kSquare ? d * d : d);
+    }
+    total += static_cast<double>(fold_lanes(part));
+  }
+  return total;
+}
+
+template <typename scalar_t, typename acc_t>
+ITCONV_CPU_CLONES void plane_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t S, acc_t mean, acc_t a, acc_t b,
+                                       double* sums) {
+  for (int64_t p0 = 0; p0 < S; p0 += kRowBlockElements) {
+    const int64_t n = std::min(S - p0, kRowBlockElements);
+    const scalar_t *dyp = dy + p0, *xp = x + p0;
+    acc_t pg[kLanes] = {}, pgx[kLanes] = {};
+    auto add = [&](int j, int64_t e) ITCONV_LAMBDA_INLINE {
+      const acc_t g = passes_relu<scalar_t, acc_t>(xp[e], a, b) ? static_cast<acc_t>(dyp[e]) : acc_t(0);
+      pg[j] = pg[j] + g;
+      pgx[j] = pgx[j] + g * (static_cast<acc_t>(xp[e]) - mean);
+    };
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) add(j, i + j);
+    for (int j = 0; i + j < n; ++j) add(j, i + j);
+    sums[0] += static_cast<double>(fold_lanes(pg));
+    sums[1] += static_cast<double>(fold_lanes(pgx));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+ITCONV_CPU_CLONES void plane_normalize_relu(const scalar_t* x, scalar_t* out, int64_t S, acc_t a, acc_t b) {
+  for (int64_t i = 0; i < S; ++i) {
+    const acc_t v = static_cast<acc_t>(x[i]) * a + b;
+    out[i] = static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+ITCONV_CPU_CLONES void plane_grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t S, acc_t mean,
+                                        acc_t a, acc_t b, acc_t gm, acc_t k, acc_t w) {
+  for (int64_t i = 0; i < S; ++i) {
+    const acc_t g = passes_relu<scalar_t, acc_t>(x[i], a, b) ? static_cast<acc_t>(dy[i]) : acc_t(0);
+    dx[i] = static_cast<scalar_t>(((g - gm) - (static_cast<acc_t>(x[i]) - mean) * k) * w);
+  }
+}
+
+// ---- drivers ----
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+struct Shape {
+  int64_t N, C, S, M;
+  bool rows;  // channels-last [M, C]; else planes [N, C, S]
+};
+
+Shape shape_of(const at::Tensor& x) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t S = C == 0 || N == 0 ? 0 : x.numel() / (N * C);
+  return {N, C, S, N * S, is_channels_last(x)};
+}
+
+int64_t rows_per_block(int64_t C) { return std::max<int64_t>(1, kRowBlockElements / std::max<int64_t>(C, 1)); }
+
+// K per-channel sums over the batch, in double: row blocks (or planes) in parallel into `partial`, then
+// summed in order per channel. `rows_fn(r0, r1, acc_t* part /*K*C*/)` and `plane_fn(n, c, double* sums /*K*/)`.
+template <int K, typename acc_t, typename RowsFn, typename PlaneFn>
+std::vector<double> channel_sums(const Shape& s, RowsFn&& rows_fn, PlaneFn&& plane_fn) {
+  const int64_t C = s.C;
+  std::vector<double> total(static_cast<size_t>(K * C), 0.0);
+  if (s.rows) {
+    const int64_t R = rows_per_block(C), blocks = (s.M + R - 1) / R;
+    std::vector<double> partial(static_cast<size_t>(blocks * K * C));
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> part(static_cast<size_t>(K * C));
+      for (int64_t b = b0; b < b1; ++b) {
+        std::fill(part.begin(), part.end(), acc_t(0));
+        rows_fn(b * R, std::min(s.M, (b + 1) * R), part.data());
+        std::copy(part.begin(), part.end(), partial.begin() + b * K * C);
+      }
+    });
+    at::parallel_for(0, K * C, 256, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        double sum = 0;
+        for (int64_t b = 0; b < blocks; ++b) sum += partial[b * K * C + i];
+        total[i] = sum;
+      }
+    });
+  } else {
+    std::vector<double> partial(static_cast<size_t>(s.N * C * K), 0.0);
+    at::parallel_for(0, s.N * C, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) plane_fn(p / C, p % C, partial.data() + p * K);
+    });
+    for (int64_t n = 0; n < s.N; ++n)
+      for (int64_t c = 0; c < C; ++c)
+        for (int k = 0; k < K; ++k) total[k * C + c] += partial[(n * C + c) * K + k];
+  }
+  return total;
+}
+
+// Elementwise pass: rows_fn(r0, r1) over row ranges, or plane_fn(n, c) per plane.
+template <typename RowsFn, typename PlaneFn>
+void elementwise(const Shape& s, RowsFn&& rows_fn, PlaneFn&& plane_fn) {
+  if (s.rows) {
+    const int64_t R = rows_per_block(s.C);
+    at::parallel_for(0, s.M, R, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; r += R) rows_fn(r, std::min(r1, r + R));
+    });
+  } else {
+    at::parallel_for(0, s.N * s.C, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) plane_fn(p / s.C, p % s.C);
+    });
+  }
+}
+
+Outputs batch_norm_relu_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                            const at::Tensor& running_mean, const at::Tensor& running_var, double momentum, double eps) {
+  check_forward(input, weight, bias, running_mean, running_var, momentum, eps);
+  const at::Tensor x = in_kernel_layout(input);
+  const Shape s = shape_of(x);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(layout_of(x)));
+  const auto stat_dtype = param_dtype_for(x.scalar_type());
+  at::Tensor save_mean = at::empty({s.C}, x.options().dtype(stat_dtype));
+  at::Tensor save_invstd = at::empty({s.C}, x.options().dtype(stat_dtype));
+  at::Tensor new_mean = at::empty({s.C}, running_mean.options()), new_var = at::empty({s.C}, running_var.options());
+  if (s.C == 0) return {out, save_mean, save_invstd, new_mean, new_var};
+  const at::Tensor w = weight.contiguous().to(stat_dtype), b = bias.contiguous().to(stat_dtype);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xd = x.const_data_ptr<scalar_t>();
+    const int64_t C = s.C, S = s.S;
+    const double M = static_cast<double>(s.M);
+    const auto sum = channel_sums<1, acc_t>(
+        s, [&](int64_t r0, int64_t r1, acc_t* part) { rows_sum<false, scalar_t, acc_t>(xd, r0, r1, C, nullptr, part); },
+        [&](int64_t n, int64_t c, double* sums) { sums[0] = plane_sum<false, scalar_t, acc_t>(xd + (n * C + c) * S, S, acc_t(0)); });
+    std::vector<acc_t> mean(C), a(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<acc_t>(sum[c] / M);
+    const auto sq = channel_sums<1, acc_t>(
+        s, [&](int64_t r0, int64_t r1, acc_t* part) { rows_sum<true, scalar_t, acc_t>(xd, r0, r1, C, mean.data(), part); },
+        [&](int64_t n, int64_t c, double* sums) { sums[0] = plane_sum<true, scalar_t, acc_t>(xd + (n * C + c) * S, S, mean[c]); });
+    acc_t* sm = save_mean.mutable_data_ptr<acc_t>();
+    acc_t* si = save_invstd.mutable_data_ptr<acc_t>();
+    const acc_t* wd = w.const_data_ptr<acc_t>();
+    const acc_t* bd = b.const_data_ptr<acc_t>();
+    std::vector<double> unbiased(C);
+    for (int64_t c = 0; c < C; ++c) {
+      sm[c] = mean[c];
+      si[c] = static_cast<acc_t>(1.0 / std::sqrt(sq[c] / M + eps));
+      affine_coefficients(mean[c], si[c], wd[c], bd[c], a[c], shift[c]);
+      unbiased[c] = sq[c] / (M - 1.0);
+    }
+    scalar_t* od = out.mutable_data_ptr<scalar_t>();
+    elementwise(
+        s, [&](int64_t r0, int64_t r1) { rows_normalize_relu<scalar_t, acc_t>(xd, od, r0, r1, C, a.data(), shift.data()); },
+        [&](int64_t n, int64_t c) {
+          const int64_t o = (n * C + c) * S;
+          plane_normalize_relu<scalar_t, acc_t>(xd + o, od + o, S, a[c], shift[c]);
+        });
+    // Running statistics, in their own dtype: momentum * batch + (1 - momentum) * running (ATen's order).
+    AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "batch_norm_relu_running", [&] {
+      const at::Tensor batch_mean = save_mean.to(running_mean.scalar_type());
+      const at::Tensor batch_var = at::tensor(unbiased, at::kDouble).to(running_var.scalar_type());
+      const at::Tensor rm_in = running_mean.contiguous(), rv_in = running_var.contiguous();
+      const scalar_t mom = static_cast<scalar_t>(momentum), keep = static_cast<scalar_t>(1.0 - momentum);
+      const scalar_t* bm = batch_mean.const_data_ptr<scalar_t>();
+      const scalar_t* bv = batch_var.const_data_ptr<scalar_t>();
+      const scalar_t* rm = rm_in.const_data_ptr<scalar_t>();
+      const scalar_t* rv = rv_in.const_data_ptr<scalar_t>();
+      scalar_t* nm = new_mean.mutable_data_ptr<scalar_t>();
+      scalar_t* nv = new_var.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        nm[c] = mom * bm[c] + keep * rm[c];
+        nv[c] = mom * bv[c] + keep * rv[c];
+      }
+    });
+  });
+  return {out, save_mean, save_invstd, new_mean, new_var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(const at::Tensor& grad_out,
+                                                                            const at::Tensor& input,
+                                                                            const at::Tensor& weight,
+                                                                            const at::Tensor& bias,
+                                                                            const at::Tensor& save_mean,
+                                                                            const at::Tensor& save_invstd) {
+  check_backward(grad_out, input, weight, bias, save_mean, save_invstd);
+  const at::Tensor x = in_kernel_layout(input);
+  const auto fmt = layout_of(x);
+  const at::Tensor dy = grad_out.contiguous(fmt);
+  const Shape s = shape_of(x);
+  const auto stat_dtype = param_dtype_for(x.scalar_type());
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
+  at::Tensor grad_weight = at::empty({s.C}, weight.options());
+  at::Tensor grad_bias = at::empty({s.C}, weight.options());
+  if (s.C == 0) return {dx, grad_weight, grad_bias};
+  const at::Tensor w = weight.contiguous().to(stat_dtype), bb = bias.contiguous().to(stat_dtype),
+                   mean_t = save_mean.contiguous(), invstd_t = save_invstd.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xd = x.const_data_ptr<scalar_t>();
+    const scalar_t* dyd = dy.const_data_ptr<scalar_t>();
+    const acc_t* mean = mean_t.const_data_ptr<acc_t>();
+    const acc_t* invstd = invstd_t.const_data_ptr<acc_t>();
+    const acc_t* wd = w.const_data_ptr<acc_t>();
+    const acc_t* bd = bb.const_data_ptr<acc_t>();
+    const int64_t C = s.C, S = s.S;
+    const double M = static_cast<double>(s.M);
+    std::vector<acc_t> a(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) affine_coefficients(mean[c], invstd[c], wd[c], bd[c], a[c], shift[c]);
+    const auto sums = channel_sums<2, acc_t>(
+        s,
+        [&](int64_t r0, int64_t r1, acc_t* part) {
+          rows_grad_sums<scalar_t, acc_t>(dyd, xd, r0, r1, C, mean, a.data(), shift.data(), part);
+        },
+        [&](int64_t n, int64_t c, double* out_sums) {
+          const int64_t o = (n * C + c) * S;
+          plane_grad_sums<scalar_t, acc_t>(dyd + o, xd + o, S, mean[c], a[c], shift[c], out_sums);
+        });
+    std::vector<acc_t> gm(C), k(C), scale(C), gw(C), gb(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t sum_g = static_cast<acc_t>(sums[c]), sum_gx = static_cast<acc_t>(sums[C + c]);
+      gb[c] = sum_g;
+      gw[c] = sum_gx * invstd[c];
+      gm[c] = static_cast<acc_t>(sums[c] / M);
+      k[c] = static_cast<acc_t>(sums[C + c] / M) * invstd[c] * invstd[c];
+      scale[c] = invstd[c] * wd[c];
+    }
+    scalar_t* dxd = dx.mutable_data_ptr<scalar_t>();
+    elementwise(
+        s,
+        [&](int64_t r0, int64_t r1) {
+          rows_grad_input<scalar_t, acc_t>(dyd, xd, dxd, r0, r1, C, mean, a.data(), shift.data(), gm.data(), k.data(),
+                                           scale.data());
+        },
+        [&](int64_t n, int64_t c) {
+          const int64_t o = (n * C + c) * S;
+          plane_grad_input<scalar_t, acc_t>(dyd + o, xd + o, dxd + o, S, mean[c], a[c], shift[c], gm[c], k[c], scale[c]);
+        });
+    grad_weight.copy_(at::tensor(std::vector<double>(gw.begin(), gw.end()), at::kDouble));
+    grad_bias.copy_(at::tensor(std::vector<double>(gb.begin(), gb.end()), at::kDouble));
+  });
+  return {dx, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(itconv_fast, CPU, m) {
+  m.impl("batch_norm_relu", &batch_norm_relu_cpu);
+  m.impl("batch_norm_relu_backward", &batch_norm_relu_backward_cpu);
+}
+
+}  // namespace batch_norm_relu
+}  // namespace itconv_fast
