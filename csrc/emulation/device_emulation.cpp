@@ -16,12 +16,16 @@
 
 #include "cuda_shim.h"
 
+#include "../ops/batch_norm_relu.h"
 #include "../ops/soft_couple.h"
 #include "../ops/soft_couple_launch.h"
 #include "../ops/spectral_norm.h"
 
 #ifndef ITCONV_SOFT_COUPLE_DEVICE
 #define ITCONV_SOFT_COUPLE_DEVICE "../ops/cuda/soft_couple_device.cuh"
+#endif
+#ifndef ITCONV_BATCH_NORM_RELU_DEVICE
+#define ITCONV_BATCH_NORM_RELU_DEVICE "../ops/cuda/batch_norm_relu_device.cuh"
 #endif
 #ifndef ITCONV_SPECTRAL_NORM_DEVICE
 #define ITCONV_SPECTRAL_NORM_DEVICE "../ops/cuda/spectral_norm_device.cuh"
@@ -142,6 +146,82 @@ std::tuple<at::Tensor, at::Tensor> power_iteration_matrix_list_emulated(std::vec
 }
 
 }  // namespace spectral
+
+namespace batch_norm_relu {
+namespace emulated {
+#define ITCONV_BN_LAUNCH(kernel, grid, block, ...) \
+  itconv_emulation::emulate_launch((grid), (block), 0, [&] {    \
+    auto kernel_fn = kernel;                                   \
+    kernel_fn(__VA_ARGS__);                                    \
+  })
+#include ITCONV_BATCH_NORM_RELU_DEVICE
+#undef ITCONV_BN_LAUNCH
+}  // namespace emulated
+
+emulated::BnGeometry geometry_of(const at::Tensor& x) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t S = (N == 0 || C == 0) ? 0 : x.numel() / (N * C);
+  return {N, C, S, N * S, is_channels_last(x)};
+}
+
+// batch_norm_relu as the CUDA launcher runs it (the same checks, layouts and launch sequence), on CPU tensors;
+// max_blocks caps the elementwise grid (the launcher: 8 blocks per SM), small values exercise the grid-stride loops.
+std::vector<at::Tensor> batch_norm_relu_emulated(const at::Tensor& input, const at::Tensor& weight,
+                                                 const at::Tensor& bias, const at::Tensor& running_mean,
+                                                 const at::Tensor& running_var, double momentum, double eps,
+                                                 int64_t max_blocks) {
+  check_forward(input, weight, bias, running_mean, running_var, momentum, eps);
+  const at::Tensor x = in_kernel_layout(input);
+  const auto g = geometry_of(x);
+  const auto stat_options = x.options().dtype(param_dtype_for(x.scalar_type()));
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(layout_of(x)));
+  at::Tensor mean = at::empty({g.C}, stat_options), invstd = at::empty({g.C}, stat_options);
+  at::Tensor new_mean = at::empty({g.C}, stat_options), new_var = at::empty({g.C}, stat_options);
+  const auto dt = stat_options.dtype().toScalarType();
+  const at::Tensor w = weight.contiguous().to(dt), b = bias.contiguous().to(dt);
+  const at::Tensor rm = running_mean.contiguous().to(dt), rv = running_var.contiguous().to(dt);
+  at::Tensor workspace = at::empty({emulated::bn_workspace_size(g)}, stat_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_emulated", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    emulated::bn_forward_launches<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                            w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
+                                            rm.const_data_ptr<acc_t>(), rv.const_data_ptr<acc_t>(),
+                                            mean.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(),
+                                            new_mean.mutable_data_ptr<acc_t>(), new_var.mutable_data_ptr<acc_t>(),
+                                            workspace.mutable_data_ptr<acc_t>(), momentum, eps, g, max_blocks);
+  });
+  return {out, mean, invstd, new_mean.to(running_mean.scalar_type()), new_var.to(running_var.scalar_type())};
+}
+
+std::vector<at::Tensor> batch_norm_relu_backward_emulated(const at::Tensor& grad_out, const at::Tensor& input,
+                                                          const at::Tensor& weight, const at::Tensor& bias,
+                                                          const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                                                          int64_t max_blocks) {
+  check_backward(grad_out, input, weight, bias, save_mean, save_invstd);
+  const at::Tensor x = in_kernel_layout(input);
+  const auto fmt = layout_of(x);
+  const at::Tensor dy = grad_out.contiguous(fmt);
+  const auto g = geometry_of(x);
+  const auto stat_options = x.options().dtype(param_dtype_for(x.scalar_type()));
+  const auto dt = stat_options.dtype().toScalarType();
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
+  at::Tensor grad_weight = at::empty({g.C}, stat_options), grad_bias = at::empty({g.C}, stat_options);
+  const at::Tensor w = weight.contiguous().to(dt), b = bias.contiguous().to(dt);
+  const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
+  at::Tensor workspace = at::empty({emulated::bn_workspace_size(g)}, stat_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_backward_emulated", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    emulated::bn_backward_launches<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                             dx.mutable_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
+                                             b.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
+                                             invstd.const_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<acc_t>(),
+                                             grad_bias.mutable_data_ptr<acc_t>(), workspace.mutable_data_ptr<acc_t>(),
+                                             g, max_blocks);
+  });
+  return {dx, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type())};
+}
+
+}  // namespace batch_norm_relu
 }  // namespace itconv_fast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -158,6 +238,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "power_iteration_matrix_.list through the emulated CUDA kernel (read through the pointer table)",
         pybind11::arg("weights"), pybind11::arg("u"), pybind11::arg("n_iter"),
         pybind11::arg("multi_block") = c10::optional<bool>());
+  m.def("batch_norm_relu", &itconv_fast::batch_norm_relu::batch_norm_relu_emulated,
+        "batch_norm_relu through the emulated CUDA kernels", pybind11::arg("input"), pybind11::arg("weight"),
+        pybind11::arg("bias"), pybind11::arg("running_mean"), pybind11::arg("running_var"), pybind11::arg("momentum"),
+        pybind11::arg("eps"), pybind11::arg("max_blocks") = 1 << 20);
+  m.def("batch_norm_relu_backward", &itconv_fast::batch_norm_relu::batch_norm_relu_backward_emulated,
+        "batch_norm_relu_backward through the emulated CUDA kernels", pybind11::arg("grad_out"), pybind11::arg("input"),
+        pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("save_mean"), pybind11::arg("save_invstd"),
+        pybind11::arg("max_blocks") = 1 << 20);
   m.def("emulate_syncthreads_deadlock", [] {
     // A barrier reached by half the block only: the shim must report it, not hang.
     itconv_emulation::emulate_launch(1, 64, 0, [] {
