@@ -125,6 +125,22 @@ def bench_lipschitz(archs, batch, size, min_run_time, out, device) -> None:
         click.echo(f"wrote {out}")
 
 
+@bench.command("batch-norm-relu")
+@click.option("--batch", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--min-run-time", type=FiniteFloatRange(min=0.01), default=1.0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None)
+@_device_option
+def bench_batch_norm_relu(batch, min_run_time, out, device) -> None:
+    """The fused BatchNorm + ReLU against ATen's two ops (training forward + backward) at ResNet activation shapes."""
+    from itconv_fast import bench as bench_lib
+
+    report, table = bench_lib.run_batch_norm_relu_benchmark(batch=batch, device=device, min_run_time=min_run_time)
+    click.echo(table)
+    if out:
+        bench_lib.save_report(report, out)
+        click.echo(f"wrote {out}")
+
+
 @bench.command("indices")
 @click.option("--config", "configs", type=(int, int, int, int), multiple=True,
               default=[(8, 4, 32, 256), (16, 16, 32, 16)], show_default=True,

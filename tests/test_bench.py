@@ -60,6 +60,8 @@ def test_bench_without_subcommand_writes_one_combined_report(tmp_path, monkeypat
     monkeypatch.setattr(bench.suite, "run_spectral_benchmark", fake("spectral", {16: {
         "batched operator": 2.0, "per-layer operator loop": 6.0, "batched matrix": 0.1,
         "per-layer torch spectral_norm (matrix)": 2.0}}, "batched operator"))
+    monkeypatch.setattr(bench.suite, "run_batch_norm_relu_benchmark", fake("bn", {"16x32x32 nhwc": {
+        "fused batch_norm_relu": 1.0, "relu(F.batch_norm) (ATen)": 1.6}}, "fused batch_norm_relu"))
     monkeypatch.setattr(bench.suite, "run_indices_benchmark", fake("indices", {"8x4@32px,n=64": {"cached": 1.0, "reference": 3.0}},
                                                               "cached"))
     monkeypatch.setattr(bench.suite, "run_train_step_benchmark", fake("train", {8: {
@@ -82,6 +84,7 @@ def test_bench_without_subcommand_writes_one_combined_report(tmp_path, monkeypat
     assert by[("soft_couple", "fused", "copy")]["speedup"] == 0.5
     assert by[("spectral_norm", "batched_matrix", "torch_spectral_norm")]["speedup"] == pytest.approx(20.0)
     assert by[("indices", "cached", "reference")]["baseline_median_s"] == 3.0
+    assert by[("batch_norm_relu", "fused", "aten_bn_relu")]["speedup"] == pytest.approx(1.6)
     assert by[("train_step", "coupling+spectral_norm", "plain_step")]["speedup"] == pytest.approx(1 / 1.05)
     assert by[("train_step", "coupling", "plain_step")]["median_s"] == 1.01
     assert by[("train_step", "objective:fixed-point", "plain_step")]["speedup"] == pytest.approx(1 / 1.3)
@@ -136,3 +139,11 @@ def test_train_step_cases_time_every_objective_through_the_training_step():
     assert {OBJECTIVE_CASE.format(name) for name in OBJECTIVES} <= set(cases)
     for fn in cases.values():
         fn()
+
+
+def test_bench_batch_norm_relu_times_both_implementations():
+    report, table = bench.run_batch_norm_relu_benchmark(((4, 6, "nhwc"), (3, 5, "nchw")), batch=4, min_run_time=0.01)
+    assert set(report["ratios"]) == {"4x6x6 nhwc", "3x5x5 nchw"}
+    for ratios in report["ratios"].values():
+        assert set(ratios) == {"relu(F.batch_norm) (ATen)"} and ratios["relu(F.batch_norm) (ATen)"] > 0
+    assert "fused batch_norm_relu" in table

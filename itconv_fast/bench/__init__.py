@@ -1,8 +1,9 @@
 """The benchmarks behind `itconv-fast bench` and benchmarks/: one module per comparison (coupling, spectral,
-indices, train_step, train_loop against the plain PyTorch loop of plain_loop, lipschitz), the shared timing
+batch_norm, indices, train_step, train_loop against the plain PyTorch loop of plain_loop, lipschitz), the shared timing
 runner, and the suite that runs them all. Builds on every layer below; only the CLI and benchmarks/ import it.
 """
 
+from .batch_norm import BATCH_NORM_SHAPES, batch_norm_relu_cases, run_batch_norm_relu_benchmark
 from .coupling import coupling_cases, resnet_gradient_groups, run_coupling_benchmark
 from .indices import run_analysis_benchmark, run_indices_benchmark
 from .lipschitz import LIPSCHITZ_CASES, lipschitz_step_cases, run_lipschitz_benchmark
@@ -18,4 +19,4 @@ __all__ = ["resnet_gradient_groups", "coupling_cases", "run_coupling_benchmark",
            "run_analysis_benchmark", "train_step_cases", "run_train_step_benchmark", "LIPSCHITZ_CASES",
            "lipschitz_step_cases", "run_lipschitz_benchmark", "cpu_model", "machine_description", "label_backend",
            "run_comparison", "save_report", "interleaved_step_times", "run_all", "results_markdown", "plain_epochs", "run_train_benchmark",
-           "train_benchmark_task"]
+           "train_benchmark_task", "BATCH_NORM_SHAPES", "batch_norm_relu_cases", "run_batch_norm_relu_benchmark"]

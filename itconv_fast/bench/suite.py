@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .batch_norm import run_batch_norm_relu_benchmark
 from .coupling import run_coupling_benchmark
 from .indices import run_indices_benchmark
 from .lipschitz import LIPSCHITZ_CASES, run_lipschitz_benchmark
@@ -57,6 +58,15 @@ def run_all(quick: bool = False, device: str = "cpu", log=print) -> dict:
                               rows["batched operator"], rows["per-layer operator loop"]))
         results.append(_entry("spectral_norm", "batched_matrix", "torch_spectral_norm", setting,
                               rows["batched matrix"], rows["per-layer torch spectral_norm (matrix)"]))
+
+    log("batch_norm_relu ...")
+    shapes = ((16, 32, "nhwc"),) if quick else ((16, 32, "nhwc"), (64, 8, "nhwc"), (8, 32, "nchw"))
+    report, table = run_batch_norm_relu_benchmark(shapes, device=device, min_run_time=run_time)
+    tables.append(table)
+    for key in report["ratios"]:
+        rows = {r["case"]: r["median_s"] for r in report["rows"] if str(r["width"]) == key}
+        results.append(_entry("batch_norm_relu", "fused", "aten_bn_relu", f"{key}, batch 128, fwd + bwd",
+                              rows["fused batch_norm_relu"], rows["relu(F.batch_norm) (ATen)"]))
 
     log("indices ...")
     configs = [(8, 4, 32, 64)] if quick else [(8, 4, 32, 256), (16, 16, 32, 16)]
