@@ -305,3 +305,12 @@ def test_the_cuda_kernels_match_the_reference(shape, layout, dtype):
     want_b = _reference.batch_norm_relu_backward(dy, x, w, b, got[1].cpu(), got[2].cpu())
     for g_, e in zip(got_b, want_b):
         torch.testing.assert_close(g_.cpu().double(), e.double(), **tol)
+
+
+@needs_kernel
+def test_double_backward_is_refused_not_silently_wrong():
+    x = make_input((3, 4, 3, 3), "contiguous", torch.float64).requires_grad_()
+    w, b, rm, rv = params(4, torch.float64)
+    out = ops.batch_norm_relu(x, rm, rv, w.requires_grad_(), b.requires_grad_(), True, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)

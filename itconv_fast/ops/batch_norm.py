@@ -102,8 +102,9 @@ def batch_norm_relu(input: torch.Tensor, running_mean: Optional[torch.Tensor], r
     In training mode with running statistics, weight and bias, one fused kernel forward and
     one backward: the output is written with ReLU applied, the backward recomputes ReLU's mask from the input
     (bit for bit the forward's), the running statistics are updated in place as F.batch_norm updates them. A channels-last 4-D input keeps its
-    layout (output and input gradient); other inputs are normalised contiguous. Double backward is not
-    supported on the fused path. Otherwise the two ATen ops run.
+    layout (output and input gradient); other inputs are normalised contiguous. Double backward (create_graph)
+    through the fused path raises a RuntimeError rather than return a wrong second derivative. Otherwise the two
+    ATen ops run.
     """
     _check(input, running_mean, running_var, weight, bias, momentum, eps)
     if not _fusable(input, running_mean, running_var, weight, bias, training, momentum):
