@@ -314,3 +314,12 @@ def test_double_backward_is_refused_not_silently_wrong():
     out = ops.batch_norm_relu(x, rm, rv, w.requires_grad_(), b.requires_grad_(), True, 0.1, 1e-5)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(out.square().sum(), x, create_graph=True)
+
+
+def test_a_module_call_with_bad_input_leaves_the_module_untouched():
+    bn = BatchNormReLU2d(4)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(TypeError, match="float32"):
+        bn(torch.ones(2, 4, 3, 3, dtype=torch.int64))
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -60,7 +60,8 @@ class _ReferenceBatchNormReLU(torch.autograd.Function):
         return grads + (None,) * 4
 
 
-def _check(input, running_mean, running_var, weight, bias, momentum, eps) -> None:
+def check_arguments(input, running_mean, running_var, weight, bias, momentum, eps) -> None:
+    """Raises ValueError / TypeError naming the first bad argument of batch_norm_relu (touches nothing)."""
     name = "batch_norm_relu"
     if not isinstance(input, torch.Tensor) or input.dim() < 2:
         raise ValueError(f"{name}: input must be a tensor [N, C, ...], got "
@@ -82,7 +83,7 @@ def _check(input, running_mean, running_var, weight, bias, momentum, eps) -> Non
         raise ValueError(f"{name}: eps must be > 0, got {eps}")
 
 
-def _fusable(input, running_mean, running_var, weight, bias, training, momentum) -> bool:
+def _fusable(input, running_mean, running_var, weight, bias, training) -> bool:
     """The kernel's case: training, running statistics, affine, more than one value per channel, and parameters
     of one dtype that the input may be normalised with."""
     if not training or any(t is None for t in (running_mean, running_var, weight, bias)):
@@ -99,15 +100,15 @@ def batch_norm_relu(input: torch.Tensor, running_mean: Optional[torch.Tensor], r
                     momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
     """`torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))`.
 
-    In training mode with running statistics, weight and bias, one fused kernel forward and
-    one backward: the output is written with ReLU applied, the backward recomputes ReLU's mask from the input
-    (bit for bit the forward's), the running statistics are updated in place as F.batch_norm updates them. A channels-last 4-D input keeps its
-    layout (output and input gradient); other inputs are normalised contiguous. Double backward (create_graph)
+    In training mode with running statistics, weight and bias, one fused kernel forward and one backward: the
+    output is written with ReLU applied, the backward recomputes ReLU's mask from the input (bit for bit the
+    forward's), the running statistics are updated in place as F.batch_norm updates them. A channels-last 4-D
+    input keeps its layout (output and input gradient); other inputs are normalised contiguous. Double backward (create_graph)
     through the fused path raises a RuntimeError rather than return a wrong second derivative. Otherwise the two
     ATen ops run.
     """
-    _check(input, running_mean, running_var, weight, bias, momentum, eps)
-    if not _fusable(input, running_mean, running_var, weight, bias, training, momentum):
+    check_arguments(input, running_mean, running_var, weight, bias, momentum, eps)
+    if not _fusable(input, running_mean, running_var, weight, bias, training):
         return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
     if _extension.has_kernels_for(input.device):
         out, _, _, new_mean, new_var = torch.ops.itconv_fast.batch_norm_relu(input, weight, bias, running_mean,
