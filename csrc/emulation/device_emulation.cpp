@@ -158,67 +158,19 @@ namespace emulated {
 #undef ITCONV_BN_LAUNCH
 }  // namespace emulated
 
-emulated::BnGeometry geometry_of(const at::Tensor& x) {
-  const int64_t N = x.size(0), C = x.size(1);
-  const int64_t S = (N == 0 || C == 0) ? 0 : x.numel() / (N * C);
-  return {N, C, S, N * S, is_channels_last(x)};
+// batch_norm_relu as the CUDA launcher runs it (the same checks, layouts and launch sequence: bn_forward and
+// bn_backward of the device file), on CPU tensors; max_blocks caps the elementwise grid (the launcher: 8 blocks
+// per SM), small values exercise the grid-stride loops.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_emulated(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& running_mean,
+    const at::Tensor& running_var, double momentum, double eps, int64_t max_blocks) {
+  return emulated::bn_forward(input, weight, bias, running_mean, running_var, momentum, eps, max_blocks);
 }
 
-// batch_norm_relu as the CUDA launcher runs it (the same checks, layouts and launch sequence), on CPU tensors;
-// max_blocks caps the elementwise grid (the launcher: 8 blocks per SM), small values exercise the grid-stride loops.
-std::vector<at::Tensor> batch_norm_relu_emulated(const at::Tensor& input, const at::Tensor& weight,
-                                                 const at::Tensor& bias, const at::Tensor& running_mean,
-                                                 const at::Tensor& running_var, double momentum, double eps,
-                                                 int64_t max_blocks) {
-  check_forward(input, weight, bias, running_mean, running_var, momentum, eps);
-  const at::Tensor x = in_kernel_layout(input);
-  const auto g = geometry_of(x);
-  const auto stat_options = x.options().dtype(param_dtype_for(x.scalar_type()));
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(layout_of(x)));
-  at::Tensor mean = at::empty({g.C}, stat_options), invstd = at::empty({g.C}, stat_options);
-  at::Tensor new_mean = at::empty({g.C}, stat_options), new_var = at::empty({g.C}, stat_options);
-  const auto dt = stat_options.dtype().toScalarType();
-  const at::Tensor w = weight.contiguous().to(dt), b = bias.contiguous().to(dt);
-  const at::Tensor rm = running_mean.contiguous().to(dt), rv = running_var.contiguous().to(dt);
-  at::Tensor workspace = at::empty({emulated::bn_workspace_size(g)}, stat_options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_emulated", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    emulated::bn_forward_launches<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                            w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
-                                            rm.const_data_ptr<acc_t>(), rv.const_data_ptr<acc_t>(),
-                                            mean.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(),
-                                            new_mean.mutable_data_ptr<acc_t>(), new_var.mutable_data_ptr<acc_t>(),
-                                            workspace.mutable_data_ptr<acc_t>(), momentum, eps, g, max_blocks);
-  });
-  return {out, mean, invstd, new_mean.to(running_mean.scalar_type()), new_var.to(running_var.scalar_type())};
-}
-
-std::vector<at::Tensor> batch_norm_relu_backward_emulated(const at::Tensor& grad_out, const at::Tensor& input,
-                                                          const at::Tensor& weight, const at::Tensor& bias,
-                                                          const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                                                          int64_t max_blocks) {
-  check_backward(grad_out, input, weight, bias, save_mean, save_invstd);
-  const at::Tensor x = in_kernel_layout(input);
-  const auto fmt = layout_of(x);
-  const at::Tensor dy = grad_out.contiguous(fmt);
-  const auto g = geometry_of(x);
-  const auto stat_options = x.options().dtype(param_dtype_for(x.scalar_type()));
-  const auto dt = stat_options.dtype().toScalarType();
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
-  at::Tensor grad_weight = at::empty({g.C}, stat_options), grad_bias = at::empty({g.C}, stat_options);
-  const at::Tensor w = weight.contiguous().to(dt), b = bias.contiguous().to(dt);
-  const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
-  at::Tensor workspace = at::empty({emulated::bn_workspace_size(g)}, stat_options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_backward_emulated", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    emulated::bn_backward_launches<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                             dx.mutable_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
-                                             b.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
-                                             invstd.const_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<acc_t>(),
-                                             grad_bias.mutable_data_ptr<acc_t>(), workspace.mutable_data_ptr<acc_t>(),
-                                             g, max_blocks);
-  });
-  return {dx, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type())};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_emulated(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, int64_t max_blocks) {
+  return emulated::bn_backward(grad_out, input, weight, bias, save_mean, save_invstd, max_blocks);
 }
 
 }  // namespace batch_norm_relu

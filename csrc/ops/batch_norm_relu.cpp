@@ -60,7 +60,8 @@ class BatchNormReLUFunction : public torch::autograd::Function<BatchNormReLUFunc
     // Grad mode is on here only under create_graph: the gradient below would carry no graph, so a second
     // derivative would silently treat it as a constant. Refuse instead.
     TORCH_CHECK(!at::GradMode::is_enabled(), "batch_norm_relu: double backward (create_graph=True) is not ",
-                "supported by the fused kernel; use torch.relu(F.batch_norm(...)) there (IterResNet.fuse_bn_relu(False))");
+                "supported by the fused kernel; use torch.relu(F.batch_norm(...)) there ",
+                "(IterResNet.fuse_bn_relu(False))");
     const auto saved = ctx->get_saved_variables();
     if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
                                      at::Tensor(), at::Tensor()};

@@ -17,6 +17,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <tuple>
 
 namespace itconv_fast {
 namespace batch_norm_relu {
@@ -54,6 +55,23 @@ inline at::MemoryFormat layout_of(const at::Tensor& x) {
   return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+// A tensor in its kernel layout, as every kernel (CPU, CUDA, emulated) reads it.
+struct Geometry {
+  int64_t N, C, S, M;  // M = N * S values per channel
+  bool rows;           // channels-last [M, C]; else planes [N, C, S]
+  // Offset of value m (0 <= m < M) of channel c, and the channel of offset i.
+  C10_HOST_DEVICE int64_t offset(int64_t m, int64_t c) const {
+    return rows ? m * C + c : ((m / S) * C + c) * S + m % S;
+  }
+  C10_HOST_DEVICE int64_t channel_of(int64_t i) const { return rows ? i % C : (i / S) % C; }
+};
+
+inline Geometry geometry_of(const at::Tensor& x) {  // x in its kernel layout
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t S = (N == 0 || C == 0) ? 0 : x.numel() / (N * C);
+  return {N, C, S, N * S, is_channels_last(x)};
+}
+
 inline at::ScalarType param_dtype_for(at::ScalarType input) {
   return (input == at::kHalf || input == at::kBFloat16) ? at::kFloat : input;
 }
@@ -87,8 +105,8 @@ inline void check_forward(const at::Tensor& input, const at::Tensor& weight, con
                        weight.scalar_type() == running_var.scalar_type(),
                    op, ": weight, bias, running_mean and running_var must share a dtype");
   const int64_t C = input.size(1);
-  TORCH_CHECK_VALUE(C == 0 || input.numel() / C >= 2, op, ": training needs more than one value per channel, got input ",
-                    input.sizes());
+  TORCH_CHECK_VALUE(C == 0 || input.numel() / C >= 2, op, ": training needs more than one value per channel, ",
+                    "got input ", input.sizes());
   TORCH_CHECK_VALUE(momentum >= 0.0 && momentum <= 1.0, op, ": momentum must be in [0, 1], got ", momentum);
   TORCH_CHECK_VALUE(eps > 0.0, op, ": eps must be > 0, got ", eps);
 }
@@ -114,6 +132,67 @@ inline void check_backward(const at::Tensor& grad_out, const at::Tensor& input, 
   const int64_t C = input.size(1);
   TORCH_CHECK_VALUE(C == 0 || input.numel() / C >= 2, op, ": needs more than one value per channel, got input ",
                     input.sizes());
+}
+
+// The op's tensors, checked, in the kernels' layout and dtypes, shared by every backend: x (and dy) in kernel
+// layout, the per-channel parameters and statistics contiguous in the statistics' dtype (acc_t), the outputs
+// allocated (the new running statistics and the parameter gradients in acc_t too: finish_* casts them back).
+struct ForwardTensors {
+  at::Tensor x, weight, bias, running_mean, running_var;
+  at::Tensor out, save_mean, save_invstd, new_mean, new_var;
+  Geometry g;
+};
+
+inline ForwardTensors prepare_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                                      const at::Tensor& running_mean, const at::Tensor& running_var, double momentum,
+                                      double eps) {
+  check_forward(input, weight, bias, running_mean, running_var, momentum, eps);
+  ForwardTensors t;
+  t.x = in_kernel_layout(input);
+  t.g = geometry_of(t.x);
+  const auto stat_dtype = param_dtype_for(t.x.scalar_type());
+  const auto stat_options = t.x.options().dtype(stat_dtype);
+  t.weight = weight.contiguous().to(stat_dtype), t.bias = bias.contiguous().to(stat_dtype);
+  t.running_mean = running_mean.contiguous().to(stat_dtype), t.running_var = running_var.contiguous().to(stat_dtype);
+  t.out = at::empty(t.x.sizes(), t.x.options().memory_format(layout_of(t.x)));
+  t.save_mean = at::empty({t.g.C}, stat_options), t.save_invstd = at::empty({t.g.C}, stat_options);
+  t.new_mean = at::empty({t.g.C}, stat_options), t.new_var = at::empty({t.g.C}, stat_options);
+  return t;
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_forward(
+    const ForwardTensors& t, const at::Tensor& running_mean, const at::Tensor& running_var) {
+  return {t.out, t.save_mean, t.save_invstd, t.new_mean.to(running_mean.scalar_type()),
+          t.new_var.to(running_var.scalar_type())};
+}
+
+struct BackwardTensors {
+  at::Tensor dy, x, weight, bias, save_mean, save_invstd;
+  at::Tensor dx, grad_weight, grad_bias;
+  Geometry g;
+};
+
+inline BackwardTensors prepare_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+                                        const at::Tensor& bias, const at::Tensor& save_mean,
+                                        const at::Tensor& save_invstd) {
+  check_backward(grad_out, input, weight, bias, save_mean, save_invstd);
+  BackwardTensors t;
+  t.x = in_kernel_layout(input);
+  t.g = geometry_of(t.x);
+  const auto fmt = layout_of(t.x);
+  t.dy = grad_out.contiguous(fmt);
+  const auto stat_dtype = param_dtype_for(t.x.scalar_type());
+  const auto stat_options = t.x.options().dtype(stat_dtype);
+  t.weight = weight.contiguous().to(stat_dtype), t.bias = bias.contiguous().to(stat_dtype);
+  t.save_mean = save_mean.contiguous(), t.save_invstd = save_invstd.contiguous();
+  t.dx = at::empty(t.x.sizes(), t.x.options().memory_format(fmt));
+  t.grad_weight = at::empty({t.g.C}, stat_options), t.grad_bias = at::empty({t.g.C}, stat_options);
+  return t;
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_backward(const BackwardTensors& t,
+                                                                      const at::Tensor& weight) {
+  return {t.dx, t.grad_weight.to(weight.scalar_type()), t.grad_bias.to(weight.scalar_type())};
 }
 
 }  // namespace batch_norm_relu

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.batch_norm import batch_norm_relu as _batch_norm_relu_op, check_arguments
+from ..ops.batch_norm import check_arguments, checked_batch_norm_relu
 
 __all__ = ["batch_norm_relu", "BatchNormReLU2d"]
 
@@ -23,15 +23,15 @@ def _fused(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     bn._check_input_dim(x)
     keep_buffers = not bn.training or bn.track_running_stats
     running_mean, running_var = (bn.running_mean, bn.running_var) if keep_buffers else (None, None)
-    # Every argument checked before num_batches_tracked moves: a rejected call changes nothing.
-    check_arguments(x, running_mean, running_var, bn.weight, bn.bias, 0.0, bn.eps)
     factor = 0.0 if bn.momentum is None else bn.momentum
+    # Every argument checked before num_batches_tracked moves: a rejected call changes nothing.
+    check_arguments(x, running_mean, running_var, bn.weight, bn.bias, factor, bn.eps)
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average
             factor = 1.0 / float(bn.num_batches_tracked)
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    return _batch_norm_relu_op(x, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, factor, bn.eps)
+    return checked_batch_norm_relu(x, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, factor, bn.eps)
 
 
 def batch_norm_relu(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:

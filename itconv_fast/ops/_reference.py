@@ -162,10 +162,6 @@ def gram_spectral_bound(weight: torch.Tensor, n_iter: int = 6) -> torch.Tensor:
     return (row_sums.pow(power) * torch.exp(log_scale * power).unsqueeze(1)).amax(dim=1)
 
 
-def _bn_acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _bn_layout(x: torch.Tensor) -> torch.memory_format:
     """The layout the fused BatchNorm + ReLU writes: channels-last for a channels-last 4-D input, else contiguous."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -183,7 +179,7 @@ def batch_norm_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                     running_var: torch.Tensor, momentum: float, eps: float):
     """Training-mode BatchNorm followed by ReLU: (out, batch mean, batch 1 / sqrt(var + eps), new running mean,
     new running variance); the running statistics move by `momentum` towards the batch's (unbiased variance)."""
-    acc = _bn_acc(input.dtype)
+    acc = _acc_dtype(input.dtype)
     dims = [0] + list(range(2, input.dim()))
     shape = [1, -1] + [1] * (input.dim() - 2)
     x = input.to(acc)
@@ -202,7 +198,7 @@ def batch_norm_relu_backward(grad_out: torch.Tensor, input: torch.Tensor, weight
                              save_mean: torch.Tensor, save_invstd: torch.Tensor):
     """Gradients (input, weight, bias) of batch_norm_relu; ReLU's mask recomputed from the input as the kernels do
     (the forward's output x a + b, rounded to the input's dtype, > 0)."""
-    acc = _bn_acc(input.dtype)
+    acc = _acc_dtype(input.dtype)
     dims = [0] + list(range(2, input.dim()))
     shape = [1, -1] + [1] * (input.dim() - 2)
     m = input.numel() // max(input.shape[1], 1)

@@ -22,16 +22,12 @@ __all__ = ["batch_norm_relu"]
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _param_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 if _extension.loaded():
 
     @torch.library.register_fake("itconv_fast::batch_norm_relu")
     def _batch_norm_relu_fake(input, weight, bias, running_mean, running_var, momentum, eps):
         out = torch.empty_like(input, memory_format=_reference._bn_layout(input))
-        stat = input.new_empty((input.shape[1],), dtype=_param_dtype(input.dtype))
+        stat = input.new_empty((input.shape[1],), dtype=_reference._acc_dtype(input.dtype))
         return out, stat, torch.empty_like(stat), torch.empty_like(running_mean), torch.empty_like(running_var)
 
     @torch.library.register_fake("itconv_fast::batch_norm_relu_backward")
@@ -92,7 +88,7 @@ def _fusable(input, running_mean, running_var, weight, bias, training) -> bool:
     if C == 0 or input.numel() // C < 2:
         return False  # F.batch_norm's own error (or empty result) is the one users know
     dtypes = {t.dtype for t in (running_mean, running_var, weight, bias)}
-    return len(dtypes) == 1 and dtypes.pop() in (input.dtype, _param_dtype(input.dtype))
+    return len(dtypes) == 1 and dtypes.pop() in (input.dtype, _reference._acc_dtype(input.dtype))
 
 
 def batch_norm_relu(input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
@@ -103,11 +99,17 @@ def batch_norm_relu(input: torch.Tensor, running_mean: Optional[torch.Tensor], r
     In training mode with running statistics, weight and bias, one fused kernel forward and one backward: the
     output is written with ReLU applied, the backward recomputes ReLU's mask from the input (bit for bit the
     forward's), the running statistics are updated in place as F.batch_norm updates them. A channels-last 4-D
-    input keeps its layout (output and input gradient); other inputs are normalised contiguous. Double backward (create_graph)
-    through the fused path raises a RuntimeError rather than return a wrong second derivative. Otherwise the two
-    ATen ops run.
+    input keeps its layout (output and input gradient); other inputs are normalised contiguous. Double backward
+    (create_graph) through the fused path raises a RuntimeError rather than return a wrong second derivative.
+    Otherwise the two ATen ops run.
     """
     check_arguments(input, running_mean, running_var, weight, bias, momentum, eps)
+    return checked_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def checked_batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps) -> torch.Tensor:
+    """batch_norm_relu on arguments that `check_arguments` has accepted (nn.batch_norm_relu checks them before it
+    counts the batch, then calls this: one check a call on the training path)."""
     if not _fusable(input, running_mean, running_var, weight, bias, training):
         return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
     if _extension.has_kernels_for(input.device):

@@ -32,23 +32,12 @@ using namespace cpu_loops;
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-struct Shape {
-  int64_t N, C, S, M;
-  bool rows;  // channels-last [M, C]; else planes [N, C, S]
-};
-
-Shape shape_of(const at::Tensor& x) {
-  const int64_t N = x.size(0), C = x.size(1);
-  const int64_t S = C == 0 || N == 0 ? 0 : x.numel() / (N * C);
-  return {N, C, S, N * S, is_channels_last(x)};
-}
-
 int64_t rows_per_block(int64_t C) { return std::max<int64_t>(1, kRowBlockElements / std::max<int64_t>(C, 1)); }
 
 // K per-channel sums over the batch, in double: row blocks (or planes) in parallel into `partial`, then
 // summed in order per channel. `rows_fn(r0, r1, acc_t* part /*K*C*/)` and `plane_fn(n, c, double* sums /*K*/)`.
 template <int K, typename acc_t, typename RowsFn, typename PlaneFn>
-std::vector<double> channel_sums(const Shape& s, RowsFn&& rows_fn, PlaneFn&& plane_fn) {
+std::vector<double> channel_sums(const Geometry& s, RowsFn&& rows_fn, PlaneFn&& plane_fn) {
   const int64_t C = s.C;
   std::vector<double> total(static_cast<size_t>(K * C), 0.0);
   if (s.rows) {
@@ -83,7 +72,7 @@ std::vector<double> channel_sums(const Shape& s, RowsFn&& rows_fn, PlaneFn&& pla
 
 // Elementwise pass: rows_fn(r0, r1) over row ranges, or plane_fn(n, c) per plane.
 template <typename RowsFn, typename PlaneFn>
-void elementwise(const Shape& s, RowsFn&& rows_fn, PlaneFn&& plane_fn) {
+void elementwise(const Geometry& s, RowsFn&& rows_fn, PlaneFn&& plane_fn) {
   if (s.rows) {
     const int64_t R = rows_per_block(s.C);
     at::parallel_for(0, s.M, R, [&](int64_t r0, int64_t r1) {
@@ -97,67 +86,59 @@ void elementwise(const Shape& s, RowsFn&& rows_fn, PlaneFn&& plane_fn) {
 }
 
 Outputs batch_norm_relu_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                            const at::Tensor& running_mean, const at::Tensor& running_var, double momentum, double eps) {
-  check_forward(input, weight, bias, running_mean, running_var, momentum, eps);
-  const at::Tensor x = in_kernel_layout(input);
-  const Shape s = shape_of(x);
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(layout_of(x)));
-  const auto stat_dtype = param_dtype_for(x.scalar_type());
-  at::Tensor save_mean = at::empty({s.C}, x.options().dtype(stat_dtype));
-  at::Tensor save_invstd = at::empty({s.C}, x.options().dtype(stat_dtype));
-  at::Tensor new_mean = at::empty({s.C}, running_mean.options()), new_var = at::empty({s.C}, running_var.options());
-  if (s.C == 0) return {out, save_mean, save_invstd, new_mean, new_var};
-  const at::Tensor w = weight.contiguous().to(stat_dtype), b = bias.contiguous().to(stat_dtype);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_cpu", [&] {
+                            const at::Tensor& running_mean, const at::Tensor& running_var, double momentum,
+                            double eps) {
+  ForwardTensors t = prepare_forward(input, weight, bias, running_mean, running_var, momentum, eps);
+  const Geometry& s = t.g;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.x.scalar_type(), "batch_norm_relu_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xd = x.const_data_ptr<scalar_t>();
+    const scalar_t* xd = t.x.const_data_ptr<scalar_t>();
     const int64_t C = s.C, S = s.S;
     const double M = static_cast<double>(s.M);
     const auto sum = channel_sums<1, acc_t>(
         s, [&](int64_t r0, int64_t r1, acc_t* part) { rows_sum<false, scalar_t, acc_t>(xd, r0, r1, C, nullptr, part); },
-        [&](int64_t n, int64_t c, double* sums) { sums[0] = plane_sum<false, scalar_t, acc_t>(xd + (n * C + c) * S, S, acc_t(0)); });
+        [&](int64_t n, int64_t c, double* sums) {
+          sums[0] = plane_sum<false, scalar_t, acc_t>(xd + (n * C + c) * S, S, acc_t(0));
+        });
     std::vector<acc_t> mean(C), a(C), shift(C);
     for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<acc_t>(sum[c] / M);
     const auto sq = channel_sums<1, acc_t>(
-        s, [&](int64_t r0, int64_t r1, acc_t* part) { rows_sum<true, scalar_t, acc_t>(xd, r0, r1, C, mean.data(), part); },
-        [&](int64_t n, int64_t c, double* sums) { sums[0] = plane_sum<true, scalar_t, acc_t>(xd + (n * C + c) * S, S, mean[c]); });
-    acc_t* sm = save_mean.mutable_data_ptr<acc_t>();
-    acc_t* si = save_invstd.mutable_data_ptr<acc_t>();
-    const acc_t* wd = w.const_data_ptr<acc_t>();
-    const acc_t* bd = b.const_data_ptr<acc_t>();
-    std::vector<double> unbiased(C);
+        s,
+        [&](int64_t r0, int64_t r1, acc_t* part) {
+          rows_sum<true, scalar_t, acc_t>(xd, r0, r1, C, mean.data(), part);
+        },
+        [&](int64_t n, int64_t c, double* sums) {
+          sums[0] = plane_sum<true, scalar_t, acc_t>(xd + (n * C + c) * S, S, mean[c]);
+        });
+    acc_t* sm = t.save_mean.mutable_data_ptr<acc_t>();
+    acc_t* si = t.save_invstd.mutable_data_ptr<acc_t>();
+    const acc_t* wd = t.weight.const_data_ptr<acc_t>();
+    const acc_t* bd = t.bias.const_data_ptr<acc_t>();
+    const acc_t* rm = t.running_mean.const_data_ptr<acc_t>();
+    const acc_t* rv = t.running_var.const_data_ptr<acc_t>();
+    acc_t* nm = t.new_mean.mutable_data_ptr<acc_t>();
+    acc_t* nv = t.new_var.mutable_data_ptr<acc_t>();
+    // The running statistics: momentum * batch + (1 - momentum) * running (ATen's order).
+    const acc_t mom = static_cast<acc_t>(momentum), keep = static_cast<acc_t>(1.0 - momentum);
     for (int64_t c = 0; c < C; ++c) {
       sm[c] = mean[c];
       si[c] = static_cast<acc_t>(1.0 / std::sqrt(sq[c] / M + eps));
       affine_coefficients(mean[c], si[c], wd[c], bd[c], a[c], shift[c]);
-      unbiased[c] = sq[c] / (M - 1.0);
+      nm[c] = mom * mean[c] + keep * rm[c];
+      nv[c] = mom * static_cast<acc_t>(sq[c] / (M - 1.0)) + keep * rv[c];
     }
-    scalar_t* od = out.mutable_data_ptr<scalar_t>();
+    scalar_t* od = t.out.mutable_data_ptr<scalar_t>();
     elementwise(
-        s, [&](int64_t r0, int64_t r1) { rows_normalize_relu<scalar_t, acc_t>(xd, od, r0, r1, C, a.data(), shift.data()); },
+        s,
+        [&](int64_t r0, int64_t r1) {
+          rows_normalize_relu<scalar_t, acc_t>(xd, od, r0, r1, C, a.data(), shift.data());
+        },
         [&](int64_t n, int64_t c) {
           const int64_t o = (n * C + c) * S;
           plane_normalize_relu<scalar_t, acc_t>(xd + o, od + o, S, a[c], shift[c]);
         });
-    // Running statistics, in their own dtype: momentum * batch + (1 - momentum) * running (ATen's order).
-    AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "batch_norm_relu_running", [&] {
-      const at::Tensor batch_mean = save_mean.to(running_mean.scalar_type());
-      const at::Tensor batch_var = at::tensor(unbiased, at::kDouble).to(running_var.scalar_type());
-      const at::Tensor rm_in = running_mean.contiguous(), rv_in = running_var.contiguous();
-      const scalar_t mom = static_cast<scalar_t>(momentum), keep = static_cast<scalar_t>(1.0 - momentum);
-      const scalar_t* bm = batch_mean.const_data_ptr<scalar_t>();
-      const scalar_t* bv = batch_var.const_data_ptr<scalar_t>();
-      const scalar_t* rm = rm_in.const_data_ptr<scalar_t>();
-      const scalar_t* rv = rv_in.const_data_ptr<scalar_t>();
-      scalar_t* nm = new_mean.mutable_data_ptr<scalar_t>();
-      scalar_t* nv = new_var.mutable_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < C; ++c) {
-        nm[c] = mom * bm[c] + keep * rm[c];
-        nv[c] = mom * bv[c] + keep * rv[c];
-      }
-    });
   });
-  return {out, save_mean, save_invstd, new_mean, new_var};
+  return finish_forward(t, running_mean, running_var);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(const at::Tensor& grad_out,
@@ -166,26 +147,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(cons
                                                                             const at::Tensor& bias,
                                                                             const at::Tensor& save_mean,
                                                                             const at::Tensor& save_invstd) {
-  check_backward(grad_out, input, weight, bias, save_mean, save_invstd);
-  const at::Tensor x = in_kernel_layout(input);
-  const auto fmt = layout_of(x);
-  const at::Tensor dy = grad_out.contiguous(fmt);
-  const Shape s = shape_of(x);
-  const auto stat_dtype = param_dtype_for(x.scalar_type());
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
-  at::Tensor grad_weight = at::empty({s.C}, weight.options());
-  at::Tensor grad_bias = at::empty({s.C}, weight.options());
-  if (s.C == 0) return {dx, grad_weight, grad_bias};
-  const at::Tensor w = weight.contiguous().to(stat_dtype), bb = bias.contiguous().to(stat_dtype),
-                   mean_t = save_mean.contiguous(), invstd_t = save_invstd.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_backward_cpu", [&] {
+  BackwardTensors t = prepare_backward(grad_out, input, weight, bias, save_mean, save_invstd);
+  const Geometry& s = t.g;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.x.scalar_type(), "batch_norm_relu_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xd = x.const_data_ptr<scalar_t>();
-    const scalar_t* dyd = dy.const_data_ptr<scalar_t>();
-    const acc_t* mean = mean_t.const_data_ptr<acc_t>();
-    const acc_t* invstd = invstd_t.const_data_ptr<acc_t>();
-    const acc_t* wd = w.const_data_ptr<acc_t>();
-    const acc_t* bd = bb.const_data_ptr<acc_t>();
+    const scalar_t* xd = t.x.const_data_ptr<scalar_t>();
+    const scalar_t* dyd = t.dy.const_data_ptr<scalar_t>();
+    const acc_t* mean = t.save_mean.const_data_ptr<acc_t>();
+    const acc_t* invstd = t.save_invstd.const_data_ptr<acc_t>();
+    const acc_t* wd = t.weight.const_data_ptr<acc_t>();
+    const acc_t* bd = t.bias.const_data_ptr<acc_t>();
     const int64_t C = s.C, S = s.S;
     const double M = static_cast<double>(s.M);
     std::vector<acc_t> a(C), shift(C);
@@ -199,16 +170,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(cons
           const int64_t o = (n * C + c) * S;
           plane_grad_sums<scalar_t, acc_t>(dyd + o, xd + o, S, mean[c], a[c], shift[c], out_sums);
         });
-    std::vector<acc_t> gm(C), k(C), scale(C), gw(C), gb(C);
+    std::vector<acc_t> gm(C), k(C), scale(C);
+    acc_t* gw = t.grad_weight.mutable_data_ptr<acc_t>();
+    acc_t* gb = t.grad_bias.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t sum_g = static_cast<acc_t>(sums[c]), sum_gx = static_cast<acc_t>(sums[C + c]);
-      gb[c] = sum_g;
-      gw[c] = sum_gx * invstd[c];
+      gb[c] = static_cast<acc_t>(sums[c]);
+      gw[c] = static_cast<acc_t>(sums[C + c]) * invstd[c];
       gm[c] = static_cast<acc_t>(sums[c] / M);
       k[c] = static_cast<acc_t>(sums[C + c] / M) * invstd[c] * invstd[c];
       scale[c] = invstd[c] * wd[c];
     }
-    scalar_t* dxd = dx.mutable_data_ptr<scalar_t>();
+    scalar_t* dxd = t.dx.mutable_data_ptr<scalar_t>();
     elementwise(
         s,
         [&](int64_t r0, int64_t r1) {
@@ -217,12 +189,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(cons
         },
         [&](int64_t n, int64_t c) {
           const int64_t o = (n * C + c) * S;
-          plane_grad_input<scalar_t, acc_t>(dyd + o, xd + o, dxd + o, S, mean[c], a[c], shift[c], gm[c], k[c], scale[c]);
+          plane_grad_input<scalar_t, acc_t>(dyd + o, xd + o, dxd + o, S, mean[c], a[c], shift[c], gm[c], k[c],
+                                            scale[c]);
         });
-    grad_weight.copy_(at::tensor(std::vector<double>(gw.begin(), gw.end()), at::kDouble));
-    grad_bias.copy_(at::tensor(std::vector<double>(gb.begin(), gb.end()), at::kDouble));
   });
-  return {dx, grad_weight, grad_bias};
+  return finish_backward(t, weight);
 }
 
 }  // namespace

@@ -35,7 +35,8 @@ ITCONV_ALWAYS_INLINE void for_channel_tiles(int64_t C, F&& tile) {
 
 // part[c] += sum over rows [r0, r1) of x[m, c] - center[c], squared when kSquare (center == nullptr: 0).
 template <bool kSquare, typename scalar_t, typename acc_t>
-ITCONV_CPU_CLONES void rows_sum(const scalar_t* x, int64_t r0, int64_t r1, int64_t C, const acc_t* center, acc_t* part) {
+ITCONV_CPU_CLONES void rows_sum(const scalar_t* x, int64_t r0, int64_t r1, int64_t C, const acc_t* center,
+                                acc_t* part) {
   for_channel_tiles(C, [&](auto width, int64_t c0) ITCONV_LAMBDA_INLINE {
     constexpr int T = decltype(width)::value;
     acc_t acc[T] = {}, ctr[T] = {};
