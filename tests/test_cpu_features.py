@@ -43,15 +43,22 @@ def test_l1_geometry_is_read_from_the_machine():
     assert info["l1d_sets"] == info["l1d_bytes"] // (info["l1d_ways"] * info["l1d_line"])
 
 
+_REGISTER_LIMITS = {"default": 3, "avx2": 7, "avx512f": 16}
+_ISA_ORDER = ["default", "avx2", "avx512f"]
+
+
+def _cpu_flags_widest() -> str:
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    return "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "default"
+
+
 def test_isa_and_register_limit_follow_the_cpu():
+    # one path on every machine: the expected clone is computed from /proc/cpuinfo, not branched on
     info = _extension.cpu_info()
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    if info["vector_clones"].startswith("none"):
-        assert info["isa"] == "default"
-    elif " avx512f" in flags:
-        assert info["isa"] == "avx512f" and info["register_limit"] == 16
-    elif " avx2" in flags:
-        assert info["isa"] == "avx2" and info["register_limit"] == 7
+    expected = "default" if info["vector_clones"].startswith("none") else _cpu_flags_widest()
+    assert info["detected_isa"] == expected
+    assert (info["isa"], info["widest_isa"]) == (expected, expected)
+    assert info["register_limit"] == _REGISTER_LIMITS[expected]
 
 
 def test_info_prints_the_cpu_tuning_and_the_arch_list():
@@ -97,21 +104,37 @@ def test_every_clone_and_tuning_couples_bit_exactly(env):
     assert report["exact"]
     info = report["info"]
     widest = _extension.cpu_info()["widest_isa"]
-    order = ["default", "avx2", "avx512f"]
-    if "ITCONV_FAST_CPU_ISA" in env and order.index(env["ITCONV_FAST_CPU_ISA"]) <= order.index(widest):
-        assert info["isa"] == env["ITCONV_FAST_CPU_ISA"]
-        if "ITCONV_FAST_REGISTER_LIMIT" not in env:
-            assert info["register_limit"] == {"default": 3, "avx2": 7}[env["ITCONV_FAST_CPU_ISA"]]
+    requested = env.get("ITCONV_FAST_CPU_ISA", widest)
+    expected = _ISA_ORDER[min(_ISA_ORDER.index(requested), _ISA_ORDER.index(widest))]  # a wider one is refused
+    assert info["isa"] == expected
+    if "ITCONV_FAST_REGISTER_LIMIT" not in env:
+        assert info["register_limit"] == _REGISTER_LIMITS[expected]
     if "ITCONV_FAST_REGISTER_LIMIT" in env:
         assert info["register_limit"] == int(env["ITCONV_FAST_REGISTER_LIMIT"])
     if "ITCONV_FAST_L1" in env:
         assert (info["l1d_bytes"], info["l1d_ways"], info["l1d_sets"], info["l1d_source"]) == (49152, 12, 64, "ITCONV_FAST_L1")
 
 
-def test_a_wider_isa_than_the_cpu_has_is_refused():
-    info = _extension.cpu_info()
-    if info["widest_isa"] == "avx512f":
-        pytest.skip("this CPU has the widest clone")
-    out = subprocess.run([sys.executable, "-c", "from itconv_fast import _extension; print(_extension.cpu_info()['isa'])"],
-                         env={**os.environ, "ITCONV_FAST_CPU_ISA": "avx512f"}, capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == info["widest_isa"]
+def _child_cpu_info(env: dict) -> dict:
+    code = "import json; from itconv_fast.ops import _extension; print(json.dumps(_extension.cpu_info()))"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("widest", _ISA_ORDER)
+def test_a_wider_isa_than_the_cpu_has_is_refused(widest):
+    """ITCONV_FAST_CPU_WIDEST narrows what the CPU offers, so the refusal runs on every machine (an AVX-512 one
+    too): a clone wider than the widest is refused and the widest runs instead."""
+    detected = _extension.cpu_info()["detected_isa"]
+    capped = _ISA_ORDER[min(_ISA_ORDER.index(widest), _ISA_ORDER.index(detected))]
+    info = _child_cpu_info({"ITCONV_FAST_CPU_WIDEST": widest, "ITCONV_FAST_CPU_ISA": "avx512f"})
+    assert (info["widest_isa"], info["detected_isa"]) == (capped, detected)
+    assert info["isa"] == capped and info["register_limit"] == _REGISTER_LIMITS[capped]
+
+
+def test_the_widest_cap_never_widens():
+    detected = _extension.cpu_info()["detected_isa"]
+    info = _child_cpu_info({"ITCONV_FAST_CPU_WIDEST": "avx512f"})
+    assert info["widest_isa"] == info["isa"] == detected

@@ -6,6 +6,8 @@
 // Overrides, for the benchmarks' A/B measurements only (benchmarks/NOTES.md):
 //   ITCONV_FAST_L1="bytes,ways"      another L1 geometry (64-byte lines);
 //   ITCONV_FAST_CPU_ISA=default|avx2|avx512f   a narrower clone than the CPU's widest (refused: wider);
+//   ITCONV_FAST_CPU_WIDEST=default|avx2|avx512f   treat the CPU as one whose widest clone is this (narrows only:
+//                                    an AVX-512 machine then takes the branches of one without it, for the tests);
 //   ITCONV_FAST_REGISTER_LIMIT=N     another register-path limit (0 turns the path off).
 #pragma once
 
@@ -97,13 +99,25 @@ inline const char* isa_name(Isa isa) {
   }
 }
 
-inline Isa widest_isa() {
+inline Isa detected_isa() {
 #if ITCONV_HAVE_CPU_CLONES
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return Isa::Avx512;
   if (__builtin_cpu_supports("avx2")) return Isa::Avx2;
 #endif
   return Isa::Default;
+}
+
+// The widest clone this CPU runs, or a narrower one that ITCONV_FAST_CPU_WIDEST names (never a wider one).
+inline Isa widest_isa() {
+  const Isa detected = detected_isa();
+  if (const char* cap = std::getenv("ITCONV_FAST_CPU_WIDEST")) {
+    const std::string name(cap);
+    for (const Isa candidate : {Isa::Default, Isa::Avx2, Isa::Avx512}) {
+      if (name == isa_name(candidate)) return std::min(candidate, detected);
+    }
+  }
+  return detected;
 }
 
 // The clone the coupling kernel runs: the widest the CPU supports, or a narrower one asked for.
@@ -155,7 +169,8 @@ inline std::string describe() {
   std::string s = "l1d_bytes=" + std::to_string(c.bytes) + ";l1d_ways=" + std::to_string(c.ways) +
                   ";l1d_line=" + std::to_string(c.line) + ";l1d_sets=" + std::to_string(c.sets()) +
                   ";l1d_source=" + c.source + ";isa=" + isa_name(selected_isa()) + ";widest_isa=" +
-                  isa_name(widest_isa()) + ";register_limit=" + std::to_string(register_limit());
+                  isa_name(widest_isa()) + ";detected_isa=" + isa_name(detected_isa()) +
+                  ";register_limit=" + std::to_string(register_limit());
   s += std::string(";vector_clones=") + (ITCONV_HAVE_CPU_CLONES ? "avx512f,avx2,default" : "none (not x86-64 GCC/clang)");
   return s + ";compiler=" + compiler();
 }
