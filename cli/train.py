@@ -143,7 +143,7 @@ def train(config_file, preset, dataset, data_dir, download, n_digits, train_size
                                  restart_diverged=restart_diverged)
     except TrainingDiverged as exc:
         good = exc.record.get("epoch", 1) - 1
-        click.echo(f"{exc.describe()}; no step was taken with it; {out}/metrics.json says status: diverged; "
+        click.echo(f"{exc.describe()}; {exc.outcome()}; {out}/metrics.json says status: diverged; "
                    + (f"{out}/checkpoint.pt is still epoch {good}'s" if good else "no epoch had finished")
                    + f" (exit {EXIT_DIVERGED})", err=True)
         sys.exit(EXIT_DIVERGED)

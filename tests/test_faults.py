@@ -4,6 +4,7 @@ directory, and writes that fail half-way (a full disk) leaving the previous file
 import csv
 import errno
 import json
+import math
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from itconv_fast.experiments import report as reports
 from itconv_fast.experiments import sweep as sweeps
 from itconv_fast.experiments import training
 from itconv_fast.experiments.config import config_from
+from itconv_fast.experiments import divergence
 from itconv_fast.experiments.divergence import EXIT_DIVERGED, TrainingDiverged
 from itconv_fast.experiments.step import TrainStep
 from itconv_fast.experiments.sweep_lock import LOCK_NAME, SweepLocked, sweep_lock
@@ -79,13 +81,112 @@ def test_a_nan_loss_takes_no_step():
     step(x, y, 0)  # one good step: momentum buffers exist
     before = {k: v.clone() for k, v in model.state_dict().items()}
     moments = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
-    with pytest.raises(TrainingDiverged, match="non-finite loss"):
+    with pytest.raises(TrainingDiverged, match="non-finite loss") as caught:
         step(x * float("nan"), y, 0)
-    for k, v in model.state_dict().items():
-        if "running" not in k and "num_batches" not in k:  # the forward ran (batch statistics), the step did not
-            assert torch.equal(v, before[k]), k
+    assert caught.value.rule == "non-finite loss" and caught.value.step_refused
+    for k, v in model.state_dict().items():  # the running statistics the forward changed are put back too
+        assert torch.equal(v, before[k]), k
     assert all(torch.equal(m, opt.state[p]["momentum_buffer"]) for m, p in zip(moments, model.parameters()))
     assert sched.last_epoch == 1
+
+
+def test_an_exploding_finite_loss_takes_no_step_and_says_which_rule():
+    model, task, opt, sched, step = _step_fixture()
+    x, y = torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    step(x, y, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step.loss_limit = divergence.exploding_loss_limit(task.loss, 3, y[0])
+    assert step.loss_limit == pytest.approx(divergence.EXPLODING_LOSS_FACTOR * math.log(3))
+    with torch.no_grad():
+        model.head[-1].weight.mul_(1e6)  # finite logits of ~1e6: a finite loss far above the limit
+    before["head.4.weight"] = model.head[-1].weight.clone()
+    with pytest.raises(TrainingDiverged, match="exploding loss") as caught:
+        step(x, y, 0)
+    assert caught.value.rule == "exploding loss" and math.isfinite(caught.value.value)
+    assert caught.value.value > caught.value.limit == step.loss_limit
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert sched.last_epoch == 1
+    step.loss_limit = None  # without a limit the same finite loss is a step
+    step(x, y, 0)
+    assert sched.last_epoch == 2
+
+
+def test_the_loss_at_chance_of_a_digitclutter_task():
+    task = datasets.load("digitclutter", n_digits=3, train_size=8, test_size=8, seed=0,
+                         cache_dir=datasets.default_cache_dir())
+    limit = divergence.exploding_loss_limit(task.loss, task.num_classes, task.train.targets[0])
+    assert limit == pytest.approx(divergence.EXPLODING_LOSS_FACTOR * 10 * math.log(2))
+
+
+def test_a_non_finite_buffer_at_an_epoch_end_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A finite loss and gradient, but a BatchNorm running_var that turns infinite during epoch 2: that epoch is
+    not checkpointed and the run says which rule stopped it."""
+    build, calls = training.build_model, [0]
+
+    def build_with_a_bad_buffer(config, task):
+        model = build(config, task)
+
+        def poison(module, args, output):  # (on the model: the fused BatchNorm + ReLU runs no module hook)
+            if module.training:
+                calls[0] += 1
+                if calls[0] == steps_per_epoch + 1:
+                    module.stages[0].blocks[0].bn1.running_var[0] = float("inf")
+
+        model.register_forward_hook(poison)
+        return model
+
+    monkeypatch.setattr(training, "build_model", build_with_a_bad_buffer)
+    config = config_from("quick", epochs=3, **SMALL)
+    steps_per_epoch = SMALL["train_size"] // SMALL["batch_size"]
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="non-finite model state") as caught:
+        training.train(config, str(out), progress=False)
+    assert caught.value.rule == "non-finite model state" and not caught.value.step_refused
+    assert caught.value.what == "stages.0.blocks.0.bn1.running_var" and caught.value.record["epoch"] == 2
+    assert "the epoch was not kept" == caught.value.outcome()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["divergence"]["rule"] == "non-finite model state" and len(metrics["epochs"]) == 1
+    _assert_kept_checkpoint_is_usable(out, expected_epoch=0)
+
+
+def _assert_kept_checkpoint_is_usable(out, expected_epoch):
+    """Every tensor of the kept checkpoint finite and the model it holds evaluating to finite outputs."""
+    state = checkpoint.load_checkpoint_state(str(out / "checkpoint.pt"), required=("epoch", "model"))
+    assert state["epoch"] == expected_epoch
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    model = load_checkpoint(str(out / "checkpoint.pt")).eval()
+    with torch.no_grad():
+        side, channels = model.config["input_size"], model.config["in_channels"]
+        assert torch.isfinite(model(torch.rand(8, channels, side, side))).all()
+
+
+@pytest.mark.parametrize("provoke", ["nan-loss-epoch-2", "huge-lr"])
+def test_a_kept_checkpoint_is_usable_after_any_divergence(tmp_path, provoke):
+    out = tmp_path / "run"
+    config = config_from("quick", epochs=3, **SMALL)
+    steps_per_epoch = SMALL["train_size"] // SMALL["batch_size"]
+    task = None
+    if provoke == "nan-loss-epoch-2":
+        task = _task_that_diverges_at(steps_per_epoch + 2, config)
+    else:
+        config = config_from("quick", epochs=3, lr=1e6, **SMALL)
+    with pytest.raises(TrainingDiverged):
+        training.train(config, str(out), progress=False, task=task)
+    if (out / "checkpoint.pt").exists():
+        _assert_kept_checkpoint_is_usable(out, expected_epoch=0)
+
+
+def test_the_diverging_run_of_a_new_user_stops_at_epoch_1_and_keeps_nothing_broken(tmp_path):
+    """`train --blocks 2 --width 8 --epochs 2 --train-size 512 --test-size 128 --lr 1e6` once finished epoch 1
+    with a finite loss of 1e27 and infinite BatchNorm buffers in its checkpoint."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--blocks", "2", "--width", "8", "--epochs", "2", "--train-size",
+                                       "512", "--test-size", "128", "--lr", "1e6", "--no-progress", "--out", str(out)])
+    assert result.exit_code == EXIT_DIVERGED, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["divergence"]["epoch"] == 1 and metrics["divergence"]["rule"] in TrainingDiverged.STEP_RULES
+    assert metrics["divergence"]["rule"] in result.output and "no step was taken" in result.output
+    assert not (out / "checkpoint.pt").exists()
 
 
 def test_an_infinite_gradient_takes_no_step():
@@ -190,7 +291,8 @@ def test_a_diverged_trial_is_a_result_and_is_not_retried_unless_asked(tmp_path):
     assert sweeps.pending(spec, str(out)) == []
     assert [t.name for t in sweeps.pending(spec, str(out), retry_diverged=True)] == [bad.name]
     rows = sweeps.collect_results(spec, str(out))
-    assert [r["status"] for r in rows] == ["ok", "diverged"] and "non-finite" in rows[1]["reason"]
+    assert [r["status"] for r in rows] == ["ok", "diverged"]
+    assert "non-finite" in rows[1]["reason"] or "exploding loss" in rows[1]["reason"]  # the rule that stopped it
     with open(out / "results.csv", newline="") as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["ok", "diverged"]
     md = open(reports.write_report(str(out))).read()
@@ -382,7 +484,8 @@ def test_sweep_with_a_diverging_and_a_crashing_trial_on_ray(tmp_path):
     with open(out / "results.csv", newline="") as f:
         rows = {r["trial"]: r for r in csv.DictReader(f)}
     assert rows["lr=0.2"]["status"] == "ok" and rows["lr=0.2"]["final_test_error"] != ""
-    assert rows["lr=1e+06"]["status"] == "diverged" and "non-finite" in rows["lr=1e+06"]["reason"]
+    assert rows["lr=1e+06"]["status"] == "diverged"
+    assert "non-finite" in rows["lr=1e+06"]["reason"] or "exploding loss" in rows["lr=1e+06"]["reason"]
     crashed = [r for r in rows.values() if r["dataset"] == "mnist"]
     assert crashed and crashed[0]["status"] == "failed" and "DatasetFilesError" in crashed[0]["reason"]
     assert not (out / LOCK_NAME).exists()

@@ -20,7 +20,7 @@ import time
 import torch
 
 from ..data import datasets
-from ..experiments.training import lr_factor
+from ..experiments.schedule import lr_factor
 from ..models import IterResNet
 
 __all__ = ["plain_epochs", "plain_run", "train_benchmark_values", "train_benchmark_task", "main"]

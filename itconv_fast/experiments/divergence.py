@@ -1,5 +1,14 @@
-"""Diverging training: a non-finite loss or gradient norm stops the run at that step, before the optimizer
-takes it, so that the last good checkpoint is what the run keeps.
+"""Diverging training stops the run, and the run keeps only a state that is usable: its last good checkpoint.
+
+Four rules, each named in the error and in metrics.json (`divergence.rule`):
+
+- `non-finite loss` and `non-finite gradient norm`: checked after a step's last backward, before the optimizer;
+- `exploding loss`: a finite task loss above EXPLODING_LOSS_FACTOR times the loss of a prediction at chance
+  (all-zero logits), which no training that still learns reaches (checked with the same read of the device);
+- `non-finite model state`: at the end of an epoch, a parameter or buffer (BatchNorm running statistics, spectral
+  power vectors) that is not finite, or a non-finite test loss; that epoch is then not checkpointed.
+
+A refused step is undone: the buffers its forward passes changed (running statistics, power vectors) are put back.
 
 `itconv-fast train` exits with EXIT_DIVERGED (3) and metrics.json says `status: diverged` with the epoch,
 step and learning rate; `--resume` on such a run starts from its last good epoch only with
@@ -9,39 +18,72 @@ step and learning rate; `--resume` on such a run starts from its last good epoch
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
-__all__ = ["TrainingDiverged", "EXIT_DIVERGED", "RESTARTABLE_FIELDS", "check_finite_step"]
+__all__ = ["TrainingDiverged", "EXIT_DIVERGED", "RESTARTABLE_FIELDS", "EXPLODING_LOSS_FACTOR", "check_finite_step",
+           "exploding_loss_limit", "check_finite_state", "BufferSnapshot"]
 
 EXIT_DIVERGED = 3  # the exit code of a diverged `itconv-fast train` (1: other errors, 2: usage errors)
 RESTARTABLE_FIELDS = ("lr", "weight_decay")  # what may change when a diverged run restarts from its last good epoch
+# A batch's task loss this many times the loss at chance is divergence (chance: ln C for C classes, 10 ln 2 for
+# Digitclutter's 10 sigmoid outputs; a network at initialisation is within a few times it).
+EXPLODING_LOSS_FACTOR = 1000.0
 
 
 class TrainingDiverged(RuntimeError):
-    """Training met a non-finite loss or gradient norm; no optimizer step was taken with it.
+    """Training met a non-finite or exploding loss, a non-finite gradient norm or a non-finite model state.
 
-    what: "loss" or "gradient norm"; value: the non-finite value; record: where (epoch, step, lr), filled in by
-    the training loop."""
+    what: "loss", "gradient norm", a state entry's name or "test loss"; value: the offending value; rule: which
+    rule fired (module docstring); record: where (epoch, step, lr), filled in by the training loop. A step-level
+    rule took no optimizer step; the state rule keeps the epoch out of the checkpoint."""
 
-    def __init__(self, what: str, value: float, record: dict = None) -> None:
+    STEP_RULES = ("non-finite loss", "exploding loss", "non-finite gradient norm")
+
+    def __init__(self, what: str, value: float, record: dict = None, *, rule: str = None, limit: float = None) -> None:
         self.what, self.value, self.record = what, value, dict(record or {})
+        self.rule = rule or self.record.get("rule") or f"non-finite {what}"
+        self.limit = limit if limit is not None else self.record.get("limit")
         super().__init__(self.describe())
+
+    @property
+    def step_refused(self) -> bool:
+        return self.rule in self.STEP_RULES
 
     def describe(self) -> str:
         where = ""
         if self.record:
             where = (f" at epoch {self.record.get('epoch')}, step {self.record.get('step')} "
                      f"(lr {self.record.get('lr', float('nan')):.4g})")
+        if self.rule == "exploding loss":
+            return (f"training diverged: exploding loss ({self.value:.4g}, over the limit {self.limit:.4g}, "
+                    f"{EXPLODING_LOSS_FACTOR:g} x the loss at chance){where}")
+        if self.rule == "non-finite model state":
+            return f"training diverged: non-finite model state ({self.what} is {self.value}){where}"
         return f"training diverged: non-finite {self.what} ({self.value}){where}"
 
+    def outcome(self) -> str:
+        """What the run did about it, for messages."""
+        return "no step was taken with it" if self.step_refused else "the epoch was not kept"
 
-def check_finite_step(losses: Iterable[torch.Tensor], parameters: Iterable[torch.nn.Parameter]) -> None:
+
+def exploding_loss_limit(loss_fn, num_classes: int, target: torch.Tensor) -> float:
+    """EXPLODING_LOSS_FACTOR x the task loss of all-zero logits (a prediction at chance) for one example."""
+    logits = torch.zeros(1, num_classes)
+    chance = float(loss_fn(logits, target.unsqueeze(0).cpu()))
+    return EXPLODING_LOSS_FACTOR * chance
+
+
+def check_finite_step(losses: Iterable[torch.Tensor], parameters: Iterable[torch.nn.Parameter],
+                      task_losses: Iterable[torch.Tensor] = (), loss_limit: Optional[float] = None) -> None:
     """Raises TrainingDiverged when a loss (named first) or the global gradient norm (one fused norm per device and
-    dtype) is NaN or inf. Both are read from the device at once: one synchronisation per step, where a GPU step
-    is otherwise stalled by every read."""
+    dtype) is NaN or inf, or a task loss is above loss_limit (when given). All are read from the device at once:
+    one synchronisation per step, where a GPU step is otherwise stalled by every read."""
     values = [loss.detach().float().reshape(1) for loss in losses]
+    n_losses = len(values)
+    limited = [loss.detach().float().reshape(1) for loss in task_losses] if loss_limit is not None else []
+    values += limited
     grads = [p.grad for p in parameters if p.grad is not None]
     if grads:
         norms = torch._foreach_norm(grads)
@@ -49,10 +91,61 @@ def check_finite_step(losses: Iterable[torch.Tensor], parameters: Iterable[torch
     if not values:
         return
     checked = torch.cat([v.to(values[0].device) for v in values])
-    if bool(torch.isfinite(checked).all()):  # the one synchronisation
+    ok = torch.isfinite(checked).all()
+    if limited:
+        ok = ok & (checked[n_losses:n_losses + len(limited)] <= loss_limit).all()
+    if bool(ok):  # the one synchronisation
         return
     read = checked.tolist()
-    for value in read[: len(read) - (1 if grads else 0)]:
+    for value in read[:n_losses]:
         if not math.isfinite(value):
-            raise TrainingDiverged("loss", value)
-    raise TrainingDiverged("gradient norm", read[-1])
+            raise TrainingDiverged("loss", value, rule="non-finite loss")
+    for value in read[n_losses:n_losses + len(limited)]:
+        if math.isfinite(value) and value > loss_limit:
+            raise TrainingDiverged("loss", value, rule="exploding loss", limit=loss_limit)
+    raise TrainingDiverged("gradient norm", read[-1], rule="non-finite gradient norm")
+
+
+def check_finite_state(model: torch.nn.Module) -> None:
+    """Raises TrainingDiverged (rule "non-finite model state") naming the first parameter or floating-point buffer
+    with a NaN or inf; one read of the device."""
+    entries = [(name, t) for name, t in list(model.named_parameters()) + list(model.named_buffers())
+               if t.is_floating_point() and t.numel()]
+    if not entries:
+        return
+    flags = torch.stack([torch.isfinite(t.detach()).all().to(entries[0][1].device) for _, t in entries])
+    if bool(flags.all()):
+        return
+    name, tensor = entries[int((~flags).nonzero()[0])]
+    bad = tensor.detach()[~torch.isfinite(tensor.detach())].flatten()[0].item()
+    raise TrainingDiverged(name, bad, rule="non-finite model state")
+
+
+class BufferSnapshot:
+    """The model's buffers (BatchNorm statistics and counters, spectral power vectors) copied before a step, so
+    that a refused step can put back what its forward passes changed. The copies are made once and refilled in
+    place each step (one fused copy); buffers are looked up by name, so a module that replaces one is followed."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.names: list = []
+        self.saved: list = []
+
+    def _current(self) -> list:
+        return [(name, b) for name, b in self.module.named_buffers() if b is not None and b.numel()]
+
+    def take(self) -> None:
+        current = self._current()
+        if [n for n, _ in current] != self.names or any(s.shape != b.shape or s.dtype != b.dtype or
+                                                          s.device != b.device for s, (_, b) in zip(self.saved, current)):
+            self.names = [n for n, _ in current]
+            self.saved = [b.detach().clone() for _, b in current]
+        elif self.saved:
+            torch._foreach_copy_(self.saved, [b.detach() for _, b in current])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        current = dict(self._current())
+        for name, saved in zip(self.names, self.saved):
+            if name in current and current[name].shape == saved.shape:
+                current[name].copy_(saved)

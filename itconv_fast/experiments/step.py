@@ -1,9 +1,10 @@
 """One training step, kept apart from the loop that drives epochs, checkpoints and logs (as timm's
 `train_one_epoch` and Lightning's `training_step` keep theirs).
 
-A non-finite loss or gradient norm raises `TrainingDiverged` (experiments/divergence.py) after the last
-micro-batch's backward, before coupling and the optimizer: no step is taken with it. Both are checked with one
-read of the device per step (a GPU step is otherwise stalled by every read).
+A non-finite loss or gradient norm, or an exploding task loss (above `loss_limit`), raises `TrainingDiverged`
+(experiments/divergence.py) after the last micro-batch's backward, before coupling and the optimizer: no step is
+taken with it, and the buffers its forward passes changed (BatchNorm statistics, power vectors) are put back. All
+are checked with one read of the device per step (a GPU step is otherwise stalled by every read).
 
 A step is `accumulate` micro-batches: each runs forward and backward (under DDP only the last one
 all-reduces, inside its backward); after the last, the gradient coupler mixes the gradients (after the
@@ -24,7 +25,7 @@ import torch
 from ..data import datasets
 from ..nn.coupling import GradientCoupler
 from ..objectives import Objective, ObjectiveContext, record_stages
-from .divergence import check_finite_step
+from .divergence import BufferSnapshot, TrainingDiverged, check_finite_step
 
 __all__ = ["TrainStep", "autocast"]
 
@@ -45,12 +46,14 @@ class TrainStep:
     all-reduce of all micro-batches but the last). objectives: extra loss terms; their values of the last
     micro-batch are in `last_terms` ({name: float}) and their parts in `last_parts` ({name: {part: float}}).
     seed: with the step count and the micro-batch index, seeds the objectives' random draws (a resumed run
-    draws what the uninterrupted one drew).
+    draws what the uninterrupted one drew). loss_limit: a task loss above it is divergence (the exploding-loss
+    rule; None: only non-finite values are).
     """
 
     def __init__(self, net: torch.nn.Module, task: datasets.Task, optimizer: torch.optim.Optimizer, scheduler,
                  coupler: GradientCoupler, *, device: torch.device, accumulate: int = 1, distributed: bool = False,
-                 objectives: Sequence[Objective] = (), model: Optional[torch.nn.Module] = None, seed: int = 0):
+                 objectives: Sequence[Objective] = (), model: Optional[torch.nn.Module] = None, seed: int = 0,
+                 loss_limit: Optional[float] = None):
         self.net, self.task, self.optimizer, self.scheduler, self.coupler = net, task, optimizer, scheduler, coupler
         self.device, self.accumulate, self.distributed = device, accumulate, distributed
         self.objectives = list(objectives)
@@ -59,9 +62,12 @@ class TrainStep:
             raise ValueError(f"TrainStep: an objective is given twice ({names})")
         self.model = net if model is None else model
         self.seed = seed
+        self.loss_limit = loss_limit
+        self.buffers = BufferSnapshot(self.model)  # what a refused step's forwards changed is put back from here
         self.last_terms: dict = {}
         self.last_parts: dict = {}
         self._losses: list = []  # this step's micro-batch losses, checked with the gradients after the last backward
+        self._task_losses: list = []  # the same without the objectives' terms (the exploding-loss rule)
 
     def optimizer_parameters(self):
         return (p for group in self.optimizer.param_groups for p in group["params"])
@@ -75,6 +81,7 @@ class TrainStep:
             x = x.contiguous(memory_format=torch.channels_last)
         if m == 0:
             self.optimizer.zero_grad(set_to_none=True)
+            self.buffers.take()
         skip_sync = self.distributed and m < self.accumulate - 1
         with self.net.no_sync() if skip_sync else contextlib.nullcontext():
             with record_stages(self.model) if self.objectives else contextlib.nullcontext() as stages:
@@ -94,11 +101,16 @@ class TrainStep:
                         total = total + objective.weight * term.value.float()
             (total / self.accumulate).backward()
         if m == 0:
-            self._losses = []
+            self._losses, self._task_losses = [], []
         if not self.distributed:  # under DDP a NaN reaches every rank through the all-reduced gradients
             self._losses.append(total.detach())
+            self._task_losses.append(loss.detach())  # (rank-local values: under DDP the ranks could disagree)
         if m == self.accumulate - 1:
-            check_finite_step(self._losses, self.optimizer_parameters())  # before the step: weights stay as they were
+            try:  # before the step: weights stay as they were
+                check_finite_step(self._losses, self.optimizer_parameters(), self._task_losses, self.loss_limit)
+            except TrainingDiverged:
+                self.buffers.restore()
+                raise
             self.coupler()  # after the all-reduce, before the step
             self.optimizer.step()
             self.scheduler.step()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import math
 import os
 import random
@@ -27,14 +26,15 @@ import torch
 import torch.distributed as dist
 
 from ..data import datasets
-from ..io.checkpoint import (CheckpointError, atomic_save, atomic_write_json, load_checkpoint_state,
-                             rng_state, save_checkpoint, set_rng_state)
+from ..io.checkpoint import atomic_save, atomic_write_json, rng_state, save_checkpoint
 from ..models import IterResNet
 from ..nn.coupling import GradientCoupler
 from ..objectives import make_objective
 from .config import PRESETS, TrainConfig, build_config, config_from, write_config_file  # noqa: F401 (re-exported)
 from .run_log import TENSORBOARD_TAGS, environment, event_writer, write_metrics_csv
-from .divergence import RESTARTABLE_FIELDS, TrainingDiverged
+from .divergence import TrainingDiverged, check_finite_state, exploding_loss_limit
+from .resume import RunDivergedError, previous_divergence, resume_run  # noqa: F401 (re-exported)
+from .schedule import lr_factor
 from .compilation import compile_mode, decide_compile, use_compile_cache
 from .host_memory import keep_freed_memory
 from .step import TrainStep, autocast
@@ -64,14 +64,6 @@ def build_model(config: TrainConfig, task: datasets.Task) -> IterResNet:
     )
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 @torch.no_grad()
 def evaluate(model, task: datasets.Task, split: datasets.Split, device, batch_size: int = 500) -> tuple[float, float]:
     """(mean loss, error) of the model on a split, in eval mode."""
@@ -89,23 +81,6 @@ def evaluate(model, task: datasets.Task, split: datasets.Split, device, batch_si
     return loss_sum / max(n, 1), wrong / max(n, 1)
 
 
-class RunDivergedError(ValueError):
-    """--resume of a run whose training diverged, without --restart-diverged."""
-
-
-def previous_divergence(out_dir: str):
-    """The divergence record of a run directory whose metrics.json says `status: diverged`, else None."""
-    try:
-        with open(os.path.join(out_dir, "metrics.json"), encoding="utf-8") as f:
-            metrics = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if isinstance(metrics, dict) and metrics.get("status") == "diverged":
-        record = metrics.get("divergence")
-        return dict(record) if isinstance(record, dict) else {}
-    return None
-
-
 def objective_values(step: TrainStep) -> dict:
     """The last micro-batch's objective terms and their numeric parts, as {name: v, "name/part": v}."""
     values = dict(step.last_terms)
@@ -114,59 +89,16 @@ def objective_values(step: TrainStep) -> dict:
     return values
 
 
-def _resume(out_dir, config, device, model, optimizer, scheduler, generator, metrics, *, restart_diverged, lr,
-            total_steps, warmup) -> int:
-    """Restores a run from out_dir/checkpoint.pt into the model, optimizer, schedule, RNG and metrics; returns the
-    epoch to start from (0 without a checkpoint). A diverged run is restarted only with restart_diverged, and then
-    with the new lr and weight decay on the saved schedule; any other change of configuration is refused."""
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
-    start_epoch = 0
-    diverged = previous_divergence(out_dir)
-    if diverged is not None:
-        if not restart_diverged:
-            kept = (f"its last good checkpoint (epoch {diverged.get('epoch', 1) - 1}) is kept: restart from it"
-                    if os.path.exists(ckpt_path) else "no epoch had finished: start it again")
-            raise RunDivergedError(f"{out_dir} diverged (non-finite {diverged.get('what', 'values')} at epoch "
-                                   f"{diverged.get('epoch')}, step {diverged.get('step')}, lr {diverged.get('lr')}); "
-                                   f"{kept} with --restart-diverged (e.g. with a lower --lr)")
-        metrics["restarts"] = [{"diverged": diverged, "lr": config.lr, "weight_decay": config.weight_decay}]
-    if os.path.exists(ckpt_path):
-        state = load_checkpoint_state(ckpt_path, map_location=device,
-                                      required=("model", "optimizer", "scheduler", "rng", "epoch", "epochs", "config"))
-        saved = {**dataclasses.asdict(TrainConfig()), **state["config"]}  # fields added since take their defaults
-        # compile may differ (same computation to float tolerance; an old run saved true/false, the default is auto)
-        may_change = ("compile",) + (RESTARTABLE_FIELDS if diverged is not None else ())
-        changed = sorted(k for k in saved if saved[k] != dataclasses.asdict(config).get(k) and k not in may_change)
-        if changed:
-            raise ValueError(f"cannot resume {out_dir}: its configuration differs in {changed}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if diverged is not None:  # the restart's lr and weight decay replace the saved ones, on the same schedule
-            scheduler.base_lrs = [lr for _ in optimizer.param_groups]
-            for group in optimizer.param_groups:
-                group["lr"] = lr * lr_factor(scheduler.last_epoch, total_steps, warmup)
-                group["weight_decay"] = config.weight_decay
-            metrics["restarts"] = list(state.get("restarts", [])) + metrics["restarts"]
-        try:
-            set_rng_state(state["rng"], generator)
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{ckpt_path}: its RNG state is not readable ({exc})") from None
-        metrics["epochs"] = state["epochs"]
-        start_epoch = state["epoch"] + 1
-        metrics["resumed_at_epochs"] = list(state.get("resumed_at_epochs", [])) + [start_epoch]
-    return start_epoch
-
-
 def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
           task: Optional[datasets.Task] = None, stop_after_epochs: Optional[int] = None, return_model: bool = False,
           on_epoch=None, restart_diverged: bool = False):
     """Trains (or resumes) a run; returns the metrics dict also written to out_dir/metrics.json.
     (train_epochs, the same run as a generator of its epochs' records.)
 
-    A non-finite loss or gradient norm raises TrainingDiverged (experiments/divergence.py) before the
-    optimizer steps: metrics.json then says `status: diverged` (with epoch, step, lr) and checkpoint.pt stays
-    the last good epoch's. resume=True on such a run raises RunDivergedError unless restart_diverged=True,
+    A non-finite or exploding loss or a non-finite gradient norm raises TrainingDiverged
+    (experiments/divergence.py) before the optimizer steps, and a non-finite parameter, buffer or test loss at an
+    epoch's end before its checkpoint: metrics.json then says `status: diverged` (with the rule, epoch, step, lr)
+    and checkpoint.pt stays the last good epoch's. resume=True on such a run raises RunDivergedError unless restart_diverged=True,
     which continues from the last good epoch and lets lr and weight_decay differ from the saved run.
 
     stop_after_epochs: end after this many epochs of this call (for tests of interruption and resume).
@@ -190,8 +122,29 @@ def train_epochs(config: TrainConfig, out_dir: str, *, resume: bool = False, pro
                  return_model: bool = False, on_epoch=None, restart_diverged: bool = False):
     """`train` as a generator: yields each finished epoch's record (after its checkpoint is written) and returns
     what train returns. Lets a caller interleave the epochs of several runs (itconv-fast bench train)."""
+    run = TrainingRun.start(config, out_dir, resume=resume, task=task, restart_diverged=restart_diverged)
+    from tqdm.auto import tqdm
+
+    show = progress and run.rank == 0
+    epochs_bar = tqdm(range(run.start_epoch, config.epochs), desc="epochs", disable=not show,
+                      initial=run.start_epoch, total=config.epochs)
+    ran = 0
+    for epoch in epochs_bar:
+        record = run.train_one_epoch(epoch, show)
+        run.write_epoch(epoch, record, on_epoch)
+        epochs_bar.set_postfix(test_error=f"{record['test_error']:.3f}")
+        yield record
+        ran += 1
+        if stop_after_epochs is not None and ran >= stop_after_epochs:
+            break
+    run.finish()
+    return (run.metrics, run.model) if return_model else run.metrics
+
+
+def _init_distributed(device: torch.device) -> tuple[torch.device, int, int, bool]:
+    """(device, rank, world size, distributed); under torchrun (WORLD_SIZE > 1) joins the process group (gloo on
+    the CPU, nccl on CUDA, one GPU per local rank)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = resolve_device(config.device)
     if distributed and not dist.is_initialized():
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -199,95 +152,110 @@ def train_epochs(config: TrainConfig, out_dir: str, *, resume: bool = False, pro
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    parts = world * config.accumulate
-    if config.accumulate < 1 or config.batch_size % parts:
-        raise ValueError(f"batch size {config.batch_size} is not divisible by {world} processes x {config.accumulate} "
-                         "accumulation steps")
+    return device, rank, world, distributed
 
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    if task is None:
-        task = datasets.load(config.dataset, data_dir=config.data_dir, download=config.download and rank == 0,
-                             n_digits=config.n_digits, train_size=config.train_size, test_size=config.test_size,
-                             seed=config.seed, cache_dir=config.cache_dir or datasets.default_cache_dir())
-    model = build_model(config, task).to(device)
-    # NHWC where it is faster: everywhere on CUDA, stages of 16+ channels on the CPU (IterResNet.to_channels_last).
-    model.to_channels_last(min_width=1 if device.type == "cuda" else CPU_CHANNELS_LAST_MIN_WIDTH)
-    coupler = GradientCoupler(model, config.lam, kernel=config.coupling_kernel, bandwidth=config.coupling_bandwidth,
-                              skip_first=config.skip_first)
-    lr = config.lr * config.batch_size / 128
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, len(task.train) // config.batch_size)  # the last partial batch is dropped
-    total_steps = steps_per_epoch * config.epochs
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup))
-    generator = torch.Generator().manual_seed(config.seed)
 
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
-    metrics = {"config": dataclasses.asdict(config), "environment": environment(device), "epochs": [],
-               "status": "running"}
-    if device.type == "cpu":  # a CPU step maps and zeroes fresh pages for its activations unless freed memory is kept
-        metrics["environment"]["malloc"] = keep_freed_memory()
-    start_epoch = _resume(out_dir, config, device, model, optimizer, scheduler, generator, metrics,
-                          restart_diverged=restart_diverged, lr=lr, total_steps=total_steps, warmup=warmup) if resume else 0
-    if rank == 0:
-        write_config_file(os.path.join(out_dir, "config.yaml"), config)
-        writer = event_writer(out_dir, start_epoch)
+@dataclasses.dataclass
+class TrainingRun:
+    """One run's state between its epochs: what `train_epochs` sets up once (TrainingRun.start), then drives an
+    epoch at a time (train_one_epoch) and writes after each (write_epoch)."""
 
-    net = model
-    if distributed:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    compiled, why = decide_compile(config.compile, device, total_steps - scheduler.last_epoch,
-                                   objectives=bool(config.objectives), distributed=distributed)
-    metrics["compile"] = {"setting": config.compile, "on": compiled, "reason": why}
-    if compiled:
-        metrics["compile"].update(cache_dir=use_compile_cache(),
-                                  mode=compile_mode(device))
-        if config.compile == "auto":  # a default run never fails for compiling: TorchDynamo falls back to eager code
-            importlib.import_module("torch._dynamo").config.suppress_errors = True
-        net = torch.compile(net, mode=compile_mode(device))
-    objectives = [make_objective(name, weight, k=config.objective_k, rho=config.objective_rho)
-                  for name, weight in config.objectives.items()]
-    step = TrainStep(net, task, optimizer, scheduler, coupler, device=device, accumulate=config.accumulate,
-                     distributed=distributed, objectives=objectives, model=model, seed=config.seed)
+    config: TrainConfig
+    out_dir: str
+    device: torch.device
+    rank: int
+    world: int
+    task: datasets.Task
+    model: IterResNet
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+    metrics: dict
+    step: TrainStep
+    start_epoch: int
+    writer: object = None
 
-    from tqdm.auto import tqdm
+    @classmethod
+    def start(cls, config: TrainConfig, out_dir: str, *, resume: bool, task: Optional[datasets.Task],
+              restart_diverged: bool) -> "TrainingRun":
+        """Process group, seeds, data, model, optimizer and schedule, the resumed state, compilation and the step."""
+        device, rank, world, distributed = _init_distributed(resolve_device(config.device))
+        parts = world * config.accumulate
+        if config.accumulate < 1 or config.batch_size % parts:
+            raise ValueError(f"batch size {config.batch_size} is not divisible by {world} processes x "
+                             f"{config.accumulate} accumulation steps")
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        if task is None:
+            task = datasets.load(config.dataset, data_dir=config.data_dir, download=config.download and rank == 0,
+                                 n_digits=config.n_digits, train_size=config.train_size, test_size=config.test_size,
+                                 seed=config.seed, cache_dir=config.cache_dir or datasets.default_cache_dir())
+        model = build_model(config, task).to(device)
+        # NHWC where it is faster: everywhere on CUDA, stages of 16+ channels on the CPU (IterResNet.to_channels_last).
+        model.to_channels_last(min_width=1 if device.type == "cuda" else CPU_CHANNELS_LAST_MIN_WIDTH)
+        coupler = GradientCoupler(model, config.lam, kernel=config.coupling_kernel,
+                                  bandwidth=config.coupling_bandwidth, skip_first=config.skip_first)
+        lr = config.lr * config.batch_size / 128
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=config.weight_decay)
+        steps_per_epoch = max(1, len(task.train) // config.batch_size)  # the last partial batch is dropped
+        total_steps = steps_per_epoch * config.epochs
+        warmup = int(round(config.warmup_epochs * steps_per_epoch))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup))
+        generator = torch.Generator().manual_seed(config.seed)
 
-    show = progress and rank == 0
-    epochs_bar = tqdm(range(start_epoch, config.epochs), desc="epochs", disable=not show, initial=start_epoch,
-                      total=config.epochs)
-    ran = 0
-    for epoch in epochs_bar:
+        os.makedirs(out_dir, exist_ok=True)
+        metrics = {"config": dataclasses.asdict(config), "environment": environment(device), "epochs": [],
+                   "status": "running"}
+        if device.type == "cpu":  # a CPU step maps and zeroes fresh pages for its activations unless freed memory is kept
+            metrics["environment"]["malloc"] = keep_freed_memory()
+        start_epoch = 0
+        if resume:
+            start_epoch = resume_run(out_dir, config, device, model, optimizer, scheduler, generator, metrics,
+                                  restart_diverged=restart_diverged, lr=lr, total_steps=total_steps, warmup=warmup)
+        writer = None
+        if rank == 0:
+            write_config_file(os.path.join(out_dir, "config.yaml"), config)
+            writer = event_writer(out_dir, start_epoch)
+        net = _wrap_network(model, config, device, distributed, total_steps - scheduler.last_epoch, metrics)
+        objectives = [make_objective(name, weight, k=config.objective_k, rho=config.objective_rho)
+                      for name, weight in config.objectives.items()]
+        limit = exploding_loss_limit(task.loss, task.num_classes, task.train.targets[0])
+        step = TrainStep(net, task, optimizer, scheduler, coupler, device=device, accumulate=config.accumulate,
+                         distributed=distributed, objectives=objectives, model=model, seed=config.seed,
+                         loss_limit=limit)
+        return cls(config, out_dir, device, rank, world, task, model, optimizer, scheduler, generator, metrics, step,
+                   start_epoch, writer)
+
+    def train_one_epoch(self, epoch: int, show: bool) -> dict:
+        """Trains one epoch and evaluates on the test set; returns the epoch's record. Raises TrainingDiverged
+        (after writing metrics.json, keeping the checkpoint as it was) when a step or the epoch's end state breaks
+        a divergence rule."""
+        from tqdm.auto import tqdm
+
+        config, task, step = self.config, self.task, self.step
         started = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(task.train), generator=generator)
+        self.model.train()
+        order = torch.randperm(len(task.train), generator=self.generator)
         # Each global batch is cut into world x accumulate equal micro-batches; micro-batch m of rank r is
         # part r * accumulate + m. So N processes and N accumulation steps see the same examples per step.
-        micro = config.batch_size // parts
+        micro = config.batch_size // (self.world * config.accumulate)
         n_steps = len(order) // config.batch_size
-        mine = order[: n_steps * config.batch_size].view(n_steps, world, config.accumulate, micro)[:, rank].reshape(-1)
-        # Sums kept on the device and read once per epoch: a read per step would stall a GPU's launch queue. (float64:
-        # the same additions as summing loss.item() in Python, so the same numbers.)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        wrong_sum = torch.zeros((), dtype=torch.int64, device=device)
+        mine = order[: n_steps * config.batch_size].view(n_steps, self.world, config.accumulate, micro)[:, self.rank]
+        # Sums kept on the device and read once per epoch: a read per step would stall a GPU's launch queue.
+        # (float64: the same additions as summing loss.item() in Python, so the same numbers.)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        wrong_sum = torch.zeros((), dtype=torch.int64, device=self.device)
         seen = 0
         term_sums: dict = {}  # objective name (and name/part) -> sum over examples
-        batch_bar = tqdm(datasets.batches(task, task.train, micro, train=True, generator=generator, device=device,
-                                          indices=mine),
+        batch_bar = tqdm(datasets.batches(task, task.train, micro, train=True, generator=self.generator,
+                                          device=self.device, indices=mine.reshape(-1)),
                          total=n_steps * config.accumulate, desc=f"epoch {epoch + 1}", leave=False, disable=not show)
         for i, (x, y) in enumerate(batch_bar):
             try:
                 loss, logits = step(x, y, i % config.accumulate)
             except TrainingDiverged as exc:
-                exc.record.update(epoch=epoch + 1, step=scheduler.last_epoch + 1, step_in_epoch=i // config.accumulate + 1,
-                                  lr=optimizer.param_groups[0]["lr"], what=exc.what, value=str(exc.value))
-                metrics.update(status="diverged", divergence=exc.record, chance_error=task.chance_error)
-                if rank == 0:
-                    writer.close()
-                    atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)  # the checkpoint stays as it was
-                raise TrainingDiverged(exc.what, exc.value, exc.record) from None
+                self._stop_diverged(exc, epoch, step_in_epoch=i // config.accumulate + 1)
             loss_sum += loss.double() * x.shape[0]
             for key, value in objective_values(step).items():
                 term_sums[key] = term_sums.get(key, 0.0) + value * x.shape[0]
@@ -297,42 +265,90 @@ def train_epochs(config: TrainConfig, out_dir: str, *, resume: bool = False, pro
                 batch_bar.set_postfix(loss=f"{loss.item():.3f}")
         loss_sum, wrong = loss_sum.item(), int(wrong_sum.item())  # (this read waits for the epoch's last step)
         train_seconds = time.perf_counter() - started  # the training pass alone
-        test_loss, test_error = evaluate(model, task, task.test, device)
+        self._check_state(epoch)
+        test_loss, test_error = evaluate(self.model, task, task.test, self.device)
+        if not math.isfinite(test_loss):
+            self._stop_diverged(TrainingDiverged("test loss", test_loss, rule="non-finite model state"), epoch)
         record = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
             "train_error": wrong / max(seen, 1),
             "test_loss": test_loss,
             "test_error": test_error,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": self.optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - started,
             "train_seconds": train_seconds,
         }
         record.update({key: total / max(seen, 1) for key, total in term_sums.items()})
-        metrics["epochs"].append(record)
-        if rank == 0:
-            save_checkpoint({"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "rng": rng_state(generator), "epoch": epoch,
-                             "epochs": metrics["epochs"], "config": dataclasses.asdict(config),
-                             "resumed_at_epochs": metrics.get("resumed_at_epochs", []),
-                             "restarts": metrics.get("restarts", [])}, ckpt_path)
-            atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)
-            write_metrics_csv(os.path.join(out_dir, "metrics.csv"), metrics["epochs"], objectives=list(config.objectives))
-            for key, tag in TENSORBOARD_TAGS.items():
-                writer.add_scalar(tag, record[key], epoch + 1)
-            for key in term_sums:
-                writer.add_scalar(f"objective/{key}", record[key], epoch + 1)
-            writer.flush()
-            if on_epoch is not None:
-                on_epoch(record)
-        epochs_bar.set_postfix(test_error=f"{test_error:.3f}")
-        yield record
-        ran += 1
-        if stop_after_epochs is not None and ran >= stop_after_epochs:
-            break
-    metrics["chance_error"] = task.chance_error
-    metrics["status"] = "ok" if len(metrics["epochs"]) == config.epochs else "stopped"
-    if rank == 0:
-        writer.close()
-        atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    return (metrics, model) if return_model else metrics
+        return record
+
+    def _check_state(self, epoch: int) -> None:
+        try:
+            check_finite_state(self.model)
+        except TrainingDiverged as exc:
+            self._stop_diverged(exc, epoch)
+
+    def _stop_diverged(self, exc: TrainingDiverged, epoch: int, step_in_epoch: Optional[int] = None):
+        """Records the divergence in metrics.json (the checkpoint stays the last good epoch's) and raises it with
+        where it happened."""
+        record = dict(epoch=epoch + 1, step=self.scheduler.last_epoch + (1 if exc.step_refused else 0),
+                      lr=self.optimizer.param_groups[0]["lr"], what=exc.what, value=str(exc.value), rule=exc.rule)
+        if step_in_epoch is not None:
+            record["step_in_epoch"] = step_in_epoch
+        if exc.limit is not None:
+            record["limit"] = exc.limit
+        exc.record.update(record)
+        self.metrics.update(status="diverged", divergence=exc.record, chance_error=self.task.chance_error)
+        if self.rank == 0:
+            self.writer.close()
+            atomic_write_json(os.path.join(self.out_dir, "metrics.json"), self.metrics)
+        raise TrainingDiverged(exc.what, exc.value, exc.record, rule=exc.rule, limit=exc.limit) from None
+
+    def write_epoch(self, epoch: int, record: dict, on_epoch=None) -> None:
+        """Appends the record and, on rank 0, writes the checkpoint, metrics.json, metrics.csv and the
+        TensorBoard scalars (each file atomically), then calls on_epoch."""
+        self.metrics["epochs"].append(record)
+        if self.rank != 0:
+            return
+        config = self.config
+        save_checkpoint({"model": self.model.state_dict(), "model_config": self.model.config,
+                         "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                         "rng": rng_state(self.generator), "epoch": epoch, "epochs": self.metrics["epochs"],
+                         "config": dataclasses.asdict(config),
+                         "resumed_at_epochs": self.metrics.get("resumed_at_epochs", []),
+                         "restarts": self.metrics.get("restarts", [])}, os.path.join(self.out_dir, "checkpoint.pt"))
+        atomic_write_json(os.path.join(self.out_dir, "metrics.json"), self.metrics)
+        write_metrics_csv(os.path.join(self.out_dir, "metrics.csv"), self.metrics["epochs"],
+                          objectives=list(config.objectives))
+        for key, tag in TENSORBOARD_TAGS.items():
+            self.writer.add_scalar(tag, record[key], epoch + 1)
+        for key in record:
+            if key in config.objectives or key.split("/")[0] in config.objectives:
+                self.writer.add_scalar(f"objective/{key}", record[key], epoch + 1)
+        self.writer.flush()
+        if on_epoch is not None:
+            on_epoch(record)
+
+    def finish(self) -> None:
+        self.metrics["chance_error"] = self.task.chance_error
+        self.metrics["status"] = "ok" if len(self.metrics["epochs"]) == self.config.epochs else "stopped"
+        if self.rank == 0:
+            self.writer.close()
+            atomic_write_json(os.path.join(self.out_dir, "metrics.json"), self.metrics)
+
+
+def _wrap_network(model, config: TrainConfig, device, distributed: bool, steps_left: int, metrics: dict):
+    """The module the steps run: the model, under DDP and torch.compile where they apply (metrics["compile"] says
+    whether compilation is on and why)."""
+    net = model
+    if distributed:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    compiled, why = decide_compile(config.compile, device, steps_left, objectives=bool(config.objectives),
+                                   distributed=distributed)
+    metrics["compile"] = {"setting": config.compile, "on": compiled, "reason": why}
+    if compiled:
+        metrics["compile"].update(cache_dir=use_compile_cache(), mode=compile_mode(device))
+        if config.compile == "auto":  # a default run never fails for compiling: TorchDynamo falls back to eager code
+            importlib.import_module("torch._dynamo").config.suppress_errors = True
+        net = torch.compile(net, mode=compile_mode(device))
+    return net
