@@ -23,7 +23,8 @@ def lipschitz(source, power_iterations, gram_iterations, no_gram, json_out, mark
     `example_input()`; it runs as Python, so only pass scripts you trust (checkpoints are read with
     weights_only=True). Prints matrix, operator, Gram-bound and (circular padding) exact sigma per layer.
     """
-    from itconv_fast.measures.lipschitz import ModelScriptError, lipschitz_report, load_model_source
+    from itconv_fast.experiments.model_source import ModelScriptError, load_model_source
+    from itconv_fast.measures.lipschitz import lipschitz_report
 
     try:
         model, example = load_model_source(source)

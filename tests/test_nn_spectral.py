@@ -153,7 +153,7 @@ def test_gradient_is_that_of_sigma_with_the_vectors_held(name, make, size, mode,
     w.grad = None
     u, v = p._u.clone(), p._v.clone()
     if mode == "matrix" or isinstance(layer, nn.Linear):
-        sigma = torch.dot(u, geo._as_matrix(p.geometry, w) @ v.reshape(-1))
+        sigma = torch.dot(u, geo.as_matrix(p.geometry, w) @ v.reshape(-1))
     else:
         sigma = (u * geo._forward_map(p.geometry, v[None], w)[0]).sum()
     factor = mu / sigma if hard else 1 / torch.clamp(sigma / mu, min=1)
@@ -267,11 +267,11 @@ def test_operator_path_of_the_extension_equals_the_generic_convolutions(monkeypa
     layers = [nn.Conv2d(5, 5, 3, padding=1).double() for _ in range(3)]
     geometry = inn.layer_geometry(layers[0])
     assert geometry.extension_operator_path
-    u = geo._normalize(torch.randn(3, 5, 6, 6, dtype=torch.float64))
+    u = geo.normalize_rows(torch.randn(3, 5, 6, 6, dtype=torch.float64))
     u_generic = u.clone()
-    v, sigma = geo._power_steps(geometry, "operator", [m.weight for m in layers], u, (6, 6), 7)
+    v, sigma = geo.power_steps(geometry, "operator", [m.weight for m in layers], u, (6, 6), 7)
     monkeypatch.setattr(inn.LayerGeometry, "extension_operator_path", property(lambda self: False))
-    v2, sigma2 = geo._power_steps(geometry, "operator", [m.weight for m in layers], u_generic, (6, 6), 7)
+    v2, sigma2 = geo.power_steps(geometry, "operator", [m.weight for m in layers], u_generic, (6, 6), 7)
     torch.testing.assert_close(sigma, sigma2, rtol=1e-12, atol=0)
     torch.testing.assert_close(v, v2, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(u, u_generic, rtol=1e-10, atol=1e-12)
@@ -343,8 +343,8 @@ def test_batched_runs_one_call_per_group(monkeypatch):
     model = SmallNet()
     sn = inn.BatchedSpectralNorm(model, mode="operator", example_input=torch.randn(1, 3, 8, 8))
     calls = []
-    real = parametrization._power_steps
-    monkeypatch.setattr(parametrization, "_power_steps", lambda g, *a, **k: calls.append(g) or real(g, *a, **k))
+    real = parametrization.power_steps
+    monkeypatch.setattr(parametrization, "power_steps", lambda g, *a, **k: calls.append(g) or real(g, *a, **k))
     model(torch.randn(2, 3, 8, 8))
     assert len(calls) == len(sn.groups) == 7
 

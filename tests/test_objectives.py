@@ -150,7 +150,7 @@ def test_jacobian_spectral_is_zero_below_its_target():
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_extra_iteration_loss_matches_a_perturbed_forward(kind):
-    from itconv_fast.measures.indices import _perturbed_forward
+    from itconv_fast.measures.evaluator import forward_with_stage_perturbed
 
     model = MODELS[kind]()
     context, _ = _context(model, seed=7)
@@ -159,7 +159,7 @@ def test_extra_iteration_loss_matches_a_perturbed_forward(kind):
     assert 0 <= s < len(model.stages) and 1 <= k <= 5
     with frozen_batchnorm_statistics(model):
         # The task loss on float32 logits, as the training loop computes it.
-        expected = nn.functional.cross_entropy(_perturbed_forward(model, context.x, s, extra=k).float(), context.y)
+        expected = nn.functional.cross_entropy(forward_with_stage_perturbed(model, context.x, s, extra=k).float(), context.y)
     torch.testing.assert_close(term.value, expected, rtol=1e-6, atol=0)
     _assert_grads_close(_grads(model, term.value), _grads(model, expected), rtol=1e-5, atol=1e-7)
 

@@ -4,8 +4,8 @@
     report.indices.di, report.stages[0].refinement[3].cosine_mean, report.stages[0].anytime_error,
     report.anytime_all_error, report.stages[0].trace["fixed_point_residual"]["median"], report.to_dict()
 
-Every measure comes from the cached evaluator of itconv_fast.measures.indices (stage inputs and unperturbed z_t
-computed once per batch, perturbed stage outputs batched through the rest of the network), plus one
+Every measure comes from the cached evaluator (evaluator.py: stage inputs and unperturbed z_t computed once per
+batch, perturbed stage outputs batched through the rest of the network), through its hooks (AnalysisHooks), plus one
 backward pass per batch for the gradients and one pass per k for the all-stages anytime curve:
 
 - refinement (Jastrzebski et al. 2018), per block t of every stage: the cosine between the block's update
@@ -36,10 +36,11 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
-from .indices import (IndexReport, _batches, _cached_batch, _Counter, _Extras, _index_report, _per_example_norm,
-                      _stage_step, _Sums, _top1_wrong)
 from ..io.checkpoint import json_safe
-from ..models.residual import check_residual_model
+from ..models.residual import block_update, check_residual_model
+from .evaluator import (PassHooks, Tally, cached_pass, check_batch_size, check_extra_iterations, evaluate_batches,
+                        per_example_norm, stage_iterations, top1_wrong)
+from .indices import IndexReport, index_report
 
 __all__ = ["analyze", "AnalysisReport", "StageAnalysis", "BlockRefinement", "MEASURES", "plot_analysis"]
 
@@ -91,13 +92,38 @@ def _quartiles(values: torch.Tensor) -> list:
     return [float(q) for q in torch.quantile(values.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))]
 
 
-def _stage_run(stage, x_s, k):
-    """The stage with k iterations: its first min(k, T) blocks, then the last block k - T more times."""
-    z = x_s
-    T = len(stage.blocks)
-    for t in range(k):
-        z = _stage_step(stage, stage.blocks[min(t, T - 1)], z, x_s)
-    return z
+class AnalysisHooks(PassHooks):
+    """What the analyses add to the cached pass: the loss of every perturbation, "apply block t twice"
+    perturbations (refinement) and per-example traces of the extra iterations."""
+
+    def __init__(self, loss_fn, twice: bool = False, traces: bool = False) -> None:
+        self.loss_fn, self.twice, self.traces = loss_fn, twice, traces
+        self.losses = Tally()
+        self.step_norms = {}  # s -> [n, K+1] ||z_{T+k+1} - z_{T+k}||, k = 0..K, one tensor per batch
+        self.state_norms = {}  # s -> [n, K+1] ||z_{T+k}||
+
+    def on_logits(self, key, logits, y) -> None:
+        self.losses.add(key, self.loss_fn(logits, y).sum())
+
+    def stage_perturbations(self, s, stage, x_s, trajectory) -> list:
+        """Block t applied twice: from the cached z_t, once more, then on. For t = T this is the first extra
+        iteration, counted there (first_extra_iteration_keys)."""
+        if not self.twice:
+            return []
+        T, outputs = len(stage.blocks), []
+        for t in range(1, T):
+            z = block_update(stage, stage.blocks[t - 1], trajectory[t], x_s)
+            for u in range(t + 1, T + 1):
+                z = block_update(stage, stage.blocks[u - 1], z, x_s)
+            outputs.append(((s, "twice", t), z))
+        return outputs
+
+    def first_extra_iteration_keys(self, s, T) -> list:
+        return [(s, "twice", T)] if self.twice else []
+
+    def on_trace(self, s, steps, states) -> None:
+        self.step_norms.setdefault(s, []).append(steps.double().cpu())
+        self.state_norms.setdefault(s, []).append(states.double().cpu())
 
 
 def _refinement_batch(model, x, y, loss_fn, store):
@@ -112,7 +138,7 @@ def _refinement_batch(model, x, y, loss_fn, store):
             # through the state alone (x_s held fixed), as for every later z_{t-1}.
             x_s, traj = z, [z.clone()]
             for block in stage.blocks:
-                traj.append(_stage_step(stage, block, traj[-1], x_s))
+                traj.append(block_update(stage, block, traj[-1], x_s))
             trajectories.append(traj)
             z = traj[-1]
         loss = loss_fn(model.head(z), y).sum()
@@ -127,12 +153,12 @@ def _refinement_batch(model, x, y, loss_fn, store):
                 i += 1
                 dn, gn = delta.norm(dim=1), g.norm(dim=1)
                 cos = torch.where((dn > 0) & (gn > 0), (delta * g).sum(1) / (dn * gn).clamp_min(1e-30), torch.zeros_like(dn))
-                ratio = dn / _per_example_norm(traj[t - 1]).clamp_min(1e-12)
+                ratio = dn / per_example_norm(traj[t - 1]).clamp_min(1e-12)
                 store.setdefault((s, t, "cos"), []).append(cos.double().cpu())
                 store.setdefault((s, t, "ratio"), []).append(ratio.double().cpu())
 
 
-def _anytime_all_batch(model, x, y, error_fn, loss_fn, k_max, wrong: _Counter, losses: _Sums, skip=None):
+def _anytime_all_batch(model, x, y, error_fn, loss_fn, k_max, wrong: Tally, losses: Tally, skip=None):
     """Every stage runs k iterations together, k = 1..k_max, except k = skip (the unperturbed network, known
     from the cached pass). The first stage's trajectory is built once."""
     z0 = model.stem(x)
@@ -140,12 +166,12 @@ def _anytime_all_batch(model, x, y, error_fn, loss_fn, k_max, wrong: _Counter, l
     z = z0
     for k in range(1, k_max + 1):
         T = len(first.blocks)
-        z = _stage_step(first, first.blocks[min(k - 1, T - 1)], z, z0)
+        z = block_update(first, first.blocks[min(k - 1, T - 1)], z, z0)
         if k == skip:
             continue
         out = z
         for s in range(1, len(model.stages)):
-            out = _stage_run(model.stages[s], model.transitions[s - 1](out), k)
+            out = stage_iterations(model.stages[s], model.transitions[s - 1](out), k)
         logits = model.head(out)
         wrong.add(k, error_fn(logits, y).sum())
         losses.add(k, loss_fn(logits, y).sum())
@@ -182,43 +208,32 @@ def analyze(
     unknown = [m for m in measures if m not in MEASURES]
     if unknown:
         raise ValueError(f"analyze: unknown measure {unknown[0]!r}; choose from {MEASURES} or 'all'")
-    if isinstance(extra_iterations, bool) or not isinstance(extra_iterations, int) or extra_iterations < 1:
-        raise ValueError(f"analyze: extra_iterations must be an int >= 1, got {extra_iterations!r}")
+    check_extra_iterations(extra_iterations, "analyze")
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
         raise ValueError(f"analyze: threshold must be a finite number > 0, got {threshold!r}")
-    if batch_size < 1:
-        raise ValueError(f"analyze: batch_size must be >= 1, got {batch_size}")
-    error_fn = error_fn or _top1_wrong
+    check_batch_size(batch_size, "analyze")
+    error_fn = error_fn or top1_wrong
     loss_fn = loss_fn or _default_loss
     K = extra_iterations
     k_max = max(len(st.blocks) for st in model.stages) + K
     depths = {len(st.blocks) for st in model.stages}
     k_plain = depths.pop() if len(depths) == 1 else None  # every stage at its own T: the unperturbed network
-    extras = _Extras(loss_fn=loss_fn, twice="refinement" in measures, traces="traces" in measures)
-    device = next(model.parameters()).device
-    counter, norms, n = _Counter(), _Sums(), 0
-    per_example, all_wrong, all_losses = {}, _Counter(), _Sums()
-    num_classes = None
-    was_training = model.training
-    model.eval()
-    try:
-        for x, y in _batches(data, batch_size):
-            x, y = x.to(device), y.to(device)
-            n += x.shape[0]
-            with torch.no_grad():
-                num_classes = _cached_batch(model, x, y, error_fn, counter, K, chunk=batch_size, norms=norms,
-                                            extras=extras)
-                if "anytime" in measures:
-                    _anytime_all_batch(model, x, y, error_fn, loss_fn, k_max, all_wrong, all_losses, skip=k_plain)
-            if "refinement" in measures:
-                _refinement_batch(model, x, y, loss_fn, per_example)
-    finally:
-        model.train(was_training)
-    if n == 0:
-        raise ValueError("analyze: no data (empty evaluation set)")
-    indices = _index_report(model, counter, norms, n, num_classes, K, "cached", chance_error)
-    loss_of = lambda key: extras.losses.values[key] / n  # noqa: E731
-    err_of = lambda key: counter.wrong[key] / n  # noqa: E731
+    hooks = AnalysisHooks(loss_fn, twice="refinement" in measures, traces="traces" in measures)
+    counter, norms = Tally(), Tally()
+    per_example, all_wrong, all_losses = {}, Tally(), Tally()
+
+    def per_batch(x, y):  # data is read once: each batch goes through every pass before the next
+        num_classes = cached_pass(model, x, y, error_fn, counter, K, chunk=batch_size, norms=norms, hooks=hooks)
+        if "anytime" in measures:
+            _anytime_all_batch(model, x, y, error_fn, loss_fn, k_max, all_wrong, all_losses, skip=k_plain)
+        if "refinement" in measures:
+            _refinement_batch(model, x, y, loss_fn, per_example)  # (enables gradients for its backward)
+        return num_classes
+
+    n, num_classes = evaluate_batches(model, data, batch_size, "analyze", per_batch)
+    indices = index_report(model, counter, norms, n, num_classes, K, "cached", chance_error)
+    loss_of = lambda key: hooks.losses[key] / n  # noqa: E731
+    err_of = lambda key: counter[key] / n  # noqa: E731
     stages = []
     for s, stage in enumerate(model.stages):
         T = len(stage.blocks)
@@ -237,8 +252,8 @@ def analyze(
             st.anytime_error = [err_of(key) for key in keys]
             st.anytime_loss = [loss_of(key) for key in keys]
         if "traces" in measures:
-            steps = torch.cat(extras.step_norms[s])  # [N, K+1]: ||z_{T+k+1} - z_{T+k}||, k = 0..K
-            states = torch.cat(extras.state_norms[s]).clamp_min(1e-12)
+            steps = torch.cat(hooks.step_norms[s])  # [N, K+1]: ||z_{T+k+1} - z_{T+k}||, k = 0..K
+            states = torch.cat(hooks.state_norms[s]).clamp_min(1e-12)
             residual = steps / states  # at z_{T+k}, k = 0..K
             update = residual[:, :K]  # step k = 1..K: ||z_{T+k} - z_{T+k-1}|| / ||z_{T+k-1}||
             per_example[(s, "fixed_point_residual")] = residual
@@ -254,10 +269,10 @@ def analyze(
                             per_example=per_example)
     if "anytime" in measures:
         if k_plain is not None:
-            all_wrong.add(k_plain, counter.wrong["star"])
-            all_losses.add(k_plain, extras.losses.values["star"])
-        report.anytime_all_error = [all_wrong.wrong[k] / n for k in range(1, k_max + 1)]
-        report.anytime_all_loss = [all_losses.values[k] / n for k in range(1, k_max + 1)]
+            all_wrong.add(k_plain, counter["star"])
+            all_losses.add(k_plain, hooks.losses["star"])
+        report.anytime_all_error = [all_wrong[k] / n for k in range(1, k_max + 1)]
+        report.anytime_all_loss = [all_losses[k] / n for k in range(1, k_max + 1)]
     return report
 
 

@@ -17,7 +17,8 @@ method="reference" runs one plain forward per perturbation. method="cached" comp
 input and the unperturbed z_t once, reads early read-outs straight from the cache, starts each block
 drop-out from the cached z_{t-1}, builds extra iterations incrementally, and sends several perturbed stage
 outputs through the rest of the network in one forward (up to batch_size examples: with small data
-batches several perturbations share a forward). Both count the same errors.
+batches several perturbations share a forward). Both count the same errors. The passes themselves are the
+evaluator's (evaluator.py), which the other measures share.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional, Union
 
-import torch
 
 from ..io.checkpoint import json_safe
-from ..models.residual import block_update, check_residual_model
+from ..models.residual import check_residual_model
+from .evaluator import (NonFiniteOutputsError, Tally, cached_pass, check_batch_size, check_extra_iterations,
+                        evaluate_batches, reference_pass, top1_wrong)
 
-__all__ = ["compute_indices", "IndexReport", "StageIndices", "index_flops", "NonFiniteOutputsError"]
+__all__ = ["compute_indices", "IndexReport", "StageIndices", "index_flops", "index_report", "NonFiniteOutputsError",
+           "METHODS"]
 
 METHODS = ("cached", "reference")
 
@@ -72,204 +75,6 @@ def _mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
-class _Counter:
-    """Accumulates wrong counts for named perturbations over batches."""
-
-    def __init__(self):
-        self.wrong = {}
-
-    def add(self, key, wrong):
-        # A float: per-example errors may be fractions (the share of wrong tokens of a sequence).
-        self.wrong[key] = self.wrong.get(key, 0.0) + float(wrong)
-
-
-_stage_step = block_update  # one block update: z + f~(z) (ICR) or x_s + f~(z) (PCR)
-
-
-def _run_stage(stage, x_s, *, stop_after=None, drop=None, extra=0):
-    """A stage's output with one perturbation: stop after block `stop_after`, skip block `drop` (1-based),
-    or apply the last block `extra` more times."""
-    z = x_s
-    T = len(stage.blocks)
-    for t in range(1, T + 1):
-        if stop_after is not None and t > stop_after:
-            break
-        if drop == t:
-            continue
-        z = _stage_step(stage, stage.blocks[t - 1], z, x_s)
-    for _ in range(extra):
-        z = _stage_step(stage, stage.blocks[-1], z, x_s)
-    return z
-
-
-def _perturbed_forward(model, x, s, **perturbation):
-    z = model.stem(x)
-    for i, stage in enumerate(model.stages):
-        if i > 0:
-            z = model.transitions[i - 1](z)
-        z = _run_stage(stage, z, **perturbation) if i == s else _run_stage(stage, z)
-    return model.head(z)
-
-
-def _after_stage(model, z, s):
-    """The rest of the network after stage s (the model's own after_stage if it has one)."""
-    if hasattr(model, "after_stage"):
-        return model.after_stage(z, s)
-    for i in range(s + 1, len(model.stages)):
-        z = _run_stage(model.stages[i], model.transitions[i - 1](z))
-    return model.head(z)
-
-
-class NonFiniteOutputsError(ValueError):
-    """The unperturbed network's outputs hold NaN or inf: its errors, and so its indices, are undefined."""
-
-
-def _check_finite_outputs(logits: torch.Tensor) -> None:
-    bad = (~torch.isfinite(logits)).reshape(logits.shape[0], -1).any(dim=1)
-    if bad.any():
-        raise NonFiniteOutputsError(
-            f"the network's outputs are not finite (NaN or inf) on {int(bad.sum())} of {logits.shape[0]} examples of "
-            "a batch: its errors and indices are undefined (did its training diverge?)")
-
-
-def _reference_batch(model, x, y, wrong_fn, counter, K):
-    """One plain forward per perturbation; returns the number of outputs K (the logits' last dimension)."""
-    logits = _perturbed_forward(model, x, 0)
-    _check_finite_outputs(logits)
-    counter.add("star", wrong_fn(logits, y).sum())
-    for s, stage in enumerate(model.stages):
-        T = len(stage.blocks)
-        for t in range(1, T):
-            counter.add((s, "conv", t), wrong_fn(_perturbed_forward(model, x, s, stop_after=t), y).sum())
-        for t in range(1, T + 1):
-            counter.add((s, "drop", t), wrong_fn(_perturbed_forward(model, x, s, drop=t), y).sum())
-        for k in range(1, K + 1):
-            counter.add((s, "div", k), wrong_fn(_perturbed_forward(model, x, s, extra=k), y).sum())
-    return logits.shape[-1]
-
-
-class _Extras:
-    """What the analysis (itconv_fast.measures.analysis) adds to the cached pass: losses of every perturbation,
-    "apply block t twice" perturbations, and per-example traces of the extra iterations."""
-
-    def __init__(self, loss_fn=None, twice: bool = False, traces: bool = False) -> None:
-        self.loss_fn, self.twice, self.traces = loss_fn, twice, traces
-        self.losses = _Sums()
-        self.step_norms = {}  # s -> [n, K+1] ||z_{T+k+1} - z_{T+k}||, k = 0..K
-        self.state_norms = {}  # s -> [n, K+1] ||z_{T+k}||
-
-    def add_logits(self, key, logits, y):
-        if self.loss_fn is not None:
-            self.losses.add(key, self.loss_fn(logits, y).sum())
-
-
-def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).norm(dim=1)
-
-
-def _cached_batch(model, x, y, wrong_fn, counter, K, chunk, norms, extras: Optional[_Extras] = None):
-    n = x.shape[0]
-    # One unperturbed pass, keeping every stage input and every z_t.
-    inputs, trajectories = [], []
-    z = model.stem(x)
-    for s, stage in enumerate(model.stages):
-        if s > 0:
-            z = model.transitions[s - 1](z)
-        inputs.append(z)
-        traj = [z]
-        for block in stage.blocks:
-            traj.append(_stage_step(stage, block, traj[-1], z))
-        trajectories.append(traj)
-        z = traj[-1]
-    logits = model.head(z)
-    _check_finite_outputs(logits)
-    num_outputs = logits.shape[-1]
-    counter.add("star", wrong_fn(logits, y).sum())
-    if extras is not None:
-        extras.add_logits("star", logits, y)
-
-    for s, stage in enumerate(model.stages):
-        T, x_s, traj = len(stage.blocks), inputs[s], trajectories[s]
-        pending = []  # (key, perturbed stage output), sent through the rest of the network in batches
-
-        def flush():
-            if not pending:
-                return
-            logits = _after_stage(model, torch.cat([out for _, out in pending]), s)
-            for i, (keys, _) in enumerate(pending):
-                part = logits[i * n : (i + 1) * n]
-                wrong = wrong_fn(part, y).sum()
-                for key in keys:
-                    counter.add(key, wrong)
-                    if extras is not None:
-                        extras.add_logits(key, part, y)
-            pending.clear()
-
-        def emit(keys, out):
-            pending.append((keys if isinstance(keys, list) else [keys], out))
-            if len(pending) * n >= chunk:
-                flush()
-
-        for t in range(1, T):  # early read-out: straight from the cache
-            emit((s, "conv", t), traj[t])
-        for t in range(1, T + 1):  # drop block t: continue from z_{t-1}
-            z = traj[t - 1]
-            for u in range(t + 1, T + 1):
-                z = _stage_step(stage, stage.blocks[u - 1], z, x_s)
-            emit((s, "drop", t), z)
-        twice = extras is not None and extras.twice
-        if twice:
-            # Apply block t twice: from the cached z_t, once more, then continue. For t = T this is the
-            # first extra iteration, counted below under both keys.
-            for t in range(1, T):
-                z = _stage_step(stage, stage.blocks[t - 1], traj[t], x_s)
-                for u in range(t + 1, T + 1):
-                    z = _stage_step(stage, stage.blocks[u - 1], z, x_s)
-                emit((s, "twice", t), z)
-        z = traj[T]
-        trace = extras is not None and extras.traces
-        steps, states = [], []
-        for k in range(1, K + 2 if trace else K + 1):  # extra iterations, incrementally
-            z_next = _stage_step(stage, stage.blocks[-1], z, x_s)
-            if k == 1:
-                norms.add((s, "fixed"), (_per_example_norm(z_next - z) / _per_example_norm(z).clamp_min(1e-12)).sum())
-            if trace:
-                steps.append(_per_example_norm(z_next - z))
-                states.append(_per_example_norm(z))
-            z = z_next
-            if k <= K:
-                emit([(s, "div", k), (s, "twice", T)] if twice and k == 1 else (s, "div", k), z)
-        if trace:
-            for store, values in ((extras.step_norms, steps), (extras.state_norms, states)):
-                store.setdefault(s, []).append(torch.stack(values, dim=1).double().cpu())
-        flush()
-        for t in range(1, T + 1):
-            prev, cur = traj[t - 1], traj[t]
-            norms.add((s, "update", t), (_per_example_norm(cur - prev) / _per_example_norm(prev).clamp_min(1e-12)).sum())
-    return num_outputs
-
-
-class _Sums:
-    def __init__(self):
-        self.values = {}
-
-    def add(self, key, value):
-        self.values[key] = self.values.get(key, 0.0) + float(value)
-
-
-def _batches(data, batch_size):
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"compute_indices: x has {x.shape[0]} examples but y has {y.shape[0]}")
-        for i in range(0, x.shape[0], batch_size):
-            yield x[i : i + batch_size], y[i : i + batch_size]
-    else:
-        for batch in data:
-            x, y = batch
-            yield x, y
-
-
 def compute_indices(
     model,
     data: Union[tuple, Iterable],
@@ -295,49 +100,28 @@ def compute_indices(
         batch_size: examples per forward; the cached method fills each forward through the rest of the
             network with as many perturbations as fit.
     """
-    if isinstance(extra_iterations, bool) or not isinstance(extra_iterations, int) or extra_iterations < 1:
-        raise ValueError(f"compute_indices: extra_iterations must be an int >= 1, got {extra_iterations!r}")
+    check_extra_iterations(extra_iterations, "compute_indices")
     if method not in METHODS:
         raise ValueError(f"compute_indices: method must be one of {METHODS}, got {method!r}")
-    if batch_size < 1:
-        raise ValueError(f"compute_indices: batch_size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size, "compute_indices")
     check_residual_model(model, "compute_indices")
-    counter, norms, n, num_classes = _evaluate(model, data, extra_iterations, method, error_fn, batch_size)
-    return _index_report(model, counter, norms, n, num_classes, extra_iterations, method, chance_error)
+    wrong_fn = error_fn or top1_wrong
+    errors, norms = Tally(), Tally()
+
+    def per_batch(x, y):
+        if method == "reference":
+            return reference_pass(model, x, y, wrong_fn, errors, extra_iterations)
+        return cached_pass(model, x, y, wrong_fn, errors, extra_iterations, chunk=batch_size, norms=norms)
+
+    n, num_classes = evaluate_batches(model, data, batch_size, "compute_indices", per_batch)
+    return index_report(model, errors, norms, n, num_classes, extra_iterations, method, chance_error)
 
 
-def _top1_wrong(logits, targets):
-    return logits.argmax(dim=1) != targets
-
-
-def _evaluate(model, data, extra_iterations, method, error_fn, batch_size, extras: Optional[_Extras] = None):
-    """The perturbation passes over every batch: (error counts, norm sums, n, number of outputs)."""
-    error_fn = error_fn or _top1_wrong
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    counter, norms, n = _Counter(), _Sums(), 0
-    num_classes = None
-    try:
-        with torch.no_grad():
-            for x, y in _batches(data, batch_size):
-                x, y = x.to(device), y.to(device)
-                n += x.shape[0]
-                if method == "reference":
-                    num_classes = _reference_batch(model, x, y, error_fn, counter, extra_iterations)
-                else:
-                    num_classes = _cached_batch(model, x, y, error_fn, counter, extra_iterations, chunk=batch_size,
-                                                norms=norms, extras=extras)
-    finally:
-        model.train(was_training)
-    if n == 0:
-        raise ValueError("compute_indices: no data (empty evaluation set)")
-    return counter, norms, n, num_classes
-
-
-def _index_report(model, counter, norms, n, num_classes, extra_iterations, method, chance_error) -> "IndexReport":
+def index_report(model, errors: Tally, norms: Tally, n: int, num_classes: int, extra_iterations: int, method: str,
+                 chance_error: Optional[float]) -> IndexReport:
+    """The indices from the evaluator's tallies (SPEC section 4)."""
     e_ch = chance_error if chance_error is not None else 1.0 - 1.0 / num_classes
-    e_star = counter.wrong["star"] / n
+    e_star = errors["star"] / n
     notes = []
     defined = e_ch > e_star
     if not defined:
@@ -345,9 +129,9 @@ def _index_report(model, counter, norms, n, num_classes, extra_iterations, metho
     stages = []
     for s, stage in enumerate(model.stages):
         T = len(stage.blocks)
-        e_conv = [counter.wrong[(s, "conv", t)] / n for t in range(1, T)]
-        e_drop = [counter.wrong[(s, "drop", t)] / n for t in range(1, T + 1)]
-        e_div = [counter.wrong[(s, "div", k)] / n for k in range(1, extra_iterations + 1)]
+        e_conv = [errors[(s, "conv", t)] / n for t in range(1, T)]
+        e_drop = [errors[(s, "drop", t)] / n for t in range(1, T + 1)]
+        e_div = [errors[(s, "div", k)] / n for k in range(1, extra_iterations + 1)]
         nan = float("nan")
         if defined and T > 1:
             ci = 1.0 - _mean([_phi(e, e_star, e_ch) for e in e_conv])

@@ -18,18 +18,16 @@ Layers that carry a spectral_norm parametrization are measured with their normal
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..nn.geometry import (LayerGeometry, _as_matrix, _compute_dtype, _dilate, _normalize, _output_size,
-                                 _power_steps, gram_sigmas, layer_geometry, supported_layer)
+from ..nn.geometry import (LayerGeometry, as_matrix, compute_dtype, dilate_kernel, normalize_rows, output_size,
+                                 power_steps, gram_sigmas, layer_geometry, supported_layer)
 
-__all__ = ["LayerLipschitz", "LipschitzReport", "lipschitz_report", "circular_exact_sigmas", "load_model_source",
-           "ModelScriptError"]
+__all__ = ["LayerLipschitz", "LipschitzReport", "lipschitz_report", "circular_exact_sigmas"]
 
 
 @dataclass
@@ -115,7 +113,7 @@ def circular_exact_sigmas(geometry: LayerGeometry, weights: list[torch.Tensor], 
     nd, groups = geometry.nd, geometry.groups
     kernels = []
     for w in weights:
-        w = _dilate(w.detach().to(_compute_dtype(w.dtype)), geometry.dilation)
+        w = dilate_kernel(w.detach().to(compute_dtype(w.dtype)), geometry.dilation)
         c_out, c_in_g = w.shape[:2]
         # Groups: the block-diagonal dense kernel.
         dense = w.new_zeros((c_out, c_in_g * groups) + tuple(w.shape[2:]))
@@ -204,18 +202,18 @@ def lipschitz_report(model: nn.Module, example_input, *, power_iterations: int =
     with torch.no_grad():
         for (g, size, dtype, device), members in groups.items():
             names = [n for n, _ in members]
-            weights = [w.to(_compute_dtype(dtype)) for _, w in members]
-            mats = torch.stack([_as_matrix(g, w) for w in weights])
+            weights = [w.to(compute_dtype(dtype)) for _, w in members]
+            mats = torch.stack([as_matrix(g, w) for w in weights])
             for n, s in zip(names, torch.linalg.matrix_norm(mats, ord=2).tolist()):
                 rows[n].matrix = s
             if g.kind == "linear" or size is not None:
                 if g.kind == "linear":  # the matrix norm is exact; a power iteration would only approach it
                     values = [rows[n].matrix for n in names]
                 else:
-                    u_shape = (g.out_channels,) + _output_size(g, size)
+                    u_shape = (g.out_channels,) + output_size(g, size)
                     u0 = torch.randn((len(weights),) + u_shape, generator=generator, dtype=weights[0].dtype)
-                    u = _normalize(u0.to(device))
-                    _, sigma = _power_steps(g, "operator", weights, u, size, power_iterations)
+                    u = normalize_rows(u0.to(device))
+                    _, sigma = power_steps(g, "operator", weights, u, size, power_iterations)
                     values = sigma.tolist()
                 for n, s in zip(names, values):
                     rows[n].operator = s
@@ -229,45 +227,3 @@ def lipschitz_report(model: nn.Module, example_input, *, power_iterations: int =
                 for n, s in zip(names, circular_exact_sigmas(g, weights, size).tolist()):
                     rows[n].exact = s
     return LipschitzReport([rows[n] for n in order], power_iterations, gram_iterations if gram else 0)
-
-
-
-class ModelScriptError(RuntimeError):
-    """A model script given to `load_model_source` raised; the message names the file."""
-
-
-def load_model_source(source: str):
-    """(model, example input) for `itconv-fast lipschitz`: from a Python script defining `model` (or
-    `build_model()`) and `example_input` (a tensor, or a function returning one), or from a training
-    checkpoint (run directory or checkpoint.pt, read with weights_only=True; the example input is zeros of
-    the run's image size). A script runs as Python code: only the user's own.
-
-    Raises ModelScriptError when the script raises, ValueError (CheckpointError for a bad checkpoint) when
-    the source is not usable; both one line naming the file.
-    """
-    if source.endswith(".py") and os.path.isfile(source):
-        import runpy
-
-        try:
-            namespace = runpy.run_path(source, run_name="__itconv_lipschitz__")
-            model = namespace.get("model")
-            if model is None and callable(namespace.get("build_model")):
-                model = namespace["build_model"]()
-            example = namespace.get("example_input")
-            if callable(example):
-                example = example()
-        except Exception as exc:  # anything the user's code raised, as one line
-            raise ModelScriptError(f"{source}: the script raised {type(exc).__name__}: {exc}") from None
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"{source} defines neither `model` (an nn.Module) nor `build_model()`")
-        if not isinstance(example, (torch.Tensor, tuple, list)):
-            raise ValueError(f"{source} defines no `example_input` (a tensor, or a function returning one)")
-        return model, example
-    from ..models import load_checkpoint
-
-    path = os.path.join(source, "checkpoint.pt") if os.path.isdir(source) else source
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint.pt in {source}")
-    model = load_checkpoint(path)
-    cfg = model.config
-    return model, torch.zeros(1, cfg["in_channels"], cfg["input_size"], cfg["input_size"])

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.spectral import (SPECTRAL_MODES, _lead_kernel, batched_spectral_norm, init_power_vector, power_iteration,
+from ..ops.spectral import (SPECTRAL_MODES, lead_kernel, batched_spectral_norm, init_power_vector, power_iteration,
                             sigma_weight_grad)
 
 __all__ = ["StageSpectralNorm", "fold_batchnorm", "bn_scale", "check_mu"]
@@ -158,7 +158,7 @@ class StageSpectralNorm(nn.Module):
     def _sigma(self, weight: torch.Tensor, u: torch.Tensor, n_iter: int, update: bool) -> torch.Tensor:
         if self.mode == "gram":
             return batched_spectral_norm(weight, mode="gram", n_iter=n_iter)
-        dtype = _lead_kernel(weight).dtype
+        dtype = lead_kernel(weight).dtype
         if u.dtype != dtype:  # e.g. a float64 model: the vectors follow the weights
             u.data = u.data.to(dtype)
         target = u if update else u.clone()

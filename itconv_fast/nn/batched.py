@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .geometry import _check_mode_supports, layer_geometry, supported_layer
-from .parametrization import SpectralNorm, _parametrization, parametrize_original, spectral_norm
+from .geometry import check_mode_supports, layer_geometry, supported_layer
+from .parametrization import SpectralNorm, spectral_parametrization, parametrize_original, spectral_norm
 
 __all__ = ["BatchedSpectralNorm"]
 
@@ -56,7 +56,7 @@ class BatchedSpectralNorm:
         # Check every layer before changing any.
         for qualified, module in selected:
             geometry = layer_geometry(module, qualified)
-            _check_mode_supports(geometry, mode, qualified)
+            check_mode_supports(geometry, mode, qualified)
             if parametrize.is_parametrized(module, "weight"):
                 raise ValueError(f"BatchedSpectralNorm: {qualified}.weight is already parametrized")
         self.model, self.mode = model, mode
@@ -125,7 +125,7 @@ class BatchedSpectralNorm:
 
     def _build_groups(self):
         if self._groups is None:
-            params = [(m, _parametrization(m)) for _, m in self.layers]
+            params = [(m, spectral_parametrization(m)) for _, m in self.layers]
             if any(p is None or not p.initialised for _, p in params):
                 return None
             keyed: dict = {}
@@ -156,14 +156,14 @@ class BatchedSpectralNorm:
     def _post_forward(self, model, args, output):
         # A layer the forward did not use must not keep this forward's sigma for a later read of its weight.
         for _, m in self.layers:
-            _parametrization(m)._batched_sigma = None
+            spectral_parametrization(m)._batched_sigma = None
 
     def step(self) -> None:
         """Runs the batched update without a forward (e.g. to converge the vectors before evaluation)."""
         with torch.no_grad():
             self._pre_forward(self.model, ())
         for _, m in self.layers:
-            _parametrization(m)._batched_sigma = None
+            spectral_parametrization(m)._batched_sigma = None
 
     def remove(self) -> None:
         """Removes the hook and the parametrizations; the layers keep their normalised weights."""

@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from ..ops.coupling import _as_groups, _check_coupling_settings, _check_groups, soft_couple_
+from ..ops.coupling import as_coupling_groups, check_coupling_settings, check_coupling_groups, soft_couple_
 
 __all__ = ["GradientCoupler", "groups_from_blocks"]
 
@@ -96,9 +96,9 @@ class GradientCoupler:
                 if not isinstance(p, torch.Tensor):
                     raise TypeError(f"GradientCoupler: group {gi}, member {j} is a {type(p).__name__}, not a parameter")
         # Check the settings and the parameters' shapes now, not at the first step.
-        _check_coupling_settings(lam, kernel, bandwidth, skip_first)
+        check_coupling_settings(lam, kernel, bandwidth, skip_first)
         with torch.no_grad():
-            _check_groups(_as_groups([[p.detach() for p in g] for g in self.groups]), skip_first)
+            check_coupling_groups(as_coupling_groups([[p.detach() for p in g] for g in self.groups]), skip_first)
         self.lam = float(lam)
         self.kernel = kernel
         self.bandwidth = bandwidth

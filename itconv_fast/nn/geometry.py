@@ -128,7 +128,7 @@ def layer_geometry(module: nn.Module, name: str = "module") -> LayerGeometry:
                          _tuple(module.output_padding, nd) if kind == "conv_transpose" else (), pads)
 
 
-def _check_mode_supports(geometry: LayerGeometry, mode: str, name: str) -> None:
+def check_mode_supports(geometry: LayerGeometry, mode: str, name: str) -> None:
     if mode not in MODES:
         raise ValueError(f"spectral_norm: unknown mode {mode!r} for {name}; expected one of {MODES}")
     if mode in ("operator", "gram") and geometry.padding_mode not in ("zeros", "circular"):
@@ -141,7 +141,7 @@ def _check_mode_supports(geometry: LayerGeometry, mode: str, name: str) -> None:
 # The linear maps of B same-geometry layers at once: grouped convolutions with groups = B * groups.
 
 
-def _output_size(geometry: LayerGeometry, input_size: tuple) -> tuple:
+def output_size(geometry: LayerGeometry, input_size: tuple) -> tuple:
     if geometry.kind == "linear":
         return ()
     x = torch.empty((1, geometry.in_channels) + tuple(input_size), device="meta")
@@ -205,14 +205,14 @@ def _adjoint_map(g: LayerGeometry, y: torch.Tensor, wcat: torch.Tensor, input_si
     return x.reshape((B, g.in_channels) + tuple(input_size))
 
 
-def _as_matrix(g: LayerGeometry, weight: torch.Tensor) -> torch.Tensor:
+def as_matrix(g: LayerGeometry, weight: torch.Tensor) -> torch.Tensor:
     """torch's reshaping: [C_out, -1] for Linear / conv, dim 1 first for ConvTranspose (as torch does)."""
     if g.kind == "conv_transpose":
         return weight.transpose(0, 1).reshape(weight.shape[1], -1)
     return weight.reshape(weight.shape[0], -1)
 
 
-def _normalize(x: torch.Tensor) -> torch.Tensor:
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     return _reference._normalize_rows(x)
 
 
@@ -220,7 +220,7 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 # Gram bound of a layer (gram_bound_nd, in ops, does the arithmetic).
 
 
-def _dilate(kernel: torch.Tensor, dilation: tuple) -> torch.Tensor:
+def dilate_kernel(kernel: torch.Tensor, dilation: tuple) -> torch.Tensor:
     """The kernel with dilation - 1 zeros between its taps: a dilated convolution is a plain one with it."""
     if all(d == 1 for d in dilation):
         return kernel
@@ -237,7 +237,7 @@ def _gram_kernels(g: LayerGeometry, weight: torch.Tensor) -> torch.Tensor:
     norms bound (strides, circular padding) or equal (groups, dilation, transposition) the layer's."""
     if g.kind == "linear":
         return weight.unsqueeze(0)
-    w = _dilate(weight, g.dilation)
+    w = dilate_kernel(weight, g.dilation)
     a, b = w.shape[:2]
     # conv: [C_out, C_in/g]: block j is rows j*C_out/g. conv_transpose: [C_in, C_out/g]: the adjoint's kernel,
     # same norm (the Gram bound does not depend on the spatial flip).
@@ -256,11 +256,11 @@ def gram_sigmas(geometry: LayerGeometry, weights: Sequence[torch.Tensor], n_iter
 # Power steps and sigma for a group of same-geometry layers.
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _power_steps(geometry: LayerGeometry, mode: str, weights: Sequence[torch.Tensor], u: torch.Tensor,
+def power_steps(geometry: LayerGeometry, mode: str, weights: Sequence[torch.Tensor], u: torch.Tensor,
                  input_size: tuple, n_iter: int):
     """n_iter power steps for B layers: u [B, ...] updated in place; returns (v [B, ...], sigma [B]), no grad.
 
@@ -269,7 +269,7 @@ def _power_steps(geometry: LayerGeometry, mode: str, weights: Sequence[torch.Ten
         dtype = u.dtype
         w = [x.detach().to(dtype) for x in weights]
         if mode == "matrix" or geometry.kind == "linear":
-            mats = [_as_matrix(geometry, x).unsqueeze(-1).unsqueeze(-1) for x in w]
+            mats = [as_matrix(geometry, x).unsqueeze(-1).unsqueeze(-1) for x in w]
             if _extension.has_kernels_for(u.device):
                 return torch.ops.itconv_fast.power_iteration_matrix_.list(mats, u, n_iter)
             _extension.warn_fallback("itconv_fast.nn.spectral_norm (matrix mode)", u.device)
@@ -279,7 +279,7 @@ def _power_steps(geometry: LayerGeometry, mode: str, weights: Sequence[torch.Ten
         wcat = torch.cat(w)
         uu, B = u, u.shape[0]
         for _ in range(n_iter):
-            v = _normalize(_adjoint_map(geometry, uu, wcat, input_size))
+            v = normalize_rows(_adjoint_map(geometry, uu, wcat, input_size))
             wv = _forward_map(geometry, v, wcat)
             sigma = wv.reshape(B, -1).norm(dim=1)
             uu = wv / sigma.clamp_min(_NORM_EPS).view((-1,) + (1,) * (wv.dim() - 1))
@@ -287,18 +287,18 @@ def _power_steps(geometry: LayerGeometry, mode: str, weights: Sequence[torch.Ten
         return v, sigma
 
 
-def _sigmas_from_vectors(geometry: LayerGeometry, mode: str, weights: Sequence[torch.Tensor], u: torch.Tensor,
+def sigmas_from_vectors(geometry: LayerGeometry, mode: str, weights: Sequence[torch.Tensor], u: torch.Tensor,
                          v: torch.Tensor) -> torch.Tensor:
     """sigma_b = <u_b, A_b v_b> with autograd to the weights (u, v constants): [B]."""
     dtype = u.dtype
     if mode == "matrix" or geometry.kind == "linear":
-        return torch.stack([torch.dot(u[b], torch.mv(_as_matrix(geometry, w.to(dtype)), v[b].reshape(-1)))
+        return torch.stack([torch.dot(u[b], torch.mv(as_matrix(geometry, w.to(dtype)), v[b].reshape(-1)))
                             for b, w in enumerate(weights)])
     wcat = torch.cat([w.to(dtype) for w in weights])
     return (u * _forward_map(geometry, v, wcat)).reshape(u.shape[0], -1).sum(dim=1)
 
 
-def _rescale(weight: torch.Tensor, sigma: torch.Tensor, mu: float, hard: bool) -> torch.Tensor:
+def rescale_weight(weight: torch.Tensor, sigma: torch.Tensor, mu: float, hard: bool) -> torch.Tensor:
     factor = mu / sigma.clamp_min(_NORM_EPS) if hard else 1.0 / torch.clamp(sigma / mu, min=1.0)
     if weight.dtype == factor.dtype:
         return weight * factor
@@ -328,7 +328,7 @@ def _sigma_weight_grad(g: LayerGeometry, mode: str, u: torch.Tensor, v: torch.Te
                        list(g.dilation), False, [0] * g.nd, g.groups, [False, True, False])[1]
 
 
-class _HeldVectorRescale(torch.autograd.Function):
+class HeldVectorRescale(torch.autograd.Function):
     """W * f(sigma), f = 1 / max(sigma / mu, 1) (soft) or mu / sigma (hard), with sigma = <u, A_W v> and
     d sigma / dW taken with u, v held constant (Miyato et al. 2018). sigma comes from the power step, so
     the forward pass costs one pass over W; the backward pass is G f + <G, W> f'(sigma) d sigma / dW,

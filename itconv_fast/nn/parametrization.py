@@ -39,8 +39,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..ops import _reference
-from .geometry import (MODES, LayerGeometry, _check_mode_supports, _compute_dtype, _HeldVectorRescale, _normalize,
-                             _output_size, _power_steps, _rescale, _sigmas_from_vectors, gram_sigmas, layer_geometry,
+from .geometry import (MODES, LayerGeometry, check_mode_supports, compute_dtype, HeldVectorRescale, normalize_rows,
+                             output_size, power_steps, rescale_weight, sigmas_from_vectors, gram_sigmas, layer_geometry,
                              supported_layer)
 
 __all__ = ["MODES", "SpectralNorm", "spectral_norm", "supported_layer", "layer_geometry"]
@@ -75,8 +75,8 @@ class SpectralNorm(nn.Module):
         self.layer_name = name
         self.input_size = None
         self._batched_sigma = None  # set by BatchedSpectralNorm for one forward
-        self.register_buffer("_u", torch.empty(0, dtype=_compute_dtype(dtype), device=device))
-        self.register_buffer("_v", torch.empty(0, dtype=_compute_dtype(dtype), device=device))
+        self.register_buffer("_u", torch.empty(0, dtype=compute_dtype(dtype), device=device))
+        self.register_buffer("_v", torch.empty(0, dtype=compute_dtype(dtype), device=device))
         if mode != "gram":
             if geometry.kind == "linear" or mode == "matrix":
                 self._initialise(())
@@ -100,7 +100,7 @@ class SpectralNorm(nn.Module):
         if self.mode == "matrix" or g.kind == "linear":
             rows = g.weight_shape[1] if g.kind == "conv_transpose" else g.weight_shape[0]
             return (rows,), (math.prod(g.weight_shape) // rows,)
-        return (g.out_channels,) + _output_size(g, input_size), (g.in_channels,) + tuple(input_size)
+        return (g.out_channels,) + output_size(g, input_size), (g.in_channels,) + tuple(input_size)
 
     def _initialise(self, input_size: tuple, weight: Optional[torch.Tensor] = None) -> None:
         g = self.geometry
@@ -119,8 +119,8 @@ class SpectralNorm(nn.Module):
             u_shape, v_shape = self._vector_shapes(())
         dtype, device = self._u.dtype, self._u.device
         # Like torch: random unit vectors, then init_iterations steps when the weight is at hand.
-        self._u = _normalize(torch.randn((1,) + u_shape, dtype=dtype).to(device))[0]
-        self._v = _normalize(torch.randn((1,) + v_shape, dtype=dtype).to(device))[0]
+        self._u = normalize_rows(torch.randn((1,) + u_shape, dtype=dtype).to(device))[0]
+        self._v = normalize_rows(torch.randn((1,) + v_shape, dtype=dtype).to(device))[0]
         if weight is not None and self.init_iterations:
             with torch.no_grad():
                 self.power_step([weight], [self], self.init_iterations)
@@ -142,7 +142,7 @@ class SpectralNorm(nn.Module):
         later steps do not touch (the backward pass of this forward needs them)."""
         p0 = params[0]
         u = torch.stack([p._u for p in params])
-        v, sigma = _power_steps(p0.geometry, p0.mode, weights, u, p0.input_size, n_iter)
+        v, sigma = power_steps(p0.geometry, p0.mode, weights, u, p0.input_size, n_iter)
         with torch.no_grad():
             torch._foreach_copy_([p._u for p in params], list(u.unbind(0)))
             torch._foreach_copy_([p._v for p in params], [x.reshape(p._v.shape) for x, p in zip(v.unbind(0), params)])
@@ -154,15 +154,15 @@ class SpectralNorm(nn.Module):
         autograd, None, None)."""
         p0 = params[0]
         if p0.mode == "gram":
-            return gram_sigmas(p0.geometry, [w.to(_compute_dtype(w.dtype)) for w in weights], p0.gram_iterations), None, None
+            return gram_sigmas(p0.geometry, [w.to(compute_dtype(w.dtype)) for w in weights], p0.gram_iterations), None, None
         u = torch.stack([p._u for p in params])
         v = torch.stack([p._v for p in params])
         with torch.no_grad():
-            return _sigmas_from_vectors(p0.geometry, p0.mode, weights, u, v), u, v
+            return sigmas_from_vectors(p0.geometry, p0.mode, weights, u, v), u, v
 
     def _sync_dtype(self, weight: torch.Tensor) -> None:
         # model.half() turns floating buffers into float16: the iteration stays in float32 regardless.
-        dtype = _compute_dtype(weight.dtype)
+        dtype = compute_dtype(weight.dtype)
         if self._u.dtype != dtype:
             self._u, self._v = self._u.to(dtype), self._v.to(dtype)
 
@@ -170,8 +170,8 @@ class SpectralNorm(nn.Module):
                    v: Optional[torch.Tensor]) -> torch.Tensor:
         """The weight divided by its correction; sigma's gradient is the one with u, v held constant."""
         if self.mode == "gram":
-            return _rescale(weight, sigma, self.mu, self.hard)
-        return _HeldVectorRescale.apply(weight, sigma, u, v, self)
+            return rescale_weight(weight, sigma, self.mu, self.hard)
+        return HeldVectorRescale.apply(weight, sigma, u, v, self)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         pending, self._batched_sigma = self._batched_sigma, None
@@ -197,7 +197,7 @@ def _input_size_hook(param: SpectralNorm):
     nd = param.geometry.nd
 
     def hook(module, args):
-        if _parametrization(module) is not param or not args or not isinstance(args[0], torch.Tensor):
+        if spectral_parametrization(module) is not param or not args or not isinstance(args[0], torch.Tensor):
             return
         size = tuple(args[0].shape[-nd:])
         if param.input_size is None:
@@ -243,7 +243,7 @@ def spectral_norm(
     if not isinstance(hard, bool):
         raise ValueError(f"spectral_norm: hard must be True or False for {name}, got {hard!r}")
     geometry = layer_geometry(module, name)
-    _check_mode_supports(geometry, mode, name)
+    check_mode_supports(geometry, mode, name)
     _check_positive_int(n_power_iterations, "n_power_iterations", name)
     _check_positive_int(gram_iterations, "gram_iterations", name)
     if isinstance(init_iterations, bool) or not isinstance(init_iterations, int) or init_iterations < 0:
@@ -269,7 +269,7 @@ def spectral_norm(
     return module
 
 
-def _parametrization(module: nn.Module) -> Optional[SpectralNorm]:
+def spectral_parametrization(module: nn.Module) -> Optional[SpectralNorm]:
     if not parametrize.is_parametrized(module, "weight"):
         return None
     found = [p for p in module.parametrizations["weight"] if isinstance(p, SpectralNorm)]

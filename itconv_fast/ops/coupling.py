@@ -38,7 +38,7 @@ def _memory_span(t: torch.Tensor):
     return (t.device, base + start * item, base + (start + extent + 1) * item)
 
 
-def _check_coupling_settings(lam, kernel, bandwidth, skip_first) -> tuple[float, Optional[float]]:
+def check_coupling_settings(lam, kernel, bandwidth, skip_first) -> tuple[float, Optional[float]]:
     """Checks the scalar arguments; returns lam and bandwidth as floats."""
     if isinstance(lam, bool) or not isinstance(lam, (int, float)):
         raise TypeError(f"soft_couple_: lam must be a number, got {type(lam).__name__}")
@@ -60,7 +60,7 @@ def _check_coupling_settings(lam, kernel, bandwidth, skip_first) -> tuple[float,
     return lam, bandwidth
 
 
-def _as_groups(groups) -> list[list[torch.Tensor]]:
+def as_coupling_groups(groups) -> list[list[torch.Tensor]]:
     """Checks the structure (a sequence of sequences of tensors) and returns it as lists."""
     if isinstance(groups, torch.Tensor) or not isinstance(groups, Sequence):
         raise TypeError("soft_couple_: groups must be a sequence of groups (sequences of tensors)")
@@ -76,7 +76,7 @@ def _as_groups(groups) -> list[list[torch.Tensor]]:
     return out
 
 
-def _check_groups(groups: list[list[torch.Tensor]], skip_first: int) -> None:
+def check_coupling_groups(groups: list[list[torch.Tensor]], skip_first: int) -> None:
     """Per-tensor checks, in Python (the compiled op makes the same checks, with the same messages, in C++)."""
     spans = []
     for gi, members in enumerate(groups):
@@ -128,7 +128,7 @@ def _soft_couple_one_call(groups, lam, kernel, bandwidth, skip_first) -> bool:
         # the flattening done in C++.
         return _extension.soft_couple_groups(groups, lam, kernel, bandwidth, skip_first)
     except (TypeError, RuntimeError):
-        _as_groups(groups)  # a member that is not a tensor: raise the error that names it
+        as_coupling_groups(groups)  # a member that is not a tensor: raise the error that names it
         raise
 
 
@@ -159,16 +159,16 @@ def soft_couple_(
     Raises ValueError / TypeError naming the offending group before touching any tensor.
     Accumulates in float32 (float64 for float64 tensors).
     """
-    lam, bandwidth = _check_coupling_settings(lam, kernel, bandwidth, skip_first)
+    lam, bandwidth = check_coupling_settings(lam, kernel, bandwidth, skip_first)
     if _extension.loaded() and _soft_couple_one_call(groups, lam, kernel, bandwidth, skip_first):
         return
-    checked = _as_groups(groups)
+    checked = as_coupling_groups(groups)
     # Every member's device, not only each group's first: a group that spans devices must be refused here (the
     # op called with CPU and CUDA tensors in one list crashed on an H200, 2026-11-29).
     devices = list(dict.fromkeys(t.device for members in checked for t in members))
     if len(devices) > 1 or not all(_extension.has_kernels_for(d) for d in devices):
         # Several per-device calls, and the reference, need every group checked before anything is written.
-        _check_groups(checked, skip_first)
+        check_coupling_groups(checked, skip_first)
     # The op checks every group in C++ (naming it by its index here) before writing anything, and is
     # the identity for lam = 0.
     calls = [checked] if len(devices) <= 1 else [[m for m in checked if m and m[0].device == d] for d in devices]

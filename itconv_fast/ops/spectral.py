@@ -64,14 +64,14 @@ def _kernels_shape(weight) -> tuple:
     return (len(weight),) + tuple(first.shape)
 
 
-def _lead_kernel(weight) -> torch.Tensor:
+def lead_kernel(weight) -> torch.Tensor:
     """The tensor whose dtype and device stand for all kernels: the 5-D weight, or the list's first."""
     return weight if isinstance(weight, torch.Tensor) else weight[0]
 
 
 def _check_spectral(weight, u, mode, n_iter, input_size):
     shape = _kernels_shape(weight)
-    lead = _lead_kernel(weight)
+    lead = lead_kernel(weight)
     if lead.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"batched_spectral_norm: weight must be float32 or float64, got {lead.dtype}")
     if math.prod(shape) == 0:
@@ -104,7 +104,7 @@ def _check_spectral(weight, u, mode, n_iter, input_size):
 def init_power_vector(weight, mode: str, input_size=None, generator=None) -> torch.Tensor:
     """A random unit starting vector u for `batched_spectral_norm` (one per kernel); weight as there."""
     B, c_out = _kernels_shape(weight)[:2]
-    lead = _lead_kernel(weight)
+    lead = lead_kernel(weight)
     shape = (B, c_out) + (tuple(input_size) if mode == "operator" else ())
     u = torch.randn(shape, generator=generator, dtype=lead.dtype).to(lead.device)
     return _reference._normalize_rows(u)
@@ -213,7 +213,7 @@ def _power_iteration(weight, u, mode: str, n_iter: int):
     gradient, no validation (the callers validate)."""
     as_list = not isinstance(weight, torch.Tensor)
     w = [k.detach() for k in weight] if as_list else weight.detach()
-    device = _lead_kernel(weight).device
+    device = lead_kernel(weight).device
     # Operator mode is composite (ATen convolutions, any device); matrix mode has CPU and CUDA kernels.
     if _extension.loaded() and (mode == "operator" or _extension.has_kernels_for(device)):
         ops = torch.ops.itconv_fast
