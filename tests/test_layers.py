@@ -138,3 +138,53 @@ def test_no_exported_name_shadows_a_module():
         parent, _, name = module.rpartition(".")
         loaded = importlib.import_module(module)
         assert getattr(importlib.import_module(parent), name) is loaded, f"{parent}.{name} is not the module"
+
+
+# Modules named for internal use: their names may be imported by the folder that owns them.
+INTERNAL_MODULES = {"_extension", "_reference"}
+
+
+def _underscore_imports() -> list:
+    """(module, imported name) for every private name (one leading underscore) imported from another module."""
+    found = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                for alias in node.names:
+                    name = alias.name
+                    if name.startswith("_") and not name.startswith("__") and name not in INTERNAL_MODULES:
+                        found.append((module, name))
+    return found
+
+
+def test_no_private_name_is_imported_across_modules():
+    """What another module needs is public (or lives in a module named for internal use): zero."""
+    assert _underscore_imports() == []
+
+
+def test_the_private_import_counter_sees_one(tmp_path, monkeypatch):
+    planted = tmp_path / "planted.py"
+    planted.write_text("from itconv_fast.measures.indices import _phi\nfrom .ops import _extension\n")
+    monkeypatch.setitem(MODULES, "itconv_fast.measures.planted", planted)
+    assert _underscore_imports() == [("itconv_fast.measures.planted", "_phi")]
+
+
+def _architecture_paragraphs() -> dict:
+    """{folder: its paragraph in docs/architecture.md's "The layers"} (the paragraph opens with **`folder/`)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    layers = text.split("## The layers", 1)[1].split("\n## ", 1)[0]
+    found = {}
+    for paragraph in layers.split("\n\n"):
+        heading = re.match(r"\*\*(.+?)\*\*", paragraph.strip())
+        for folder in re.findall(r"`(?:itconv_fast/)?(\w+)/`", heading.group(1)) if heading else []:
+            found[folder] = found.get(folder, "") + paragraph
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not MODULES[m].name == "__init__.py"))
+def test_every_module_is_named_in_docs_architecture(module):
+    """Each file of the package is named, as `name.py`, in its folder's paragraph of docs/architecture.md."""
+    paragraphs = _architecture_paragraphs()
+    folder = "cli" if module.startswith("itconv_fast.cli") else _layer(module)
+    assert folder in paragraphs, f"docs/architecture.md has no paragraph for {folder}/"
+    assert f"{MODULES[module].name}" in paragraphs[folder], f"docs/architecture.md does not name {module}"
