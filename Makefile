@@ -3,6 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.itconv-fast-installed
 TORCH_VERSION ?= 2.14.1
+RUFF_VERSION ?= 0.17.5
+# Test processes: one per core (pytest-xdist); the whole suite fits 20 minutes on 2 cores this way.
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 
 # Compile the CUDA kernels whenever a CUDA toolkit is present (no GPU is needed to compile them).
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
@@ -16,7 +19,7 @@ export MAX_JOBS ?= 2
 
 SOURCES := Makefile setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: setup test test-fast train bench docs gpu-check ptxas clean
+.PHONY: setup lint format test test-fast train bench docs gpu-check ptxas clean
 
 setup: $(STAMP)
 
@@ -24,16 +27,26 @@ $(STAMP): $(SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) numpy click tqdm matplotlib pyyaml tensorboard ninja pybind11 \
-		pytest pytest-benchmark hypothesis 'ray[tune]' torchvision timm transformers mkdocs 'mkdocstrings[python]' build
+		pytest pytest-benchmark pytest-xdist hypothesis ruff==$(RUFF_VERSION) 'ray[tune]' torchvision timm transformers mkdocs \
+		'mkdocstrings[python]' build
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -c "import itconv_fast, sys; sys.exit(0 if itconv_fast.extension_loaded() else 'extension failed to load')"
 	touch $(STAMP)
 
-test: $(STAMP)
-	ITCONV_FAST_REQUIRE_EXTENSION=1 $(PY) -m pytest tests
+# ruff (pyproject.toml [tool.ruff]): lint and format check; `make format` rewrites the tree.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
+	ITCONV_FAST_REQUIRE_EXTENSION=1 $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -m "not slow" -n $(TEST_WORKERS) --dist loadgroup
 
 # The documentation site (README's pages and the API reference from the docstrings), warnings as errors.
 docs: $(STAMP)

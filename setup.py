@@ -21,10 +21,14 @@ def _is_toolkit(home) -> bool:
     nvcc may sit beside a lib folder, is not one)."""
     if not home or not os.path.isfile(os.path.join(home, "bin", "nvcc")):
         return False
-    headers = [os.path.join(home, "include", "cuda_runtime.h")] + glob.glob(os.path.join(home, "targets", "*", "include",
-                                                                                         "cuda_runtime.h"))
-    libraries = [p for d in ("lib64", "lib", os.path.join("targets", "*", "lib"))
-                 for p in glob.glob(os.path.join(home, d, "libcudart.so*"))]
+    headers = [os.path.join(home, "include", "cuda_runtime.h")] + glob.glob(
+        os.path.join(home, "targets", "*", "include", "cuda_runtime.h")
+    )
+    libraries = [
+        p
+        for d in ("lib64", "lib", os.path.join("targets", "*", "lib"))
+        for p in glob.glob(os.path.join(home, d, "libcudart.so*"))
+    ]
     return any(os.path.isfile(h) for h in headers) and bool(libraries)
 
 
@@ -45,8 +49,12 @@ def find_cuda_home():
             with tempfile.TemporaryDirectory() as folder:
                 probe = os.path.join(folder, "probe.cu")
                 open(probe, "w").close()
-                out = subprocess.run([nvcc, "--dryrun", "-c", probe, "-o", os.path.join(folder, "probe.o")],
-                                     capture_output=True, text=True, timeout=120)
+                out = subprocess.run(
+                    [nvcc, "--dryrun", "-c", probe, "-o", os.path.join(folder, "probe.o")],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
             found = re.search(r"_HERE_=(\S+)", out.stdout + out.stderr)
             if found and _is_toolkit(os.path.dirname(os.path.normpath(found.group(1)))):
                 return os.path.dirname(os.path.normpath(found.group(1)))
@@ -63,7 +71,6 @@ import torch  # noqa: E402
 from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0;10.0;12.0+PTX"
 
 
@@ -79,13 +86,15 @@ def want_cuda() -> bool:
         return False
     if flag in ("1", "true", "on", "yes"):
         if not available:
-            raise RuntimeError(
-                "ITCONV_FAST_CUDA=1 but no CUDA toolkit (CUDA_HOME) or no CUDA build of torch was found"
-            )
+            raise RuntimeError("ITCONV_FAST_CUDA=1 but no CUDA toolkit (CUDA_HOME) or no CUDA build of torch was found")
         return True
     if not available:
-        record_cuda_build(False, "no CUDA toolkit was found (CUDA_HOME, nvcc on PATH, /usr/local/cuda)"
-                          if CUDA_HOME is None else f"torch {torch.__version__} is not a CUDA build")
+        record_cuda_build(
+            False,
+            "no CUDA toolkit was found (CUDA_HOME, nvcc on PATH, /usr/local/cuda)"
+            if CUDA_HOME is None
+            else f"torch {torch.__version__} is not a CUDA build",
+        )
     return available
 
 
@@ -112,7 +121,11 @@ def wheel_cuda_include_dirs() -> list[str]:
     except ImportError:
         return []
     return sorted(
-        {os.path.dirname(h) for root in nvidia.__path__ for h in glob.glob(os.path.join(root, "*", "include", "cusparse.h"))}
+        {
+            os.path.dirname(h)
+            for root in nvidia.__path__
+            for h in glob.glob(os.path.join(root, "*", "include", "cusparse.h"))
+        }
     )
 
 
@@ -158,8 +171,12 @@ def extension():
             cxx += ["-idirafter", folder]
             nvcc += [f"-Xcompiler=-idirafter{folder}"]
         ext = CUDAExtension("itconv_fast._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
-        ext.cpu_fallback = CppExtension("itconv_fast._C", [s for s in sources if not s.endswith(".cu")],
-                                        extra_compile_args={"cxx": [f for f in cxx if "CUDA" not in f]}, **kwargs)
+        ext.cpu_fallback = CppExtension(
+            "itconv_fast._C",
+            [s for s in sources if not s.endswith(".cu")],
+            extra_compile_args={"cxx": [f for f in cxx if "CUDA" not in f]},
+            **kwargs,
+        )
         return ext
     return CppExtension("itconv_fast._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
 
@@ -185,9 +202,13 @@ class BuildWithCPUFallback(BuildExtension):
                 reason = "compiling failed"
             else:
                 reason = text.splitlines()[-1][:200] if text else type(exc).__name__
-            print(f"itconv-fast: the CUDA kernels could not be built ({reason[:200]}); building the CPU kernels "
-                  "only. Set CUDA_HOME to a full CUDA toolkit (and ITCONV_FAST_CUDA=1 to make this an error) to get "
-                  "them.", file=sys.stderr, flush=True)
+            print(
+                f"itconv-fast: the CUDA kernels could not be built ({reason[:200]}); building the CPU kernels "
+                "only. Set CUDA_HOME to a full CUDA toolkit (and ITCONV_FAST_CUDA=1 to make this an error) to get "
+                "them.",
+                file=sys.stderr,
+                flush=True,
+            )
             # The flags BuildExtension added to the CUDA extension (ABI, extension name) apply to the CPU build too.
             fallback.extra_compile_args["cxx"] = [f for f in ext.extra_compile_args["cxx"] if "CUDA" not in f]
             for key, value in vars(ext).items():  # what build_ext.finalize_options set on it (_needs_stub, ...)
@@ -203,9 +224,12 @@ def emulation_extension():
     """itconv_fast._device_emulation: the CUDA kernels' device code compiled for the CPU under the CUDA shim
     (csrc/emulation), which the tests execute against the references. No CUDA toolkit needed."""
     here = os.path.dirname(os.path.abspath(__file__))
-    return CppExtension("itconv_fast._device_emulation", [os.path.join("csrc", "emulation", "device_emulation.cpp")],
-                        include_dirs=[os.path.join(here, "csrc")],
-                        extra_compile_args={"cxx": ["-O2", "-ffp-contract=off"]})
+    return CppExtension(
+        "itconv_fast._device_emulation",
+        [os.path.join("csrc", "emulation", "device_emulation.cpp")],
+        include_dirs=[os.path.join(here, "csrc")],
+        extra_compile_args={"cxx": ["-O2", "-ffp-contract=off"]},
+    )
 
 
 if __name__ == "__main__":  # (setuptools runs this file as __main__; tests import its helpers)

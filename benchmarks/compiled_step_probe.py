@@ -26,8 +26,19 @@ def make_step(device, *, regularised: bool, compile_mode, width: int = 16, block
     from itconv_fast.nn.coupling import GradientCoupler
 
     torch.manual_seed(0)
-    model = IterResNet(10, 3, width=width, blocks=blocks, stages=3, sn_mu=0.95 if regularised else None,
-                       init="recurrent" if regularised else "nonrecurrent").to(device).train()
+    model = (
+        IterResNet(
+            10,
+            3,
+            width=width,
+            blocks=blocks,
+            stages=3,
+            sn_mu=0.95 if regularised else None,
+            init="recurrent" if regularised else "nonrecurrent",
+        )
+        .to(device)
+        .train()
+    )
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -44,6 +55,7 @@ def make_step(device, *, regularised: bool, compile_mode, width: int = 16, block
             coupler()
         opt.step()
         return loss.detach()
+
     return step
 
 
@@ -66,8 +78,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def probe(device, steps=30, width=16, blocks=16, modes=("eager", "default", "reduce-overhead"), regularised="both",
-          out=None) -> dict:
+def probe(
+    device, steps=30, width=16, blocks=16, modes=("eager", "default", "reduce-overhead"), regularised="both", out=None
+) -> dict:
     """Runs the cases; returns {"device", "torch", "rows"} (rows also printed as JSON lines)."""
     device = torch.device(device)
     g = torch.Generator().manual_seed(0)
@@ -100,16 +113,25 @@ def probe(device, steps=30, width=16, blocks=16, modes=("eager", "default", "red
                 if mode is None:
                     eager_losses[reg] = losses
                 reference = eager_losses.get(reg)
-                row = {"case": name, "first_step_s": first, "median_step_s": statistics.median(times),
-                       "min_step_s": min(times), "last_loss": losses[-1],
-                       "max_loss_difference_to_eager": (max(abs(a - b) for a, b in zip(losses, reference))
-                                                        if reference else None)}
+                row = {
+                    "case": name,
+                    "first_step_s": first,
+                    "median_step_s": statistics.median(times),
+                    "min_step_s": min(times),
+                    "last_loss": losses[-1],
+                    "max_loss_difference_to_eager": (
+                        max(abs(a - b) for a, b in zip(losses, reference)) if reference else None
+                    ),
+                }
             except Exception as error:  # recorded: a failing mode is a finding, not the end of the probe
                 row = {"case": name, "error": f"{type(error).__name__}: {str(error)[:1500]}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "rows": rows}
+    report = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "rows": rows,
+    }
     if out:
         with open(out, "w") as f:
             json.dump(report, f, indent=1)

@@ -52,8 +52,9 @@ print(json.dumps({"median_s": m.median, "info": _extension.cpu_info()}))
 
 
 def run_child(python, env, args):
-    out = subprocess.run([python, "-c", CHILD, *map(str, args)], env={**os.environ, **env}, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        [python, "-c", CHILD, *map(str, args)], env={**os.environ, **env}, capture_output=True, text=True, timeout=600
+    )
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -69,32 +70,58 @@ def ab(name, a, b, args, rounds):
             times[label].append(r["median_s"])
             info[label] = r["info"]
     med = {k: statistics.median(v) for k, v in times.items()}
-    row = {"case": name, "args": args, "rounds": rounds, "median_s": med, "all_s": times,
-           "ratio_b_over_a": med[b[0]] / med[a[0]], "settings": info}
-    print(f"{name}: {a[0]} {med[a[0]] * 1e6:.1f} us, {b[0]} {med[b[0]] * 1e6:.1f} us "
-          f"(B/A {row['ratio_b_over_a']:.2f}, {rounds} rounds)")
+    row = {
+        "case": name,
+        "args": args,
+        "rounds": rounds,
+        "median_s": med,
+        "all_s": times,
+        "ratio_b_over_a": med[b[0]] / med[a[0]],
+        "settings": info,
+    }
+    print(
+        f"{name}: {a[0]} {med[a[0]] * 1e6:.1f} us, {b[0]} {med[b[0]] * 1e6:.1f} us "
+        f"(B/A {row['ratio_b_over_a']:.2f}, {rounds} rounds)"
+    )
     return row
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--baseline-tree", default=None,
-                        help="a checkout of the previous commit with its extension built in place (PYTHONPATH)")
+    parser.add_argument(
+        "--baseline-tree",
+        default=None,
+        help="a checkout of the previous commit with its extension built in place (PYTHONPATH)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rows = [
-        ab("l1: 10 congruent members, 36,864 floats, 1 thread",
-           ("this machine's L1", {}), ("48 KiB 12-way L1", {"ITCONV_FAST_L1": "49152,12"}),
-           ["congruent", 10, 36864, 1], args.rounds),
-        ab("avx2-limit: AVX2 clone, 16 spread members, 36,864 floats, 1 thread",
-           ("limit 7", {"ITCONV_FAST_CPU_ISA": "avx2"}),
-           ("limit 16", {"ITCONV_FAST_CPU_ISA": "avx2", "ITCONV_FAST_REGISTER_LIMIT": "16"}),
-           ["spread", 16, 36864, 1], args.rounds),
+        ab(
+            "l1: 10 congruent members, 36,864 floats, 1 thread",
+            ("this machine's L1", {}),
+            ("48 KiB 12-way L1", {"ITCONV_FAST_L1": "49152,12"}),
+            ["congruent", 10, 36864, 1],
+            args.rounds,
+        ),
+        ab(
+            "avx2-limit: AVX2 clone, 16 spread members, 36,864 floats, 1 thread",
+            ("limit 7", {"ITCONV_FAST_CPU_ISA": "avx2"}),
+            ("limit 16", {"ITCONV_FAST_CPU_ISA": "avx2", "ITCONV_FAST_REGISTER_LIMIT": "16"}),
+            ["spread", 16, 36864, 1],
+            args.rounds,
+        ),
     ]
     if args.baseline_tree:
-        rows.append(ab("build: ResNet-101-16 gradients, 2 threads", ("previous build", {"PYTHONPATH": args.baseline_tree}),
-                       ("this build", {}), ["resnet", 0, 0, 2], args.rounds))
+        rows.append(
+            ab(
+                "build: ResNet-101-16 gradients, 2 threads",
+                ("previous build", {"PYTHONPATH": args.baseline_tree}),
+                ("this build", {}),
+                ["resnet", 0, 0, 2],
+                args.rounds,
+            )
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"rows": rows}, f, indent=2)

@@ -41,8 +41,9 @@ def run_cuda_tests() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the benchmarks' short settings")
-    parser.add_argument("--train-sizes", default=None,
-                        help="sizes of bench train (default quick,paper; quick with --quick)")
+    parser.add_argument(
+        "--train-sizes", default=None, help="sizes of bench train (default quick,paper; quick with --quick)"
+    )
     parser.add_argument("--paper-steps", type=int, default=200, help="steps in an epoch of bench train's paper size")
     parser.add_argument("--out", help="the file to write (JSON)")
     args = parser.parse_args(argv)
@@ -60,8 +61,11 @@ def main(argv=None) -> int:
         print("gpu-check: the extension is not built with its CUDA kernels (build with CUDA_HOME set)", file=sys.stderr)
         return 2
     out = args.out or f"gpu-check-{platform.node()}-{datetime.date.today().isoformat()}.json"
-    report = {"machine": bench.machine_description("cuda"), "cuda_runtime": torch.version.cuda,
-              "capability": ".".join(map(str, torch.cuda.get_device_capability()))}
+    report = {
+        "machine": bench.machine_description("cuda"),
+        "cuda_runtime": torch.version.cuda,
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+    }
     print("pytest -m cuda ...", flush=True)
     report["pytest"] = run_cuda_tests()
     print(report["pytest"]["summary"], flush=True)

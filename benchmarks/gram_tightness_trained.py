@@ -30,7 +30,11 @@ def main(run, out=None):
             for steps in (4, 6):
                 r = ops.gram_spectral_bound(w, steps) / exact
                 key = f"stage {s + 1} ({side}x{side}) {name}, {steps} steps"
-                report["ratios (min, mean, max)"][key] = [round(r.min().item(), 3), round(r.mean().item(), 3), round(r.max().item(), 3)]
+                report["ratios (min, mean, max)"][key] = [
+                    round(r.min().item(), 3),
+                    round(r.mean().item(), 3),
+                    round(r.max().item(), 3),
+                ]
     text = json.dumps(report, indent=1)
     print(text)
     if out:

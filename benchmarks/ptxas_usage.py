@@ -43,9 +43,16 @@ def compile_flags() -> list[str]:
         includes = cpp_extension.include_paths(device_type="cuda")
     except TypeError:  # older torch
         includes = cpp_extension.include_paths(cuda=True)
-    flags = ["-std=c++20", "-O3", "--fmad=false", "-DITCONV_WITH_CUDA", *cpp_extension.COMMON_NVCC_FLAGS,
-             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
-             "-I" + os.path.join(ROOT, "csrc"), "-I" + sysconfig.get_paths()["include"]]
+    flags = [
+        "-std=c++20",
+        "-O3",
+        "--fmad=false",
+        "-DITCONV_WITH_CUDA",
+        *cpp_extension.COMMON_NVCC_FLAGS,
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
+        "-I" + os.path.join(ROOT, "csrc"),
+        "-I" + sysconfig.get_paths()["include"],
+    ]
     flags += ["-I" + path for path in includes]
     try:  # the CUDA libraries' headers inside torch's wheels, searched after the toolkit's (as setup.py does)
         import nvidia
@@ -73,8 +80,9 @@ def parse(log: str, source: str) -> list[dict]:
             current = {"source": source, "kernel": m.group(1), "arch": m.group(2)}
             rows.append(current)
         elif current is not None and (m := _FRAME.search(line)):
-            current.update(stack_bytes=int(m.group(1)), spill_store_bytes=int(m.group(2)),
-                           spill_load_bytes=int(m.group(3)))
+            current.update(
+                stack_bytes=int(m.group(1)), spill_store_bytes=int(m.group(2)), spill_load_bytes=int(m.group(3))
+            )
         elif current is not None and (m := _USED.search(line)):
             current["registers"] = int(m.group(1))
             s = _SMEM.search(line)
@@ -105,8 +113,10 @@ def usage(arches=("80", "90")) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     lines = ["| kernel | arch | registers | stack | spill st/ld | smem |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| `{r['kernel']}` | {r['arch']} | {r.get('registers')} | {r.get('stack_bytes')} B | "
-                     f"{r.get('spill_store_bytes')}/{r.get('spill_load_bytes')} B | {r.get('smem_bytes')} B |")
+        lines.append(
+            f"| `{r['kernel']}` | {r['arch']} | {r.get('registers')} | {r.get('stack_bytes')} B | "
+            f"{r.get('spill_store_bytes')}/{r.get('spill_load_bytes')} B | {r.get('smem_bytes')} B |"
+        )
     return "\n".join(lines)
 
 

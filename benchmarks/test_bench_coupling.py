@@ -12,7 +12,13 @@ import torch
 from itconv_fast import bench
 
 WIDTHS = [16, 64]
-CASES = ["fused soft_couple_", "(a) per-slot loop", "(b) _foreach", "(c) torch.compile(reference)", "(d) copy (memory floor)"]
+CASES = [
+    "fused soft_couple_",
+    "(a) per-slot loop",
+    "(b) _foreach",
+    "(c) torch.compile(reference)",
+    "(d) copy (memory floor)",
+]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 _cache = {}
@@ -33,9 +39,11 @@ def test_coupling_step(benchmark, device, width, case):
     fn()  # warm-up (compiles (c))
     benchmark.group = f"coupling ResNet-101 width {width} {device}"
     if device == "cuda":
+
         def run():
             fn()
             torch.cuda.synchronize()
+
         benchmark(run)
     else:
         benchmark(fn)

@@ -43,8 +43,10 @@ def cases(examples: int = 256, extra: int = 8):
     y[: examples // 4] = (y[: examples // 4] + 1) % 10
     parity = parity_module.build(64, 12, 1.0, 0).eval()
     bits, target = parity_module.parity_data(examples, 16, torch.Generator().manual_seed(0))
-    return {"vit-4x64 (Digitclutter size)": (vit.residual_model(), (x, y), None, extra),
-            "looped conv T=12, length 16": (parity, (bits, target), sequence_error, extra)}
+    return {
+        "vit-4x64 (Digitclutter size)": (vit.residual_model(), (x, y), None, extra),
+        "looped conv T=12, length 16": (parity, (bits, target), sequence_error, extra),
+    }
 
 
 @pytest.mark.parametrize("method", ["cached", "reference"])
@@ -52,8 +54,13 @@ def cases(examples: int = 256, extra: int = 8):
 def test_indices_on_residual_models(benchmark, case, method):
     built = cases(examples=64)
     model, data, error_fn, K = next(v for k, v in built.items() if k.startswith("vit" if case == "vit" else "looped"))
-    benchmark.pedantic(compute_indices, args=(model, data),
-                       kwargs=dict(extra_iterations=K, method=method, error_fn=error_fn), rounds=2, iterations=1)
+    benchmark.pedantic(
+        compute_indices,
+        args=(model, data),
+        kwargs=dict(extra_iterations=K, method=method, error_fn=error_fn),
+        rounds=2,
+        iterations=1,
+    )
 
 
 def main(argv=None) -> int:
@@ -65,8 +72,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from itconv_fast.bench import machine_description
 
-    report = {"benchmark": "residual-models", "machine": machine_description("cpu"), "examples": args.examples,
-              "extra_iterations": args.extra, "method": "cases interleaved round by round; medians", "rows": []}
+    report = {
+        "benchmark": "residual-models",
+        "machine": machine_description("cpu"),
+        "examples": args.examples,
+        "extra_iterations": args.extra,
+        "method": "cases interleaved round by round; medians",
+        "rows": [],
+    }
     for name, (model, data, error_fn, K) in cases(args.examples, args.extra).items():
         times = {"cached": [], "reference": []}
         for _ in range(args.rounds):
@@ -75,7 +88,9 @@ def main(argv=None) -> int:
                 compute_indices(model, data, extra_iterations=K, method=method, error_fn=error_fn)
                 times[method].append(time.perf_counter() - start)
         cached, reference = statistics.median(times["cached"]), statistics.median(times["reference"])
-        report["rows"].append({"model": name, "cached_s": cached, "reference_s": reference, "speedup": reference / cached})
+        report["rows"].append(
+            {"model": name, "cached_s": cached, "reference_s": reference, "speedup": reference / cached}
+        )
         print(f"{name}: cached {cached:.2f} s, reference {reference:.2f} s, {reference / cached:.2f}x", flush=True)
     if args.out:
         with open(args.out, "w") as f:

@@ -11,10 +11,20 @@ from .params import FiniteFloatRange
 @click.group(invoke_without_command=True)
 @click.option("--quick", is_flag=True, help="Smaller settings: under 3 minutes on 2 cores.")
 @click.option("--device", "all_device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, writable=True), default=None,
-              help='Write {"machine": {...}, "results": [...]} here.')
-@click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Write the table as markdown here.")
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help='Write {"machine": {...}, "results": [...]} here.',
+)
+@click.option(
+    "--markdown",
+    "markdown_out",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write the table as markdown here.",
+)
 @click.pass_context
 def bench(ctx, quick, all_device, json_out, markdown_out) -> None:
     """Benchmarks against pure PyTorch (torch.utils.benchmark, side by side in one process).
@@ -41,19 +51,30 @@ def bench(ctx, quick, all_device, json_out, markdown_out) -> None:
 
 
 def _device_option(f):
-    return click.option(
-        "--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."
-    )(f)
+    return click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")(f)
 
 
 @bench.command("coupling")
-@click.option("--width", "widths", type=click.IntRange(min=1), multiple=True, default=(16, 64), show_default=True,
-              help="Base width of the ResNet-101 whose gradients are coupled (repeatable).")
-@click.option("--min-run-time", type=FiniteFloatRange(min=0.01), default=1.0, show_default=True,
-              help="Seconds of timing per case.")
+@click.option(
+    "--width",
+    "widths",
+    type=click.IntRange(min=1),
+    multiple=True,
+    default=(16, 64),
+    show_default=True,
+    help="Base width of the ResNet-101 whose gradients are coupled (repeatable).",
+)
+@click.option(
+    "--min-run-time",
+    type=FiniteFloatRange(min=0.01),
+    default=1.0,
+    show_default=True,
+    help="Seconds of timing per case.",
+)
 @click.option("--no-compile", is_flag=True, help="Skip the torch.compile baseline (c).")
-@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Write the report as JSON here.")
+@click.option(
+    "--out", type=click.Path(dir_okay=False, writable=True), default=None, help="Write the report as JSON here."
+)
 @_device_option
 def bench_coupling(widths, min_run_time, no_compile, out, device) -> None:
     """One soft-coupling step on ResNet-101 gradients: fused op vs loop, _foreach, compile, copy."""
@@ -74,12 +95,25 @@ def bench_coupling(widths, min_run_time, no_compile, out, device) -> None:
 
 
 @bench.command("spectral")
-@click.option("--width", "widths", type=click.IntRange(min=1), multiple=True, default=(16, 64), show_default=True,
-              help="Base width of the ResNet-101 whose 96 block convolutions are normalised (repeatable).")
+@click.option(
+    "--width",
+    "widths",
+    type=click.IntRange(min=1),
+    multiple=True,
+    default=(16, 64),
+    show_default=True,
+    help="Base width of the ResNet-101 whose 96 block convolutions are normalised (repeatable).",
+)
 @click.option("--min-run-time", type=FiniteFloatRange(min=0.01), default=1.0, show_default=True)
-@click.option("--tightness/--no-tightness", default=True, show_default=True,
-              help="Also report the Gram bound's tightness (bound / exact) on random kernels.")
-@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None, help="Write the report as JSON here.")
+@click.option(
+    "--tightness/--no-tightness",
+    default=True,
+    show_default=True,
+    help="Also report the Gram bound's tightness (bound / exact) on random kernels.",
+)
+@click.option(
+    "--out", type=click.Path(dir_okay=False, writable=True), default=None, help="Write the report as JSON here."
+)
 @_device_option
 def bench_spectral(widths, min_run_time, tightness, out, device) -> None:
     """One power step for all block convs of ResNet-101: batched vs per-layer (torch spectral_norm, conv loop)."""
@@ -96,20 +130,37 @@ def bench_spectral(widths, min_run_time, tightness, out, device) -> None:
     if tightness:
         report["gram_tightness_random"] = bench_lib.gram_tightness()
         for key, stats in report["gram_tightness_random"].items():
-            click.echo(f"gram bound / exact, random 3x3 kernels, {key}: mean {stats['mean']:.3f} (min {stats['min']:.3f}, max {stats['max']:.3f})")
+            click.echo(
+                f"gram bound / exact, random 3x3 kernels, {key}: mean {stats['mean']:.3f} (min {stats['min']:.3f}, "
+                f"max {stats['max']:.3f})"
+            )
     if out:
         bench_lib.save_report(report, out)
         click.echo(f"wrote {out}")
 
 
 @bench.command("lipschitz")
-@click.option("--arch", "archs", type=click.Choice(["resnet18", "resnet50"]), multiple=True,
-              default=("resnet18", "resnet50"), show_default=True, help="torchvision-like ResNet (repeatable).")
+@click.option(
+    "--arch",
+    "archs",
+    type=click.Choice(["resnet18", "resnet50"]),
+    multiple=True,
+    default=("resnet18", "resnet50"),
+    show_default=True,
+    help="torchvision-like ResNet (repeatable).",
+)
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--size", type=click.IntRange(min=32), default=128, show_default=True, help="Input side in pixels.")
-@click.option("--min-run-time", type=FiniteFloatRange(min=0.01), default=5.0, show_default=True,
-              help="Seconds of timing per case.")
-@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None, help="Write the report as JSON here.")
+@click.option(
+    "--min-run-time",
+    type=FiniteFloatRange(min=0.01),
+    default=5.0,
+    show_default=True,
+    help="Seconds of timing per case.",
+)
+@click.option(
+    "--out", type=click.Path(dir_okay=False, writable=True), default=None, help="Write the report as JSON here."
+)
 @_device_option
 def bench_lipschitz(archs, batch, size, min_run_time, out, device) -> None:
     """One training step of ResNet-18 / -50 with spectral norms on every layer: torch's per-layer
@@ -142,9 +193,15 @@ def bench_batch_norm_relu(batch, min_run_time, out, device) -> None:
 
 
 @bench.command("indices")
-@click.option("--config", "configs", type=(int, int, int, int), multiple=True,
-              default=[(8, 4, 32, 256), (16, 16, 32, 16)], show_default=True,
-              help="WIDTH BLOCKS SIDE N: a ResNet of 3 stages and N random examples (repeatable).")
+@click.option(
+    "--config",
+    "configs",
+    type=(int, int, int, int),
+    multiple=True,
+    default=[(8, 4, 32, 256), (16, 16, 32, 16)],
+    show_default=True,
+    help="WIDTH BLOCKS SIDE N: a ResNet of 3 stages and N random examples (repeatable).",
+)
 @click.option("--extra-iterations", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--min-run-time", type=FiniteFloatRange(min=0.01), default=1.0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None)
@@ -157,8 +214,10 @@ def bench_indices(configs, extra_iterations, min_run_time, out, device) -> None:
     click.echo(table)
     for key, ratios in report["ratios"].items():
         blocks = report["block_evaluations"][key]
-        click.echo(f"{key}: reference / cached time {ratios['reference']:.2f}x; block evaluations per example "
-                   f"{blocks['reference_blocks']} vs {blocks['cached_blocks']} ({blocks['ratio']:.2f}x)")
+        click.echo(
+            f"{key}: reference / cached time {ratios['reference']:.2f}x; block evaluations per example "
+            f"{blocks['reference_blocks']} vs {blocks['cached_blocks']} ({blocks['ratio']:.2f}x)"
+        )
     if out:
         bench_lib.save_report(report, out)
         click.echo(f"wrote {out}")
@@ -168,16 +227,22 @@ def bench_indices(configs, extra_iterations, min_run_time, out, device) -> None:
 @click.option("--width", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--blocks", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--examples", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Interleaved rounds (each runs both cases once).")
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Interleaved rounds (each runs both cases once).",
+)
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None)
 @_device_option
 def bench_analysis(width, blocks, examples, rounds, out, device) -> None:
     """All analysis measures (refinement, anytime, traces) against the three indices alone."""
     from itconv_fast import bench as bench_lib
 
-    report, table = bench_lib.run_analysis_benchmark(width=width, blocks=blocks, n=examples, device=device,
-                                                     min_rounds=rounds)
+    report, table = bench_lib.run_analysis_benchmark(
+        width=width, blocks=blocks, n=examples, device=device, min_rounds=rounds
+    )
     click.echo(table)
     for key, ratios in report["ratios"].items():
         click.echo(f"{key}: all measures take {ratios['all measures']:.2f}x the time of the indices alone")
@@ -192,16 +257,21 @@ def bench_analysis(width, blocks, examples, rounds, out, device) -> None:
 @click.option("--batch", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--sn-mode", type=click.Choice(["operator", "matrix", "gram"]), default="operator", show_default=True)
 @click.option("--min-run-time", type=FiniteFloatRange(min=0.01), default=10.0, show_default=True)
-@click.option("--objectives/--no-objectives", default=True, show_default=True,
-              help="Also one row per objective (itconv_fast.objectives, weight 1) on the plain network.")
+@click.option(
+    "--objectives/--no-objectives",
+    default=True,
+    show_default=True,
+    help="Also one row per objective (itconv_fast.objectives, weight 1) on the plain network.",
+)
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None)
 @_device_option
 def bench_train_step(width, blocks, batch, sn_mode, min_run_time, objectives, out, device) -> None:
     """Overhead of coupling, spectral normalization and the objectives on one training step of the paper's ResNet."""
     from itconv_fast import bench as bench_lib
 
-    report, table = bench_lib.run_train_step_benchmark(width, blocks, batch, device, min_run_time, sn_mode,
-                                                       objectives=objectives)
+    report, table = bench_lib.run_train_step_benchmark(
+        width, blocks, batch, device, min_run_time, sn_mode, objectives=objectives
+    )
     click.echo(table)
     for case, ratio in report["ratios"][f"width {width}"].items():
         click.echo(f"{case}: {100 * (ratio - 1):+.1f}% vs plain")
@@ -211,15 +281,36 @@ def bench_train_step(width, blocks, batch, sn_mode, min_run_time, objectives, ou
 
 
 @bench.command("train")
-@click.option("--size", "sizes", type=click.Choice(["quick", "paper"]), multiple=True, default=("quick", "paper"),
-              show_default=True, help="quick: the quick preset (Digitclutter, ResNet-29-8); paper: ResNet-101-16 on "
-                                      "32 x 32 x 3 random CIFAR-shaped images. Repeatable.")
-@click.option("--epochs", type=click.IntRange(min=2), default=3, show_default=True,
-              help="Epochs per run; the first is reported apart (compilation, warm-up).")
-@click.option("--paper-steps", type=click.IntRange(min=1), default=200, show_default=True,
-              help="Steps in an epoch of the paper size.")
-@click.option("--quick-train-size", type=click.IntRange(min=128), default=None,
-              help="Training examples of the quick size (default: the preset's 12,000).")
+@click.option(
+    "--size",
+    "sizes",
+    type=click.Choice(["quick", "paper"]),
+    multiple=True,
+    default=("quick", "paper"),
+    show_default=True,
+    help="quick: the quick preset (Digitclutter, ResNet-29-8); paper: ResNet-101-16 on "
+    "32 x 32 x 3 random CIFAR-shaped images. Repeatable.",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=2),
+    default=3,
+    show_default=True,
+    help="Epochs per run; the first is reported apart (compilation, warm-up).",
+)
+@click.option(
+    "--paper-steps",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Steps in an epoch of the paper size.",
+)
+@click.option(
+    "--quick-train-size",
+    type=click.IntRange(min=128),
+    default=None,
+    help="Training examples of the quick size (default: the preset's 12,000).",
+)
 @click.option("--no-compile", is_flag=True, help="Leave out the compiled runs (minutes of compilation on a CPU).")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None)
 @_device_option
@@ -230,9 +321,15 @@ def bench_train(sizes, epochs, paper_steps, quick_train_size, no_compile, out, d
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
-    report, table = bench_lib.run_train_benchmark(sizes, device=device, epochs=epochs, paper_steps=paper_steps,
-                                                  quick_train_size=quick_train_size, compiled=not no_compile,
-                                                  log=lambda m: click.echo(m, err=True))
+    report, table = bench_lib.run_train_benchmark(
+        sizes,
+        device=device,
+        epochs=epochs,
+        paper_steps=paper_steps,
+        quick_train_size=quick_train_size,
+        compiled=not no_compile,
+        log=lambda m: click.echo(m, err=True),
+    )
     click.echo(table)
     if out:
         bench_lib.save_report(report, out)

@@ -11,19 +11,39 @@ from .params import FiniteFloatRange
 
 @click.command()
 @click.argument("run", type=click.Path(exists=True))
-@click.option("--extra-iterations", type=click.IntRange(min=1), default=16, show_default=True,
-              help="K: extra applications of each stage's last block (Divergence Index).")
+@click.option(
+    "--extra-iterations",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="K: extra applications of each stage's last block (Divergence Index).",
+)
 @click.option("--method", type=click.Choice(["cached", "reference"]), default="cached", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("--test-size", type=click.IntRange(min=1), default=None, help="Evaluate on the first N test examples only.")
+@click.option(
+    "--test-size", type=click.IntRange(min=1), default=None, help="Evaluate on the first N test examples only."
+)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Draw the paper's Fig 2a (error against perturbed block) to this PNG; with --measures beyond "
-                   "indices, one row per measure and one column per stage.")
-@click.option("--measures", default="indices", show_default=True,
-              help="Comma-separated subset of indices,refinement,anytime,traces, or all (see README).")
-@click.option("--threshold", type=FiniteFloatRange(min=0.0, min_open=True), default=0.05, show_default=True,
-              help="Trace summaries: the share of examples whose fixed-point residual is under this.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Draw the paper's Fig 2a (error against perturbed block) to this PNG; with --measures beyond "
+    "indices, one row per measure and one column per stage.",
+)
+@click.option(
+    "--measures",
+    default="indices",
+    show_default=True,
+    help="Comma-separated subset of indices,refinement,anytime,traces, or all (see README).",
+)
+@click.option(
+    "--threshold",
+    type=FiniteFloatRange(min=0.0, min_open=True),
+    default=0.05,
+    show_default=True,
+    help="Trace summaries: the share of examples whose fixed-point residual is under this.",
+)
 def indices(run, extra_iterations, method, batch_size, test_size, device, plot, measures, threshold) -> None:
     """Convergence, Recurrence and Divergence indices of a trained run (directory or checkpoint.pt), and
     with --measures the refinement measures, anytime curves and convergence traces.
@@ -36,8 +56,10 @@ def indices(run, extra_iterations, method, batch_size, test_size, device, plot, 
     chosen = MEASURES if measures.strip() == "all" else tuple(m.strip() for m in measures.split(",") if m.strip())
     unknown = [m for m in chosen if m not in MEASURES]
     if unknown or not chosen:
-        raise click.BadParameter(f"unknown measure {unknown[0] if unknown else measures!r}; choose from "
-                                 f"{', '.join(MEASURES)} or all", param_hint="--measures")
+        raise click.BadParameter(
+            f"unknown measure {unknown[0] if unknown else measures!r}; choose from {', '.join(MEASURES)} or all",
+            param_hint="--measures",
+        )
     if method == "reference" and chosen != ("indices",):
         raise click.BadParameter("the measures beyond the indices use the cached evaluator", param_hint="--method")
 
@@ -54,8 +76,9 @@ def indices(run, extra_iterations, method, batch_size, test_size, device, plot, 
     except (RuntimeError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="--device") from exc
     try:
-        model, data, chance, error_fn, loss_fn = evaluation.run_evaluation(path, batch_size=batch_size, test_size=test_size,
-                                                                    device=device)
+        model, data, chance, error_fn, loss_fn = evaluation.run_evaluation(
+            path, batch_size=batch_size, test_size=test_size, device=device
+        )
     except CheckpointError as exc:
         raise click.BadParameter(str(exc), param_hint="RUN") from None
     except vision.DatasetFilesError as exc:
@@ -64,13 +87,29 @@ def indices(run, extra_iterations, method, batch_size, test_size, device, plot, 
     analysis = None
     try:
         if chosen == ("indices",):
-            report = compute_indices(model, data, extra_iterations=extra_iterations, method=method, chance_error=chance,
-                                     batch_size=batch_size, error_fn=error_fn)
+            report = compute_indices(
+                model,
+                data,
+                extra_iterations=extra_iterations,
+                method=method,
+                chance_error=chance,
+                batch_size=batch_size,
+                error_fn=error_fn,
+            )
         else:
             from itconv_fast.measures.analysis import analyze
 
-            analysis = analyze(model, data, measures=chosen, extra_iterations=extra_iterations, threshold=threshold,
-                               chance_error=chance, error_fn=error_fn, loss_fn=loss_fn, batch_size=batch_size)
+            analysis = analyze(
+                model,
+                data,
+                measures=chosen,
+                extra_iterations=extra_iterations,
+                threshold=threshold,
+                chance_error=chance,
+                error_fn=error_fn,
+                loss_fn=loss_fn,
+                batch_size=batch_size,
+            )
             report = analysis.indices
     except NonFiniteOutputsError as exc:
         raise click.ClickException(f"{path}: {exc}") from None
@@ -78,7 +117,10 @@ def indices(run, extra_iterations, method, batch_size, test_size, device, plot, 
         atomic_write_json(os.path.join(folder, "analysis.json"), analysis.to_dict())
     out = os.path.join(folder, "indices.json")
     atomic_write_json(out, report.to_dict())
-    click.echo(f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}: n = {report.n}, error e* = {report.error:.4f}, chance = {report.chance_error:.4f}")
+    click.echo(
+        f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}: n = {report.n}, error e* = {report.error:.4f}, "
+        f"chance = {report.chance_error:.4f}"
+    )
     click.echo(f"{'stage':>5} {'CI':>7} {'RI':>7} {'DI':>7} {'fixed-pt res.':>14}")
     for s, st in enumerate(report.stages, start=1):
         click.echo(f"{s:>5} {st.ci:7.3f} {st.ri:7.3f} {st.di:7.3f} {st.fixed_point_residual:14.4f}")
@@ -108,12 +150,16 @@ def print_analysis(report) -> None:
             parts.append(f"cos(update, -grad) per block [{cos}]")
         if st.anytime_error:
             T = len(report.indices.stages[s - 1].e_drop)
-            parts.append(f"anytime error k=1: {st.anytime_error[0]:.3f}, k=T: {st.anytime_error[T - 1]:.3f}, "
-                         f"k=T+K: {st.anytime_error[-1]:.3f}")
+            parts.append(
+                f"anytime error k=1: {st.anytime_error[0]:.3f}, k=T: {st.anytime_error[T - 1]:.3f}, "
+                f"k=T+K: {st.anytime_error[-1]:.3f}"
+            )
         if st.trace:
             res = st.trace["fixed_point_residual"]
-            parts.append(f"residual median {res['median'][0]:.3f} -> {res['median'][-1]:.3f}, "
-                         f"under {report.threshold:g}: {res['share_below'][-1]:.0%}")
+            parts.append(
+                f"residual median {res['median'][0]:.3f} -> {res['median'][-1]:.3f}, "
+                f"under {report.threshold:g}: {res['share_below'][-1]:.0%}"
+            )
             if "contraction" in st.trace:
                 parts.append(f"contraction median {st.trace['contraction']['median'][0]:.3f}")
         click.echo(f"stage {s}: " + "; ".join(parts))

@@ -7,13 +7,28 @@ import click
 
 @click.command()
 @click.argument("source", type=click.Path(exists=True))
-@click.option("--power-iterations", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Operator-norm power steps per layer (from a random start).")
-@click.option("--gram-iterations", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Gram steps of the certified bound (each costs C^3 k^d per layer).")
+@click.option(
+    "--power-iterations",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Operator-norm power steps per layer (from a random start).",
+)
+@click.option(
+    "--gram-iterations",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Gram steps of the certified bound (each costs C^3 k^d per layer).",
+)
 @click.option("--no-gram", is_flag=True, help="Skip the certified Gram bound (for very wide layers).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Also write the report as JSON here.")
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Also write the report as JSON here.",
+)
 @click.option("--markdown", is_flag=True, help="Print a Markdown table instead of the text table.")
 def lipschitz(source, power_iterations, gram_iterations, no_gram, json_out, markdown) -> None:
     """Per-layer Lipschitz constants of a model: SOURCE is a training checkpoint (run directory or
@@ -32,8 +47,9 @@ def lipschitz(source, power_iterations, gram_iterations, no_gram, json_out, mark
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:  # not a usable script or checkpoint (CheckpointError included)
         raise click.BadParameter(str(exc), param_hint="SOURCE") from None
-    report = lipschitz_report(model, example, power_iterations=power_iterations, gram_iterations=gram_iterations,
-                              gram=not no_gram)
+    report = lipschitz_report(
+        model, example, power_iterations=power_iterations, gram_iterations=gram_iterations, gram=not no_gram
+    )
     click.echo(report.to_markdown() if markdown else report.table())
     if json_out:
         from itconv_fast.io.checkpoint import atomic_write_json

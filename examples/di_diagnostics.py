@@ -20,12 +20,12 @@ import statistics
 
 import torch
 
-from itconv_fast.io.checkpoint import load_checkpoint_state
-from itconv_fast.experiments.config import TrainConfig
 from itconv_fast.data import datasets
+from itconv_fast.experiments.config import TrainConfig
+from itconv_fast.io.checkpoint import load_checkpoint_state
 from itconv_fast.models import load_checkpoint
-from itconv_fast.ops import init_power_vector
 from itconv_fast.models.stage_spectral_norm import StageSpectralNorm
+from itconv_fast.ops import init_power_vector
 
 
 def _norms(t):
@@ -36,11 +36,25 @@ def _norms(t):
 def diagnose(run: str, examples: int, extra: int) -> dict:
     config = TrainConfig(**load_checkpoint_state(run, required=("config",))["config"])
     model = load_checkpoint(run)
-    task = datasets.load(config.dataset, data_dir=config.data_dir, n_digits=config.n_digits, train_size=config.train_size,
-                         test_size=config.test_size, seed=config.seed, cache_dir=config.cache_dir or datasets.default_cache_dir())
+    task = datasets.load(
+        config.dataset,
+        data_dir=config.data_dir,
+        n_digits=config.n_digits,
+        train_size=config.train_size,
+        test_size=config.test_size,
+        seed=config.seed,
+        cache_dir=config.cache_dir or datasets.default_cache_dir(),
+    )
     x, _ = next(iter(datasets.batches(task, task.test, examples, train=False)))
-    out = {"run": run, "pcr": config.pcr, "sn_mu": config.sn_mu, "sn_mode": config.sn_mode, "blocks": config.blocks,
-           "lam": config.lam, "stages": []}
+    out = {
+        "run": run,
+        "pcr": config.pcr,
+        "sn_mu": config.sn_mu,
+        "sn_mode": config.sn_mode,
+        "blocks": config.blocks,
+        "lam": config.lam,
+        "stages": [],
+    }
     z = model.stem(x)
     for s, stage in enumerate(model.stages):
         if s > 0:
@@ -54,8 +68,7 @@ def diagnose(run: str, examples: int, extra: int) -> dict:
             exact.u1.copy_(init_power_vector(conv1, "operator", stage.sn.input_size))
             exact.u2.copy_(init_power_vector(conv1, "operator", stage.sn.input_size))
             l_op = exact.bounds(conv1, conv2, d1, d2, n_iter=300, update=True)
-            info.update(corrections=c.tolist(),
-                        operator_bound_of_corrected_f=(l_op / c).tolist())
+            info.update(corrections=c.tolist(), operator_bound_of_corrected_f=(l_op / c).tolist())
         zs = [x_s]
         for block in stage.blocks:
             zs.append((x_s if stage.pcr else zs[-1]) + block.residual(zs[-1]))
@@ -66,8 +79,11 @@ def diagnose(run: str, examples: int, extra: int) -> dict:
         steps = [_norms(zs[k + 1] - zs[k]) for k in range(T, T + extra)]
         rel = [float((st / _norms(zs[k]).clamp_min(1e-12)).median()) for st, k in zip(steps, range(T, T + extra))]
         # Ratios of successive steps, while the steps are above float32 noise (1e-4 of |z|).
-        ratios = [float((b / a.clamp_min(1e-12)).median()) for a, b, k in zip(steps, steps[1:], range(T, T + extra))
-                  if float((a / _norms(zs[k])).median()) > 1e-4]
+        ratios = [
+            float((b / a.clamp_min(1e-12)).median())
+            for a, b, k in zip(steps, steps[1:], range(T, T + extra))
+            if float((a / _norms(zs[k])).median()) > 1e-4
+        ]
         lips = []
         for k in range(T, T + extra - 1):
             dz = _norms(zs[k + 1] - zs[k])
@@ -105,9 +121,12 @@ def main() -> None:
             ratios = st["successive_step_ratio_median"]
             ratio = f"{statistics.median(ratios):.3f}" if ratios else "n/a"
             lip = "n/a" if st["empirical_lipschitz_max"] is None else f"{st['empirical_lipschitz_max']:.3f}"
-            print(f"  stage {s}: {b}; step/|z| k=1: {st['relative_step_median'][0]:.3g}, k={len(st['relative_step_median'])}: "
-                  f"{st['relative_step_median'][-1]:.3g}; step ratio median {ratio}; "
-                  f"empirical Lip(f~) max {lip}; drift |z_T+K - z_T|/|z_T| {st['total_drift_median']:.3f}")
+            print(
+                f"  stage {s}: {b}; step/|z| k=1: {st['relative_step_median'][0]:.3g}, "
+                f"k={len(st['relative_step_median'])}: "
+                f"{st['relative_step_median'][-1]:.3g}; step ratio median {ratio}; "
+                f"empirical Lip(f~) max {lip}; drift |z_T+K - z_T|/|z_T| {st['total_drift_median']:.3f}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

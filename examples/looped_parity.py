@@ -92,8 +92,10 @@ def build(width: int, iterations: int, lam: float, seed: int) -> ResidualStack:
 def block_spread(stack: ResidualStack) -> float:
     blocks = [b.f for b in stack.stages[0].blocks]
     first = dict(blocks[0].named_parameters())
-    return max(((dict(b.named_parameters())[k] - p).abs().max().item() for b in blocks[1:] for k, p in first.items()),
-               default=0.0)
+    return max(
+        ((dict(b.named_parameters())[k] - p).abs().max().item() for b in blocks[1:] for k, p in first.items()),
+        default=0.0,
+    )
 
 
 def train_one(lam: float, args) -> tuple[ResidualStack, list]:
@@ -112,8 +114,15 @@ def train_one(lam: float, args) -> tuple[ResidualStack, list]:
         loss = sequence_loss(logits, target).mean()
         total = loss
         if objectives:
-            context = ObjectiveContext(stack, stages.inputs, stages.outputs, bits, target,
-                                       lambda out, y: sequence_loss(out, y).mean(), generator)
+            context = ObjectiveContext(
+                stack,
+                stages.inputs,
+                stages.outputs,
+                bits,
+                target,
+                lambda out, y: sequence_loss(out, y).mean(),
+                generator,
+            )
             total = total + sum(o.weight * o(context).value for o in objectives)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -123,7 +132,9 @@ def train_one(lam: float, args) -> tuple[ResidualStack, list]:
         schedule.step()
         running += loss.item()
         if step % args.log_every == 0 or step == args.steps:
-            history.append({"step": step, "train_loss": running / (step - last), "seconds": time.perf_counter() - start})
+            history.append(
+                {"step": step, "train_loss": running / (step - last), "seconds": time.perf_counter() - start}
+            )
             running, last = 0.0, step
             print(f"lam {lam}: step {step}: train loss {history[-1]['train_loss']:.4f}", flush=True)
     return stack, history
@@ -150,8 +161,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--log-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--objective", type=_objective, action="append", default=[], metavar="NAME:WEIGHT",
-                        help="an extra loss term of itconv_fast.objectives (repeatable), e.g. extra-iterations:1")
+    parser.add_argument(
+        "--objective",
+        type=_objective,
+        action="append",
+        default=[],
+        metavar="NAME:WEIGHT",
+        help="an extra loss term of itconv_fast.objectives (repeatable), e.g. extra-iterations:1",
+    )
     parser.add_argument("--objective-k", type=int, default=12, help="K_train of extra-iterations")
     args = parser.parse_args(argv)
     if args.threads:
@@ -160,32 +177,59 @@ def main(argv=None) -> dict:
     generator = torch.Generator().manual_seed(args.seed + 1000)  # held-out strings, a separate stream
     lengths = [args.train_length] + [n for n in args.test_lengths if n != args.train_length]
     test = {n: parity_data(args.test_size, n, generator) for n in lengths}
-    results = {"task": "running parity", "train_length": args.train_length, "iterations": args.iterations,
-               "objectives": dict(args.objective), "objective_k": args.objective_k,
-               "extra": args.extra, "width": args.width, "steps": args.steps, "batch_size": args.batch_size,
-               "lr": args.lr, "threads": torch.get_num_threads(), "runs": []}
+    results = {
+        "task": "running parity",
+        "train_length": args.train_length,
+        "iterations": args.iterations,
+        "objectives": dict(args.objective),
+        "objective_k": args.objective_k,
+        "extra": args.extra,
+        "width": args.width,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "threads": torch.get_num_threads(),
+        "runs": [],
+    }
     curves = []
     for lam in args.lams:
         stack, history = train_one(lam, args)
         run = {"lam": lam, "history": history, "block_spread": block_spread(stack), "lengths": {}}
         for n, data in test.items():
-            report = analyze(stack, data, measures=("indices", "anytime", "traces"), extra_iterations=args.extra,
-                             chance_error=0.5, error_fn=sequence_error, loss_fn=sequence_loss)
+            report = analyze(
+                stack,
+                data,
+                measures=("indices", "anytime", "traces"),
+                extra_iterations=args.extra,
+                chance_error=0.5,
+                error_fn=sequence_error,
+                loss_fn=sequence_loss,
+            )
             stage = report.stages[0]
             errors = stage.anytime_error
             best = min(range(len(errors)), key=errors.__getitem__)
             run["lengths"][str(n)] = {
-                "error_at_T": errors[args.iterations - 1], "best_error": errors[best], "best_k": best + 1,
-                "error_at_T_plus_K": errors[-1], "anytime_error": errors, "indices": report.indices.to_dict(),
-                "fixed_point_residual_median": stage.trace["fixed_point_residual"]["median"]}
+                "error_at_T": errors[args.iterations - 1],
+                "best_error": errors[best],
+                "best_k": best + 1,
+                "error_at_T_plus_K": errors[-1],
+                "anytime_error": errors,
+                "indices": report.indices.to_dict(),
+                "fixed_point_residual_median": stage.trace["fixed_point_residual"]["median"],
+            }
             curves.append((lam, n, errors))
-            print(f"lam {lam}, length {n}: token error at k=T={args.iterations}: {errors[args.iterations - 1]:.3f}; "
-                  f"best {errors[best]:.3f} at k={best + 1}; at k={len(errors)}: {errors[-1]:.3f}", flush=True)
+            print(
+                f"lam {lam}, length {n}: token error at k=T={args.iterations}: {errors[args.iterations - 1]:.3f}; "
+                f"best {errors[best]:.3f} at k={best + 1}; at k={len(errors)}: {errors[-1]:.3f}",
+                flush=True,
+            )
         results["runs"].append(run)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    note = ", ".join(f"{name} x {weight:g}" + (f" (K_train {args.objective_k})" if name == "extra-iterations" else "")
-                     for name, weight in args.objective)
+    note = ", ".join(
+        f"{name} x {weight:g}" + (f" (K_train {args.objective_k})" if name == "extra-iterations" else "")
+        for name, weight in args.objective
+    )
     plot(curves, args.iterations, os.path.join(args.out, "parity.png"), note)
     return results
 
@@ -203,8 +247,11 @@ def plot(curves, T: int, path: str, note: str = "") -> None:
             ax.plot(range(1, len(errors) + 1), errors, marker="o", ms=2, label=f"length {n}")
         ax.axvline(T, color="grey", ls=":", lw=1)
         ax.axhline(0.5, color="grey", ls="--", lw=1)
-        ax.set(title=f"lam {lam:g}" + (" (weight-shared)" if lam == 1 else "") + (f"\n+ {note}" if note else ""),
-               xlabel="iterations k (trained: T)", ylim=(0, 0.6))
+        ax.set(
+            title=f"lam {lam:g}" + (" (weight-shared)" if lam == 1 else "") + (f"\n+ {note}" if note else ""),
+            xlabel="iterations k (trained: T)",
+            ylim=(0, 0.6),
+        )
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("token error (running parity)")
     fig.tight_layout()

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from itconv_fast import GradientCoupler, transformer_encoder_adapter
-from itconv_fast.measures.analysis import analyze
 from itconv_fast.data import datasets
+from itconv_fast.measures.analysis import analyze
 from itconv_fast.measures.indices import compute_indices
 
 
@@ -54,7 +54,9 @@ class ClassTokenHead(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, layers: int = 4, width: int = 64, heads: int = 4, classes: int = 10, recurrent_init: bool = True):
+    def __init__(
+        self, layers: int = 4, width: int = 64, heads: int = 4, classes: int = 10, recurrent_init: bool = True
+    ):
         super().__init__()
         self.stem = PatchStem(width)
         layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
@@ -79,6 +81,7 @@ def per_example_loss(task):
         if task.multilabel:
             return nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").sum(1)
         return nn.functional.cross_entropy(logits, y, reduction="none")
+
     return loss
 
 
@@ -103,8 +106,14 @@ def train_one(task, lam: float, args) -> tuple[ViT, list]:
             schedule.step()
             total, seen = total + loss.item() * x.shape[0], seen + x.shape[0]
         error = test_error(model, task)
-        history.append({"epoch": epoch + 1, "train_loss": total / seen, "test_error": error,
-                        "seconds": time.perf_counter() - start})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": total / seen,
+                "test_error": error,
+                "seconds": time.perf_counter() - start,
+            }
+        )
         print(f"lam {lam}: epoch {epoch + 1}: train loss {total / seen:.3f}, test error {error:.3f}", flush=True)
     return model, history
 
@@ -112,8 +121,9 @@ def train_one(task, lam: float, args) -> tuple[ViT, list]:
 @torch.no_grad()
 def test_error(model, task) -> float:
     model.eval()
-    wrong = sum((~task.correct(model(x), y)).sum().item()
-                for x, y in datasets.batches(task, task.test, 500, train=False))
+    wrong = sum(
+        (~task.correct(model(x), y)).sum().item() for x, y in datasets.batches(task, task.test, 500, train=False)
+    )
     return wrong / len(task.test)
 
 
@@ -121,8 +131,10 @@ def layer_spread(model: ViT) -> float:
     """max over parameters of max |layer_t - layer_0|: 0 for a weight-shared (lam = 1) network."""
     layers = list(model.encoder.layers)
     first = dict(layers[0].named_parameters())
-    return max(((dict(b.named_parameters())[k] - p).abs().max().item() for b in layers[1:] for k, p in first.items()),
-               default=0.0)
+    return max(
+        ((dict(b.named_parameters())[k] - p).abs().max().item() for b in layers[1:] for k, p in first.items()),
+        default=0.0,
+    )
 
 
 def evaluator_speed(stack, data, error_fn, extra: int) -> dict:
@@ -156,32 +168,59 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    task = datasets.load("digitclutter", train_size=args.train_size, test_size=args.test_size, seed=args.seed,
-                         cache_dir=datasets.default_cache_dir())
+    task = datasets.load(
+        "digitclutter",
+        train_size=args.train_size,
+        test_size=args.test_size,
+        seed=args.seed,
+        cache_dir=datasets.default_cache_dir(),
+    )
     x, y = next(datasets.batches(task, task.test, len(task.test), train=False))
 
     def wrong(logits, targets):
         return ~task.correct(logits, targets)
 
-    results = {"model": {"layers": args.layers, "width": args.width, "patch": 8, "heads": 4, "norm_first": True},
-               "train": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "train_size", "test_size", "seed")},
-               "chance_error": task.chance_error, "threads": torch.get_num_threads(), "runs": []}
+    results = {
+        "model": {"layers": args.layers, "width": args.width, "patch": 8, "heads": 4, "norm_first": True},
+        "train": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "train_size", "test_size", "seed")},
+        "chance_error": task.chance_error,
+        "threads": torch.get_num_threads(),
+        "runs": [],
+    }
     reports = []
     for lam in args.lams:
         model, history = train_one(task, lam, args)
         stack = model.residual_model()
-        report = analyze(stack, (x, y), measures=("indices", "anytime", "traces"), extra_iterations=args.extra,
-                         chance_error=task.chance_error, error_fn=wrong, loss_fn=per_example_loss(task))
-        run = {"lam": lam, "history": history, "test_error": history[-1]["test_error"],
-               "layer_spread": layer_spread(model), "analysis": report.to_dict()}
+        report = analyze(
+            stack,
+            (x, y),
+            measures=("indices", "anytime", "traces"),
+            extra_iterations=args.extra,
+            chance_error=task.chance_error,
+            error_fn=wrong,
+            loss_fn=per_example_loss(task),
+        )
+        run = {
+            "lam": lam,
+            "history": history,
+            "test_error": history[-1]["test_error"],
+            "layer_spread": layer_spread(model),
+            "analysis": report.to_dict(),
+        }
         if args.speed_examples:
             data = (x[: args.speed_examples], y[: args.speed_examples])
             run["evaluator_speed"] = evaluator_speed(stack, data, wrong, args.extra)
         i = report.indices
-        print(f"lam {lam}: error {run['test_error']:.3f}, CI {i.ci:.2f}, RI {i.ri:.2f}, DI {i.di:.2f}, "
-              f"layer spread {run['layer_spread']:.2g}" +
-              (f", cached evaluator {run['evaluator_speed']['speedup']:.2f}x the reference" if args.speed_examples else ""),
-              flush=True)
+        print(
+            f"lam {lam}: error {run['test_error']:.3f}, CI {i.ci:.2f}, RI {i.ri:.2f}, DI {i.di:.2f}, "
+            f"layer spread {run['layer_spread']:.2g}"
+            + (
+                f", cached evaluator {run['evaluator_speed']['speedup']:.2f}x the reference"
+                if args.speed_examples
+                else ""
+            ),
+            flush=True,
+        )
         results["runs"].append(run)
         reports.append((lam, report))
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -205,10 +244,16 @@ def plot(reports, chance: float, T: int, path: str) -> None:
         ax_res.semilogy(range(T, T + len(residual)), residual, marker="o", ms=3, label=f"lam {lam:g}")
     ax_any.axvline(T, color="grey", ls=":", lw=1)
     ax_any.axhline(chance, color="grey", ls="--", lw=1, label="chance")
-    ax_any.set(xlabel="encoder iterations k (k > T repeats the last layer)", ylabel="test error (exact digit set)",
-               title="Anytime inference", ylim=(0, 1.02))
+    ax_any.set(
+        xlabel="encoder iterations k (k > T repeats the last layer)",
+        ylabel="test error (exact digit set)",
+        title="Anytime inference",
+        ylim=(0, 1.02),
+    )
     ax_any.legend(fontsize=8)
-    ax_res.set(xlabel="iterations", ylabel="median ||R(z) - z|| / ||z||", title="Fixed-point residual of the last layer")
+    ax_res.set(
+        xlabel="iterations", ylabel="median ||R(z) - z|| / ||z||", title="Fixed-point residual of the last layer"
+    )
     ax_res.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

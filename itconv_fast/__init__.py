@@ -23,31 +23,75 @@ The names users reach for are importable from here: ``from itconv_fast import co
 from . import data, experiments, measures, models, nn, objectives, ops
 from .experiments import TrainConfig, indices_of_run, train
 from .measures import AnalysisReport, IndexReport, LipschitzReport, analyze, compute_indices, lipschitz_report
-from .models import (IterResNet, ResidualStack, StageSpectralNorm, check_residual_model, load_checkpoint,
-                     residual_model, sequence_error, sequence_loss, transformer_encoder_adapter)
+from .models import (
+    IterResNet,
+    ResidualStack,
+    StageSpectralNorm,
+    check_residual_model,
+    load_checkpoint,
+    residual_model,
+    sequence_error,
+    sequence_loss,
+    transformer_encoder_adapter,
+)
 from .nn import BatchedSpectralNorm, GradientCoupler, groups_from_blocks, spectral_norm
-from .objectives import (ExtraIterationLoss, FixedPointResidual, JacobianFrobenius, JacobianSpectral, make_objective,
-                         record_stages)
+from .objectives import (
+    ExtraIterationLoss,
+    FixedPointResidual,
+    JacobianFrobenius,
+    JacobianSpectral,
+    make_objective,
+    record_stages,
+)
 from .ops import batched_spectral_norm, extension_loaded, soft_couple_
 
 __version__ = "0.1.0"
 
 __all__ = [
     # layers
-    "ops", "nn", "models", "measures", "objectives", "experiments", "data",
+    "ops",
+    "nn",
+    "models",
+    "measures",
+    "objectives",
+    "experiments",
+    "data",
     # ops
-    "soft_couple_", "batched_spectral_norm", "extension_loaded",
+    "soft_couple_",
+    "batched_spectral_norm",
+    "extension_loaded",
     # nn
-    "GradientCoupler", "groups_from_blocks", "spectral_norm", "BatchedSpectralNorm",
+    "GradientCoupler",
+    "groups_from_blocks",
+    "spectral_norm",
+    "BatchedSpectralNorm",
     # models
-    "IterResNet", "StageSpectralNorm", "load_checkpoint", "ResidualStack", "check_residual_model",
-    "transformer_encoder_adapter", "residual_model", "sequence_error", "sequence_loss",
+    "IterResNet",
+    "StageSpectralNorm",
+    "load_checkpoint",
+    "ResidualStack",
+    "check_residual_model",
+    "transformer_encoder_adapter",
+    "residual_model",
+    "sequence_error",
+    "sequence_loss",
     # measures
-    "compute_indices", "IndexReport", "analyze", "AnalysisReport", "lipschitz_report", "LipschitzReport",
+    "compute_indices",
+    "IndexReport",
+    "analyze",
+    "AnalysisReport",
+    "lipschitz_report",
+    "LipschitzReport",
     # objectives
-    "ExtraIterationLoss", "FixedPointResidual", "JacobianFrobenius", "JacobianSpectral", "make_objective",
+    "ExtraIterationLoss",
+    "FixedPointResidual",
+    "JacobianFrobenius",
+    "JacobianSpectral",
+    "make_objective",
     "record_stages",
     # experiments
-    "TrainConfig", "train", "indices_of_run",
+    "TrainConfig",
+    "train",
+    "indices_of_run",
     "__version__",
 ]

@@ -71,6 +71,7 @@ def test_drop_and_twice_against_direct_forwards(case):
         for s, stage in enumerate(model.stages):
             T = len(stage.blocks)
             for t in range(T):
+
                 def drop(stage, x_s, t=t):
                     z = x_s
                     for u in range(T):
@@ -87,8 +88,12 @@ def test_drop_and_twice_against_direct_forwards(case):
                     return z
 
                 block = report.stages[s].refinement[t]
-                assert (block.drop_loss, block.drop_error) == pytest.approx(loss_err(forward(model, x, s, drop), y), rel=1e-9)
-                assert (block.twice_loss, block.twice_error) == pytest.approx(loss_err(forward(model, x, s, twice), y), rel=1e-9)
+                assert (block.drop_loss, block.drop_error) == pytest.approx(
+                    loss_err(forward(model, x, s, drop), y), rel=1e-9
+                )
+                assert (block.twice_loss, block.twice_error) == pytest.approx(
+                    loss_err(forward(model, x, s, twice), y), rel=1e-9
+                )
 
 
 def test_cosines_and_ratios_against_one_backward_per_block(case):
@@ -132,8 +137,9 @@ def test_cosines_and_ratios_against_one_backward_per_block(case):
             block = report.stages[s].refinement[t]
             assert block.cosine_mean == pytest.approx(cos.mean().item(), rel=1e-9, abs=1e-12)
             assert block.ratio_mean == pytest.approx(ratio.mean().item(), rel=1e-9)
-            assert block.cosine_quartiles[1] == pytest.approx(cos.median().item() if len(cos) % 2 else
-                                                              torch.quantile(cos, 0.5).item(), rel=1e-9, abs=1e-12)
+            assert block.cosine_quartiles[1] == pytest.approx(
+                cos.median().item() if len(cos) % 2 else torch.quantile(cos, 0.5).item(), rel=1e-9, abs=1e-12
+            )
             assert torch.allclose(report.per_example[(s, f"cosine_block{t + 1}")], cos, rtol=1e-9, atol=1e-12)
 
 
@@ -149,7 +155,9 @@ def test_anytime_curves_against_direct_forwards(case):
 
     with torch.no_grad():
         for s in range(len(model.stages)):
-            direct = [loss_err(forward(model, x, s, lambda st, xs, k=k: run_k(st, xs, k)), y) for k in range(1, T + K + 1)]
+            direct = [
+                loss_err(forward(model, x, s, lambda st, xs, k=k: run_k(st, xs, k)), y) for k in range(1, T + K + 1)
+            ]
             assert report.stages[s].anytime_loss == pytest.approx([d[0] for d in direct], rel=1e-9)
             assert report.stages[s].anytime_error == pytest.approx([d[1] for d in direct])
         for k in range(1, T + K + 1):
@@ -178,12 +186,18 @@ def test_traces_against_direct_extra_iterations(case):
             zs = [z]
             for _ in range(K + 1):
                 zs.append(step(model, stage, T - 1, zs[-1], x_s))
-            residual = torch.stack([(b - a).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1) for a, b in zip(zs, zs[1:])], 1)
+            residual = torch.stack(
+                [(b - a).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1) for a, b in zip(zs, zs[1:])], 1
+            )
             assert torch.allclose(report.per_example[(s, "fixed_point_residual")], residual, rtol=1e-9)
             trace = report.stages[s].trace
-            assert trace["fixed_point_residual"]["median"] == pytest.approx(residual.median(0).values.tolist()
-                                                                            if len(x) % 2 else torch.quantile(residual, 0.5, dim=0).tolist(), rel=1e-9)
-            assert trace["relative_update"]["share_below"] == pytest.approx((residual[:, :K] < 0.05).double().mean(0).tolist())
+            assert trace["fixed_point_residual"]["median"] == pytest.approx(
+                residual.median(0).values.tolist() if len(x) % 2 else torch.quantile(residual, 0.5, dim=0).tolist(),
+                rel=1e-9,
+            )
+            assert trace["relative_update"]["share_below"] == pytest.approx(
+                (residual[:, :K] < 0.05).double().mean(0).tolist()
+            )
             assert ("contraction" in trace) == model.pcr
 
 
@@ -257,12 +271,26 @@ def test_cli_measures_all_writes_analysis_and_a_figure(tmp_path, monkeypatch):
 
     monkeypatch.setenv("ITCONV_FAST_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    tiny = ["--train-size", "64", "--test-size", "32", "--width", "2", "--blocks", "2", "--batch-size", "32",
-            "--epochs", "1", "--no-progress"]
+    tiny = [
+        "--train-size",
+        "64",
+        "--test-size",
+        "32",
+        "--width",
+        "2",
+        "--blocks",
+        "2",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--no-progress",
+    ]
     assert CliRunner().invoke(main, ["train", "--out", str(out)] + tiny).exit_code == 0
     plot = tmp_path / "all.png"
-    result = CliRunner().invoke(main, ["indices", str(out), "--measures", "all", "--extra-iterations", "3",
-                                       "--plot", str(plot)])
+    result = CliRunner().invoke(
+        main, ["indices", str(out), "--measures", "all", "--extra-iterations", "3", "--plot", str(plot)]
+    )
     assert result.exit_code == 0, result.output
     analysis = json.loads((out / "analysis.json").read_text())
     indices = json.loads((out / "indices.json").read_text())

@@ -17,8 +17,19 @@ from itconv_fast.ops import _extension, _reference
 needs_kernel = pytest.mark.skipif(not _extension.loaded(), reason="compiled extension not built")
 CL = torch.channels_last
 
-SHAPES = [(8, 16, 5, 7), (3, 3, 1, 1), (2, 5, 9, 9), (4, 24, 6, 6), (2, 7, 3, 3), (16, 40, 8, 8), (1, 2, 1, 3),
-          (2, 1, 4, 4), (64, 8, 32, 32), (5, 4), (2, 3, 4, 5, 6)]
+SHAPES = [
+    (8, 16, 5, 7),
+    (3, 3, 1, 1),
+    (2, 5, 9, 9),
+    (4, 24, 6, 6),
+    (2, 7, 3, 3),
+    (16, 40, 8, 8),
+    (1, 2, 1, 3),
+    (2, 1, 4, 4),
+    (64, 8, 32, 32),
+    (5, 4),
+    (2, 3, 4, 5, 6),
+]
 
 
 def layouts_for(shape):
@@ -127,8 +138,10 @@ def test_half_inputs_with_float_parameters_match_the_reference(dtype, layout):
     for g_, w_ in zip(got, want):
         torch.testing.assert_close(g_.float(), w_.float(), rtol=1e-2, atol=1e-2)
     dy = make_input((4, 24, 6, 6), layout, dtype, seed=4)
-    for g_, w_ in zip(torch.ops.itconv_fast.batch_norm_relu_backward(dy, x, w, b, got[1], got[2]),
-                      _reference.batch_norm_relu_backward(dy, x, w, b, got[1], got[2])):
+    for g_, w_ in zip(
+        torch.ops.itconv_fast.batch_norm_relu_backward(dy, x, w, b, got[1], got[2]),
+        _reference.batch_norm_relu_backward(dy, x, w, b, got[1], got[2]),
+    ):
         torch.testing.assert_close(g_.float(), w_.float(), rtol=2e-2, atol=2e-2)
 
 
@@ -152,11 +165,14 @@ def test_results_do_not_depend_on_the_thread_count():
 def test_opcheck(layout):
     x = make_input((3, 5, 4, 4), layout, torch.float32).requires_grad_()
     w, b, rm, rv = params(5, torch.float32)
-    torch.library.opcheck(torch.ops.itconv_fast.batch_norm_relu.default,
-                          (x, w.requires_grad_(), b.requires_grad_(), rm, rv, 0.1, 1e-5))
+    torch.library.opcheck(
+        torch.ops.itconv_fast.batch_norm_relu.default, (x, w.requires_grad_(), b.requires_grad_(), rm, rv, 0.1, 1e-5)
+    )
     out = torch.ops.itconv_fast.batch_norm_relu(x.detach(), w.detach(), b.detach(), rm, rv, 0.1, 1e-5)
-    torch.library.opcheck(torch.ops.itconv_fast.batch_norm_relu_backward.default,
-                          (torch.randn_like(x), x.detach(), w.detach(), b.detach(), out[1], out[2]))
+    torch.library.opcheck(
+        torch.ops.itconv_fast.batch_norm_relu_backward.default,
+        (torch.randn_like(x), x.detach(), w.detach(), b.detach(), out[1], out[2]),
+    )
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -166,8 +182,9 @@ def test_gradcheck(layout):
     w.requires_grad_(), b.requires_grad_()
 
     def f(x, w, b):  # fresh buffers per call: gradcheck calls f many times
-        return ops.batch_norm_relu(x, torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), w, b,
-                                   True, 0.1, 1e-5)
+        return ops.batch_norm_relu(
+            x, torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), w, b, True, 0.1, 1e-5
+        )
 
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6)
 
@@ -183,8 +200,11 @@ def _bn_pair(**kwargs):
     return bn, twin
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"track_running_stats": False}, {"affine": False},
-                                    {"momentum": 0.0}, {"momentum": 1.0}], ids=str)
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"momentum": None}, {"track_running_stats": False}, {"affine": False}, {"momentum": 0.0}, {"momentum": 1.0}],
+    ids=str,
+)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_the_module_helper_keeps_nn_batchnorms_bookkeeping(kwargs, mode):
     bn, twin = _bn_pair(**kwargs)
@@ -234,18 +254,30 @@ def test_iterresnet_fused_and_unfused_agree(sn_mu):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("bad, error, match", [
-    (dict(weight=torch.ones(5)), ValueError, "weight must have shape"),
-    (dict(running_var=torch.ones(2, 4)), ValueError, "running_var must have shape"),
-    (dict(momentum=1.5), ValueError, "momentum"),
-    (dict(eps=0.0), ValueError, "eps"),
-    (dict(input=torch.ones(3, 4, 2, 2, dtype=torch.int64)), TypeError, "float32"),
-    (dict(input=torch.ones(4)), ValueError, r"\[N, C"),
-    (dict(bias=torch.ones(4, device="meta")), ValueError, "bias is on meta"),
-], ids=["weight", "running_var", "momentum", "eps", "dtype", "1-D", "device"])
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (dict(weight=torch.ones(5)), ValueError, "weight must have shape"),
+        (dict(running_var=torch.ones(2, 4)), ValueError, "running_var must have shape"),
+        (dict(momentum=1.5), ValueError, "momentum"),
+        (dict(eps=0.0), ValueError, "eps"),
+        (dict(input=torch.ones(3, 4, 2, 2, dtype=torch.int64)), TypeError, "float32"),
+        (dict(input=torch.ones(4)), ValueError, r"\[N, C"),
+        (dict(bias=torch.ones(4, device="meta")), ValueError, "bias is on meta"),
+    ],
+    ids=["weight", "running_var", "momentum", "eps", "dtype", "1-D", "device"],
+)
 def test_bad_input_is_refused_and_changes_nothing(bad, error, match):
-    args = dict(input=torch.randn(3, 4, 2, 2), running_mean=torch.zeros(4), running_var=torch.ones(4),
-                weight=torch.ones(4), bias=torch.zeros(4), training=True, momentum=0.1, eps=1e-5)
+    args = dict(
+        input=torch.randn(3, 4, 2, 2),
+        running_mean=torch.zeros(4),
+        running_var=torch.ones(4),
+        weight=torch.ones(4),
+        bias=torch.zeros(4),
+        training=True,
+        momentum=0.1,
+        eps=1e-5,
+    )
     args.update(bad)
     before = [args["running_mean"].clone(), args["running_var"].clone()]
     with pytest.raises(error, match=match):
@@ -287,8 +319,16 @@ def test_the_reference_serves_without_the_kernel(monkeypatch):
 @pytest.mark.cuda
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("shape, layout", [((8, 16, 5, 7), "channels_last"), ((16, 40, 8, 8), "channels_last"),
-                                           ((4, 3, 33, 33), "contiguous"), ((6, 5), "contiguous")], ids=str)
+@pytest.mark.parametrize(
+    "shape, layout",
+    [
+        ((8, 16, 5, 7), "channels_last"),
+        ((16, 40, 8, 8), "channels_last"),
+        ((4, 3, 33, 33), "contiguous"),
+        ((6, 5), "contiguous"),
+    ],
+    ids=str,
+)
 def test_the_cuda_kernels_match_the_reference(shape, layout, dtype):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")

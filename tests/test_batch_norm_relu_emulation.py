@@ -15,10 +15,10 @@ CL = torch.channels_last
 
 CASES = [  # (shape, layout, max_blocks)
     ((4, 3, 5, 5), "contiguous", 1 << 20),
-    ((4, 40, 3, 3), "channels_last", 1 << 20),    # two channel tiles, the second partial
-    ((2, 3, 32, 24), "contiguous", 3),            # 1,536 values a channel: two chunks; a capped grid
-    ((3, 8, 24, 24), "channels_last", 5),         # 1,728 rows: two chunks
-    ((6, 5), "contiguous", 1 << 20),              # [N, C], one value per plane
+    ((4, 40, 3, 3), "channels_last", 1 << 20),  # two channel tiles, the second partial
+    ((2, 3, 32, 24), "contiguous", 3),  # 1,536 values a channel: two chunks; a capped grid
+    ((3, 8, 24, 24), "channels_last", 5),  # 1,728 rows: two chunks
+    ((6, 5), "contiguous", 1 << 20),  # [N, C], one value per plane
     ((2, 3, 2, 3, 4), "contiguous", 2),
 ]
 
@@ -36,8 +36,11 @@ def inputs(shape, layout, dtype, seed=0):
     return x, dy, w, b, rm, rv
 
 
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),
-       torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

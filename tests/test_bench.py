@@ -20,8 +20,9 @@ def test_run_comparison_interleaves_cases_and_reports_ratios():
         calls.append("slow")
         time.sleep(0.002)
 
-    report, table = bench.run_comparison({4: {"fast": fast, "slow": slow}}, label="toy", reference="fast",
-                                         min_run_time=0.05, warmup=1, block_time=0.004)
+    report, table = bench.run_comparison(
+        {4: {"fast": fast, "slow": slow}}, label="toy", reference="fast", min_run_time=0.05, warmup=1, block_time=0.004
+    )
     rows = {r["case"]: r for r in report["rows"]}
     assert set(rows) == {"fast", "slow"} and all(r["rounds"] >= 3 for r in rows.values())
     assert rows["slow"]["median_s"] > 0.0015 > rows["fast"]["median_s"]
@@ -34,8 +35,9 @@ def test_run_comparison_interleaves_cases_and_reports_ratios():
 
 def test_bench_coupling_cli_writes_its_report(tmp_path):
     out = tmp_path / "coupling.json"
-    result = CliRunner().invoke(main, ["bench", "coupling", "--width", "2", "--no-compile", "--min-run-time", "0.01",
-                                       "--out", str(out)])
+    result = CliRunner().invoke(
+        main, ["bench", "coupling", "--width", "2", "--no-compile", "--min-run-time", "0.01", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     cases = {r["case"] for r in report["rows"]}
@@ -46,31 +48,91 @@ def test_bench_coupling_cli_writes_its_report(tmp_path):
 
 def test_bench_without_subcommand_writes_one_combined_report(tmp_path, monkeypatch):
     """The combined report's schema, on tiny stand-ins for the four comparisons (the real ones take minutes)."""
+
     def fake(name, cases, reference):
         def run(*args, **kwargs):
             rows = [{"width": w, "case": c, "median_s": t} for w, by in cases.items() for c, t in by.items()]
-            ratios = {f"width {w}" if isinstance(w, int) else str(w): {c: t / by[reference] for c, t in by.items() if c != reference}
-                      for w, by in cases.items()}
+            ratios = {
+                f"width {w}" if isinstance(w, int) else str(w): {
+                    c: t / by[reference] for c, t in by.items() if c != reference
+                }
+                for w, by in cases.items()
+            }
             return {"rows": rows, "ratios": ratios}, f"table {name}"
+
         return run
 
-    monkeypatch.setattr(bench.suite, "run_coupling_benchmark", fake("coupling", {16: {
-        "fused soft_couple_": 1.0, "(a) per-slot loop": 10.0, "(b) _foreach": 5.0, "(c) torch.compile(reference)": 4.0,
-        "(d) copy (memory floor)": 0.5}}, "fused soft_couple_"))
-    monkeypatch.setattr(bench.suite, "run_spectral_benchmark", fake("spectral", {16: {
-        "batched operator": 2.0, "per-layer operator loop": 6.0, "batched matrix": 0.1,
-        "per-layer torch spectral_norm (matrix)": 2.0}}, "batched operator"))
-    monkeypatch.setattr(bench.suite, "run_batch_norm_relu_benchmark", fake("bn", {"16x32x32 nhwc": {
-        "fused batch_norm_relu": 1.0, "relu(F.batch_norm) (ATen)": 1.6}}, "fused batch_norm_relu"))
-    monkeypatch.setattr(bench.suite, "run_indices_benchmark", fake("indices", {"8x4@32px,n=64": {"cached": 1.0, "reference": 3.0}},
-                                                              "cached"))
-    monkeypatch.setattr(bench.suite, "run_train_step_benchmark", fake("train", {8: {
-        "plain": 1.0, "coupling (lam 0.5)": 1.01, "spectral norm (operator, 1 power step)": 1.02,
-        "coupling + spectral norm": 1.05, "objective: fixed-point (weight 1)": 1.3}}, "plain"))
+    monkeypatch.setattr(
+        bench.suite,
+        "run_coupling_benchmark",
+        fake(
+            "coupling",
+            {
+                16: {
+                    "fused soft_couple_": 1.0,
+                    "(a) per-slot loop": 10.0,
+                    "(b) _foreach": 5.0,
+                    "(c) torch.compile(reference)": 4.0,
+                    "(d) copy (memory floor)": 0.5,
+                }
+            },
+            "fused soft_couple_",
+        ),
+    )
+    monkeypatch.setattr(
+        bench.suite,
+        "run_spectral_benchmark",
+        fake(
+            "spectral",
+            {
+                16: {
+                    "batched operator": 2.0,
+                    "per-layer operator loop": 6.0,
+                    "batched matrix": 0.1,
+                    "per-layer torch spectral_norm (matrix)": 2.0,
+                }
+            },
+            "batched operator",
+        ),
+    )
+    monkeypatch.setattr(
+        bench.suite,
+        "run_batch_norm_relu_benchmark",
+        fake(
+            "bn",
+            {"16x32x32 nhwc": {"fused batch_norm_relu": 1.0, "relu(F.batch_norm) (ATen)": 1.6}},
+            "fused batch_norm_relu",
+        ),
+    )
+    monkeypatch.setattr(
+        bench.suite,
+        "run_indices_benchmark",
+        fake("indices", {"8x4@32px,n=64": {"cached": 1.0, "reference": 3.0}}, "cached"),
+    )
+    monkeypatch.setattr(
+        bench.suite,
+        "run_train_step_benchmark",
+        fake(
+            "train",
+            {
+                8: {
+                    "plain": 1.0,
+                    "coupling (lam 0.5)": 1.01,
+                    "spectral norm (operator, 1 power step)": 1.02,
+                    "coupling + spectral norm": 1.05,
+                    "objective: fixed-point (weight 1)": 1.3,
+                }
+            },
+            "plain",
+        ),
+    )
+
     def fake_lipschitz(*args, **kwargs):
         overheads = dict(zip(bench.LIPSCHITZ_CASES, (0.0, 0.2, 0.1, 0.08, 0.3, 0.25)))
-        rows = [{"setting": "resnet18, batch 4, 64x64", "case": c, "overhead_s": o, "median_s": 1 + o}
-                for c, o in overheads.items()]
+        rows = [
+            {"setting": "resnet18, batch 4, 64x64", "case": c, "overhead_s": o, "median_s": 1 + o}
+            for c, o in overheads.items()
+        ]
         return {"rows": rows, "overhead_vs_torch": {"resnet18, batch 4, 64x64": {}}}, "table lipschitz"
 
     monkeypatch.setattr(bench.suite, "run_lipschitz_benchmark", fake_lipschitz)
@@ -104,8 +166,23 @@ def test_bench_lipschitz_cli_reports_overheads_against_torch(tmp_path, monkeypat
 
     monkeypatch.setattr(zoo, "resnet18", lambda: zoo.ResNet(zoo.BasicBlock, [1, 1, 1, 1], num_classes=1000, width=4))
     out = tmp_path / "lip.json"
-    result = CliRunner().invoke(main, ["bench", "lipschitz", "--arch", "resnet18", "--batch", "2", "--size", "32",
-                                       "--min-run-time", "0.01", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "lipschitz",
+            "--arch",
+            "resnet18",
+            "--batch",
+            "2",
+            "--size",
+            "32",
+            "--min-run-time",
+            "0.01",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     rows = {r["case"]: r for r in report["rows"]}
@@ -124,8 +201,15 @@ def test_a_fallback_run_is_labelled_as_the_reference_in_every_table(monkeypatch)
     monkeypatch.setattr(_extension, "_loaded", False)
     labelled = bench.label_backend("| fused | 1 ms |")
     assert labelled.startswith("[BACKEND: pure-PyTorch reference") and labelled.endswith("| fused | 1 ms |")
-    report, table = bench.run_comparison({1: {"a": lambda: None, "b": lambda: None}}, label="toy", reference="a",
-                                         min_run_time=0.01, block_time=0.0, min_rounds=1, warmup=0)
+    report, table = bench.run_comparison(
+        {1: {"a": lambda: None, "b": lambda: None}},
+        label="toy",
+        reference="a",
+        min_run_time=0.01,
+        block_time=0.0,
+        min_rounds=1,
+        warmup=0,
+    )
     assert table.startswith("[BACKEND: pure-PyTorch reference")
     assert report["machine"]["backend"].startswith("pure-PyTorch reference")
     assert "cpu_isa" in report["machine"] and "cuda_arch_list" in report["machine"]

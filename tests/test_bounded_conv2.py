@@ -34,9 +34,13 @@ def make_stage_parts(T=3, C=4, dtype=torch.float64, seed=0, channels_last=False)
 def composite(sn, conv1, conv2, bn1, bn2, update):
     """The graph bounded_conv2 replaces: StageSpectralNorm.bounds on stacked values, clamp, one division."""
     k2 = torch.stack([m.weight for m in conv2])
-    bounds = sn.bounds(torch.stack([m.weight for m in conv1]), k2,
-                       torch.stack([bn_scale(n.weight, n.running_var, n.eps) for n in bn1]),
-                       torch.stack([bn_scale(n.weight, n.running_var, n.eps) for n in bn2]), update=update)
+    bounds = sn.bounds(
+        torch.stack([m.weight for m in conv1]),
+        k2,
+        torch.stack([bn_scale(n.weight, n.running_var, n.eps) for n in bn1]),
+        torch.stack([bn_scale(n.weight, n.running_var, n.eps) for n in bn2]),
+        update=update,
+    )
     c = torch.clamp(bounds / sn.mu, min=1.0)
     return k2 / c.view(-1, 1, 1, 1, 1), c
 
@@ -93,8 +97,9 @@ def test_bounded_conv2_gradient_is_the_fixed_vector_formula():
         v = torch.stack([torch.nn.functional.conv_transpose2d(u0[b : b + 1], w[b], padding=1)[0] for b in range(2 * T)])
         v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         u = torch.cat([sn.u1, sn.u2])
-    sigma = torch.stack([(u[b] * torch.nn.functional.conv2d(v[b : b + 1], w[b], padding=1)[0]).sum()
-                         for b in range(2 * T)])
+    sigma = torch.stack(
+        [(u[b] * torch.nn.functional.conv2d(v[b : b + 1], w[b], padding=1)[0]).sum() for b in range(2 * T)]
+    )
     c = torch.clamp(sigma[:T] * sigma[T:] / sn.mu, min=1.0)
     dense = torch.stack([m.weight for m in conv2]) / c.view(-1, 1, 1, 1, 1)
     torch.testing.assert_close(kernels, dense, rtol=1e-10, atol=1e-12)

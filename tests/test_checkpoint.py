@@ -8,9 +8,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from itconv_fast.cli.app import main
 from itconv_fast.experiments import training
 from itconv_fast.io.checkpoint import CheckpointError, load_checkpoint_state, save_checkpoint
-from itconv_fast.cli.app import main
 from itconv_fast.models import load_checkpoint
 
 TINY = dict(train_size=64, test_size=32, width=2, blocks=2, batch_size=32, epochs=1)

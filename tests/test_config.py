@@ -11,8 +11,16 @@ from click.testing import CliRunner
 from itconv_fast.cli.app import main
 from itconv_fast.experiments.config import FIELDS, ConfigError, TrainConfig, build_config, config_from, load_config_file
 
-TINY = {"train_size": 96, "test_size": 32, "width": 2, "blocks": 2, "batch_size": 32, "epochs": 2, "lam": 0.5,
-        "sn_mu": 0.9}
+TINY = {
+    "train_size": 96,
+    "test_size": 32,
+    "width": 2,
+    "blocks": 2,
+    "batch_size": 32,
+    "epochs": 2,
+    "lam": 0.5,
+    "sn_mu": 0.9,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -20,12 +28,33 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ITCONV_FAST_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("key,value", [
-    ("lam", 1.5), ("lam", -0.1), ("lam", math.nan), ("lam", "0.5"), ("lam", True), ("sn_mu", 0.0), ("sn_mu", math.inf),
-    ("lr", math.nan), ("lr", 0), ("weight_decay", -1.0), ("bn_gamma_init", math.nan), ("width", 0), ("width", 2.5),
-    ("blocks", True), ("epochs", None), ("dataset", "imagenet"), ("sn_mode", "svd"), ("pcr", "yes"),
-    ("coupling_bandwidth", 0.5), ("init", "random"), ("preset", "huge"), ("seed", 1.0),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("lam", 1.5),
+        ("lam", -0.1),
+        ("lam", math.nan),
+        ("lam", "0.5"),
+        ("lam", True),
+        ("sn_mu", 0.0),
+        ("sn_mu", math.inf),
+        ("lr", math.nan),
+        ("lr", 0),
+        ("weight_decay", -1.0),
+        ("bn_gamma_init", math.nan),
+        ("width", 0),
+        ("width", 2.5),
+        ("blocks", True),
+        ("epochs", None),
+        ("dataset", "imagenet"),
+        ("sn_mode", "svd"),
+        ("pcr", "yes"),
+        ("coupling_bandwidth", 0.5),
+        ("init", "random"),
+        ("preset", "huge"),
+        ("seed", 1.0),
+    ],
+)
 def test_every_bad_value_names_its_key(key, value):
     with pytest.raises(ConfigError, match=key) as info:
         TrainConfig(**{key: value})
@@ -71,10 +100,16 @@ def test_non_finite_flags_are_usage_errors_before_anything_is_printed_or_written
     assert not result.output.startswith("training") and not out.exists()
 
 
-@pytest.mark.parametrize("text,hint", [
-    ("lam: 2\n", "lam"), ("lam: .nan\n", "lam"), ("lamb: 1\n", "lamb"), ("- lam\n", "mapping"),
-    ("blocks: 2\nskip_first: 3\n", "skip_first"),
-])
+@pytest.mark.parametrize(
+    "text,hint",
+    [
+        ("lam: 2\n", "lam"),
+        ("lam: .nan\n", "lam"),
+        ("lamb: 1\n", "lamb"),
+        ("- lam\n", "mapping"),
+        ("blocks: 2\nskip_first: 3\n", "skip_first"),
+    ],
+)
 def test_bad_config_files_are_usage_errors_that_write_nothing(tmp_path, text, hint):
     path = tmp_path / "run.yaml"
     path.write_text(text)
@@ -89,8 +124,9 @@ def test_flags_override_the_file_and_the_file_overrides_the_preset(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({**TINY, "epochs": 1, "pcr": True, "lr": 0.05}))
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["train", "--config", str(path), "--out", str(out), "--icr", "--seed", "3",
-                                       "--no-progress"])
+    result = CliRunner().invoke(
+        main, ["train", "--config", str(path), "--out", str(out), "--icr", "--seed", "3", "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert set(written) == set(FIELDS)
@@ -103,8 +139,12 @@ def test_round_trip_yaml_run_config_yaml_same_run(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(TINY))
     first, second = tmp_path / "first", tmp_path / "second"
-    assert CliRunner().invoke(main, ["train", "--config", str(path), "--out", str(first), "--no-progress"]).exit_code == 0
-    result = CliRunner().invoke(main, ["train", "--config", str(first / "config.yaml"), "--out", str(second), "--no-progress"])
+    assert (
+        CliRunner().invoke(main, ["train", "--config", str(path), "--out", str(first), "--no-progress"]).exit_code == 0
+    )
+    result = CliRunner().invoke(
+        main, ["train", "--config", str(first / "config.yaml"), "--out", str(second), "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
     assert (first / "config.yaml").read_text() == (second / "config.yaml").read_text()
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (first, second))

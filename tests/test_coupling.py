@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from torch import nn
 
-from conftest import free_port
 from itconv_fast import GradientCoupler, groups_from_blocks
 
 

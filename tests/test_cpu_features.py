@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from itconv_fast import ops
-from itconv_fast.ops import _extension
 from itconv_fast.cli.app import main
+from itconv_fast.ops import _extension
 
 pytestmark = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not built")
 
@@ -89,16 +89,21 @@ print(json.dumps({"info": _extension.cpu_info(), "exact": all(results)}))
 """
 
 
-@pytest.mark.parametrize("env", [
-    {"ITCONV_FAST_CPU_ISA": "default"},
-    {"ITCONV_FAST_CPU_ISA": "avx2"},
-    {"ITCONV_FAST_CPU_ISA": "avx2", "ITCONV_FAST_REGISTER_LIMIT": "16"},
-    {"ITCONV_FAST_L1": "49152,12"},
-    {"ITCONV_FAST_REGISTER_LIMIT": "0"},
-], ids=["default-isa", "avx2", "avx2-limit16", "icelake-l1", "no-register-path"])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"ITCONV_FAST_CPU_ISA": "default"},
+        {"ITCONV_FAST_CPU_ISA": "avx2"},
+        {"ITCONV_FAST_CPU_ISA": "avx2", "ITCONV_FAST_REGISTER_LIMIT": "16"},
+        {"ITCONV_FAST_L1": "49152,12"},
+        {"ITCONV_FAST_REGISTER_LIMIT": "0"},
+    ],
+    ids=["default-isa", "avx2", "avx2-limit16", "icelake-l1", "no-register-path"],
+)
 def test_every_clone_and_tuning_couples_bit_exactly(env):
-    out = subprocess.run([sys.executable, "-c", _CHILD], env={**os.environ, **env}, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["exact"]
@@ -112,13 +117,19 @@ def test_every_clone_and_tuning_couples_bit_exactly(env):
     if "ITCONV_FAST_REGISTER_LIMIT" in env:
         assert info["register_limit"] == int(env["ITCONV_FAST_REGISTER_LIMIT"])
     if "ITCONV_FAST_L1" in env:
-        assert (info["l1d_bytes"], info["l1d_ways"], info["l1d_sets"], info["l1d_source"]) == (49152, 12, 64, "ITCONV_FAST_L1")
+        assert (info["l1d_bytes"], info["l1d_ways"], info["l1d_sets"], info["l1d_source"]) == (
+            49152,
+            12,
+            64,
+            "ITCONV_FAST_L1",
+        )
 
 
 def _child_cpu_info(env: dict) -> dict:
     code = "import json; from itconv_fast.ops import _extension; print(json.dumps(_extension.cpu_info()))"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

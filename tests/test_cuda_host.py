@@ -135,8 +135,9 @@ def groups_of(shapes, T, dtype, device, seed=0, transposed=False):
 
 
 def run_aten_path(groups, lam, kernel, bandwidth=None, skip_first=0):
-    torch.ops.itconv_fast._soft_couple_aten_([t for g in groups for t in g], [len(g) for g in groups], lam, kernel,
-                                             bandwidth, skip_first)
+    torch.ops.itconv_fast._soft_couple_aten_(
+        [t for g in groups for t in g], [len(g) for g in groups], lam, kernel, bandwidth, skip_first
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -153,7 +154,10 @@ def test_capture_path_equals_reference_bitwise(dtype, kernel, skip_first, lam, T
 
 
 def test_capture_path_handles_non_contiguous_members_and_rejects_bad_input():
-    ours, ref = groups_of([(6, 4)], 3, torch.float32, "cpu", transposed=True), groups_of([(6, 4)], 3, torch.float32, "cpu", transposed=True)
+    ours, ref = (
+        groups_of([(6, 4)], 3, torch.float32, "cpu", transposed=True),
+        groups_of([(6, 4)], 3, torch.float32, "cpu", transposed=True),
+    )
     run_aten_path(ours, 0.5, "uniform")
     _reference.soft_couple_(ref, 0.5)
     assert all(torch.equal(a, b) for a, b in zip(ours[0], ref[0]))

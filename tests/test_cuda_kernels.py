@@ -39,7 +39,7 @@ def test_mixed_dtypes_in_one_call(kernel):
 
 def test_misaligned_members_take_the_elementwise_path():
     base = torch.randn(4 * 1031 + 8, device="cuda")
-    groups = [[base[1 + k * 1031: 1 + k * 1031 + 1030] for k in range(4)]]  # 4-byte aligned, not 16
+    groups = [[base[1 + k * 1031 : 1 + k * 1031 + 1030] for k in range(4)]]  # 4-byte aligned, not 16
     expected = [[t.cpu() for t in groups[0]]]
     ops.soft_couple_(groups, 0.5)
     _reference.soft_couple_(expected, 0.5)

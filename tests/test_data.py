@@ -97,8 +97,9 @@ def test_debris_has_one_label():
     assert images.shape == (20, 1, 32, 32) and torch.all(labels.sum(1) == 1)
 
 
-@pytest.mark.parametrize("kwargs", [dict(n_images=-1), dict(n_images=3, n_digits=0), dict(n_images=3, n_digits=11),
-                                    dict(n_images=2.5)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(n_images=-1), dict(n_images=3, n_digits=0), dict(n_images=3, n_digits=11), dict(n_images=2.5)]
+)
 def test_generator_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         digitclutter.generate(**kwargs)
@@ -118,10 +119,17 @@ def test_learnable_by_a_small_cnn():
     torch.manual_seed(0)
     task = datasets.load("digitclutter", n_digits=2, train_size=12000, test_size=1000, cache_dir=None)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(256, 10),
+        torch.nn.Conv2d(1, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(64, 64, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(256, 10),
     )
     opt = torch.optim.Adam(net.parameters(), 2e-3)
     gen = torch.Generator().manual_seed(0)
@@ -171,7 +179,9 @@ def test_cli_pregenerates(tmp_path):
     from itconv_fast.cli.app import main
 
     out = tmp_path / "dc.npz"
-    result = CliRunner().invoke(main, ["data", "digitclutter", "--n-digits", "5", "--size", "30", "--seed", "0", "--out", str(out)])
+    result = CliRunner().invoke(
+        main, ["data", "digitclutter", "--n-digits", "5", "--size", "30", "--seed", "0", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     images, labels = datasets.read_digitclutter(str(out))
     assert images.shape == (30, 1, 32, 32) and torch.all(labels.sum(1) == 5)
@@ -250,8 +260,12 @@ def cifar_batches(name, rng):
     out = {}
     for m in members:
         data = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
-        out[m] = {b"batch_label": b"x", key: [int(v) for v in rng.integers(0, classes, 4)], b"data": data,
-                  b"filenames": [b"a.png"] * 4}
+        out[m] = {
+            b"batch_label": b"x",
+            key: [int(v) for v in rng.integers(0, classes, 4)],
+            b"data": data,
+            b"filenames": [b"a.png"] * 4,
+        }
     return out
 
 
@@ -345,7 +359,9 @@ def test_download_verifies_checksum(tmp_path, monkeypatch, fixture_server):
     base, archive = fixture_server
     good = vision.md5sum(str(archive))
     data_dir = tmp_path / "data"
-    monkeypatch.setitem(vision.RESOURCES, "cifar10", [vision.Resource("cifar-10-python.tar.gz", base + "cifar-10-python.tar.gz", good)])
+    monkeypatch.setitem(
+        vision.RESOURCES, "cifar10", [vision.Resource("cifar-10-python.tar.gz", base + "cifar-10-python.tar.gz", good)]
+    )
     task = datasets.load("cifar10", data_dir=str(data_dir), download=True)
     assert len(task.train) == 20
     assert vision.md5sum(str(data_dir / "cifar-10-python.tar.gz")) == good
@@ -354,7 +370,11 @@ def test_download_verifies_checksum(tmp_path, monkeypatch, fixture_server):
 def test_download_with_wrong_checksum_is_an_error_and_leaves_nothing(tmp_path, monkeypatch, fixture_server):
     base, _ = fixture_server
     data_dir = tmp_path / "data"
-    monkeypatch.setitem(vision.RESOURCES, "cifar10", [vision.Resource("cifar-10-python.tar.gz", base + "cifar-10-python.tar.gz", "0" * 32)])
+    monkeypatch.setitem(
+        vision.RESOURCES,
+        "cifar10",
+        [vision.Resource("cifar-10-python.tar.gz", base + "cifar-10-python.tar.gz", "0" * 32)],
+    )
     with pytest.raises(vision.DatasetFilesError, match="cifar-10-python.tar.gz: md5"):
         datasets.load("cifar10", data_dir=str(data_dir), download=True)
     assert list(data_dir.iterdir()) == []  # the bad file is not kept, so it cannot be used later

@@ -34,10 +34,10 @@ def guarded(values: torch.Tensor, aligned: bool = True):
     buf = torch.full((flat.numel() + 2 * GUARD + 64,), 1000.0 + next(_sentinels) % 1000, dtype=values.dtype)
     size = buf.element_size()
     start = GUARD + (-(buf.data_ptr() + GUARD * size) % 32) // size + (0 if aligned else 1)
-    buf[start:start + flat.numel()] = flat
+    buf[start : start + flat.numel()] = flat
     buf.sentinel = buf[0].clone()
     buf.span = (start, start + flat.numel())
-    return buf[start:start + flat.numel()].view(values.shape), buf
+    return buf[start : start + flat.numel()].view(values.shape), buf
 
 
 def guards_intact(buf) -> bool:
@@ -45,8 +45,18 @@ def guards_intact(buf) -> bool:
     return bool((buf[:lo] == buf.sentinel).all() and (buf[hi:] == buf.sentinel).all())
 
 
-def couple_both(shapes_per_group, dtype, lam, kernel, skip_first=0, max_items=2**31 - 1, emulated=emulation, seed=0,
-                per_thread=4, aligned=True):
+def couple_both(
+    shapes_per_group,
+    dtype,
+    lam,
+    kernel,
+    skip_first=0,
+    max_items=2**31 - 1,
+    emulated=emulation,
+    seed=0,
+    per_thread=4,
+    aligned=True,
+):
     """Runs the emulated kernel and the reference on the same random gradients; returns (emulated, reference,
     guard buffers)."""
     gen = torch.Generator().manual_seed(seed)
@@ -172,12 +182,17 @@ def test_the_shim_reports_a_barrier_deadlock_instead_of_hanging():
 
 MUTATIONS = {
     # An off-by-one in the coupling kernel's bound: the last thread takes one element past the member.
-    "soft_couple_device.cuh": ("numel - first < per_thread ? numel - first : per_thread",
-                               "numel - first <= per_thread ? numel - first + 1 : per_thread"),
+    "soft_couple_device.cuh": (
+        "numel - first < per_thread ? numel - first : per_thread",
+        "numel - first <= per_thread ? numel - first + 1 : per_thread",
+    ),
     # The barrier between normalising v (each thread its own columns) and reading all of v (one warp per row).
     "spectral_norm_device.cuh": (
-        "for (int64_t k = threadIdx.x; k < cols; k += kThreads) vb[k] = static_cast<scalar_t>(static_cast<acc_t>(vb[k]) / vnorm);\n    __syncthreads();",
-        "for (int64_t k = threadIdx.x; k < cols; k += kThreads) vb[k] = static_cast<scalar_t>(static_cast<acc_t>(vb[k]) / vnorm);"),
+        "for (int64_t k = threadIdx.x; k < cols; k += kThreads) vb[k] = "
+        "static_cast<scalar_t>(static_cast<acc_t>(vb[k]) / vnorm);\n    __syncthreads();",
+        "for (int64_t k = threadIdx.x; k < cols; k += kThreads) vb[k] = "
+        "static_cast<scalar_t>(static_cast<acc_t>(vb[k]) / vnorm);",
+    ),
 }
 
 
@@ -192,13 +207,20 @@ def mutant(tmp_path_factory):
         assert source.count(old) == 1, f"the mutation site in {name} moved: update MUTATIONS"
         (folder / name).write_text(source.replace(old, new))
     shutil.copy(os.path.join(ROOT, "csrc", "emulation", "device_emulation.cpp"), folder / "device_emulation.cpp")
-    return load(name="itconv_fast_device_emulation_mutant", sources=[str(folder / "device_emulation.cpp")],
-                extra_include_paths=[os.path.join(ROOT, "csrc", "emulation"), os.path.join(ROOT, "csrc", "ops")],
-                extra_cflags=["-O2", "-ffp-contract=off",
-                              # the build runs through a shell: the quotes of the include path are escaped
-                              f'-DITCONV_SOFT_COUPLE_DEVICE=\\"{folder / "soft_couple_device.cuh"}\\"',
-                              f'-DITCONV_SPECTRAL_NORM_DEVICE=\\"{folder / "spectral_norm_device.cuh"}\\"'],
-                build_directory=str(folder), verbose=False)
+    return load(
+        name="itconv_fast_device_emulation_mutant",
+        sources=[str(folder / "device_emulation.cpp")],
+        extra_include_paths=[os.path.join(ROOT, "csrc", "emulation"), os.path.join(ROOT, "csrc", "ops")],
+        extra_cflags=[
+            "-O2",
+            "-ffp-contract=off",
+            # the build runs through a shell: the quotes of the include path are escaped
+            f'-DITCONV_SOFT_COUPLE_DEVICE=\\"{folder / "soft_couple_device.cuh"}\\"',
+            f'-DITCONV_SPECTRAL_NORM_DEVICE=\\"{folder / "spectral_norm_device.cuh"}\\"',
+        ],
+        build_directory=str(folder),
+        verbose=False,
+    )
 
 
 @pytest.mark.slow

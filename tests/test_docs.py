@@ -13,8 +13,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_the_site_builds_without_warnings(tmp_path):
     pytest.importorskip("mkdocstrings")
-    out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "WARNING" not in out.stderr
     api = (tmp_path / "site" / "api" / "index.html").read_text()

@@ -15,12 +15,45 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 def test_di_diagnostics_on_a_spectrally_normalised_pcr_run(tmp_path, monkeypatch):
     monkeypatch.setenv("ITCONV_FAST_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    args = ["train", "--out", str(out), "--pcr", "--sn-mu", "0.5", "--train-size", "64", "--test-size", "32", "--width", "2",
-            "--blocks", "2", "--batch-size", "32", "--epochs", "1", "--no-progress"]
+    args = [
+        "train",
+        "--out",
+        str(out),
+        "--pcr",
+        "--sn-mu",
+        "0.5",
+        "--train-size",
+        "64",
+        "--test-size",
+        "32",
+        "--width",
+        "2",
+        "--blocks",
+        "2",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--no-progress",
+    ]
     assert CliRunner().invoke(main, args).exit_code == 0
     report = tmp_path / "diag.json"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "di_diagnostics.py"), str(out), "--examples", "16",
-                             "--extra", "4", "--json", str(report)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "di_diagnostics.py"),
+            str(out),
+            "--examples",
+            "16",
+            "--extra",
+            "4",
+            "--json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "PCR, mu 0.5" in result.stdout
     (diag,) = json.loads(report.read_text())
@@ -32,8 +65,9 @@ def test_di_diagnostics_on_a_spectrally_normalised_pcr_run(tmp_path, monkeypatch
 
 
 def _run_example(name, args, timeout=600):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), *args], capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", name), *args], capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -41,9 +75,29 @@ def _run_example(name, args, timeout=600):
 def test_vit_example_trains_couples_and_measures(tmp_path, monkeypatch):
     monkeypatch.setenv("ITCONV_FAST_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "vit"
-    _run_example("vit_digitclutter.py", ["--out", str(out), "--epochs", "1", "--train-size", "256", "--test-size", "64",
-                                         "--layers", "3", "--width", "16", "--extra", "3", "--speed-examples", "16",
-                                         "--threads", "1"])
+    _run_example(
+        "vit_digitclutter.py",
+        [
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--train-size",
+            "256",
+            "--test-size",
+            "64",
+            "--layers",
+            "3",
+            "--width",
+            "16",
+            "--extra",
+            "3",
+            "--speed-examples",
+            "16",
+            "--threads",
+            "1",
+        ],
+    )
     results = json.loads((out / "results.json").read_text())
     runs = {run["lam"]: run for run in results["runs"]}
     assert set(runs) == {0.0, 0.5, 1.0}
@@ -59,9 +113,33 @@ def test_vit_example_trains_couples_and_measures(tmp_path, monkeypatch):
 
 def test_looped_parity_example_learns_and_runs_past_its_iterations(tmp_path):
     out = tmp_path / "parity"
-    _run_example("looped_parity.py", ["--out", str(out), "--lams", "1", "--steps", "300", "--log-every", "100",
-                                      "--width", "32", "--iterations", "8", "--train-length", "8",
-                                      "--test-lengths", "16", "--extra", "8", "--test-size", "200", "--threads", "1"])
+    _run_example(
+        "looped_parity.py",
+        [
+            "--out",
+            str(out),
+            "--lams",
+            "1",
+            "--steps",
+            "300",
+            "--log-every",
+            "100",
+            "--width",
+            "32",
+            "--iterations",
+            "8",
+            "--train-length",
+            "8",
+            "--test-lengths",
+            "16",
+            "--extra",
+            "8",
+            "--test-size",
+            "200",
+            "--threads",
+            "1",
+        ],
+    )
     results = json.loads((out / "results.json").read_text())
     (run,) = results["runs"]
     assert run["block_spread"] == 0.0  # weight-shared through lam = 1 coupling
@@ -74,10 +152,37 @@ def test_looped_parity_example_learns_and_runs_past_its_iterations(tmp_path):
 
 def test_looped_parity_example_trains_with_an_objective(tmp_path):
     out = tmp_path / "parity"
-    _run_example("looped_parity.py", ["--out", str(out), "--lams", "1", "--steps", "40", "--log-every", "20",
-                                      "--width", "16", "--iterations", "4", "--train-length", "8",
-                                      "--test-lengths", "16", "--extra", "4", "--test-size", "50", "--threads", "1",
-                                      "--objective", "extra-iterations:1", "--objective-k", "3"])
+    _run_example(
+        "looped_parity.py",
+        [
+            "--out",
+            str(out),
+            "--lams",
+            "1",
+            "--steps",
+            "40",
+            "--log-every",
+            "20",
+            "--width",
+            "16",
+            "--iterations",
+            "4",
+            "--train-length",
+            "8",
+            "--test-lengths",
+            "16",
+            "--extra",
+            "4",
+            "--test-size",
+            "50",
+            "--threads",
+            "1",
+            "--objective",
+            "extra-iterations:1",
+            "--objective-k",
+            "3",
+        ],
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["objectives"] == {"extra-iterations": 1.0} and results["objective_k"] == 3
     assert results["runs"][0]["block_spread"] == 0.0
@@ -89,7 +194,9 @@ def test_lipschitz_dropin_example_bounds_every_layer(tmp_path):
     the exact FFT norm of the circular layer within 1%)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("lipschitz_dropin", os.path.join(ROOT, "examples", "lipschitz_dropin.py"))
+    spec = importlib.util.spec_from_file_location(
+        "lipschitz_dropin", os.path.join(ROOT, "examples", "lipschitz_dropin.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     before, after = module.main(out_dir=str(tmp_path))

@@ -19,11 +19,10 @@ from click.testing import CliRunner
 
 from itconv_fast.cli.app import main
 from itconv_fast.data import datasets
+from itconv_fast.experiments import divergence, training
 from itconv_fast.experiments import report as reports
 from itconv_fast.experiments import sweep as sweeps
-from itconv_fast.experiments import training
 from itconv_fast.experiments.config import config_from
-from itconv_fast.experiments import divergence
 from itconv_fast.experiments.divergence import EXIT_DIVERGED, TrainingDiverged
 from itconv_fast.experiments.step import TrainStep
 from itconv_fast.experiments.sweep_lock import LOCK_NAME, SweepLocked, sweep_lock
@@ -42,8 +41,14 @@ def cache(tmp_path, monkeypatch):
 
 def _task_that_diverges_at(call: int, config):
     """The run's task whose loss turns NaN at its `call`-th training evaluation (later epochs' steps)."""
-    task = datasets.load(config.dataset, n_digits=config.n_digits, train_size=config.train_size,
-                         test_size=config.test_size, seed=config.seed, cache_dir=datasets.default_cache_dir())
+    task = datasets.load(
+        config.dataset,
+        n_digits=config.n_digits,
+        train_size=config.train_size,
+        test_size=config.test_size,
+        seed=config.seed,
+        cache_dir=datasets.default_cache_dir(),
+    )
     real, calls = task.loss, [0]
 
     def loss(logits, y):
@@ -71,8 +76,13 @@ def _step_fixture():
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return model, Task(), opt, sched, TrainStep(model, Task(), opt, sched, GradientCoupler(model, 0.0),
-                                                device=torch.device("cpu"))
+    return (
+        model,
+        Task(),
+        opt,
+        sched,
+        TrainStep(model, Task(), opt, sched, GradientCoupler(model, 0.0), device=torch.device("cpu")),
+    )
 
 
 def test_a_nan_loss_takes_no_step():
@@ -112,8 +122,9 @@ def test_an_exploding_finite_loss_takes_no_step_and_says_which_rule():
 
 
 def test_the_loss_at_chance_of_a_digitclutter_task():
-    task = datasets.load("digitclutter", n_digits=3, train_size=8, test_size=8, seed=0,
-                         cache_dir=datasets.default_cache_dir())
+    task = datasets.load(
+        "digitclutter", n_digits=3, train_size=8, test_size=8, seed=0, cache_dir=datasets.default_cache_dir()
+    )
     limit = divergence.exploding_loss_limit(task.loss, task.num_classes, task.train.targets[0])
     assert limit == pytest.approx(divergence.EXPLODING_LOSS_FACTOR * 10 * math.log(2))
 
@@ -180,8 +191,27 @@ def test_the_diverging_run_of_a_new_user_stops_at_epoch_1_and_keeps_nothing_brok
     """`train --blocks 2 --width 8 --epochs 2 --train-size 512 --test-size 128 --lr 1e6` once finished epoch 1
     with a finite loss of 1e27 and infinite BatchNorm buffers in its checkpoint."""
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["train", "--blocks", "2", "--width", "8", "--epochs", "2", "--train-size",
-                                       "512", "--test-size", "128", "--lr", "1e6", "--no-progress", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--blocks",
+            "2",
+            "--width",
+            "8",
+            "--epochs",
+            "2",
+            "--train-size",
+            "512",
+            "--test-size",
+            "128",
+            "--lr",
+            "1e6",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == EXIT_DIVERGED, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["divergence"]["epoch"] == 1 and metrics["divergence"]["rule"] in TrainingDiverged.STEP_RULES
@@ -213,7 +243,9 @@ def test_divergence_keeps_the_last_good_checkpoint_and_says_so(tmp_path):
     assert {"epoch", "step", "lr", "what", "value"} <= set(metrics["divergence"])
     assert metrics["divergence"]["value"] == "nan"  # the JSON itself holds no NaN
     state = checkpoint.load_checkpoint_state(str(out / "checkpoint.pt"), required=("epoch",))
-    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state["epoch"] == 0 and all(
+        torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()
+    )
 
     with pytest.raises(training.RunDivergedError, match="--restart-diverged"):
         training.train(config, str(out), resume=True, progress=False)
@@ -254,8 +286,17 @@ def test_indices_of_a_network_with_non_finite_outputs_is_a_clear_error(tmp_path)
             compute_indices(model, data, extra_iterations=2, method=method)
     # Through the CLI: a one-line error, no indices.json.
     out = tmp_path / "run"
-    assert CliRunner().invoke(main, ["train", "--epochs", "1", "--out", str(out)] + FLAGS[:2] + ["--test-size", "32",
-                              "--width", "4", "--blocks", "2", "--train-size", "64", "--no-progress"]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(
+            main,
+            ["train", "--epochs", "1", "--out", str(out)]
+            + FLAGS[:2]
+            + ["--test-size", "32", "--width", "4", "--blocks", "2", "--train-size", "64", "--no-progress"],
+        )
+        .exit_code
+        == 0
+    )
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     state["model"]["head.4.weight"].fill_(float("nan"))
     torch.save(state, out / "checkpoint.pt")
@@ -276,7 +317,9 @@ def test_json_files_never_hold_nan(tmp_path):
 
 
 def _sweep(tmp_path, grid):
-    spec = sweeps.parse_sweep({"base": {**SMALL, "epochs": 1}, "grid": grid, "indices": {"extra_iterations": 2}}, "s.yaml")
+    spec = sweeps.parse_sweep(
+        {"base": {**SMALL, "epochs": 1}, "grid": grid, "indices": {"extra_iterations": 2}}, "s.yaml"
+    )
     out = tmp_path / "sweep"
     sweeps.check_out_dir(spec, str(out))
     return spec, out
@@ -305,10 +348,25 @@ def test_report_means_leave_out_failed_trials_and_count_them(tmp_path):
     for i, trial in enumerate(sweeps.expand(spec)):
         folder = out / "trials" / trial.name
         folder.mkdir(parents=True)
-        row = ({"status": "failed", "reason": "RuntimeError: boom"} if i == 2 else
-               {"status": "ok", "final_test_error": 0.1 * (i + 1), "final_train_error": 0.0, "final_test_loss": 1.0,
-                "chance_error": 0.99, "epochs_run": 1, "ci": 0.5, "ri": 0.5, "di": 0.5, "ci_s1": 0.5, "ri_s1": 0.5,
-                "di_s1": 0.5, "train_seconds": 1.0})
+        row = (
+            {"status": "failed", "reason": "RuntimeError: boom"}
+            if i == 2
+            else {
+                "status": "ok",
+                "final_test_error": 0.1 * (i + 1),
+                "final_train_error": 0.0,
+                "final_test_loss": 1.0,
+                "chance_error": 0.99,
+                "epochs_run": 1,
+                "ci": 0.5,
+                "ri": 0.5,
+                "di": 0.5,
+                "ci_s1": 0.5,
+                "ri_s1": 0.5,
+                "di_s1": 0.5,
+                "train_seconds": 1.0,
+            }
+        )
         import dataclasses
 
         (folder / "result.json").write_text(json.dumps({"config": dataclasses.asdict(trial.config), "result": row}))
@@ -405,11 +463,14 @@ def full_disk(monkeypatch):
     return active
 
 
-@pytest.mark.parametrize("name,write", [
-    ("metrics.json", lambda p: checkpoint.atomic_write_json(p, {"epochs": list(range(1000))})),
-    ("checkpoint.pt", lambda p: checkpoint.atomic_save({"w": torch.randn(10_000)}, p)),
-    ("results.csv", lambda p: checkpoint.atomic_write_text(p, "x," * 10_000)),
-])
+@pytest.mark.parametrize(
+    "name,write",
+    [
+        ("metrics.json", lambda p: checkpoint.atomic_write_json(p, {"epochs": list(range(1000))})),
+        ("checkpoint.pt", lambda p: checkpoint.atomic_save({"w": torch.randn(10_000)}, p)),
+        ("results.csv", lambda p: checkpoint.atomic_write_text(p, "x," * 10_000)),
+    ],
+)
 def test_a_failed_write_keeps_the_previous_file(tmp_path, full_disk, name, write):
     path = str(tmp_path / name)
     write(path)
@@ -424,10 +485,28 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path, full_disk, name, write
 
 def test_train_on_a_full_disk_keeps_the_last_checkpoint_and_says_so_in_one_line(tmp_path, full_disk):
     out = tmp_path / "run"
-    args = ["train", "--epochs", "2", "--out", str(out), "--train-size", "64", "--test-size", "32", "--width", "4",
-            "--blocks", "2", "--no-progress"]
-    training.train(config_from("quick", epochs=2, train_size=64, test_size=32, width=4, blocks=2), str(out),
-                   progress=False, stop_after_epochs=1)
+    args = [
+        "train",
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        "--train-size",
+        "64",
+        "--test-size",
+        "32",
+        "--width",
+        "4",
+        "--blocks",
+        "2",
+        "--no-progress",
+    ]
+    training.train(
+        config_from("quick", epochs=2, train_size=64, test_size=32, width=4, blocks=2),
+        str(out),
+        progress=False,
+        stop_after_epochs=1,
+    )
     saved = (out / "checkpoint.pt").read_bytes()
     metrics = (out / "metrics.json").read_bytes()
     with full_disk():
@@ -465,15 +544,32 @@ def test_sweep_with_a_diverging_and_a_crashing_trial_on_ray(tmp_path):
     while the first holds the directory; the rerun retries only the crashed trial."""
     pytest.importorskip("ray.tune")
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({"base": {**SMALL, "epochs": 1, "train_size": 2048},
-                                    "grid": [{"lr": [0.2, 1e6]}, {"dataset": ["mnist"], "data_dir": [str(tmp_path)]}],
-                                    "indices": {"extra_iterations": 2}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base": {**SMALL, "epochs": 1, "train_size": 2048},
+                "grid": [{"lr": [0.2, 1e6]}, {"dataset": ["mnist"], "data_dir": [str(tmp_path)]}],
+                "indices": {"extra_iterations": 2},
+            }
+        )
+    )
     out = tmp_path / "sweep"
     env = dict(os.environ, RAY_DEDUP_LOGS="0")
-    cmd = [sys.executable, "-m", "itconv_fast.cli.app", "sweep", str(path), "--out", str(out), "--cpus-per-run", "2",
-           "--quiet"]
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "itconv_fast.cli.app",
+        "sweep",
+        str(path),
+        "--out",
+        str(out),
+        "--cpus-per-run",
+        "2",
+        "--quiet",
+    ]
+    first = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (out / LOCK_NAME).exists() and first.poll() is None:
         time.sleep(0.05)
@@ -497,8 +593,9 @@ def test_sweep_with_a_diverging_and_a_crashing_trial_on_ray(tmp_path):
 def test_a_killed_drivers_lock_is_taken_over_on_ray(tmp_path):
     pytest.importorskip("ray.tune")
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({"base": {**SMALL, "epochs": 1}, "grid": {"seed": [0]},
-                                    "indices": {"extra_iterations": 2}}))
+    path.write_text(
+        yaml.safe_dump({"base": {**SMALL, "epochs": 1}, "grid": {"seed": [0]}, "indices": {"extra_iterations": 2}})
+    )
     out = tmp_path / "sweep"
     env = dict(os.environ, RAY_DEDUP_LOGS="0")
     cmd = [sys.executable, "-m", "itconv_fast.cli.app", "sweep", str(path), "--out", str(out), "--quiet"]

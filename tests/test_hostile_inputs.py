@@ -24,17 +24,37 @@ from itconv_fast.experiments import sweep as sweeps
 from itconv_fast.experiments.config import FIELDS, TrainConfig
 
 # derandomize: CI replays the same examples every run (a new failure is found here, not by chance in CI).
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                         HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
-                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
-                    st.sampled_from(["1e999", "-inf", ".nan", "quick", "paper", "digitclutter", "operator", "0x10"]))
-keys = st.one_of(st.sampled_from(FIELDS + ("objectives", "grid", "base", "indices", "preset")), st.text(max_size=8),
-                 st.integers(-3, 3))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                       st.dictionaries(keys, inner, max_size=4)), max_leaves=12)
-MARKER = os.path.join(tempfile.gettempdir(), f"itconv-fast-marker-{os.getpid()}")  # what the payloads would create
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["1e999", "-inf", ".nan", "quick", "paper", "digitclutter", "operator", "0x10"]),
+)
+keys = st.one_of(
+    st.sampled_from(FIELDS + ("objectives", "grid", "base", "indices", "preset")),
+    st.text(max_size=8),
+    st.integers(-3, 3),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=4)),
+    max_leaves=12,
+)
+# What the payloads would create: one name for every pytest-xdist worker (they must collect the same test ids),
+# and the tests that use it on one worker (the vacuity check creates it).
+MARKER = os.path.join(
+    tempfile.gettempdir(), f"itconv-fast-marker-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"
+)
+pytestmark = pytest.mark.xdist_group("hostile-marker")
 HOSTILE = [
     b"width: !!python/object/apply:os.system ['touch " + MARKER.encode() + b"']\n",
     b"!!python/object/new:os.system [touch " + MARKER.encode() + b"]\n",
@@ -111,8 +131,26 @@ def test_hostile_files_at_the_command_line_are_usage_errors(tmp_path, raw):
     path = tmp_path / "hostile.yaml"
     path.write_bytes(raw)
     out = tmp_path / "run"
-    train = CliRunner().invoke(main, ["train", "--config", str(path), "--out", str(out), "--epochs", "1",
-                                      "--train-size", "32", "--test-size", "16", "--width", "2", "--blocks", "1"])
+    train = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--config",
+            str(path),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--train-size",
+            "32",
+            "--test-size",
+            "16",
+            "--width",
+            "2",
+            "--blocks",
+            "1",
+        ],
+    )
     results = [train]
     try:
         sweeps.load_sweep(str(path))
@@ -121,7 +159,11 @@ def test_hostile_files_at_the_command_line_are_usage_errors(tmp_path, raw):
     for result in results:
         if result.exit_code != 0:  # a few hostile files are valid (anchors, duplicates, an empty file)
             assert result.exit_code == 2, result.output
-            assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+            assert (
+                "Traceback" not in result.output
+                and result.exception is None
+                or isinstance(result.exception, SystemExit)
+            )
             assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
     assert not os.path.exists(MARKER)
     assert not (tmp_path / "sweep" / "trials").exists()
@@ -132,15 +174,17 @@ def test_hostile_files_at_the_command_line_are_usage_errors(tmp_path, raw):
 
 
 def _mutations():
-    return st.one_of(st.tuples(st.just("truncate"), st.floats(0, 0.999)),
-                     st.tuples(st.just("flip"), st.floats(0, 0.999), st.integers(1, 255)))
+    return st.one_of(
+        st.tuples(st.just("truncate"), st.floats(0, 0.999)),
+        st.tuples(st.just("flip"), st.floats(0, 0.999), st.integers(1, 255)),
+    )
 
 
 def _mutate(raw: bytes, mutation) -> bytes:
     if mutation[0] == "truncate":
         return raw[: int(len(raw) * mutation[1])]
     at = int(len(raw) * mutation[1])
-    return raw[:at] + bytes([raw[at] ^ mutation[2]]) + raw[at + 1:]
+    return raw[:at] + bytes([raw[at] ^ mutation[2]]) + raw[at + 1 :]
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +248,10 @@ def test_corrupted_cifar_archives_are_refused_or_read(tmp_path, mutation):
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-            batch = pickle.dumps({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
-                                  b"labels": list(rng.integers(0, 10, 4))}, protocol=2)
+            batch = pickle.dumps(
+                {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, 4))},
+                protocol=2,
+            )
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(batch)
             tar.addfile(info, io.BytesIO(batch))

@@ -51,6 +51,7 @@ def hand_errors(model, x, y, s, K):
             for _ in range(extra):
                 z = (x_s if model.pcr else z) + stage.blocks[-1].residual(z)
             return z
+
         return fn
 
     T = len(model.stages[s].blocks)
@@ -72,7 +73,9 @@ def test_methods_agree_with_each_other_and_a_hand_written_loop(pcr, sn_mu):
     for s, (a, b) in enumerate(zip(cached.stages, reference.stages)):
         assert a.e_conv == b.e_conv and a.e_drop == b.e_drop and a.e_div == b.e_div
         e_conv, e_drop, e_div = hand_errors(model, x, y, s, K)
-        assert a.e_conv == pytest.approx(e_conv) and a.e_drop == pytest.approx(e_drop) and a.e_div == pytest.approx(e_div)
+        assert (
+            a.e_conv == pytest.approx(e_conv) and a.e_drop == pytest.approx(e_drop) and a.e_div == pytest.approx(e_div)
+        )
         assert len(a.e_conv) == 2 and len(a.e_drop) == 3 and len(a.e_div) == K
     assert (cached.ci, cached.ri, cached.di) == (reference.ci, reference.ri, reference.di)
 
@@ -85,7 +88,9 @@ def test_index_formulas_on_the_raw_curves():
     phi = lambda e: min(1.0, max(0.0, (e - e_star) / (e_ch - e_star)))  # noqa: E731
     for st in r.stages:
         assert st.ci == pytest.approx(1 - sum(map(phi, st.e_conv)) / len(st.e_conv))
-        assert st.ri == pytest.approx(1 - sum(min(1, abs(e - st.e_drop[-1]) / (e_ch - e_star)) for e in st.e_drop[:-1]) / (len(st.e_drop) - 1))
+        assert st.ri == pytest.approx(
+            1 - sum(min(1, abs(e - st.e_drop[-1]) / (e_ch - e_star)) for e in st.e_drop[:-1]) / (len(st.e_drop) - 1)
+        )
         assert st.di == pytest.approx(sum(map(phi, st.e_div)) / len(st.e_div))
     assert r.ci == pytest.approx(sum(st.ci for st in r.stages) / len(r.stages))
     assert e_ch == pytest.approx(0.9) and r.n == 96
@@ -125,8 +130,9 @@ def test_custom_error_and_chance_and_iterable_data():
     model = net()
     x, y = labelled(model)
     batches = [(x[:50], y[:50]), (x[50:], y[50:])]
-    r = compute_indices(model, batches, extra_iterations=2, chance_error=0.95,
-                        error_fn=lambda logits, t: logits.argmax(1) != t)
+    r = compute_indices(
+        model, batches, extra_iterations=2, chance_error=0.95, error_fn=lambda logits, t: logits.argmax(1) != t
+    )
     assert r.chance_error == 0.95 and r.n == 96
 
 

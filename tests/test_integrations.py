@@ -24,16 +24,18 @@ def _torchvision(arch):
 def _vit():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=5,
-                              depth=4)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=5, depth=4
+    )
     return model, torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
 
 
 def _gpt2(layers=3):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=4, vocab_size=40, n_positions=16,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=layers, n_embd=32, n_head=4, vocab_size=40, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
     ids = torch.randint(0, 40, (3, 8))
     return transformers.GPT2LMHeadModel(config), ids, torch.randint(0, 40, (3, 8))
 
@@ -41,14 +43,27 @@ def _gpt2(layers=3):
 def _llama():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=40, max_position_embeddings=16,
-                                      bos_token_id=0, eos_token_id=0)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=40,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.LlamaForCausalLM(config), torch.randint(0, 40, (3, 8)), torch.randint(0, 40, (3, 8))
 
 
-MODELS = {"resnet18": lambda: _torchvision("resnet18"), "resnet50": lambda: _torchvision("resnet50"),
-          "vit": _vit, "gpt2": _gpt2, "llama": _llama}
+MODELS = {
+    "resnet18": lambda: _torchvision("resnet18"),
+    "resnet50": lambda: _torchvision("resnet50"),
+    "vit": _vit,
+    "gpt2": _gpt2,
+    "llama": _llama,
+}
 
 
 def _logits(out):
@@ -76,8 +91,10 @@ def test_indices_cached_equals_reference_on_real_models(kind):
     model, x, y = MODELS[kind]()
     stack = residual_model(model.eval())
     chance = 1 - 1 / 40 if kind in ("gpt2", "llama") else 1 - 1 / 5
-    reports = [compute_indices(stack, (x, y), extra_iterations=2, method=m, error_fn=_error_fn(kind),
-                               chance_error=chance) for m in ("cached", "reference")]
+    reports = [
+        compute_indices(stack, (x, y), extra_iterations=2, method=m, error_fn=_error_fn(kind), chance_error=chance)
+        for m in ("cached", "reference")
+    ]
     for a, b in zip(reports[0].stages, reports[1].stages):
         assert a.e_conv == pytest.approx(b.e_conv) and a.e_drop == pytest.approx(b.e_drop)
         assert a.e_div == pytest.approx(b.e_div)
@@ -101,7 +118,7 @@ def test_full_coupling_keeps_recurrently_initialised_blocks_identical(kind):
                 block.f.load_state_dict(copy.deepcopy(first))
     coupler = GradientCoupler(stack, 1.0)
     optimizer = torch.optim.SGD(stack.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    loss_fn = (lambda out, t: torch.nn.functional.cross_entropy(out.flatten(0, -2), t.flatten()))
+    loss_fn = lambda out, t: torch.nn.functional.cross_entropy(out.flatten(0, -2), t.flatten())
     for _ in range(3):
         optimizer.zero_grad()
         loss_fn(stack(x), y).backward()
@@ -119,9 +136,15 @@ def test_objectives_on_a_hugging_face_decoder():
     stack = residual_model(model.train())
     with record_stages(stack) as stages:
         logits = stack(ids)
-    context = ObjectiveContext(stack, stages.inputs, stages.outputs, ids, targets,
-                               lambda out, t: torch.nn.functional.cross_entropy(out.flatten(0, -2), t.flatten()),
-                               torch.Generator().manual_seed(0))
+    context = ObjectiveContext(
+        stack,
+        stages.inputs,
+        stages.outputs,
+        ids,
+        targets,
+        lambda out, t: torch.nn.functional.cross_entropy(out.flatten(0, -2), t.flatten()),
+        torch.Generator().manual_seed(0),
+    )
     term = FixedPointResidual()(context)
     term.value.backward()
     assert term.value.item() > 0 and logits.shape == (3, 8, 40)
@@ -151,8 +174,9 @@ def test_batched_spectral_norm_on_gpt2_normalises_conv1d_and_refuses_the_tie():
         BatchedSpectralNorm(model, mode="matrix")
     assert not hasattr(model.lm_head, "parametrizations")  # refused before anything changed
     with pytest.warns(RuntimeWarning, match="not normalised.*transformer.wte, transformer.wpe"):
-        sn = BatchedSpectralNorm(model, mode="matrix", mu=1.0, include=lambda name, m: name != "lm_head",
-                                 init_iterations=100)
+        sn = BatchedSpectralNorm(
+            model, mode="matrix", mu=1.0, include=lambda name, m: name != "lm_head", init_iterations=100
+        )
     names = [n for n, _ in sn.layers]
     assert len(names) == 2 * 4 and all(n.startswith("transformer.h.") for n in names)
     assert {n.split(".")[-1] for n in names} == {"c_attn", "c_proj", "c_fc"}

@@ -13,8 +13,19 @@ PACKAGE = ROOT / "itconv_fast"
 CLI = ROOT / "cli"
 
 # Rank of each layer: a module may import from its own layer and from lower ranks only.
-RANKS = {"io": 0, "ops": 0, "data": 0, "nn": 1, "models": 2, "measures": 3, "objectives": 3, "experiments": 4, "bench": 5,
-         "": 6, "cli": 7}
+RANKS = {
+    "io": 0,
+    "ops": 0,
+    "data": 0,
+    "nn": 1,
+    "models": 2,
+    "measures": 3,
+    "objectives": 3,
+    "experiments": 4,
+    "bench": 5,
+    "": 6,
+    "cli": 7,
+}
 
 
 def _modules() -> dict:
@@ -88,7 +99,7 @@ def test_the_import_graph_has_no_cycle():
         state[node] = "open"
         for nxt in graph[node]:
             if state.get(nxt) == "open":
-                cycle = path[path.index(nxt):] + [nxt]
+                cycle = path[path.index(nxt) :] + [nxt]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt, path + [nxt])

@@ -26,8 +26,14 @@ class MixedLayouts(TorchDispatchMode):
     """Records the elementwise operations whose activation operands (4-D, batch `n`) differ in layout (the fused
     BatchNorm + ReLU's backward too: it would copy its gradient into the input's layout first)."""
 
-    OPS = {torch.ops.aten.threshold_backward.default, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor,
-           torch.ops.aten.mul.Tensor, torch.ops.aten.relu.default, torch.ops.aten.clamp_min.default}
+    OPS = {
+        torch.ops.aten.threshold_backward.default,
+        torch.ops.aten.add.Tensor,
+        torch.ops.aten.add_.Tensor,
+        torch.ops.aten.mul.Tensor,
+        torch.ops.aten.relu.default,
+        torch.ops.aten.clamp_min.default,
+    }
     if hasattr(torch.ops.itconv_fast, "batch_norm_relu_backward"):
         OPS.add(torch.ops.itconv_fast.batch_norm_relu_backward.default)
 
@@ -37,8 +43,11 @@ class MixedLayouts(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in self.OPS:
-            acts = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4 and a.shape[0] == self.n
-                    and a.shape[-1] > 1]
+            acts = [
+                a
+                for a in args
+                if isinstance(a, torch.Tensor) and a.dim() == 4 and a.shape[0] == self.n and a.shape[-1] > 1
+            ]
             if len({layout(a) for a in acts}) > 1:
                 self.mixed.append((str(func), [tuple(a.shape) for a in acts], [a.stride() for a in acts]))
         return func(*args, **(kwargs or {}))

@@ -57,8 +57,12 @@ def test_recurrent_init_gives_identical_blocks_and_nonrecurrent_does_not():
 def test_bn_gamma_init_and_bad_arguments():
     model = small(bn_gamma_init=0.1)
     assert torch.all(model.stages[1].blocks[2].bn1.weight == 0.1)
-    for kwargs, match in [(dict(init="shared"), "init"), (dict(sn_mu=0.0), "mu"), (dict(blocks=0), "blocks"),
-                          (dict(input_size=10), "divisible")]:
+    for kwargs, match in [
+        (dict(init="shared"), "init"),
+        (dict(sn_mu=0.0), "mu"),
+        (dict(blocks=0), "blocks"),
+        (dict(input_size=10), "divisible"),
+    ]:
         with pytest.raises(ValueError, match=match):
             small(**kwargs)
 

@@ -8,15 +8,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from torch import nn
 from torch.nn.utils import parametrize
 
-from conftest import free_port
 from itconv_fast import lipschitz_report
-from itconv_fast.ops import _extension
 from itconv_fast import nn as inn
-from itconv_fast.nn import geometry as geo, parametrization
 from itconv_fast.measures.lipschitz import circular_exact_sigmas
+from itconv_fast.nn import geometry as geo
+from itconv_fast.nn import parametrization
+from itconv_fast.ops import _extension
 
 
 def dense_operator(layer: nn.Module, input_size) -> torch.Tensor:
@@ -128,14 +129,19 @@ def test_soft_normalisation_leaves_small_layers_alone():
     assert not torch.equal(inn_hard.weight, inn_hard.parametrizations.weight.original)
 
 
-@pytest.mark.parametrize("name,make,size", GEOMETRIES[:4] + GEOMETRIES[6:7] + GEOMETRIES[10:],
-                         ids=[g[0] for g in GEOMETRIES[:4] + GEOMETRIES[6:7] + GEOMETRIES[10:]])
+@pytest.mark.parametrize(
+    "name,make,size",
+    GEOMETRIES[:4] + GEOMETRIES[6:7] + GEOMETRIES[10:],
+    ids=[g[0] for g in GEOMETRIES[:4] + GEOMETRIES[6:7] + GEOMETRIES[10:]],
+)
 @pytest.mark.parametrize("mode", ["operator", "matrix"])
-@pytest.mark.parametrize("mu,hard,training", [(0.1, False, True), (100.0, False, True), (0.1, True, True),
-                                              (0.1, False, False)])
+@pytest.mark.parametrize(
+    "mu,hard,training", [(0.1, False, True), (100.0, False, True), (0.1, True, True), (0.1, False, False)]
+)
 @pytest.mark.parametrize("scalar_path", [True, False], ids=["cpu-scalars", "tensor-only"])
-def test_gradient_is_that_of_sigma_with_the_vectors_held(name, make, size, mode, mu, hard, training, scalar_path,
-                                                          monkeypatch):
+def test_gradient_is_that_of_sigma_with_the_vectors_held(
+    name, make, size, mode, mu, hard, training, scalar_path, monkeypatch
+):
     """d/dW of W / max(sigma/mu, 1) (or W mu / sigma), sigma = <u, A_W v> with this forward's vectors, by
     plain autograd; the layer's own backward is the fused held-vector formula, on its eager-CPU path
     (Python scalars, addr) and on the tensor-only path that CUDA and torch.compile take."""
@@ -225,8 +231,10 @@ def test_state_dict_round_trip_into_a_fresh_layer_of_unknown_input_size(mode):
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
     if mode != "gram":
-        assert set(k for k in state if k.endswith(("_u", "_v"))) == {"parametrizations.weight.0._u",
-                                                                      "parametrizations.weight.0._v"}
+        assert set(k for k in state if k.endswith(("_u", "_v"))) == {
+            "parametrizations.weight.0._u",
+            "parametrizations.weight.0._v",
+        }
     b = inn.spectral_norm(nn.Conv2d(3, 4, 3, stride=2, padding=1), mode=mode, mu=0.5)
     b.load_state_dict(state)
     a.eval(), b.eval()
@@ -330,8 +338,15 @@ def test_batched_equals_per_layer(mode):
             opt.zero_grad()
             model(x).square().mean().backward()
             opt.step()
-    assert sn.groups == [["stem"], ["body.0", "body.1", "body.2"], ["circ"], ["down"], ["up"],
-                         ["head.0", "head.2"], ["head.4"]]
+    assert sn.groups == [
+        ["stem"],
+        ["body.0", "body.1", "body.2"],
+        ["circ"],
+        ["down"],
+        ["up"],
+        ["head.0", "head.2"],
+        ["head.4"],
+    ]
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
     a.eval(), b.eval()
@@ -367,17 +382,20 @@ def test_batched_include_remove_and_errors():
     inn.BatchedSpectralNorm(model, mode="matrix")  # matrix mode takes any padding
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(mu=0), "mu must be a finite number > 0 for conv"),
-    (dict(mu=float("nan")), "mu must be"),
-    (dict(mu=float("inf")), "mu must be"),
-    (dict(mu=True), "mu must be"),
-    (dict(mode="exact"), "unknown mode 'exact' for conv"),
-    (dict(n_power_iterations=0), "n_power_iterations must be an int >= 1 for conv"),
-    (dict(hard="yes"), "hard must be True or False"),
-    (dict(input_size=(4,)), r"input_size for conv must be 2 sizes"),
-    (dict(input_size=(1, 1), module=nn.Conv2d(3, 4, 5)), "conv cannot take inputs of size"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(mu=0), "mu must be a finite number > 0 for conv"),
+        (dict(mu=float("nan")), "mu must be"),
+        (dict(mu=float("inf")), "mu must be"),
+        (dict(mu=True), "mu must be"),
+        (dict(mode="exact"), "unknown mode 'exact' for conv"),
+        (dict(n_power_iterations=0), "n_power_iterations must be an int >= 1 for conv"),
+        (dict(hard="yes"), "hard must be True or False"),
+        (dict(input_size=(4,)), r"input_size for conv must be 2 sizes"),
+        (dict(input_size=(1, 1), module=nn.Conv2d(3, 4, 5)), "conv cannot take inputs of size"),
+    ],
+)
 def test_bad_options_raise_naming_the_layer(bad, match):
     module = bad.pop("module", nn.Conv2d(3, 4, 3, padding=1))
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -471,9 +489,16 @@ def test_ddp_ranks_stay_identical(tmp_path):
 
 def test_lipschitz_report_values_and_products():
     torch.manual_seed(19)
-    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                          nn.Conv2d(6, 6, 3, padding=1, padding_mode="circular"), nn.ReLU(),
-                          nn.Conv2d(6, 6, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(6 * 3 * 3, 5)).double()
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1, padding_mode="circular"),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, stride=2, padding=1),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 5),
+    ).double()
     model[1].eval()
     x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
     report = lipschitz_report(model, x, power_iterations=3000, gram_iterations=6)
@@ -485,7 +510,8 @@ def test_lipschitz_report_values_and_products():
         assert rows[name].operator == pytest.approx(exact, rel=1e-4)
         assert rows[name].gram >= exact * (1 - 1e-9)
         assert rows[name].matrix == pytest.approx(
-            torch.linalg.matrix_norm(model[int(name)].weight.reshape(6, -1), ord=2).item(), rel=1e-10)
+            torch.linalg.matrix_norm(model[int(name)].weight.reshape(6, -1), ord=2).item(), rel=1e-10
+        )
     assert rows["3"].exact == pytest.approx(exact_norm(model[3], (6, 6)), rel=1e-10)
     assert rows["0"].exact is None
     bn = model[1]
@@ -515,10 +541,12 @@ def test_lipschitz_cli_on_a_script_and_on_bad_input(tmp_path):
     from cli.app import main
 
     script = tmp_path / "net.py"
-    script.write_text("import torch\nfrom torch import nn\n"
-                      "model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode='circular'), nn.ReLU(),\n"
-                      "                      nn.Flatten(), nn.Linear(4 * 6 * 6, 2))\n"
-                      "def example_input():\n    return torch.randn(1, 3, 6, 6)\n")
+    script.write_text(
+        "import torch\nfrom torch import nn\n"
+        "model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode='circular'), nn.ReLU(),\n"
+        "                      nn.Flatten(), nn.Linear(4 * 6 * 6, 2))\n"
+        "def example_input():\n    return torch.randn(1, 3, 6, 6)\n"
+    )
     out = tmp_path / "report.json"
     result = CliRunner().invoke(main, ["lipschitz", str(script), "--json", str(out)])
     assert result.exit_code == 0, result.output
@@ -562,8 +590,24 @@ def test_lipschitz_cli_on_a_training_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setenv("ITCONV_FAST_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
-    args = ["train", "--out", str(run), "--train-size", "32", "--test-size", "16", "--width", "2", "--blocks", "2",
-            "--batch-size", "16", "--epochs", "1", "--no-progress"]
+    args = [
+        "train",
+        "--out",
+        str(run),
+        "--train-size",
+        "32",
+        "--test-size",
+        "16",
+        "--width",
+        "2",
+        "--blocks",
+        "2",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--no-progress",
+    ]
     assert CliRunner().invoke(main, args).exit_code == 0
     result = CliRunner().invoke(main, ["lipschitz", str(run), "--power-iterations", "20", "--markdown"])
     assert result.exit_code == 0, result.output

@@ -16,23 +16,37 @@ from itconv_fast.experiments import training
 from itconv_fast.experiments.config import ConfigError, config_from
 from itconv_fast.experiments.step import TrainStep
 from itconv_fast.nn import GradientCoupler
-from itconv_fast.objectives import (OBJECTIVES, ExtraIterationLoss, FixedPointResidual, JacobianFrobenius,
-                                    JacobianSpectral, ObjectiveContext, frozen_batchnorm_statistics, make_objective,
-                                    record_stages)
+from itconv_fast.objectives import (
+    OBJECTIVES,
+    ExtraIterationLoss,
+    FixedPointResidual,
+    JacobianFrobenius,
+    JacobianSpectral,
+    ObjectiveContext,
+    frozen_batchnorm_statistics,
+    make_objective,
+    record_stages,
+)
 
 
 def _iter_resnet(pcr=False, stages=1, sn_mu=None, seed=0):
     torch.manual_seed(seed)
-    model = IterResNet(num_classes=3, in_channels=1, width=2, blocks=2, stages=stages, input_size=4, pcr=pcr,
-                       sn_mu=sn_mu).double()
+    model = IterResNet(
+        num_classes=3, in_channels=1, width=2, blocks=2, stages=stages, input_size=4, pcr=pcr, sn_mu=sn_mu
+    ).double()
     return model.train()
 
 
 def _stack(pcr=False):
     torch.manual_seed(1)
     f = [[nn.Sequential(nn.Linear(3, 3), nn.Tanh()).double() for _ in range(2)] for _ in range(2)]
-    return ResidualStack(stem=nn.Linear(2, 3).double(), stages=f, head=nn.Linear(3, 2).double(),
-                         transitions=[nn.Linear(3, 3).double()], pcr=pcr).train()
+    return ResidualStack(
+        stem=nn.Linear(2, 3).double(),
+        stages=f,
+        head=nn.Linear(3, 2).double(),
+        transitions=[nn.Linear(3, 3).double()],
+        pcr=pcr,
+    ).train()
 
 
 MODELS = {
@@ -56,8 +70,9 @@ def _context(model, seed=5):
     x, y = _data(model)
     with record_stages(model) as rec:
         logits = model(x)
-    return ObjectiveContext(model, rec.inputs, rec.outputs, x, y, nn.functional.cross_entropy,
-                            torch.Generator().manual_seed(seed)), logits
+    return ObjectiveContext(
+        model, rec.inputs, rec.outputs, x, y, nn.functional.cross_entropy, torch.Generator().manual_seed(seed)
+    ), logits
 
 
 def _grads(model, value):
@@ -99,8 +114,9 @@ def test_fixed_point_term_is_zero_at_an_exact_fixed_point(pcr):
         def forward(self, z):
             return z * 0.0
 
-    model = ResidualStack(stem=nn.Linear(2, 3).double(), stages=[[Zero(), Zero()]], head=nn.Linear(3, 2).double(),
-                          pcr=pcr)
+    model = ResidualStack(
+        stem=nn.Linear(2, 3).double(), stages=[[Zero(), Zero()]], head=nn.Linear(3, 2).double(), pcr=pcr
+    )
     context, _ = _context(model)
     assert FixedPointResidual()(context).value.item() == 0.0
 
@@ -159,7 +175,9 @@ def test_extra_iteration_loss_matches_a_perturbed_forward(kind):
     assert 0 <= s < len(model.stages) and 1 <= k <= 5
     with frozen_batchnorm_statistics(model):
         # The task loss on float32 logits, as the training loop computes it.
-        expected = nn.functional.cross_entropy(forward_with_stage_perturbed(model, context.x, s, extra=k).float(), context.y)
+        expected = nn.functional.cross_entropy(
+            forward_with_stage_perturbed(model, context.x, s, extra=k).float(), context.y
+        )
     torch.testing.assert_close(term.value, expected, rtol=1e-6, atol=0)
     _assert_grads_close(_grads(model, term.value), _grads(model, expected), rtol=1e-5, atol=1e-7)
 
@@ -185,8 +203,9 @@ def test_objectives_leave_batchnorm_statistics_alone(name):
 
 def _steps(objectives, lam=0.0, sn_mu=None, n=4, init="nonrecurrent"):
     torch.manual_seed(0)
-    model = IterResNet(num_classes=3, in_channels=1, width=4, blocks=3, stages=2, input_size=8, sn_mu=sn_mu,
-                       init=init).train()
+    model = IterResNet(
+        num_classes=3, in_channels=1, width=4, blocks=3, stages=2, input_size=8, sn_mu=sn_mu, init=init
+    ).train()
     from itconv_fast.data import datasets
 
     class Task:
@@ -194,8 +213,16 @@ def _steps(objectives, lam=0.0, sn_mu=None, n=4, init="nonrecurrent"):
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    step = TrainStep(model, Task(), optimizer, scheduler, GradientCoupler(model, lam), device=torch.device("cpu"),
-                     objectives=objectives, seed=0)
+    step = TrainStep(
+        model,
+        Task(),
+        optimizer,
+        scheduler,
+        GradientCoupler(model, lam),
+        device=torch.device("cpu"),
+        objectives=objectives,
+        seed=0,
+    )
     gen = torch.Generator().manual_seed(1)
     logged = []
     for _ in range(n):
@@ -222,8 +249,9 @@ def test_a_positive_weight_changes_the_step():
 
 @pytest.mark.parametrize("sn_mu", [None, 0.9])
 def test_objectives_with_full_coupling_keep_blocks_identical(sn_mu):
-    model, logged = _steps([make_objective(name, 0.5, k=3) for name in OBJECTIVES], lam=1.0, sn_mu=sn_mu,
-                           init="recurrent")
+    model, logged = _steps(
+        [make_objective(name, 0.5, k=3) for name in OBJECTIVES], lam=1.0, sn_mu=sn_mu, init="recurrent"
+    )
     for stage in model.stages:
         first = dict(stage.blocks[0].named_parameters())
         for block in stage.blocks[1:]:
@@ -262,14 +290,26 @@ def cache(tmp_path, monkeypatch):
 
 
 def _config(**kw):
-    return config_from("quick", train_size=96, test_size=32, width=4, blocks=2, batch_size=32, epochs=3,
-                       **{"objectives": {"fixed-point": 0.1, "extra-iterations": 0.2}, "objective_k": 3, **kw})
+    return config_from(
+        "quick",
+        train_size=96,
+        test_size=32,
+        width=4,
+        blocks=2,
+        batch_size=32,
+        epochs=3,
+        **{"objectives": {"fixed-point": 0.1, "extra-iterations": 0.2}, "objective_k": 3, **kw},
+    )
 
 
 def test_config_checks_objectives():
     assert _config().objectives == {"extra-iterations": 0.2, "fixed-point": 0.1}
-    for bad, match in (({"nope": 1.0}, "nope"), ({"fixed-point": -1}, "fixed-point"), (["fixed-point"], "mapping"),
-                       ({"fixed-point": "x"}, "fixed-point")):
+    for bad, match in (
+        ({"nope": 1.0}, "nope"),
+        ({"fixed-point": -1}, "fixed-point"),
+        (["fixed-point"], "mapping"),
+        ({"fixed-point": "x"}, "fixed-point"),
+    ):
         with pytest.raises(ConfigError, match=match):
             _config(objectives=bad)
     with pytest.raises(ConfigError, match="objective_k"):
@@ -282,7 +322,10 @@ def test_training_logs_every_term_and_resumes_to_the_same_metrics(tmp_path, cach
     full = training.train(_config(), str(tmp_path / "full"), progress=False)
     training.train(_config(), str(tmp_path / "part"), progress=False, stop_after_epochs=1)
     resumed = training.train(_config(), str(tmp_path / "part"), resume=True, progress=False)
-    assert full["epochs"] == [dict(e, seconds=f["seconds"], train_seconds=f["train_seconds"]) for e, f in zip(resumed["epochs"], full["epochs"])]
+    assert full["epochs"] == [
+        dict(e, seconds=f["seconds"], train_seconds=f["train_seconds"])
+        for e, f in zip(resumed["epochs"], full["epochs"])
+    ]
     for name in ("fixed-point", "extra-iterations"):
         assert all(e[name] > 0 for e in full["epochs"])
     header = (tmp_path / "full" / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -293,10 +336,27 @@ def test_training_logs_every_term_and_resumes_to_the_same_metrics(tmp_path, cach
 
 def test_cli_objective_flags(tmp_path, cache):
     out = tmp_path / "run"
-    args = ["train", "--epochs", "1", "--train-size", "64", "--test-size", "32", "--width", "4", "--blocks", "2",
-            "--batch-size", "32", "--no-progress", "--out", str(out)]
-    result = CliRunner().invoke(main, args + ["--objective", "fixed-point:0.1", "--objective", "jacobian-spectral:1",
-                                              "--objective-rho", "0.8"])
+    args = [
+        "train",
+        "--epochs",
+        "1",
+        "--train-size",
+        "64",
+        "--test-size",
+        "32",
+        "--width",
+        "4",
+        "--blocks",
+        "2",
+        "--batch-size",
+        "32",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    result = CliRunner().invoke(
+        main, args + ["--objective", "fixed-point:0.1", "--objective", "jacobian-spectral:1", "--objective-rho", "0.8"]
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["objectives"] == {"fixed-point": 0.1, "jacobian-spectral": 1.0}
@@ -304,20 +364,24 @@ def test_cli_objective_flags(tmp_path, cache):
     assert "fixed-point" in metrics["epochs"][0] and "jacobian-spectral" in metrics["epochs"][0]
 
 
-@pytest.mark.parametrize("flag,match", [
-    (["--objective", "nope:1"], "nope"),
-    (["--objective", "fixed-point"], "NAME:WEIGHT"),
-    (["--objective", "fixed-point:abc"], "weight"),
-    (["--objective", "fixed-point:-1"], "weight"),
-    (["--objective", "fixed-point:nan"], "weight"),
-    (["--objective", "fixed-point:1", "--objective", "fixed-point:2"], "twice"),
-    (["--objective-k", "0"], "--objective-k"),
-    (["--objective-rho", "-1"], "--objective-rho"),
-])
+@pytest.mark.parametrize(
+    "flag,match",
+    [
+        (["--objective", "nope:1"], "nope"),
+        (["--objective", "fixed-point"], "NAME:WEIGHT"),
+        (["--objective", "fixed-point:abc"], "weight"),
+        (["--objective", "fixed-point:-1"], "weight"),
+        (["--objective", "fixed-point:nan"], "weight"),
+        (["--objective", "fixed-point:1", "--objective", "fixed-point:2"], "twice"),
+        (["--objective-k", "0"], "--objective-k"),
+        (["--objective-rho", "-1"], "--objective-rho"),
+    ],
+)
 def test_cli_bad_objectives_are_usage_errors_and_write_nothing(tmp_path, cache, flag, match):
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["train", "--epochs", "1", "--train-size", "64", "--test-size", "32",
-                                       "--out", str(out)] + flag)
+    result = CliRunner().invoke(
+        main, ["train", "--epochs", "1", "--train-size", "64", "--test-size", "32", "--out", str(out)] + flag
+    )
     assert result.exit_code == 2, result.output
     assert match in result.output
     assert not out.exists()

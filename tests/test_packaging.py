@@ -52,8 +52,14 @@ def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env.update(ITCONV_FAST_CUDA="0", MAX_JOBS="2")  # a CPU wheel: the packaging is what is tested here
     dist = tmp_path / "dist"
-    sdist = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(dist)],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    sdist = subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(dist)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert sdist.returncode == 0, sdist.stdout[-2000:] + sdist.stderr[-2000:]
     (archive,) = dist.glob("*.tar.gz")
     with tarfile.open(archive) as tar:
@@ -64,8 +70,14 @@ def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
     assert any(n.endswith("csrc/emulation/cuda_shim.h") for n in names)
     assert any(n.endswith("LICENSE") for n in names) and not any(n.endswith(".so") for n in names)
     (source,) = (tmp_path / "unpacked").iterdir()
-    wheel = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist)],
-                           cwd=source, env=env, capture_output=True, text=True, timeout=1800)
+    wheel = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist)],
+        cwd=source,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert wheel.returncode == 0, wheel.stdout[-3000:] + wheel.stderr[-3000:]
     (whl,) = dist.glob("*.whl")
 
@@ -74,11 +86,20 @@ def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
     py = venv / "bin" / "python"
     # The dependencies (torch, numpy, click, ...) come from this environment's site-packages as a plain path:
     # its .pth files (the editable install of the source tree among them) are not processed there.
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     (pathlib.Path(site) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    install = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", str(whl)], env=env,
-                             capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        [str(py), "-m", "pip", "install", "--no-deps", "--no-index", str(whl)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
 
     work = tmp_path / "elsewhere"
@@ -90,7 +111,28 @@ def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
     info = subprocess.run([str(cli), "info"], cwd=work, env=run_env, capture_output=True, text=True, timeout=300)
     report = json.loads(info.stdout)
     assert report["extension_loaded"] and report["cuda_build"] == "not built: ITCONV_FAST_CUDA=0"
-    train = subprocess.run([str(cli), "train", "--epochs", "1", "--train-size", "64", "--test-size", "32", "--width",
-                            "4", "--blocks", "2", "--no-progress", "--out", str(work / "run")], cwd=work, env=run_env,
-                           capture_output=True, text=True, timeout=600)
+    train = subprocess.run(
+        [
+            str(cli),
+            "train",
+            "--epochs",
+            "1",
+            "--train-size",
+            "64",
+            "--test-size",
+            "32",
+            "--width",
+            "4",
+            "--blocks",
+            "2",
+            "--no-progress",
+            "--out",
+            str(work / "run"),
+        ],
+        cwd=work,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert train.returncode == 0 and "done: 1 epochs" in train.stdout, train.stdout[-2000:] + train.stderr[-2000:]

@@ -1,7 +1,7 @@
 """README, Makefile and CI cannot drift apart."""
 
-import pathlib
 import os
+import pathlib
 import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,8 +46,10 @@ def test_cuda_builds_ship_ptx_of_the_newest_arch():
             os.environ["TORCH_CUDA_ARCH_LIST"] = old
     newest = archs[-1].removesuffix("+PTX").replace(".", "")
     assert f"-gencode=arch=compute_{newest},code=compute_{newest}" in flags
-    assert all(f"-gencode=arch=compute_{a.replace('.', '')},code=sm_{a.replace('.', '')}" in flags
-               for a in (x.removesuffix("+PTX") for x in archs))
+    assert all(
+        f"-gencode=arch=compute_{a.replace('.', '')},code=sm_{a.replace('.', '')}" in flags
+        for a in (x.removesuffix("+PTX") for x in archs)
+    )
 
 
 def test_every_import_the_readme_and_docs_show_works():
@@ -56,8 +58,11 @@ def test_every_import_the_readme_and_docs_show_works():
     import importlib.util
 
     texts = [(ROOT / "README.md").read_text()] + [p.read_text() for p in (ROOT / "docs").glob("*.md")]
-    lines = {m.group(0).strip() for text in texts
-             for m in re.finditer(r"^\s*(?:from itconv_fast[\w.]* import [\w, ]+|import itconv_fast[\w.]*)\s*$", text, re.M)}
+    lines = {
+        m.group(0).strip()
+        for text in texts
+        for m in re.finditer(r"^\s*(?:from itconv_fast[\w.]* import [\w, ]+|import itconv_fast[\w.]*)\s*$", text, re.M)
+    }
     assert len(lines) >= 8
     for line in sorted(lines):
         if line.startswith("import "):
@@ -72,8 +77,22 @@ def test_every_import_the_readme_and_docs_show_works():
 def test_the_names_users_reach_for_are_at_the_package_top():
     import itconv_fast
 
-    for name in ("compute_indices", "analyze", "IterResNet", "GradientCoupler", "ResidualStack",
-                 "transformer_encoder_adapter", "lipschitz_report", "spectral_norm", "BatchedSpectralNorm",
-                 "train", "TrainConfig", "indices_of_run", "load_checkpoint", "soft_couple_", "batched_spectral_norm"):
+    for name in (
+        "compute_indices",
+        "analyze",
+        "IterResNet",
+        "GradientCoupler",
+        "ResidualStack",
+        "transformer_encoder_adapter",
+        "lipschitz_report",
+        "spectral_norm",
+        "BatchedSpectralNorm",
+        "train",
+        "TrainConfig",
+        "indices_of_run",
+        "load_checkpoint",
+        "soft_couple_",
+        "batched_spectral_norm",
+    ):
         assert name in itconv_fast.__all__ and getattr(itconv_fast, name) is not None, name
     assert all(hasattr(itconv_fast, name) for name in itconv_fast.__all__)

@@ -26,8 +26,16 @@ ptxas info    : Used 38 registers, used 0 barriers, 380 bytes cmem[0]
 def test_parser_reads_every_field():
     rows = ptxas_usage.parse(SAMPLE, "x.cu")
     assert [r["arch"] for r in rows] == ["sm_80", "sm_90"]
-    assert rows[0] == {"source": "x.cu", "kernel": rows[0]["kernel"], "arch": "sm_80", "stack_bytes": 256,
-                       "spill_store_bytes": 8, "spill_load_bytes": 12, "registers": 40, "smem_bytes": 128}
+    assert rows[0] == {
+        "source": "x.cu",
+        "kernel": rows[0]["kernel"],
+        "arch": "sm_80",
+        "stack_bytes": 256,
+        "spill_store_bytes": 8,
+        "spill_load_bytes": 12,
+        "registers": 40,
+        "smem_bytes": 128,
+    }
     assert rows[0]["kernel"].startswith("kernel")  # demangled when c++filt is there
     assert rows[1]["registers"] == 38 and rows[1]["smem_bytes"] == 0 and rows[1]["stack_bytes"] == 0
 

@@ -8,8 +8,8 @@ import statistics
 import pytest
 from click.testing import CliRunner
 
-from itconv_fast.experiments import sweep as sweeps
 from itconv_fast.cli.app import main
+from itconv_fast.experiments import sweep as sweeps
 from itconv_fast.experiments.report import write_report
 
 BASE = {"width": 2, "blocks": 2, "train_size": 128, "test_size": 64, "batch_size": 32, "epochs": 1}
@@ -18,15 +18,28 @@ BASE = {"width": 2, "blocks": 2, "train_size": 128, "test_size": 64, "batch_size
 @pytest.fixture
 def sweep_dir(tmp_path):
     """A finished sweep with synthetic metrics: trials' result.json written as run_trial writes them."""
-    spec = sweeps.parse_sweep({"base": BASE, "grid": [{"lam": [0, 0.5], "seed": [0, 1, 2]},
-                                                      {"sn_mu": [0.95], "pcr": [False, True], "seed": [0, 1]}]}, "s.yaml")
+    spec = sweeps.parse_sweep(
+        {
+            "base": BASE,
+            "grid": [{"lam": [0, 0.5], "seed": [0, 1, 2]}, {"sn_mu": [0.95], "pcr": [False, True], "seed": [0, 1]}],
+        },
+        "s.yaml",
+    )
     out = tmp_path / "sweep"
     sweeps.check_out_dir(spec, str(out))
     for i, trial in enumerate(sweeps.expand(spec)):
         folder = tmp_path / "sweep" / "trials" / trial.name
         folder.mkdir(parents=True)
-        row = {"final_test_error": 0.1 + 0.01 * i, "final_train_error": 0.05, "final_test_loss": 1.0,
-               "chance_error": 0.99, "epochs_run": 1, "ci": 0.5 + 0.02 * i, "ri": 0.9, "di": None if i == 3 else 0.03 * i}
+        row = {
+            "final_test_error": 0.1 + 0.01 * i,
+            "final_train_error": 0.05,
+            "final_test_loss": 1.0,
+            "chance_error": 0.99,
+            "epochs_run": 1,
+            "ci": 0.5 + 0.02 * i,
+            "ri": 0.9,
+            "di": None if i == 3 else 0.03 * i,
+        }
         for s in (1, 2, 3):
             row.update({f"ci_s{s}": 0.4 + 0.01 * s, f"ri_s{s}": 0.9, f"di_s{s}": 0.1 * s + 0.01 * i})
         row.update({"train_seconds": 1.0, "indices_seconds": 0.1, "session_seconds": 1.2})
@@ -37,8 +50,11 @@ def sweep_dir(tmp_path):
 
 def _table(md, heading):
     section = md.split(f"## {heading}")[1].split("\n## ")[0]
-    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| trial |")
-            and not line.startswith("| group |")]
+    rows = [
+        line
+        for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("| trial |") and not line.startswith("| group |")
+    ]
     return [[c.strip() for c in line.strip("|").split("|")] for line in rows]
 
 
@@ -58,10 +74,16 @@ def test_group_means_and_spreads_over_seeds(sweep_dir):
     md = open(write_report(str(sweep_dir))).read()
     groups = {cells[0]: cells for cells in _table(md, "Groups")}
     # lam > 0 starts recurrent (init auto): the group says so.
-    assert set(groups) == {"lam=0, sn_mu=none, pcr=False, init=nonrecurrent", "lam=0.5, sn_mu=none, pcr=False, init=recurrent",
-                           "lam=0, sn_mu=0.95, pcr=False, init=nonrecurrent", "lam=0, sn_mu=0.95, pcr=True, init=nonrecurrent"}
+    assert set(groups) == {
+        "lam=0, sn_mu=none, pcr=False, init=nonrecurrent",
+        "lam=0.5, sn_mu=none, pcr=False, init=recurrent",
+        "lam=0, sn_mu=0.95, pcr=False, init=nonrecurrent",
+        "lam=0, sn_mu=0.95, pcr=True, init=nonrecurrent",
+    }
     cells = groups["lam=0.5, sn_mu=none, pcr=False, init=recurrent"]
-    own = [json.loads((sweep_dir / "trials" / f"lam=0.5,seed={s}" / "result.json").read_text())["result"] for s in range(3)]
+    own = [
+        json.loads((sweep_dir / "trials" / f"lam=0.5,seed={s}" / "result.json").read_text())["result"] for s in range(3)
+    ]
     assert cells[1] == "3"
     errors = [r["final_test_error"] for r in own]
     assert cells[2] == f"{statistics.mean(errors):.4f} ± {statistics.stdev(errors):.4f}"
@@ -87,9 +109,17 @@ def test_report_of_a_directory_without_results_is_a_usage_error(tmp_path):
 
 
 def test_objectives_get_the_error_against_di_figure_and_stay_out_of_the_papers_figures(tmp_path):
-    spec = sweeps.parse_sweep({"base": BASE, "grid": [
-        {"objectives": [{"fixed-point": 1.0}, {"extra-iterations": 0.5}], "seed": [0, 1]},
-        {"seed": [0, 1]}, {"sn_mu": [0.95], "pcr": [False, True], "seed": [0]}]}, "s.yaml")
+    spec = sweeps.parse_sweep(
+        {
+            "base": BASE,
+            "grid": [
+                {"objectives": [{"fixed-point": 1.0}, {"extra-iterations": 0.5}], "seed": [0, 1]},
+                {"seed": [0, 1]},
+                {"sn_mu": [0.95], "pcr": [False, True], "seed": [0]},
+            ],
+        },
+        "s.yaml",
+    )
     out = tmp_path / "sweep"
     sweeps.check_out_dir(spec, str(out))
     trials = sweeps.expand(spec)
@@ -97,9 +127,20 @@ def test_objectives_get_the_error_against_di_figure_and_stay_out_of_the_papers_f
     for i, trial in enumerate(trials):
         folder = out / "trials" / trial.name
         folder.mkdir(parents=True)
-        row = {"final_test_error": 0.1 + 0.01 * i, "final_train_error": 0.05, "final_test_loss": 1.0,
-               "chance_error": 0.99, "epochs_run": 1, "ci": 0.5, "ri": 0.9, "di": 0.05 * i,
-               "ci_s1": 0.5, "ri_s1": 0.9, "di_s1": 0.05 * i, "train_seconds": 1.0}
+        row = {
+            "final_test_error": 0.1 + 0.01 * i,
+            "final_train_error": 0.05,
+            "final_test_loss": 1.0,
+            "chance_error": 0.99,
+            "epochs_run": 1,
+            "ci": 0.5,
+            "ri": 0.9,
+            "di": 0.05 * i,
+            "ci_s1": 0.5,
+            "ri_s1": 0.9,
+            "di_s1": 0.05 * i,
+            "train_seconds": 1.0,
+        }
         (folder / "result.json").write_text(json.dumps({"config": dataclasses.asdict(trial.config), "result": row}))
     rows = sweeps.collect_results(spec, str(out))
     assert rows[0]["objectives"] == "fixed-point:1" and rows[4]["objectives"] == "none"
@@ -121,14 +162,33 @@ def test_reference_trials_at_the_same_scale_join_the_report(tmp_path, sweep_dir)
     for i, trial in enumerate(sweeps.expand(spec)):
         folder = out / "trials" / trial.name
         folder.mkdir(parents=True)
-        row = {"final_test_error": 0.2, "final_train_error": 0.1, "final_test_loss": 1.0, "chance_error": 0.99,
-               "epochs_run": 1, "ci": 0.5, "ri": 0.9, "di": 0.1 * i, "ci_s1": 0.5, "ri_s1": 0.9, "di_s1": 0.1,
-               "ci_s2": 0.5, "ri_s2": 0.9, "di_s2": 0.1, "ci_s3": 0.5, "ri_s3": 0.9, "di_s3": 0.1, "train_seconds": 1.0}
+        row = {
+            "final_test_error": 0.2,
+            "final_train_error": 0.1,
+            "final_test_loss": 1.0,
+            "chance_error": 0.99,
+            "epochs_run": 1,
+            "ci": 0.5,
+            "ri": 0.9,
+            "di": 0.1 * i,
+            "ci_s1": 0.5,
+            "ri_s1": 0.9,
+            "di_s1": 0.1,
+            "ci_s2": 0.5,
+            "ri_s2": 0.9,
+            "di_s2": 0.1,
+            "ci_s3": 0.5,
+            "ri_s3": 0.9,
+            "di_s3": 0.1,
+            "train_seconds": 1.0,
+        }
         (folder / "result.json").write_text(json.dumps({"config": dataclasses.asdict(trial.config), "result": row}))
     sweeps.collect_results(spec, str(out))
     other = tmp_path / "other.csv"  # the fixture's sweep at another width: not joined
     other.write_text((sweep_dir / "results.csv").read_text().replace(",2,2,3,", ",16,2,3,"))
-    result = CliRunner().invoke(main, ["report", str(out), "--with", str(sweep_dir / "results.csv"), "--with", str(other)])
+    result = CliRunner().invoke(
+        main, ["report", str(out), "--with", str(sweep_dir / "results.csv"), "--with", str(other)]
+    )
     assert result.exit_code == 0, result.output
     md = (out / "report.md").read_text()
     every = _table(md, "Every trial")

@@ -10,8 +10,13 @@ from torch import nn
 from itconv_fast import GradientCoupler
 from itconv_fast.measures.analysis import analyze
 from itconv_fast.measures.indices import compute_indices
-from itconv_fast.models.residual import (ResidualStack, check_residual_model, sequence_error, sequence_loss,
-                                  transformer_encoder_adapter)
+from itconv_fast.models.residual import (
+    ResidualStack,
+    check_residual_model,
+    sequence_error,
+    sequence_loss,
+    transformer_encoder_adapter,
+)
 
 D, L, C = 16, 5, 4
 
@@ -166,14 +171,16 @@ def test_sequence_scoring_per_token_reduced_per_example():
 
 def test_indices_of_a_sequence_model_count_token_errors():
     torch.manual_seed(0)
-    stack = ResidualStack(nn.Linear(3, D), [[nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(3)]],
-                          nn.Linear(D, C)).eval()  # per-token outputs [N, L, C]
+    stack = ResidualStack(
+        nn.Linear(3, D), [[nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(3)]], nn.Linear(D, C)
+    ).eval()  # per-token outputs [N, L, C]
     x = torch.randn(40, L, 3)
     with torch.no_grad():
         y = stack(x).argmax(-1)
     y[:, 0] = (y[:, 0] + 1) % C  # one wrong token in five
     report = compute_indices(stack, (x, y), extra_iterations=2, error_fn=sequence_error, chance_error=1 - 1 / C)
     assert report.error == pytest.approx(0.2)
-    full = analyze(stack, (x, y), extra_iterations=2, error_fn=sequence_error, loss_fn=sequence_loss,
-                   chance_error=1 - 1 / C)
+    full = analyze(
+        stack, (x, y), extra_iterations=2, error_fn=sequence_error, loss_fn=sequence_loss, chance_error=1 - 1 / C
+    )
     assert full.indices.to_dict() == report.to_dict()

@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
+from conftest import devices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from itconv_fast import ops
 from itconv_fast.ops import _extension, _reference
-from conftest import devices
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(7,), (16, 16, 3, 3), (3, 1, 5), (1,), (1025,), (2, 3, 4, 5)]
@@ -110,8 +110,10 @@ def test_lam_zero_is_bitwise_noop(device, dtype):
     ops.soft_couple_(groups, 0.0, kernel="triangular")
     for ga, gb in zip(groups, before):
         for a, b in zip(ga, gb):
-            assert torch.equal(a.view(torch.uint8) if a.dtype != torch.float64 else a.view(torch.int64),
-                               b.view(torch.uint8) if b.dtype != torch.float64 else b.view(torch.int64))
+            assert torch.equal(
+                a.view(torch.uint8) if a.dtype != torch.float64 else a.view(torch.int64),
+                b.view(torch.uint8) if b.dtype != torch.float64 else b.view(torch.int64),
+            )
 
 
 @pytest.mark.parametrize("device", devices())
@@ -196,13 +198,25 @@ def test_bad_arguments_raise_and_modify_nothing(path, kwargs, exc, match):
     "corrupt,exc,match",
     [
         (lambda gs: gs[1].__setitem__(2, torch.randn(6)), ValueError, "group 1: member 2 has shape"),
-        (lambda gs: gs[1].__setitem__(3, torch.randn(5, dtype=torch.float64)), TypeError, "group 1: member 3 has dtype"),
+        (
+            lambda gs: gs[1].__setitem__(3, torch.randn(5, dtype=torch.float64)),
+            TypeError,
+            "group 1: member 3 has dtype",
+        ),
         (lambda gs: gs.append([torch.randint(0, 3, (4,)) for _ in range(2)]), TypeError, "group 2: dtype"),
         (lambda gs: gs.append([gs[0][0], torch.randn(3, 3)]), ValueError, "overlaps"),
         (lambda gs: gs[0].__setitem__(1, gs[0][0].view(-1)[:9].view(3, 3)), ValueError, "overlaps"),
         (lambda gs: gs.append(torch.randn(3)), TypeError, "group 2"),
-        (lambda gs: gs.insert(1, []) or gs[2].__setitem__(0, torch.randn(4)), ValueError, "group 2: member 1 has shape"),
-        (lambda gs: gs.append([torch.zeros(1).expand(3), torch.zeros(3)]), ValueError, "group 2: member 0 has internally"),
+        (
+            lambda gs: gs.insert(1, []) or gs[2].__setitem__(0, torch.randn(4)),
+            ValueError,
+            "group 2: member 1 has shape",
+        ),
+        (
+            lambda gs: gs.append([torch.zeros(1).expand(3), torch.zeros(3)]),
+            ValueError,
+            "group 2: member 0 has internally",
+        ),
         (lambda gs: gs.append([torch.zeros(3, requires_grad=True), torch.zeros(3)]), ValueError, "requires grad"),
         (lambda gs: gs.append([1.0, 2.0]), TypeError, "group 2, member 0"),
     ],

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
 from conftest import devices
+
 from itconv_fast import ops
-from itconv_fast.ops import _reference
 from itconv_fast.models.stage_spectral_norm import StageSpectralNorm, bn_scale, fold_batchnorm
+from itconv_fast.ops import _reference
 
 needs_extension = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension not built")
 
@@ -25,7 +25,9 @@ def exact_norms(weight, H, W):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape,size", [((3, 4, 2, 3, 3), (5, 5)), ((2, 3, 3, 3, 3), (4, 6)), ((2, 2, 5, 1, 3), (3, 3))])
+@pytest.mark.parametrize(
+    "shape,size", [((3, 4, 2, 3, 3), (5, 5)), ((2, 3, 3, 3, 3), (4, 6)), ((2, 2, 5, 1, 3), (3, 3))]
+)
 def test_operator_mode_converges_to_exact_norm_from_below(path, device, dtype, shape, size):
     torch.manual_seed(0)
     w = torch.randn(shape, dtype=dtype, device=device)
@@ -115,7 +117,9 @@ def test_sigma_gradient_formula_by_gradcheck(mode):
     u_fixed = u.clone()
     v_fixed = getattr(_reference, f"power_iteration_{mode}_")(w.detach(), u0.clone(), 1)[0]
     if mode == "operator":
-        expr = lambda W: sum((u_fixed[b] * torch.nn.functional.conv2d(v_fixed[b : b + 1], W[b], padding=1)[0]).sum() for b in range(2))  # noqa: E731
+        expr = lambda W: sum(
+            (u_fixed[b] * torch.nn.functional.conv2d(v_fixed[b : b + 1], W[b], padding=1)[0]).sum() for b in range(2)
+        )  # noqa: E731
     else:
         expr = lambda W: torch.einsum("bo,bok,bk->", u_fixed, W.reshape(2, 3, -1), v_fixed)  # noqa: E731
     (expected,) = torch.autograd.grad(expr(w), w)
@@ -203,14 +207,20 @@ def test_list_ops_check_their_own_arguments():
 @pytest.mark.parametrize("device", devices())
 def test_opcheck(device):
     w = torch.randn(3, 4, 2, 3, 3, device=device)
-    torch.library.opcheck(torch.ops.itconv_fast.power_iteration_operator_.default,
-                          (w, ops.init_power_vector(w, "operator", (5, 5)), 2))
-    torch.library.opcheck(torch.ops.itconv_fast.power_iteration_matrix_.default, (w, ops.init_power_vector(w, "matrix"), 2))
+    torch.library.opcheck(
+        torch.ops.itconv_fast.power_iteration_operator_.default, (w, ops.init_power_vector(w, "operator", (5, 5)), 2)
+    )
+    torch.library.opcheck(
+        torch.ops.itconv_fast.power_iteration_matrix_.default, (w, ops.init_power_vector(w, "matrix"), 2)
+    )
     kernels = list(torch.randn(3, 4, 2, 3, 3, device=device).unbind(0))
-    torch.library.opcheck(torch.ops.itconv_fast.power_iteration_operator_.list,
-                          (kernels, ops.init_power_vector(kernels, "operator", (5, 5)), 2))
-    torch.library.opcheck(torch.ops.itconv_fast.power_iteration_matrix_.list,
-                          (kernels, ops.init_power_vector(kernels, "matrix"), 2))
+    torch.library.opcheck(
+        torch.ops.itconv_fast.power_iteration_operator_.list,
+        (kernels, ops.init_power_vector(kernels, "operator", (5, 5)), 2),
+    )
+    torch.library.opcheck(
+        torch.ops.itconv_fast.power_iteration_matrix_.list, (kernels, ops.init_power_vector(kernels, "matrix"), 2)
+    )
 
 
 BAD = [

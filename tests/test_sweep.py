@@ -13,8 +13,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from itconv_fast.experiments import sweep as sweeps
 from itconv_fast.cli.app import main
+from itconv_fast.experiments import sweep as sweeps
 
 BASE = {"width": 2, "blocks": 2, "train_size": 128, "test_size": 64, "batch_size": 32, "epochs": 2}
 
@@ -25,26 +25,36 @@ def _write(path, values):
 
 
 def test_grid_expands_in_order_with_names_and_without_duplicates(tmp_path):
-    spec = sweeps.parse_sweep({"base": BASE, "grid": [{"lam": [0, 0.5], "sn_mu": [None, 0.95]},
-                                                      {"lam": [0], "pcr": [False, True]}]}, "s.yaml")
+    spec = sweeps.parse_sweep(
+        {"base": BASE, "grid": [{"lam": [0, 0.5], "sn_mu": [None, 0.95]}, {"lam": [0], "pcr": [False, True]}]}, "s.yaml"
+    )
     trials = sweeps.expand(spec)
     names = [t.name for t in trials]
     # lam=0,pcr=false is the configuration of lam=0,sn_mu=none: listed once.
-    assert names == ["lam=0,sn_mu=none", "lam=0,sn_mu=0.95", "lam=0.5,sn_mu=none", "lam=0.5,sn_mu=0.95", "lam=0,pcr=true"]
+    assert names == [
+        "lam=0,sn_mu=none",
+        "lam=0,sn_mu=0.95",
+        "lam=0.5,sn_mu=none",
+        "lam=0.5,sn_mu=0.95",
+        "lam=0,pcr=true",
+    ]
     assert trials[1].config.sn_mu == 0.95 and trials[1].config.width == 2 and trials[4].config.pcr is True
     assert spec.indices["extra_iterations"] == 16
 
 
-@pytest.mark.parametrize("values,match", [
-    ([1, 2], "mapping"),
-    ({"base": BASE, "grid": {"lam": [0]}, "extra": 1}, "unknown top-level key extra"),
-    ({"base": BASE, "grid": {"lamb": [0]}}, "unknown option 'lamb'"),
-    ({"base": BASE, "grid": {"lam": 0.5}}, "non-empty list"),
-    ({"base": BASE, "grid": {"lam": [0, 2]}}, r"trial \{'lam': 2\}: lam"),
-    ({"base": {**BASE, "blocks": 0}, "grid": {"lam": [0]}}, "blocks"),
-    ({"base": BASE, "grid": {"preset": ["quick"]}}, "preset cannot vary"),
-    ({"base": BASE, "grid": {"lam": [0]}, "indices": {"extra_iterations": 0}}, "extra_iterations"),
-])
+@pytest.mark.parametrize(
+    "values,match",
+    [
+        ([1, 2], "mapping"),
+        ({"base": BASE, "grid": {"lam": [0]}, "extra": 1}, "unknown top-level key extra"),
+        ({"base": BASE, "grid": {"lamb": [0]}}, "unknown option 'lamb'"),
+        ({"base": BASE, "grid": {"lam": 0.5}}, "non-empty list"),
+        ({"base": BASE, "grid": {"lam": [0, 2]}}, r"trial \{'lam': 2\}: lam"),
+        ({"base": {**BASE, "blocks": 0}, "grid": {"lam": [0]}}, "blocks"),
+        ({"base": BASE, "grid": {"preset": ["quick"]}}, "preset cannot vary"),
+        ({"base": BASE, "grid": {"lam": [0]}, "indices": {"extra_iterations": 0}}, "extra_iterations"),
+    ],
+)
 def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, values, match):
     path = _write(tmp_path / "s.yaml", values)
     with pytest.raises(sweeps.SweepError, match=match):
@@ -81,7 +91,18 @@ def test_killed_sweep_resumes_only_the_missing_trial(tmp_path):
     path = _write(tmp_path / "sweep.yaml", spec)
     out = tmp_path / "out"
     env = dict(os.environ, ITCONV_FAST_CACHE=str(tmp_path / "cache"), RAY_DEDUP_LOGS="0")
-    cmd = [sys.executable, "-m", "itconv_fast.cli.app", "sweep", path, "--out", str(out), "--cpus-per-run", "2", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "itconv_fast.cli.app",
+        "sweep",
+        path,
+        "--out",
+        str(out),
+        "--cpus-per-run",
+        "2",
+        "--quiet",
+    ]
     first, second = out / "trials" / "epochs=2", out / "trials" / "epochs=40"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300

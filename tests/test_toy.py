@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from itconv_fast.cli.app import main
-from itconv_fast.experiments.toy import A, EPS, ToyConfig, ToyResNet, error_corrective, run_toy
+from itconv_fast.experiments.toy import EPS, A, ToyConfig, ToyResNet, error_corrective, run_toy
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,23 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from itconv_fast.experiments import training
 from itconv_fast.cli.app import main
+from itconv_fast.experiments import training
 from itconv_fast.models import load_checkpoint
 
-TINY = ["--train-size", "96", "--test-size", "32", "--width", "4", "--blocks", "2", "--batch-size", "32", "--no-progress"]
+TINY = [
+    "--train-size",
+    "96",
+    "--test-size",
+    "32",
+    "--width",
+    "4",
+    "--blocks",
+    "2",
+    "--batch-size",
+    "32",
+    "--no-progress",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +37,9 @@ def cache(tmp_path, monkeypatch):
 
 def test_cli_trains_and_writes_outputs(tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["train", "--lam", "0.5", "--sn-mu", "0.95", "--epochs", "2", "--out", str(out)] + TINY)
+    result = CliRunner().invoke(
+        main, ["train", "--lam", "0.5", "--sn-mu", "0.95", "--epochs", "2", "--out", str(out)] + TINY
+    )
     assert result.exit_code == 0, result.output
     assert "done: 2 epochs" in result.output and "test error" in result.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -62,7 +76,9 @@ def test_bad_options_are_usage_errors_and_write_nothing(tmp_path, args, match):
 def test_data_dir_without_files_is_a_usage_error(tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "empty"), "--out", str(out)] + TINY)
+    result = CliRunner().invoke(
+        main, ["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "empty"), "--out", str(out)] + TINY
+    )
     assert result.exit_code == 2 and "cifar-10-python.tar.gz" in result.output and "--download" in result.output
     assert not out.exists()
 
@@ -136,8 +152,14 @@ def _ddp_config(**kw):
 
 
 def _ddp_worker(rank, world, port, out, cache):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank), ITCONV_FAST_CACHE=cache)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        ITCONV_FAST_CACHE=cache,
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -169,7 +191,9 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers: the same conv algorithms, so rounding matches closely
     try:
-        _, single = training.train(_ddp_config(accumulate=2), str(tmp_path / "single"), progress=False, return_model=True)
+        _, single = training.train(
+            _ddp_config(accumulate=2), str(tmp_path / "single"), progress=False, return_model=True
+        )
     finally:
         torch.set_num_threads(threads)
     s = single.state_dict()

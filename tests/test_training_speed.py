@@ -20,12 +20,24 @@ CPU = torch.device("cpu")
 
 
 def tiny_config(**values) -> TrainConfig:
-    return build_config("quick", {"width": 4, "blocks": 2, "train_size": 256, "test_size": 64, "epochs": 2,
-                                  "batch_size": 64, "device": "cpu", **values})
+    return build_config(
+        "quick",
+        {
+            "width": 4,
+            "blocks": 2,
+            "train_size": 256,
+            "test_size": 64,
+            "epochs": 2,
+            "batch_size": 64,
+            "device": "cpu",
+            **values,
+        },
+    )
 
 
-@pytest.mark.parametrize("given, expected",
-                         [(True, True), (False, False), ("auto", "auto"), ("on", True), ("off", False)])
+@pytest.mark.parametrize(
+    "given, expected", [(True, True), (False, False), ("auto", "auto"), ("on", True), ("off", False)]
+)
 def test_compile_setting_accepts_true_false_auto(given, expected):
     assert TrainConfig(compile=given).compile == expected
 
@@ -71,8 +83,10 @@ def test_compile_cache_is_one_directory_and_the_users_choice_wins(tmp_path, monk
     assert compilation.sweep_compile_cache_dir(str(tmp_path / "sweep")) == str(tmp_path / "mine")
 
 
-@pytest.mark.parametrize("args, expected", [(["--compile"], "on"), (["--compile", "auto"], "auto"),
-                                            (["--compile", "off"], "off"), ([], None)])
+@pytest.mark.parametrize(
+    "args, expected",
+    [(["--compile"], "on"), (["--compile", "auto"], "auto"), (["--compile", "off"], "off"), ([], None)],
+)
 def test_the_compile_option_parses_bare_and_with_a_value(args, expected):
     from itconv_fast.cli.train import train as train_command
 
@@ -81,9 +95,30 @@ def test_the_compile_option_parses_bare_and_with_a_value(args, expected):
 
 def test_no_compile_on_the_command_line_is_recorded_as_off(tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["train", "--no-compile", "--width", "4", "--blocks", "1", "--train-size", "128",
-                                       "--test-size", "32", "--epochs", "1", "--batch-size", "64", "--device", "cpu",
-                                       "--no-progress", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--no-compile",
+            "--width",
+            "4",
+            "--blocks",
+            "1",
+            "--train-size",
+            "128",
+            "--test-size",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     recorded = json.loads((out / "metrics.json").read_text())["compile"]
     assert recorded["setting"] is False and recorded["on"] is False and recorded["reason"] == "off (asked for)"
@@ -115,8 +150,9 @@ def test_train_epochs_yields_the_records_train_returns(tmp_path):
     assert records == metrics["epochs"] and len(records) == 2
     again = train(tiny_config(), str(tmp_path / "b"), progress=False)
     drop = ("seconds", "train_seconds")
-    assert [{k: v for k, v in e.items() if k not in drop} for e in again["epochs"]] == \
-        [{k: v for k, v in e.items() if k not in drop} for e in records]
+    assert [{k: v for k, v in e.items() if k not in drop} for e in again["epochs"]] == [
+        {k: v for k, v in e.items() if k not in drop} for e in records
+    ]
 
 
 @pytest.mark.parametrize("sn_mu", [None, 0.5])
@@ -167,15 +203,30 @@ def test_stage_forward_equals_blocks_applied_one_by_one_bit_for_bit():
     conv1, conv2, d1, d2 = stage._stacked()
     from itconv_fast.models.stage_spectral_norm import fold_batchnorm
 
-    separate = (stage.sn._sigma(fold_batchnorm(conv1, d1, d2), stage.sn.u1, 1, False)
-                * stage.sn._sigma(conv2, stage.sn.u2, 1, False))
+    separate = stage.sn._sigma(fold_batchnorm(conv1, d1, d2), stage.sn.u1, 1, False) * stage.sn._sigma(
+        conv2, stage.sn.u2, 1, False
+    )
     assert torch.equal(c_batched, separate)
 
 
 def test_bench_train_without_compiled_runs_writes_the_bench_schema(tmp_path):
     out = tmp_path / "train.json"
-    result = CliRunner().invoke(main, ["bench", "train", "--size", "quick", "--quick-train-size", "256",
-                                       "--epochs", "2", "--no-compile", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "train",
+            "--size",
+            "quick",
+            "--quick-train-size",
+            "256",
+            "--epochs",
+            "2",
+            "--no-compile",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["benchmark"] == "train" and {"cpu", "torch", "date"} <= set(report["machine"])
@@ -185,8 +236,11 @@ def test_bench_train_without_compiled_runs_writes_the_bench_schema(tmp_path):
         assert row["steps_per_epoch"] == 2 and len(row["epoch_s"]) == 2 and row["median_epoch_s"] > 0
     assert "overhead of coupling + spectral norm (eager)" in report["ratios"]["quick"]
     paired = report["paired_ratios"]["quick"]
-    assert set(paired) == {"train lam 0 (eager)", "train lam 0.5 + mu 0.95 (eager)",
-                           "overhead of coupling + spectral norm (eager)"}
+    assert set(paired) == {
+        "train lam 0 (eager)",
+        "train lam 0.5 + mu 0.95 (eager)",
+        "overhead of coupling + spectral norm (eager)",
+    }
     times = {row["case"]: row["epoch_s"][1:] for row in report["rows"]}  # one timed round: paired = that ratio
     regularised, plain = times["train lam 0.5 + mu 0.95 (eager)"][0], times["plain loop (eager)"][0]
     assert paired["train lam 0.5 + mu 0.95 (eager)"] == pytest.approx(regularised / plain)
@@ -209,12 +263,16 @@ def test_compiled_and_eager_runs_give_the_same_metrics(tmp_path):
 @pytest.mark.slow
 def test_bench_train_with_compiled_runs_derives_the_break_even(tmp_path):
     out = tmp_path / "train.json"
-    result = CliRunner().invoke(main, ["bench", "train", "--size", "quick", "--quick-train-size", "256",
-                                       "--epochs", "2", "--out", str(out)])
+    result = CliRunner().invoke(
+        main, ["bench", "train", "--size", "quick", "--quick-train-size", "256", "--epochs", "2", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     ratios = json.loads(out.read_text())["ratios"]["quick"]
-    for key in ("overhead of coupling + spectral norm (compiled)", "compilation seconds (lam 0)",
-                "break-even steps (lam 0.5 + mu 0.95)"):
+    for key in (
+        "overhead of coupling + spectral norm (compiled)",
+        "compilation seconds (lam 0)",
+        "break-even steps (lam 0.5 + mu 0.95)",
+    ):
         assert key in ratios
 
 

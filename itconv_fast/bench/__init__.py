@@ -7,16 +7,40 @@ from .batch_norm import BATCH_NORM_SHAPES, batch_norm_relu_cases, run_batch_norm
 from .coupling import coupling_cases, resnet_gradient_groups, run_coupling_benchmark
 from .indices import run_analysis_benchmark, run_indices_benchmark
 from .lipschitz import LIPSCHITZ_CASES, lipschitz_step_cases, run_lipschitz_benchmark
+from .plain_loop import plain_epochs, train_benchmark_task
 from .runner import cpu_model, interleaved_step_times, label_backend, machine_description, run_comparison, save_report
 from .spectral import gram_tightness, resnet_block_convs, run_spectral_benchmark, spectral_cases
 from .suite import results_markdown, run_all
-from .train_step import run_train_step_benchmark, train_step_cases
-from .plain_loop import plain_epochs, train_benchmark_task
 from .train_loop import run_train_benchmark
+from .train_step import run_train_step_benchmark, train_step_cases
 
-__all__ = ["resnet_gradient_groups", "coupling_cases", "run_coupling_benchmark", "resnet_block_convs",
-           "spectral_cases", "run_spectral_benchmark", "gram_tightness", "run_indices_benchmark",
-           "run_analysis_benchmark", "train_step_cases", "run_train_step_benchmark", "LIPSCHITZ_CASES",
-           "lipschitz_step_cases", "run_lipschitz_benchmark", "cpu_model", "machine_description", "label_backend",
-           "run_comparison", "save_report", "interleaved_step_times", "run_all", "results_markdown", "plain_epochs", "run_train_benchmark",
-           "train_benchmark_task", "BATCH_NORM_SHAPES", "batch_norm_relu_cases", "run_batch_norm_relu_benchmark"]
+__all__ = [
+    "resnet_gradient_groups",
+    "coupling_cases",
+    "run_coupling_benchmark",
+    "resnet_block_convs",
+    "spectral_cases",
+    "run_spectral_benchmark",
+    "gram_tightness",
+    "run_indices_benchmark",
+    "run_analysis_benchmark",
+    "train_step_cases",
+    "run_train_step_benchmark",
+    "LIPSCHITZ_CASES",
+    "lipschitz_step_cases",
+    "run_lipschitz_benchmark",
+    "cpu_model",
+    "machine_description",
+    "label_backend",
+    "run_comparison",
+    "save_report",
+    "interleaved_step_times",
+    "run_all",
+    "results_markdown",
+    "plain_epochs",
+    "run_train_benchmark",
+    "train_benchmark_task",
+    "BATCH_NORM_SHAPES",
+    "batch_norm_relu_cases",
+    "run_batch_norm_relu_benchmark",
+]

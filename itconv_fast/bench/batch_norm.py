@@ -37,11 +37,17 @@ def batch_norm_relu_cases(channels: int, side: int, layout: str, batch: int = 12
     return {"fused batch_norm_relu": fused, "relu(F.batch_norm) (ATen)": aten}
 
 
-def run_batch_norm_relu_benchmark(shapes=BATCH_NORM_SHAPES, batch: int = 128, device: str = "cpu",
-                                  min_run_time: float = 1.0):
+def run_batch_norm_relu_benchmark(
+    shapes=BATCH_NORM_SHAPES, batch: int = 128, device: str = "cpu", min_run_time: float = 1.0
+):
     """Fused against ATen, forward + backward, per shape; keys "C x side x side layout"."""
     cases = {f"{c}x{s}x{s} {layout}": batch_norm_relu_cases(c, s, layout, batch, device) for c, s, layout in shapes}
-    report, table = run_comparison(cases, label=f"BatchNorm + ReLU, training forward + backward (batch {batch})",
-                                   reference="fused batch_norm_relu", device=device, min_run_time=min_run_time,
-                                   name="batch_norm_relu")
+    report, table = run_comparison(
+        cases,
+        label=f"BatchNorm + ReLU, training forward + backward (batch {batch})",
+        reference="fused batch_norm_relu",
+        device=device,
+        min_run_time=min_run_time,
+        name="batch_norm_relu",
+    )
     return report, label_backend(table)

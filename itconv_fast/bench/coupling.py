@@ -10,7 +10,6 @@ import torch
 from .. import ops
 from .runner import run_comparison
 
-
 SLOTS_CONV = 2  # conv1.weight, conv2.weight
 SLOTS_BN = 4  # bn1.{weight,bias}, bn2.{weight,bias}
 
@@ -95,5 +94,11 @@ def run_coupling_benchmark(widths=(16, 64), device="cpu", min_run_time=1.0, comp
     for width in widths:
         groups = resnet_gradient_groups(width=width, device=device)
         cases[width] = coupling_cases(groups, lam, compile_reference)
-    return run_comparison(cases, label="soft gradient coupling, ResNet-101 gradients", reference="fused soft_couple_",
-                          device=device, min_run_time=min_run_time, name="coupling")
+    return run_comparison(
+        cases,
+        label="soft gradient coupling, ResNet-101 gradients",
+        reference="fused soft_couple_",
+        device=device,
+        min_run_time=min_run_time,
+        name="coupling",
+    )

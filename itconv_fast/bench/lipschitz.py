@@ -7,12 +7,16 @@ import torch
 
 from .runner import interleaved_step_times, label_backend, machine_description
 
-
 # Drop-in spectral normalization on torchvision-like ResNets (itconv_fast.nn)
 
-LIPSCHITZ_CASES = ("plain", "(a) torch spectral_norm per layer (matrix)", "(b) itconv_fast.nn.spectral_norm per layer (matrix)",
-                   "(c) BatchedSpectralNorm (matrix)", "(b) itconv_fast.nn.spectral_norm per layer (operator)",
-                   "(c) BatchedSpectralNorm (operator)")
+LIPSCHITZ_CASES = (
+    "plain",
+    "(a) torch spectral_norm per layer (matrix)",
+    "(b) itconv_fast.nn.spectral_norm per layer (matrix)",
+    "(c) BatchedSpectralNorm (matrix)",
+    "(b) itconv_fast.nn.spectral_norm per layer (operator)",
+    "(c) BatchedSpectralNorm (operator)",
+)
 
 
 def lipschitz_step_cases(arch="resnet18", batch=8, size=128, device="cpu", cases=LIPSCHITZ_CASES):
@@ -48,13 +52,15 @@ def lipschitz_step_cases(arch="resnet18", batch=8, size=128, device="cpu", cases
             opt.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
+
         return step
 
     return {case: make(case) for case in cases}
 
 
-def run_lipschitz_benchmark(archs=("resnet18", "resnet50"), batch=8, size=128, device="cpu", min_run_time=5.0,
-                            cases=LIPSCHITZ_CASES):
+def run_lipschitz_benchmark(
+    archs=("resnet18", "resnet50"), batch=8, size=128, device="cpu", min_run_time=5.0, cases=LIPSCHITZ_CASES
+):
     """Step times of every case per architecture, interleaved round by round; the overhead of each variant
     over the plain step, and its ratio to torch's per-layer overhead."""
     import statistics
@@ -74,14 +80,30 @@ def run_lipschitz_benchmark(archs=("resnet18", "resnet50"), batch=8, size=128, d
         for name, m in med.items():
             overhead = paired[name]
             rel = overhead / torch_overhead if name != "plain" else float("nan")
-            rows.append({"setting": setting, "case": name, "median_s": m, "overhead_s": overhead,
-                         "overhead_vs_torch": rel, "rounds": rounds, "min_s": min(times[name]), "max_s": max(times[name])})
+            rows.append(
+                {
+                    "setting": setting,
+                    "case": name,
+                    "median_s": m,
+                    "overhead_s": overhead,
+                    "overhead_vs_torch": rel,
+                    "rounds": rounds,
+                    "min_s": min(times[name]),
+                    "max_s": max(times[name]),
+                }
+            )
             if name != "plain":
                 ratios[setting][name] = rel
-            lines.append(f"  {name:55s} {m * 1e3:9.1f} ms  overhead {overhead * 1e3:8.1f} ms"
-                         + (f"  ({rel:.2f}x torch's)" if name != "plain" else ""))
+            lines.append(
+                f"  {name:55s} {m * 1e3:9.1f} ms  overhead {overhead * 1e3:8.1f} ms"
+                + (f"  ({rel:.2f}x torch's)" if name != "plain" else "")
+            )
         tables.append("\n".join(lines))
-    report = {"benchmark": "lipschitz", "machine": machine_description(device), "rows": rows,
-              "overhead_vs_torch": ratios,
-              "method": "cases interleaved round by round; medians; overhead = median over rounds of (case - plain)"}
+    report = {
+        "benchmark": "lipschitz",
+        "machine": machine_description(device),
+        "rows": rows,
+        "overhead_vs_torch": ratios,
+        "method": "cases interleaved round by round; medians; overhead = median over rounds of (case - plain)",
+    }
     return report, label_backend("\n".join(tables))

@@ -13,7 +13,14 @@ import torch
 
 from .. import ops
 
-__all__ = ["cpu_model", "machine_description", "label_backend", "run_comparison", "save_report", "interleaved_step_times"]
+__all__ = [
+    "cpu_model",
+    "machine_description",
+    "label_backend",
+    "run_comparison",
+    "save_report",
+    "interleaved_step_times",
+]
 
 
 def cpu_model() -> str:
@@ -56,12 +63,24 @@ def label_backend(table: str) -> str:
     so that a fallback run is never read as the compiled kernels' times."""
     if ops.extension_loaded():
         return table
-    return ("[BACKEND: pure-PyTorch reference (the compiled extension is not loaded); the 'fused' / 'batched' "
-            "rows time the references, not the kernels]\n" + table)
+    return (
+        "[BACKEND: pure-PyTorch reference (the compiled extension is not loaded); the 'fused' / 'batched' "
+        "rows time the references, not the kernels]\n" + table
+    )
 
 
-def run_comparison(cases_by_width: dict, *, label: str, reference: str, device="cpu", min_run_time=1.0, name="",
-                   warmup: int = 2, block_time: float = 0.02, min_rounds: int = 3) -> tuple[dict, str]:
+def run_comparison(
+    cases_by_width: dict,
+    *,
+    label: str,
+    reference: str,
+    device="cpu",
+    min_run_time=1.0,
+    name="",
+    warmup: int = 2,
+    block_time: float = 0.02,
+    min_rounds: int = 3,
+) -> tuple[dict, str]:
     """Times every case side by side and returns (JSON-ready report, table).
 
     The cases of one width are measured interleaved: round after round, every case runs one block of
@@ -86,7 +105,10 @@ def run_comparison(cases_by_width: dict, *, label: str, reference: str, device="
                 fn()
             sync()
             timer = benchmark.Timer(
-                stmt="fn()", globals={"fn": fn}, label=label, sub_label=case,
+                stmt="fn()",
+                globals={"fn": fn},
+                label=label,
+                sub_label=case,
                 description=f"width {width}" if isinstance(width, int) else str(width),
                 num_threads=torch.get_num_threads(),
             )
@@ -107,8 +129,13 @@ def run_comparison(cases_by_width: dict, *, label: str, reference: str, device="
             rows.append({"width": width, "case": case, "median_s": m.median, "iqr_s": m.iqr, "rounds": rounds})
     compare = benchmark.Compare(results)
     compare.trim_significant_figures()
-    report = {"benchmark": name or label, "machine": machine_description(device), "rows": rows, "ratios": {},
-              "method": "cases interleaved round by round; medians over rounds"}
+    report = {
+        "benchmark": name or label,
+        "machine": machine_description(device),
+        "rows": rows,
+        "ratios": {},
+        "method": "cases interleaved round by round; medians over rounds",
+    }
     for width in cases_by_width:
         by_case = {r["case"]: r["median_s"] for r in rows if r["width"] == width}
         key = f"width {width}" if isinstance(width, int) else str(width)
@@ -126,6 +153,7 @@ def interleaved_step_times(cases: dict, device: str, min_run_time: float) -> tup
     """Every case once for warm-up, then round after round one call of each case in turn (so that drift of a
     shared machine hits all alike) until each had about min_run_time seconds, at least 3 rounds:
     ({case: [seconds per round]}, rounds)."""
+
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -11,7 +11,6 @@ import torch
 from .. import ops
 from .runner import label_backend, run_comparison
 
-
 # Spectral norms
 
 
@@ -40,6 +39,7 @@ def spectral_cases(slots, device="cpu") -> dict[str, Callable[[], object]]:
         def run():
             for (ws, size), u in zip(slots, us):
                 ops.batched_spectral_norm(ws, u, mode=mode, n_iter=1, input_size=size)
+
         return run
 
     # Per layer, matrix: torch's own parametrization (one power step per weight access in training mode).
@@ -56,7 +56,15 @@ def spectral_cases(slots, device="cpu") -> dict[str, Callable[[], object]]:
             conv.weight  # noqa: B018  (runs the power step and the division)
 
     # Per layer, operator: the conv / conv_transpose loop written by hand.
-    per_layer_u = [[torch.nn.functional.normalize(torch.randn((1, w.shape[0]) + size, device=device).flatten(), dim=0).view((1, w.shape[0]) + size) for w in ws] for ws, size in slots]
+    per_layer_u = [
+        [
+            torch.nn.functional.normalize(torch.randn((1, w.shape[0]) + size, device=device).flatten(), dim=0).view(
+                (1, w.shape[0]) + size
+            )
+            for w in ws
+        ]
+        for ws, size in slots
+    ]
 
     def per_layer_operator():
         with torch.no_grad():
@@ -78,8 +86,14 @@ def spectral_cases(slots, device="cpu") -> dict[str, Callable[[], object]]:
 
 def run_spectral_benchmark(widths=(16, 64), device="cpu", min_run_time=1.0):
     cases = {w: spectral_cases(resnet_block_convs(width=w, device=device), device) for w in widths}
-    report, table = run_comparison(cases, label="one power step, all 96 block convs of ResNet-101",
-                                   reference="batched operator", device=device, min_run_time=min_run_time, name="spectral")
+    report, table = run_comparison(
+        cases,
+        label="one power step, all 96 block convs of ResNet-101",
+        reference="batched operator",
+        device=device,
+        min_run_time=min_run_time,
+        name="spectral",
+    )
     report["gram_seconds"] = {}
     for width in widths:
         by_case = {r["case"]: r["median_s"] for r in report["rows"] if r["width"] == width}
@@ -109,10 +123,17 @@ def gram_tightness(sizes=((3, 3), (8, 8), (16, 16)), channels=4, n_kernels=8, st
         c_in = kernels.shape[2]
         n = c_in * h * w
         eye = torch.eye(n, dtype=torch.float64).view(n, c_in, h, w)
-        exact = torch.stack([
-            torch.linalg.matrix_norm(torch.nn.functional.conv2d(eye, k, padding=1).reshape(n, -1).T, ord=2) for k in kernels
-        ])
+        exact = torch.stack(
+            [
+                torch.linalg.matrix_norm(torch.nn.functional.conv2d(eye, k, padding=1).reshape(n, -1).T, ord=2)
+                for k in kernels
+            ]
+        )
         for t in steps:
             ratio = ops.gram_spectral_bound(kernels, t) / exact
-            out[f"{h}x{w}, {t} steps"] = {"min": ratio.min().item(), "mean": ratio.mean().item(), "max": ratio.max().item()}
+            out[f"{h}x{w}, {t} steps"] = {
+                "min": ratio.min().item(),
+                "mean": ratio.mean().item(),
+                "max": ratio.max().item(),
+            }
     return out

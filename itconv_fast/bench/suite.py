@@ -10,14 +10,21 @@ from .runner import machine_description
 from .spectral import run_spectral_benchmark
 from .train_step import run_train_step_benchmark
 
-
 # Everything at once: `itconv-fast bench`
 
 # Case names of the comparisons -> (op, variant, baseline) of the combined report. The copy is a memory
 # floor, not a rival implementation.
-_COUPLING = {"(a) per-slot loop": "per_slot_loop", "(b) _foreach": "foreach",
-             "(c) torch.compile(reference)": "torch_compile", "(d) copy (memory floor)": "copy"}
-_TRAIN_STEP = {"coupling": "coupling", "spectral norm": "spectral_norm", "coupling + spectral norm": "coupling+spectral_norm"}
+_COUPLING = {
+    "(a) per-slot loop": "per_slot_loop",
+    "(b) _foreach": "foreach",
+    "(c) torch.compile(reference)": "torch_compile",
+    "(d) copy (memory floor)": "copy",
+}
+_TRAIN_STEP = {
+    "coupling": "coupling",
+    "spectral norm": "spectral_norm",
+    "coupling + spectral norm": "coupling+spectral_norm",
+}
 
 
 # The combined report compares like with like: the matrix-mode drop-ins against torch's (same quantity).
@@ -27,8 +34,15 @@ _LIPSCHITZ = {LIPSCHITZ_CASES[2]: "per_layer_matrix", LIPSCHITZ_CASES[3]: "batch
 
 
 def _entry(op, variant, baseline, setting, median_s, baseline_median_s):
-    return {"op": op, "variant": variant, "baseline": baseline, "setting": setting, "median_s": median_s,
-            "baseline_median_s": baseline_median_s, "speedup": baseline_median_s / median_s}
+    return {
+        "op": op,
+        "variant": variant,
+        "baseline": baseline,
+        "setting": setting,
+        "median_s": median_s,
+        "baseline_median_s": baseline_median_s,
+        "speedup": baseline_median_s / median_s,
+    }
 
 
 def run_all(quick: bool = False, device: str = "cpu", log=print) -> dict:
@@ -45,8 +59,16 @@ def run_all(quick: bool = False, device: str = "cpu", log=print) -> dict:
         rows = {r["case"]: r["median_s"] for r in report["rows"] if r["width"] == width}
         for case, baseline in _COUPLING.items():
             if case in rows:
-                results.append(_entry("soft_couple", "fused", baseline, f"ResNet-101-{width} gradients",
-                                      rows["fused soft_couple_"], rows[case]))
+                results.append(
+                    _entry(
+                        "soft_couple",
+                        "fused",
+                        baseline,
+                        f"ResNet-101-{width} gradients",
+                        rows["fused soft_couple_"],
+                        rows[case],
+                    )
+                )
 
     log("spectral_norm ...")
     report, table = run_spectral_benchmark(widths=widths, device=device, min_run_time=run_time)
@@ -54,10 +76,26 @@ def run_all(quick: bool = False, device: str = "cpu", log=print) -> dict:
     for width in widths:
         rows = {r["case"]: r["median_s"] for r in report["rows"] if r["width"] == width}
         setting = f"ResNet-101-{width}, 96 convs, 1 power step"
-        results.append(_entry("spectral_norm", "batched_operator", "per_layer_operator", setting,
-                              rows["batched operator"], rows["per-layer operator loop"]))
-        results.append(_entry("spectral_norm", "batched_matrix", "torch_spectral_norm", setting,
-                              rows["batched matrix"], rows["per-layer torch spectral_norm (matrix)"]))
+        results.append(
+            _entry(
+                "spectral_norm",
+                "batched_operator",
+                "per_layer_operator",
+                setting,
+                rows["batched operator"],
+                rows["per-layer operator loop"],
+            )
+        )
+        results.append(
+            _entry(
+                "spectral_norm",
+                "batched_matrix",
+                "torch_spectral_norm",
+                setting,
+                rows["batched matrix"],
+                rows["per-layer torch spectral_norm (matrix)"],
+            )
+        )
 
     log("batch_norm_relu ...")
     shapes = ((16, 32, "nhwc"),) if quick else ((16, 32, "nhwc"), (64, 8, "nhwc"), (8, 32, "nchw"))
@@ -65,8 +103,16 @@ def run_all(quick: bool = False, device: str = "cpu", log=print) -> dict:
     tables.append(table)
     for key in report["ratios"]:
         rows = {r["case"]: r["median_s"] for r in report["rows"] if str(r["width"]) == key}
-        results.append(_entry("batch_norm_relu", "fused", "aten_bn_relu", f"{key}, batch 128, fwd + bwd",
-                              rows["fused batch_norm_relu"], rows["relu(F.batch_norm) (ATen)"]))
+        results.append(
+            _entry(
+                "batch_norm_relu",
+                "fused",
+                "aten_bn_relu",
+                f"{key}, batch 128, fwd + bwd",
+                rows["fused batch_norm_relu"],
+                rows["relu(F.batch_norm) (ATen)"],
+            )
+        )
 
     log("indices ...")
     configs = [(8, 4, 32, 64)] if quick else [(8, 4, 32, 256), (16, 16, 32, 16)]
@@ -87,9 +133,19 @@ def run_all(quick: bool = False, device: str = "cpu", log=print) -> dict:
         if case.startswith("objective: "):
             variant = "objective:" + case.split()[1]
         else:
-            variant = next(v for prefix, v in sorted(_TRAIN_STEP.items(), key=lambda kv: -len(kv[0])) if case.startswith(prefix))
-        results.append(_entry("train_step", variant, "plain_step", f"ResNet-{6 * blocks + 5}-{width}, batch {batch}",
-                              median, rows["plain"]))
+            variant = next(
+                v for prefix, v in sorted(_TRAIN_STEP.items(), key=lambda kv: -len(kv[0])) if case.startswith(prefix)
+            )
+        results.append(
+            _entry(
+                "train_step",
+                variant,
+                "plain_step",
+                f"ResNet-{6 * blocks + 5}-{width}, batch {batch}",
+                median,
+                rows["plain"],
+            )
+        )
     log("lipschitz ...")
     archs, batch, size = (("resnet18",), 4, 64) if quick else (("resnet18", "resnet50"), 8, 128)
     report, table = run_lipschitz_benchmark(archs, batch, size, device, min_run_time=1.0 if quick else 5.0)
@@ -99,18 +155,31 @@ def run_all(quick: bool = False, device: str = "cpu", log=print) -> dict:
         torch_case = LIPSCHITZ_CASES[1]
         for case, variant in _LIPSCHITZ.items():
             if case in over and torch_case in over:
-                results.append(_entry("spectral_norm_drop_in", variant, "torch_spectral_norm",
-                                      f"{setting}, training-step overhead", over[case], over[torch_case]))
+                results.append(
+                    _entry(
+                        "spectral_norm_drop_in",
+                        variant,
+                        "torch_spectral_norm",
+                        f"{setting}, training-step overhead",
+                        over[case],
+                        over[torch_case],
+                    )
+                )
     return {"machine": machine_description(device), "quick": quick, "results": results, "tables": tables}
 
 
 def results_markdown(report: dict) -> str:
     """The combined report as markdown: the machine, then one row per comparison."""
     m = report["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} threads), CPU clone {m.get('cpu_isa', '?')}"
-             + (f", GPU {m['device']}" if m.get("device", "cpu") != "cpu" else "")
-             + f"; torch {m['torch']}; {m['backend']}; {m['date']}" + ("; --quick" if report.get("quick") else ""), "",
-             "| op | setting | variant | baseline | time | baseline time | speed-up |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} threads), CPU clone {m.get('cpu_isa', '?')}"
+        + (f", GPU {m['device']}" if m.get("device", "cpu") != "cpu" else "")
+        + f"; torch {m['torch']}; {m['backend']}; {m['date']}"
+        + ("; --quick" if report.get("quick") else ""),
+        "",
+        "| op | setting | variant | baseline | time | baseline time | speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
 
     def t(sec):
         return f"{sec * 1e3:.3g} ms" if sec < 1 else f"{sec:.3g} s"
@@ -119,6 +188,8 @@ def results_markdown(report: dict) -> str:
         note = " (floor)" if r["baseline"] == "copy" else (" (overhead)" if r["baseline"] == "plain_step" else "")
         if r["op"] == "spectral_norm_drop_in":
             note = " (overheads)"
-        lines.append(f"| {r['op']} | {r['setting']} | {r['variant']} | {r['baseline']}{note} | {t(r['median_s'])} | "
-                     f"{t(r['baseline_median_s'])} | {r['speedup']:.2f}x |")
+        lines.append(
+            f"| {r['op']} | {r['setting']} | {r['variant']} | {r['baseline']}{note} | {t(r['median_s'])} | "
+            f"{t(r['baseline_median_s'])} | {r['speedup']:.2f}x |"
+        )
     return "\n".join(lines) + "\n"

@@ -56,8 +56,9 @@ def _case_epochs(case: str, size: str, *, epochs: int, device: str, paper_steps:
         return plain_run(size, epochs=epochs, device=device, paper_steps=paper_steps, quick_train_size=quick_train_size)
     task, values = train_benchmark_task(size, paper_steps=paper_steps, quick_train_size=quick_train_size)
     lam, mu, compile_ = TRAIN_CASES[case]
-    config = build_config(size, {**values, "epochs": epochs, "lam": lam, "sn_mu": mu, "compile": compile_,
-                                 "device": device})
+    config = build_config(
+        size, {**values, "epochs": epochs, "lam": lam, "sn_mu": mu, "compile": compile_, "device": device}
+    )
     return train_epochs(config, workdir, progress=False, task=task)
 
 
@@ -81,8 +82,9 @@ class EpochProcess:
         run = "import sys; from itconv_fast.bench.train_loop import _child; sys.exit(_child())"
         payload = json.dumps({"case": case, "size": size, **spec})
         env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-        self.process = subprocess.Popen([sys.executable, "-c", run, payload], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, env=env)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", run, payload], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
 
     def __next__(self) -> dict:
         self.process.stdin.write("\n")
@@ -102,16 +104,34 @@ class EpochProcess:
                 self.process.kill()
 
 
-def _runs(size: str, epochs: int, device: str, workdir: str, compiled: bool, paper_steps: int,
-          quick_train_size) -> dict:
+def _runs(
+    size: str, epochs: int, device: str, workdir: str, compiled: bool, paper_steps: int, quick_train_size
+) -> dict:
     names = [PLAIN] + [name for name, (_, _, compile_) in TRAIN_CASES.items() if compiled or not compile_]
-    return {name: EpochProcess(name, size, epochs=epochs, device=device, paper_steps=paper_steps,
-                               quick_train_size=quick_train_size, workdir=os.path.join(workdir, f"run{i}"))
-            for i, name in enumerate(names)}
+    return {
+        name: EpochProcess(
+            name,
+            size,
+            epochs=epochs,
+            device=device,
+            paper_steps=paper_steps,
+            quick_train_size=quick_train_size,
+            workdir=os.path.join(workdir, f"run{i}"),
+        )
+        for i, name in enumerate(names)
+    }
 
 
-def run_train_benchmark(sizes=SIZES, *, device: str = "cpu", epochs: int = 3, paper_steps: int = 200,
-                        quick_train_size=None, compiled: bool = True, log=print) -> tuple[dict, str]:
+def run_train_benchmark(
+    sizes=SIZES,
+    *,
+    device: str = "cpu",
+    epochs: int = 3,
+    paper_steps: int = 200,
+    quick_train_size=None,
+    compiled: bool = True,
+    log=print,
+) -> tuple[dict, str]:
     """Epoch times of the plain loop and itconv-fast train (see the module's text) for each size; returns
     (JSON-ready report in `bench`'s schema, table). compiled=False leaves the compiled runs out."""
     if epochs < 2:
@@ -122,31 +142,44 @@ def run_train_benchmark(sizes=SIZES, *, device: str = "cpu", epochs: int = 3, pa
         if size == "quick":  # Digitclutter is generated and cached once here, not by the five processes at once
             train_benchmark_task(size, quick_train_size=quick_train_size)
         steps = values["train_size"] // values["batch_size"]
-        label = (f"{size}: ResNet-{6 * values['blocks'] + 5}-{values['width']}, batch {values['batch_size']}, "
-                 f"{steps} steps an epoch")
+        label = (
+            f"{size}: ResNet-{6 * values['blocks'] + 5}-{values['width']}, batch {values['batch_size']}, "
+            f"{steps} steps an epoch"
+        )
         with tempfile.TemporaryDirectory(prefix="itconv-bench-train-") as workdir:
             runs = _runs(size, epochs, device, workdir, compiled, paper_steps, quick_train_size)
             records = {name: [] for name in runs}
             names = list(runs)
             for r in range(epochs):
-                order = names[r % len(names):] + names[: r % len(names)]
+                order = names[r % len(names) :] + names[: r % len(names)]
                 for name in order:
                     t0 = time.perf_counter()
                     records[name].append(next(runs[name]))
-                    log(f"  {size} epoch {r + 1}/{epochs} {name}: {records[name][-1]['train_seconds']:.2f} s "
-                        f"(wall {time.perf_counter() - t0:.1f} s)")
+                    log(
+                        f"  {size} epoch {r + 1}/{epochs} {name}: {records[name][-1]['train_seconds']:.2f} s "
+                        f"(wall {time.perf_counter() - t0:.1f} s)"
+                    )
             for run in runs.values():
                 run.close()
         medians = {n: statistics.median(e["train_seconds"] for e in recs[1:]) for n, recs in records.items()}
         firsts = {n: recs[0]["train_seconds"] for n, recs in records.items()}
         for name in runs:
-            rows.append({"size": size, "case": name, "steps_per_epoch": steps, "median_epoch_s": medians[name],
-                         "median_step_s": medians[name] / steps, "first_epoch_s": firsts[name],
-                         "epochs_timed": epochs - 1, "epoch_s": [e["train_seconds"] for e in records[name]],
-                         "last_test_error": records[name][-1]["test_error"]})
+            rows.append(
+                {
+                    "size": size,
+                    "case": name,
+                    "steps_per_epoch": steps,
+                    "median_epoch_s": medians[name],
+                    "median_step_s": medians[name] / steps,
+                    "first_epoch_s": firsts[name],
+                    "epochs_timed": epochs - 1,
+                    "epoch_s": [e["train_seconds"] for e in records[name]],
+                    "last_test_error": records[name][-1]["test_error"],
+                }
+            )
         timed = {n: [e["train_seconds"] for e in recs[1:]] for n, recs in records.items()}
 
-        def paired_ratio(a, b):  # the median over rounds of a's epoch time over b's, the same round
+        def paired_ratio(a, b, timed=timed):  # the median over rounds of a's epoch time over b's, the same round
             return statistics.median(x / y for x, y in zip(timed[a], timed[b]))
 
         ratio = {n: medians[n] / medians[PLAIN] for n in medians if n != PLAIN}
@@ -166,8 +199,10 @@ def run_train_benchmark(sizes=SIZES, *, device: str = "cpu", epochs: int = 3, pa
         lines = [f"[{label}; epoch = training pass; median of {epochs - 1} epochs after the first, interleaved]"]
         for name in runs:
             pair = f", paired {paired[name]:.3f}x" if name in paired else ""
-            lines.append(f"  {name:38s} {medians[name]:8.2f} s/epoch  {medians[name] / steps * 1e3:8.1f} ms/step  "
-                         f"{medians[name] / medians[PLAIN]:5.2f}x plain{pair}  (first epoch {firsts[name]:.1f} s)")
+            lines.append(
+                f"  {name:38s} {medians[name]:8.2f} s/epoch  {medians[name] / steps * 1e3:8.1f} ms/step  "
+                f"{medians[name] / medians[PLAIN]:5.2f}x plain{pair}  (first epoch {firsts[name]:.1f} s)"
+            )
         for key, value in ratio.items():
             if key.startswith(("overhead", "compilation", "break-even")):
                 text = f"{value * 100:+.1f}%" if key.startswith("overhead") else f"{value:.0f}"
@@ -176,9 +211,14 @@ def run_train_benchmark(sizes=SIZES, *, device: str = "cpu", epochs: int = 3, pa
                 lines.append(f"  {key:58s} {text}")
         tables.append("\n".join(lines))
         log(tables[-1])
-    report = {"benchmark": "train", "machine": machine_description(device), "rows": rows, "ratios": ratios,
-              "paired_ratios": paired_ratios,
-              "method": "runs interleaved epoch by epoch (rotating order); median training-pass time of the epochs "
-                        "after the first; ratios of those medians, and paired: the median over rounds of the "
-                        "ratio of two runs' epoch times in the same round"}
+    report = {
+        "benchmark": "train",
+        "machine": machine_description(device),
+        "rows": rows,
+        "ratios": ratios,
+        "paired_ratios": paired_ratios,
+        "method": "runs interleaved epoch by epoch (rotating order); median training-pass time of the epochs "
+        "after the first; ratios of those medians, and paired: the median over rounds of the "
+        "ratio of two runs' epoch times in the same round",
+    }
     return report, label_backend("\n\n".join(tables))

@@ -1,8 +1,8 @@
 """The paper's tasks as in-memory uint8 tensors, with per-batch augmentation on the training device.
 
-    task = load("digitclutter", n_digits=3, train_size=20000, test_size=2000, cache_dir="~/.cache/itconv-fast")
-    for x, y in batches(task, task.train, batch_size=128, train=True, generator=g, device="cuda"):
-        ...
+task = load("digitclutter", n_digits=3, train_size=20000, test_size=2000, cache_dir="~/.cache/itconv-fast")
+for x, y in batches(task, task.train, batch_size=128, train=True, generator=g, device="cuda"):
+    ...
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ class Task:
         if self.multilabel:
             # BCE summed over the 10 outputs, averaged over the batch: the gradient scale of a softmax
             # cross-entropy, so the same learning rates serve every task.
-            return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
+            return (
+                torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
+            )
         return torch.nn.functional.cross_entropy(logits, targets)
 
     def correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -103,8 +105,13 @@ def save_digitclutter(path: str, images: torch.Tensor, labels: torch.Tensor, par
     fd, tmp = tempfile.mkstemp(prefix=".digitclutter.", suffix=".npz", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=im, labels=lb, sha256=np.array(_array_digest(im, lb)),
-                     params=np.array(repr(sorted(params.items()))))
+            np.savez(
+                f,
+                images=im,
+                labels=lb,
+                sha256=np.array(_array_digest(im, lb)),
+                params=np.array(repr(sorted(params.items()))),
+            )
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

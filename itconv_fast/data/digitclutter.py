@@ -78,7 +78,9 @@ def _render(path, face: str, edge: str, size: int) -> np.ndarray:
     ax.set_ylim(-size / 2, size / 2)
     ax.axis("off")
     fig.patch.set_facecolor("black")
-    ax.add_patch(PathPatch(path, facecolor=face, edgecolor=edge, linewidth=OUTLINE, joinstyle="miter", antialiased=True))
+    ax.add_patch(
+        PathPatch(path, facecolor=face, edgecolor=edge, linewidth=OUTLINE, joinstyle="miter", antialiased=True)
+    )
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba(), dtype=np.float64)
     return rgba[..., 0] / 255.0  # red channel: 0 (black) .. 1 (white)
@@ -163,7 +165,9 @@ def generate(
     """
     if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 0:
         raise ValueError(f"digitclutter: n_images must be an int >= 0, got {n_images!r}")
-    if not debris and (isinstance(n_digits, bool) or not isinstance(n_digits, (int, np.integer)) or not 1 <= n_digits <= 10):
+    if not debris and (
+        isinstance(n_digits, bool) or not isinstance(n_digits, (int, np.integer)) or not 1 <= n_digits <= 10
+    ):
         raise ValueError(f"digitclutter: n_digits must be an int in 1..10, got {n_digits!r}")
     if debris and (isinstance(n_fragments, bool) or not isinstance(n_fragments, (int, np.integer)) or n_fragments < 0):
         raise ValueError(f"digitclutter: n_fragments must be >= 0, got {n_fragments}")

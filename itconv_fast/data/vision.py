@@ -42,16 +42,32 @@ class Resource:
 _MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 RESOURCES: dict[str, list[Resource]] = {
     "mnist": [
-        Resource("train-images-idx3-ubyte.gz", _MNIST_URL + "train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-        Resource("train-labels-idx1-ubyte.gz", _MNIST_URL + "train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
-        Resource("t10k-images-idx3-ubyte.gz", _MNIST_URL + "t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
-        Resource("t10k-labels-idx1-ubyte.gz", _MNIST_URL + "t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+        Resource(
+            "train-images-idx3-ubyte.gz", _MNIST_URL + "train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"
+        ),
+        Resource(
+            "train-labels-idx1-ubyte.gz", _MNIST_URL + "train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"
+        ),
+        Resource(
+            "t10k-images-idx3-ubyte.gz", _MNIST_URL + "t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"
+        ),
+        Resource(
+            "t10k-labels-idx1-ubyte.gz", _MNIST_URL + "t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"
+        ),
     ],
     "cifar10": [
-        Resource("cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
+        Resource(
+            "cifar-10-python.tar.gz",
+            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            "c58f30108f718f92721af3b95e74349a",
+        ),
     ],
     "cifar100": [
-        Resource("cifar-100-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+        Resource(
+            "cifar-100-python.tar.gz",
+            "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+            "eb9058c3a382ffc7106e4002c42a8d85",
+        ),
     ],
 }
 
@@ -87,10 +103,15 @@ def download(name: str, data_dir: str, *, timeout: float = 60.0) -> list[str]:
                     out.write(block)
                     received += len(block)
             if expected is not None and received != int(expected):
-                raise DatasetFilesError(f"{res.filename}: download truncated ({received} of {expected} bytes) from {res.url}")
+                raise DatasetFilesError(
+                    f"{res.filename}: download truncated ({received} of {expected} bytes) from {res.url}"
+                )
             actual = md5sum(part)
             if actual != res.md5:
-                raise DatasetFilesError(f"{res.filename}: md5 {actual} does not match the expected {res.md5} (from {res.url}); file discarded")
+                raise DatasetFilesError(
+                    f"{res.filename}: md5 {actual} does not match the expected {res.md5} (from {res.url}); file "
+                    "discarded"
+                )
             os.replace(part, path)
         except OSError as exc:
             raise DatasetFilesError(f"{res.filename}: download from {res.url} failed ({exc})") from exc
@@ -133,7 +154,9 @@ def read_idx(path: str) -> np.ndarray:
         raise DatasetFilesError(f"{path}: truncated IDX header")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if len(data) - header != int(np.prod(shape)):
-        raise DatasetFilesError(f"{path}: IDX header promises shape {shape} but the file holds {len(data) - header} bytes")
+        raise DatasetFilesError(
+            f"{path}: IDX header promises shape {shape} but the file holds {len(data) - header} bytes"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -189,10 +212,22 @@ def _unpickle(raw: bytes, where: str) -> dict:
 
 
 _CIFAR = {
-    "cifar10": dict(folder="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
-                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"], key=b"labels", classes=10),
-    "cifar100": dict(folder="cifar-100-python", archive="cifar-100-python.tar.gz",
-                     train=["train"], test=["test"], key=b"fine_labels", classes=100),
+    "cifar10": dict(
+        folder="cifar-10-batches-py",
+        archive="cifar-10-python.tar.gz",
+        train=[f"data_batch_{i}" for i in range(1, 6)],
+        test=["test_batch"],
+        key=b"labels",
+        classes=10,
+    ),
+    "cifar100": dict(
+        folder="cifar-100-python",
+        archive="cifar-100-python.tar.gz",
+        train=["train"],
+        test=["test"],
+        key=b"fine_labels",
+        classes=100,
+    ),
 }
 
 
@@ -232,8 +267,11 @@ def load_cifar(name: str, data_dir: str, train: bool) -> tuple[torch.Tensor, tor
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # zlib.error: corrupt deflate data
             raise DatasetFilesError(f"{archive}: corrupt or truncated archive ({exc})") from exc
     else:
-        raise _missing(name.upper().replace("CIFAR", "CIFAR-"), [folder, data_dir],
-                       [f"{spec['folder']}/{{{','.join(members)}}}", spec["archive"]])
+        raise _missing(
+            name.upper().replace("CIFAR", "CIFAR-"),
+            [folder, data_dir],
+            [f"{spec['folder']}/{{{','.join(members)}}}", spec["archive"]],
+        )
     parts = [_parse_cifar_batch(_unpickle(raw, where), spec["key"], spec["classes"], where) for raw, where in raws]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])

@@ -8,5 +8,17 @@ from .evaluation import indices_of_run, run_evaluation
 from .step import TrainStep
 from .training import evaluate, train
 
-__all__ = ["TrainConfig", "PRESETS", "ConfigError", "build_config", "config_from", "load_config_file",
-           "write_config_file", "train", "evaluate", "TrainStep", "indices_of_run", "run_evaluation"]
+__all__ = [
+    "TrainConfig",
+    "PRESETS",
+    "ConfigError",
+    "build_config",
+    "config_from",
+    "load_config_file",
+    "write_config_file",
+    "train",
+    "evaluate",
+    "TrainStep",
+    "indices_of_run",
+    "run_evaluation",
+]

@@ -28,8 +28,15 @@ from typing import TYPE_CHECKING, Optional, Union
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BREAK_EVEN_STEPS", "COMPILE_MODES", "compile_mode", "decide_compile", "use_compile_cache",
-           "compile_cache_dir", "sweep_compile_cache_dir"]
+__all__ = [
+    "BREAK_EVEN_STEPS",
+    "COMPILE_MODES",
+    "compile_mode",
+    "decide_compile",
+    "use_compile_cache",
+    "compile_cache_dir",
+    "sweep_compile_cache_dir",
+]
 
 # Steps from which compiling pays, per device type (None: never), and the mode it compiles with.
 BREAK_EVEN_STEPS = {"cpu": None, "cuda": 5_000}
@@ -39,8 +46,14 @@ COMPILE_MODES = {"cpu": "default", "cuda": "reduce-overhead"}
 _USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 
-def decide_compile(setting: Union[bool, str], device: "torch.device", steps_left: int, *, objectives: bool = False,
-                   distributed: bool = False) -> tuple[bool, str]:
+def decide_compile(
+    setting: Union[bool, str],
+    device: "torch.device",
+    steps_left: int,
+    *,
+    objectives: bool = False,
+    distributed: bool = False,
+) -> tuple[bool, str]:
     """(compile or not, why) for a run's `compile` setting (True, False, "auto")."""
     if setting is True:
         return True, "on (asked for)"

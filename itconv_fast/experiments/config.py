@@ -20,8 +20,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-__all__ = ["TrainConfig", "PRESETS", "ConfigError", "config_from", "build_config", "load_config_file",
-           "write_config_file", "config_to_yaml", "FIELDS"]
+__all__ = [
+    "TrainConfig",
+    "PRESETS",
+    "ConfigError",
+    "config_from",
+    "build_config",
+    "load_config_file",
+    "write_config_file",
+    "config_to_yaml",
+    "FIELDS",
+]
 
 DATASETS = ("digitclutter", "mnist", "cifar10", "cifar100")
 COUPLING_KERNELS = ("uniform", "triangular")
@@ -79,8 +88,9 @@ class TrainConfig:
         if self.skip_first >= self.blocks:
             raise ConfigError(f"skip_first: must be < blocks ({self.blocks}), got {self.skip_first}", "skip_first")
         if self.batch_size % self.accumulate:
-            raise ConfigError(f"accumulate: batch_size {self.batch_size} is not divisible by {self.accumulate}",
-                              "accumulate")
+            raise ConfigError(
+                f"accumulate: batch_size {self.batch_size} is not divisible by {self.accumulate}", "accumulate"
+            )
 
     def resolved_init(self) -> str:
         if self.init == "auto":
@@ -93,7 +103,9 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # Presets: values that differ from the dataclass defaults. Any option overrides its preset value.
 PRESETS = {
     # Small network and data set: under 10 minutes on 2 CPU cores, well above chance.
-    "quick": dict(width=8, blocks=4, train_size=12000, test_size=2000, epochs=8, batch_size=128, lr=0.2, warmup_epochs=0.5),
+    "quick": dict(
+        width=8, blocks=4, train_size=12000, test_size=2000, epochs=8, batch_size=128, lr=0.2, warmup_epochs=0.5
+    ),
     # The paper: 3 x 16 blocks, width 16, the full data set, a paper-length schedule.
     "paper": dict(width=16, blocks=16, train_size=None, test_size=None, epochs=60, batch_size=128, lr=0.1),
 }
@@ -119,6 +131,7 @@ def _int(low=None, optional=False):
             bound += f" and <= {MAX_INT}"
             raise ConfigError(f"{key}: must be an integer{bound}{' or null' if optional else ''}, got {v!r}", key)
         return v
+
     return check
 
 
@@ -136,6 +149,7 @@ def _float(low=None, high=None, low_open=False, optional=False):
                 what += f" {'>' if low_open else '>='} {low}"
             raise ConfigError(f"{key}: must be {what}{' or null' if optional else ''}, got {v!r}", key)
         return float(v)
+
     return check
 
 
@@ -144,6 +158,7 @@ def _choice(options):
         if v not in options:
             raise ConfigError(f"{key}: must be one of {', '.join(options)}; got {v!r}", key)
         return v
+
     return check
 
 
@@ -166,6 +181,7 @@ def _text(optional):
         if (v is None and optional) or isinstance(v, str):
             return v
         raise ConfigError(f"{key}: must be a string{' or null' if optional else ''}, got {v!r}", key)
+
     return check
 
 
@@ -192,14 +208,38 @@ def _objectives(key, v):
 
 
 _CHECKS = {
-    "dataset": _choice(DATASETS), "data_dir": _text(True), "download": _bool, "n_digits": _int(1),
-    "train_size": _int(1, True), "test_size": _int(1, True), "width": _int(1), "blocks": _int(1), "stages": _int(1),
-    "lam": _float(0.0, 1.0), "coupling_kernel": _choice(COUPLING_KERNELS), "coupling_bandwidth": _float(1.0, optional=True),
-    "skip_first": _int(0), "sn_mu": _float(0.0, low_open=True, optional=True), "sn_mode": _choice(SN_MODES),
-    "pcr": _bool, "init": _choice(INIT_CHOICES), "bn_gamma_init": _float(), "epochs": _int(1), "batch_size": _int(1),
-    "accumulate": _int(1), "lr": _float(0.0, low_open=True), "weight_decay": _float(0.0), "warmup_epochs": _float(0.0),
-    "seed": _int(), "device": _text(False), "compile": _compile, "cache_dir": _text(True), "preset": _choice(tuple(PRESETS)),
-    "objectives": _objectives, "objective_k": _int(1), "objective_rho": _float(0.0),
+    "dataset": _choice(DATASETS),
+    "data_dir": _text(True),
+    "download": _bool,
+    "n_digits": _int(1),
+    "train_size": _int(1, True),
+    "test_size": _int(1, True),
+    "width": _int(1),
+    "blocks": _int(1),
+    "stages": _int(1),
+    "lam": _float(0.0, 1.0),
+    "coupling_kernel": _choice(COUPLING_KERNELS),
+    "coupling_bandwidth": _float(1.0, optional=True),
+    "skip_first": _int(0),
+    "sn_mu": _float(0.0, low_open=True, optional=True),
+    "sn_mode": _choice(SN_MODES),
+    "pcr": _bool,
+    "init": _choice(INIT_CHOICES),
+    "bn_gamma_init": _float(),
+    "epochs": _int(1),
+    "batch_size": _int(1),
+    "accumulate": _int(1),
+    "lr": _float(0.0, low_open=True),
+    "weight_decay": _float(0.0),
+    "warmup_epochs": _float(0.0),
+    "seed": _int(),
+    "device": _text(False),
+    "compile": _compile,
+    "cache_dir": _text(True),
+    "preset": _choice(tuple(PRESETS)),
+    "objectives": _objectives,
+    "objective_k": _int(1),
+    "objective_rho": _float(0.0),
 }
 assert set(_CHECKS) == set(FIELDS), "every TrainConfig field needs a check"
 
@@ -208,8 +248,9 @@ def _check_keys(values: dict, where: str) -> None:
     unknown = sorted((k for k in values if k not in FIELDS), key=repr)
     if unknown:
         names = ", ".join(k if isinstance(k, str) and k.isidentifier() else repr(k) for k in unknown)
-        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {names} "
-                          f"(known: {', '.join(FIELDS)})", unknown[0])
+        raise ConfigError(
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {names} (known: {', '.join(FIELDS)})", unknown[0]
+        )
 
 
 def build_config(preset: str = "quick", values: Optional[dict] = None) -> TrainConfig:
@@ -272,5 +313,6 @@ def write_config_file(path: str, config: TrainConfig) -> None:
     from ..io.checkpoint import atomic_write_text
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_text(path, "# itconv-fast run configuration (itconv-fast train --config this-file)\n"
-                      + config_to_yaml(config))
+    atomic_write_text(
+        path, "# itconv-fast run configuration (itconv-fast train --config this-file)\n" + config_to_yaml(config)
+    )

@@ -22,8 +22,16 @@ from typing import Iterable, Optional
 
 import torch
 
-__all__ = ["TrainingDiverged", "EXIT_DIVERGED", "RESTARTABLE_FIELDS", "EXPLODING_LOSS_FACTOR", "check_finite_step",
-           "exploding_loss_limit", "check_finite_state", "BufferSnapshot"]
+__all__ = [
+    "TrainingDiverged",
+    "EXIT_DIVERGED",
+    "RESTARTABLE_FIELDS",
+    "EXPLODING_LOSS_FACTOR",
+    "check_finite_step",
+    "exploding_loss_limit",
+    "check_finite_state",
+    "BufferSnapshot",
+]
 
 EXIT_DIVERGED = 3  # the exit code of a diverged `itconv-fast train` (1: other errors, 2: usage errors)
 RESTARTABLE_FIELDS = ("lr", "weight_decay")  # what may change when a diverged run restarts from its last good epoch
@@ -54,11 +62,15 @@ class TrainingDiverged(RuntimeError):
     def describe(self) -> str:
         where = ""
         if self.record:
-            where = (f" at epoch {self.record.get('epoch')}, step {self.record.get('step')} "
-                     f"(lr {self.record.get('lr', float('nan')):.4g})")
+            where = (
+                f" at epoch {self.record.get('epoch')}, step {self.record.get('step')} "
+                f"(lr {self.record.get('lr', float('nan')):.4g})"
+            )
         if self.rule == "exploding loss":
-            return (f"training diverged: exploding loss ({self.value:.4g}, over the limit {self.limit:.4g}, "
-                    f"{EXPLODING_LOSS_FACTOR:g} x the loss at chance){where}")
+            return (
+                f"training diverged: exploding loss ({self.value:.4g}, over the limit {self.limit:.4g}, "
+                f"{EXPLODING_LOSS_FACTOR:g} x the loss at chance){where}"
+            )
         if self.rule == "non-finite model state":
             return f"training diverged: non-finite model state ({self.what} is {self.value}){where}"
         return f"training diverged: non-finite {self.what} ({self.value}){where}"
@@ -75,8 +87,12 @@ def exploding_loss_limit(loss_fn, num_classes: int, target: torch.Tensor) -> flo
     return EXPLODING_LOSS_FACTOR * chance
 
 
-def check_finite_step(losses: Iterable[torch.Tensor], parameters: Iterable[torch.nn.Parameter],
-                      task_losses: Iterable[torch.Tensor] = (), loss_limit: Optional[float] = None) -> None:
+def check_finite_step(
+    losses: Iterable[torch.Tensor],
+    parameters: Iterable[torch.nn.Parameter],
+    task_losses: Iterable[torch.Tensor] = (),
+    loss_limit: Optional[float] = None,
+) -> None:
     """Raises TrainingDiverged when a loss (named first) or the global gradient norm (one fused norm per device and
     dtype) is NaN or inf, or a task loss is above loss_limit (when given). All are read from the device at once:
     one synchronisation per step, where a GPU step is otherwise stalled by every read."""
@@ -93,14 +109,14 @@ def check_finite_step(losses: Iterable[torch.Tensor], parameters: Iterable[torch
     checked = torch.cat([v.to(values[0].device) for v in values])
     ok = torch.isfinite(checked).all()
     if limited:
-        ok = ok & (checked[n_losses:n_losses + len(limited)] <= loss_limit).all()
+        ok = ok & (checked[n_losses : n_losses + len(limited)] <= loss_limit).all()
     if bool(ok):  # the one synchronisation
         return
     read = checked.tolist()
     for value in read[:n_losses]:
         if not math.isfinite(value):
             raise TrainingDiverged("loss", value, rule="non-finite loss")
-    for value in read[n_losses:n_losses + len(limited)]:
+    for value in read[n_losses : n_losses + len(limited)]:
         if math.isfinite(value) and value > loss_limit:
             raise TrainingDiverged("loss", value, rule="exploding loss", limit=loss_limit)
     raise TrainingDiverged("gradient norm", read[-1], rule="non-finite gradient norm")
@@ -109,8 +125,11 @@ def check_finite_step(losses: Iterable[torch.Tensor], parameters: Iterable[torch
 def check_finite_state(model: torch.nn.Module) -> None:
     """Raises TrainingDiverged (rule "non-finite model state") naming the first parameter or floating-point buffer
     with a NaN or inf; one read of the device."""
-    entries = [(name, t) for name, t in list(model.named_parameters()) + list(model.named_buffers())
-               if t.is_floating_point() and t.numel()]
+    entries = [
+        (name, t)
+        for name, t in list(model.named_parameters()) + list(model.named_buffers())
+        if t.is_floating_point() and t.numel()
+    ]
     if not entries:
         return
     flags = torch.stack([torch.isfinite(t.detach()).all().to(entries[0][1].device) for _, t in entries])
@@ -136,8 +155,9 @@ class BufferSnapshot:
 
     def take(self) -> None:
         current = self._current()
-        if [n for n, _ in current] != self.names or any(s.shape != b.shape or s.dtype != b.dtype or
-                                                          s.device != b.device for s, (_, b) in zip(self.saved, current)):
+        if [n for n, _ in current] != self.names or any(
+            s.shape != b.shape or s.dtype != b.dtype or s.device != b.device for s, (_, b) in zip(self.saved, current)
+        ):
             self.names = [n for n, _ in current]
             self.saved = [b.detach().clone() for _, b in current]
         elif self.saved:

@@ -22,10 +22,33 @@ from collections import OrderedDict
 
 __all__ = ["read_results", "group_trials", "write_report"]
 
-CONFIG_COLUMNS = ("dataset", "n_digits", "train_size", "test_size", "width", "blocks", "stages", "lam",
-                  "coupling_kernel", "coupling_bandwidth", "skip_first", "sn_mu", "sn_mode", "pcr", "init_resolved",
-                  "bn_gamma_init", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "preset", "objectives",
-                  "objective_k", "objective_rho")
+CONFIG_COLUMNS = (
+    "dataset",
+    "n_digits",
+    "train_size",
+    "test_size",
+    "width",
+    "blocks",
+    "stages",
+    "lam",
+    "coupling_kernel",
+    "coupling_bandwidth",
+    "skip_first",
+    "sn_mu",
+    "sn_mode",
+    "pcr",
+    "init_resolved",
+    "bn_gamma_init",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_epochs",
+    "preset",
+    "objectives",
+    "objective_k",
+    "objective_rho",
+)
 METRICS = ("final_test_error", "ci", "ri", "di")
 
 
@@ -56,7 +79,9 @@ def read_results(sweep_dir: str) -> list:
             if key in METRICS or key.startswith(("ci_s", "ri_s", "di_s")):
                 if row[key] is None:
                     row[key] = float("nan")
-        row["init_resolved"] = row["init"] if row["init"] != "auto" else ("recurrent" if row["lam"] > 0 else "nonrecurrent")
+        row["init_resolved"] = (
+            row["init"] if row["init"] != "auto" else ("recurrent" if row["lam"] > 0 else "nonrecurrent")
+        )
         row["status"] = row.get("status") or "ok"  # results from before statuses existed
         for key, default in (("objectives", "none"), ("objective_k", 16), ("objective_rho", 0.9)):
             if row.get(key) is None:  # results from before objectives existed trained without any
@@ -178,8 +203,16 @@ def _lines_against_lam(rows, metrics, titles, path, suptitle) -> bool:
                     continue
                 lams = sorted(pts)
                 stats = [_mean_sd(pts[lam]) for lam in lams]
-                ax.errorbar(lams, [m for m, _, _ in stats], yerr=[sd for _, sd, _ in stats], fmt=style, ms=5, capsize=3,
-                            color=f"C{i}", label=f"width {w}, {'rec.' if init == 'recurrent' else 'non-rec.'}")
+                ax.errorbar(
+                    lams,
+                    [m for m, _, _ in stats],
+                    yerr=[sd for _, sd, _ in stats],
+                    fmt=style,
+                    ms=5,
+                    capsize=3,
+                    color=f"C{i}",
+                    label=f"width {w}, {'rec.' if init == 'recurrent' else 'non-rec.'}",
+                )
         ax.set_xlabel("coupling lam")
         ax.set_title(title, fontsize=10)
         if metric != "final_test_error":
@@ -220,8 +253,12 @@ def _fig4a(rows, path) -> bool:
         return False
     plt = _plt()
     groups = group_trials(sel)
-    labels = [_label(tuple((k, v) for k, v in key if k in ("pcr", "sn_mu", "sn_mode", "blocks", "lam", "width")))
-              .replace("pcr=True", "PCR").replace("pcr=False", "ICR") for key in groups]
+    labels = [
+        _label(tuple((k, v) for k, v in key if k in ("pcr", "sn_mu", "sn_mode", "blocks", "lam", "width")))
+        .replace("pcr=True", "PCR")
+        .replace("pcr=False", "ICR")
+        for key in groups
+    ]
     fig, axes = plt.subplots(1, 4, figsize=(15, 0.45 * len(groups) + 2.2), sharey=True)
     for ax, metric, title in zip(axes, ("ci", "ri", "di", "final_test_error"), ("CI", "RI", "DI", "test error")):
         for y, rs in enumerate(groups.values()):
@@ -235,7 +272,9 @@ def _fig4a(rows, path) -> bool:
     axes[0].set_yticks(range(len(groups)))
     axes[0].set_yticklabels(labels, fontsize=8)
     axes[0].invert_yaxis()
-    fig.suptitle("Fig 4a / S2 Fig: spectrally normalised networks (blue ICR, red PCR; large dot: mean over seeds)", fontsize=10)
+    fig.suptitle(
+        "Fig 4a / S2 Fig: spectrally normalised networks (blue ICR, red PCR; large dot: mean over seeds)", fontsize=10
+    )
     fig.tight_layout()
     _savefig(fig, path)
     plt.close(fig)
@@ -256,9 +295,16 @@ def _variant(row) -> tuple:
     return "ordinary", "ordinary (lam 0, no SN)"
 
 
-_FAMILY_STYLE = {"ordinary": ("k", "s"), "coupling": ("0.5", "D"), "ICR": ("C0", "o"), "PCR": ("C3", "o"),
-                 "extra-iterations": ("C2", "^"), "fixed-point": ("C1", "v"), "jacobian-frobenius": ("C4", "P"),
-                 "jacobian-spectral": ("C5", "X")}
+_FAMILY_STYLE = {
+    "ordinary": ("k", "s"),
+    "coupling": ("0.5", "D"),
+    "ICR": ("C0", "o"),
+    "PCR": ("C3", "o"),
+    "extra-iterations": ("C2", "^"),
+    "fixed-point": ("C1", "v"),
+    "jacobian-frobenius": ("C4", "P"),
+    "jacobian-spectral": ("C5", "X"),
+}
 
 
 def _fig_error_against_di(rows, path, threshold: float = 0.15) -> bool:
@@ -278,28 +324,53 @@ def _fig_error_against_di(rows, path, threshold: float = 0.15) -> bool:
         color, marker = _FAMILY_STYLE.get(family, ("C7", "o"))
         rank, count = members[family].index(label), len(members[family])
         size = 8 if count == 1 else 6 + 5 * rank / (count - 1)
-        ax.scatter([r["di"] for r in rs], [r["final_test_error"] for r in rs], color=color, marker=marker, s=14,
-                   alpha=0.3)
+        ax.scatter(
+            [r["di"] for r in rs], [r["final_test_error"] for r in rs], color=color, marker=marker, s=14, alpha=0.3
+        )
         (dx, dsd, _), (ey, esd, _) = _mean_sd([r["di"] for r in rs]), _mean_sd([r["final_test_error"] for r in rs])
-        ax.errorbar([dx], [ey], xerr=[dsd], yerr=[esd], color=color, marker=marker, ms=size, mec="k", capsize=3,
-                    label=f"{label} (n={len(rs)})")
+        ax.errorbar(
+            [dx],
+            [ey],
+            xerr=[dsd],
+            yerr=[esd],
+            color=color,
+            marker=marker,
+            ms=size,
+            mec="k",
+            capsize=3,
+            label=f"{label} (n={len(rs)})",
+        )
     ax.axvline(threshold, color="0.6", ls="--", lw=1)
     ax.text(threshold, ax.get_ylim()[1], f" DI {threshold:g}", color="0.4", fontsize=8, va="top")
     ax.set_xlabel("Divergence Index (mean over stages; 0: extra iterations do no harm)")
     ax.set_ylabel("final test error")
     ax.set_xlim(-0.05, 1.05)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.set_title("Do objectives that encourage convergence help? Test error against DI\n"
-                 "(mean ± sd over seeds; faint: single seeds; larger marker: larger weight; lower left is better)",
-                 fontsize=10)
+    ax.set_title(
+        "Do objectives that encourage convergence help? Test error against DI\n"
+        "(mean ± sd over seeds; faint: single seeds; larger marker: larger weight; lower left is better)",
+        fontsize=10,
+    )
     fig.tight_layout()
     _savefig(fig, path)
     plt.close(fig)
     return True
 
 
-SCALE_COLUMNS = ("dataset", "n_digits", "train_size", "test_size", "width", "blocks", "stages", "epochs", "batch_size",
-                 "lr", "sn_mode", "preset")
+SCALE_COLUMNS = (
+    "dataset",
+    "n_digits",
+    "train_size",
+    "test_size",
+    "width",
+    "blocks",
+    "stages",
+    "epochs",
+    "batch_size",
+    "lr",
+    "sn_mode",
+    "preset",
+)
 
 
 def rows_at_the_same_scale(rows: list, references: list) -> list:
@@ -321,8 +392,9 @@ def write_report(sweep_dir: str, out: str = None, references=()) -> str:
     all_rows, joined = list(own), []
     for source in references:
         extra = rows_at_the_same_scale(own, read_results(source))  # this sweep's scales, not another reference's
-        tag = os.path.basename(os.path.dirname(os.path.abspath(source)) if source.endswith(".csv") else
-                               os.path.abspath(source))
+        tag = os.path.basename(
+            os.path.dirname(os.path.abspath(source)) if source.endswith(".csv") else os.path.abspath(source)
+        )
         for row in extra:
             row["trial"] = f"{row['trial']} ({tag})"
         joined.append(f"{len(extra)} trials at the same scale from `{source}` (marked ({tag}))")
@@ -338,11 +410,24 @@ def write_report(sweep_dir: str, out: str = None, references=()) -> str:
     figures = []
     for name, title, draw in (
         ("fig2b", "Fig 2b: indices per stage of ordinary networks", lambda p: _fig2b(rows, p)),
-        ("fig3a", "Fig 3a: indices against coupling",
-         lambda p: _lines_against_lam(rows, ("ci", "ri", "di"), ("Convergence Index", "Recurrence Index", "Divergence Index"),
-                                      p, "Fig 3a: indices against lam (no SN; mean ± sd over seeds)")),
-        ("fig3b", "Fig 3b: test error against coupling",
-         lambda p: _lines_against_lam(rows, ("final_test_error",), ("test error",), p, "Fig 3b: error against lam (no SN)")),
+        (
+            "fig3a",
+            "Fig 3a: indices against coupling",
+            lambda p: _lines_against_lam(
+                rows,
+                ("ci", "ri", "di"),
+                ("Convergence Index", "Recurrence Index", "Divergence Index"),
+                p,
+                "Fig 3a: indices against lam (no SN; mean ± sd over seeds)",
+            ),
+        ),
+        (
+            "fig3b",
+            "Fig 3b: test error against coupling",
+            lambda p: _lines_against_lam(
+                rows, ("final_test_error",), ("test error",), p, "Fig 3b: error against lam (no SN)"
+            ),
+        ),
         ("fig3c", "Fig 3c: error against CI and DI", lambda p: _fig3c(rows, p)),
         ("fig4a", "Fig 4a / S2 Fig: spectrally normalised ICR and PCR", lambda p: _fig4a(rows, p)),
         ("error-di", "Test error against DI: objectives for convergence", lambda p: _fig_error_against_di(rows, p)),
@@ -353,15 +438,28 @@ def write_report(sweep_dir: str, out: str = None, references=()) -> str:
 
     groups = group_trials(all_rows)
     left_out = len(all_rows) - len(rows)
-    lines = [f"# Sweep report: {os.path.basename(os.path.abspath(sweep_dir))}", "",
-             f"{len(rows)} finished trials in {len(groups)} groups (trials that differ only in their seed)"
-             + (f"; {left_out} more diverged or failed and are left out of every mean and figure "
-                "(column 'left out'; their reasons are in the last table)" if left_out else "")
-             + (f"; with {', '.join(joined)}" if joined else "") + ". "
-             "Values are mean ± standard deviation over seeds (sample sd; 0 for a single seed). Test error is the "
-             f"final epoch's; chance error {rows[0]['chance_error']:.4f}. Indices: SPEC section 4.", "",
-             "## Groups", "", "| group | n | test error | CI | RI | DI | " + " | ".join(f"DI s{s}" for s in range(1, S + 1))
-             + " | left out |", "|---|---|---|---|---|---|" + "---|" * S + "---|"]
+    lines = [
+        f"# Sweep report: {os.path.basename(os.path.abspath(sweep_dir))}",
+        "",
+        f"{len(rows)} finished trials in {len(groups)} groups (trials that differ only in their seed)"
+        + (
+            f"; {left_out} more diverged or failed and are left out of every mean and figure "
+            "(column 'left out'; their reasons are in the last table)"
+            if left_out
+            else ""
+        )
+        + (f"; with {', '.join(joined)}" if joined else "")
+        + ". "
+        "Values are mean ± standard deviation over seeds (sample sd; 0 for a single seed). Test error is the "
+        f"final epoch's; chance error {rows[0]['chance_error']:.4f}. Indices: SPEC section 4.",
+        "",
+        "## Groups",
+        "",
+        "| group | n | test error | CI | RI | DI | "
+        + " | ".join(f"DI s{s}" for s in range(1, S + 1))
+        + " | left out |",
+        "|---|---|---|---|---|---|" + "---|" * S + "---|",
+    ]
     for key, group in groups.items():
         rs = [r for r in group if r["status"] == "ok"]
         cells = [_fmt(*_mean_sd([r[m] for r in rs])[:2], 4 if m == "final_test_error" else 3) for m in METRICS]
@@ -372,9 +470,14 @@ def write_report(sweep_dir: str, out: str = None, references=()) -> str:
     lines += ["", "## Figures", ""]
     for title, name in figures:
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
-    lines += ["## Every trial", "", "| trial | seed | test error | CI | RI | DI | " +
-              " | ".join(f"CI s{s} | RI s{s} | DI s{s}" for s in range(1, S + 1)) + " | train s |",
-              "|---|---|---|---|---|---|" + "---|---|---|" * S + "---|"]
+    lines += [
+        "## Every trial",
+        "",
+        "| trial | seed | test error | CI | RI | DI | "
+        + " | ".join(f"CI s{s} | RI s{s} | DI s{s}" for s in range(1, S + 1))
+        + " | train s |",
+        "|---|---|---|---|---|---|" + "---|---|---|" * S + "---|",
+    ]
 
     def num(v, d=3):
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
@@ -386,7 +489,10 @@ def write_report(sweep_dir: str, out: str = None, references=()) -> str:
         lines.append(f"| {r['trial']} | {r['seed']} | " + " | ".join(cells) + f" | {r['train_seconds']:.0f} |")
     if left_out:
         lines += ["", "## Diverged and failed trials", "", "| trial | seed | status | reason |", "|---|---|---|---|"]
-        lines += [f"| {r['trial']} | {r['seed']} | {r['status']} | {r.get('reason') or ''} |"
-                  for r in all_rows if r["status"] != "ok"]
+        lines += [
+            f"| {r['trial']} | {r['seed']} | {r['status']} | {r.get('reason') or ''} |"
+            for r in all_rows
+            if r["status"] != "ok"
+        ]
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out

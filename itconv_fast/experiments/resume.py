@@ -32,8 +32,21 @@ def previous_divergence(out_dir: str):
     return None
 
 
-def resume_run(out_dir, config, device, model, optimizer, scheduler, generator, metrics, *, restart_diverged, lr,
-            total_steps, warmup) -> int:
+def resume_run(
+    out_dir,
+    config,
+    device,
+    model,
+    optimizer,
+    scheduler,
+    generator,
+    metrics,
+    *,
+    restart_diverged,
+    lr,
+    total_steps,
+    warmup,
+) -> int:
     """Restores a run from out_dir/checkpoint.pt into the model, optimizer, schedule, RNG and metrics; returns the
     epoch to start from (0 without a checkpoint). A diverged run is restarted only with restart_diverged, and then
     with the new lr and weight decay on the saved schedule; any other change of configuration is refused."""
@@ -42,16 +55,24 @@ def resume_run(out_dir, config, device, model, optimizer, scheduler, generator, 
     diverged = previous_divergence(out_dir)
     if diverged is not None:
         if not restart_diverged:
-            kept = (f"its last good checkpoint (epoch {diverged.get('epoch', 1) - 1}) is kept: restart from it"
-                    if os.path.exists(ckpt_path) else "no epoch had finished: start it again")
+            kept = (
+                f"its last good checkpoint (epoch {diverged.get('epoch', 1) - 1}) is kept: restart from it"
+                if os.path.exists(ckpt_path)
+                else "no epoch had finished: start it again"
+            )
             rule = diverged.get("rule") or f"non-finite {diverged.get('what', 'values')}"
-            raise RunDivergedError(f"{out_dir} diverged ({rule} at epoch "
-                                   f"{diverged.get('epoch')}, step {diverged.get('step')}, lr {diverged.get('lr')}); "
-                                   f"{kept} with --restart-diverged (e.g. with a lower --lr)")
+            raise RunDivergedError(
+                f"{out_dir} diverged ({rule} at epoch "
+                f"{diverged.get('epoch')}, step {diverged.get('step')}, lr {diverged.get('lr')}); "
+                f"{kept} with --restart-diverged (e.g. with a lower --lr)"
+            )
         metrics["restarts"] = [{"diverged": diverged, "lr": config.lr, "weight_decay": config.weight_decay}]
     if os.path.exists(ckpt_path):
-        state = load_checkpoint_state(ckpt_path, map_location=device,
-                                      required=("model", "optimizer", "scheduler", "rng", "epoch", "epochs", "config"))
+        state = load_checkpoint_state(
+            ckpt_path,
+            map_location=device,
+            required=("model", "optimizer", "scheduler", "rng", "epoch", "epochs", "config"),
+        )
         saved = {**dataclasses.asdict(TrainConfig()), **state["config"]}  # fields added since take their defaults
         # compile may differ (same computation to float tolerance; an old run saved true/false, the default is auto)
         may_change = ("compile",) + (RESTARTABLE_FIELDS if diverged is not None else ())

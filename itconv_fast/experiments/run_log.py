@@ -29,8 +29,14 @@ def environment(device) -> dict:
 
 
 EPOCH_FIELDS = ("epoch", "train_loss", "train_error", "test_loss", "test_error", "lr", "seconds", "train_seconds")
-TENSORBOARD_TAGS = {"train_loss": "loss/train", "test_loss": "loss/test", "train_error": "error/train",
-                    "test_error": "error/test", "lr": "lr", "seconds": "seconds_per_epoch"}
+TENSORBOARD_TAGS = {
+    "train_loss": "loss/train",
+    "test_loss": "loss/test",
+    "train_error": "error/train",
+    "test_error": "error/test",
+    "lr": "lr",
+    "seconds": "seconds_per_epoch",
+}
 
 
 def write_metrics_csv(path: str, epochs: list, objectives: Sequence[str] = ()) -> None:
@@ -40,8 +46,9 @@ def write_metrics_csv(path: str, epochs: list, objectives: Sequence[str] = ()) -
     import io
 
     text = io.StringIO()
-    out = csv.DictWriter(text, fieldnames=list(EPOCH_FIELDS) + list(objectives), extrasaction="ignore",
-                         lineterminator="\n")
+    out = csv.DictWriter(
+        text, fieldnames=list(EPOCH_FIELDS) + list(objectives), extrasaction="ignore", lineterminator="\n"
+    )
     out.writeheader()
     out.writerows(epochs)
     atomic_write_text(path, text.getvalue())

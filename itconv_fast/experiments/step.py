@@ -50,10 +50,22 @@ class TrainStep:
     rule; None: only non-finite values are).
     """
 
-    def __init__(self, net: torch.nn.Module, task: datasets.Task, optimizer: torch.optim.Optimizer, scheduler,
-                 coupler: GradientCoupler, *, device: torch.device, accumulate: int = 1, distributed: bool = False,
-                 objectives: Sequence[Objective] = (), model: Optional[torch.nn.Module] = None, seed: int = 0,
-                 loss_limit: Optional[float] = None):
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        task: datasets.Task,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        coupler: GradientCoupler,
+        *,
+        device: torch.device,
+        accumulate: int = 1,
+        distributed: bool = False,
+        objectives: Sequence[Objective] = (),
+        model: Optional[torch.nn.Module] = None,
+        seed: int = 0,
+        loss_limit: Optional[float] = None,
+    ):
         self.net, self.task, self.optimizer, self.scheduler, self.coupler = net, task, optimizer, scheduler, coupler
         self.device, self.accumulate, self.distributed = device, accumulate, distributed
         self.objectives = list(objectives)
@@ -90,8 +102,9 @@ class TrainStep:
             loss = self.task.loss(logits.float(), y)
             total = loss
             if self.objectives:
-                context = ObjectiveContext(self.model, stages.inputs, stages.outputs, x, y, self.task.loss,
-                                           self._generator(m))
+                context = ObjectiveContext(
+                    self.model, stages.inputs, stages.outputs, x, y, self.task.loss, self._generator(m)
+                )
                 for objective in self.objectives:
                     with autocast(self.device):
                         term = objective(context)

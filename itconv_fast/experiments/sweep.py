@@ -44,14 +44,38 @@ from .compilation import sweep_compile_cache_dir, use_compile_cache
 from .config import FIELDS, ConfigError, TrainConfig, build_config, read_yaml
 from .sweep_lock import LOCK_NAME, SweepLocked, sweep_lock  # noqa: F401 (SweepLocked: what run_sweep raises)
 
-__all__ = ["SweepSpec", "Trial", "SweepError", "load_sweep", "expand", "run_sweep", "run_trial", "collect_results",
-           "RESULT_COLUMNS", "pending", "check_out_dir", "trial_status", "STATUSES", "SweepLocked"]
+__all__ = [
+    "SweepSpec",
+    "Trial",
+    "SweepError",
+    "load_sweep",
+    "expand",
+    "run_sweep",
+    "run_trial",
+    "collect_results",
+    "RESULT_COLUMNS",
+    "pending",
+    "check_out_dir",
+    "trial_status",
+    "STATUSES",
+    "SweepLocked",
+]
 
 MAX_TRIALS = 10_000  # a grid larger than this is a mistake (or an attack), not a sweep
 INDEX_OPTIONS = {"extra_iterations": 16, "batch_size": 512, "test_size": None, "method": "cached"}
 STATUSES = ("ok", "diverged", "failed")  # of a trial, in results.csv's status column (with its reason)
-RESULT_COLUMNS = ("status", "reason", "final_test_error", "final_train_error", "final_test_loss", "chance_error", "epochs_run",
-                  "ci", "ri", "di")  # then ci_s1, ri_s1, di_s1, ... per stage, then train_seconds, indices_seconds
+RESULT_COLUMNS = (
+    "status",
+    "reason",
+    "final_test_error",
+    "final_train_error",
+    "final_test_loss",
+    "chance_error",
+    "epochs_run",
+    "ci",
+    "ri",
+    "di",
+)  # then ci_s1, ri_s1, di_s1, ... per stage, then train_seconds, indices_seconds
 
 
 class SweepError(ValueError):
@@ -86,8 +110,11 @@ def _yaml():
 def parse_sweep(values, where: str) -> SweepSpec:
     if not isinstance(values, dict):
         raise SweepError(f"{where}: a sweep file is a mapping with base, grid and (optionally) indices")
-    unknown = sorted(k if isinstance(k, str) and k.isidentifier() else repr(k)
-                     for k in values if k not in ("base", "grid", "indices"))
+    unknown = sorted(
+        k if isinstance(k, str) and k.isidentifier() else repr(k)
+        for k in values
+        if k not in ("base", "grid", "indices")
+    )
     if unknown:
         raise SweepError(f"{where}: unknown top-level key {', '.join(unknown)} (known: base, grid, indices)")
     base = values.get("base") or {}
@@ -181,8 +208,10 @@ def check_out_dir(spec: SweepSpec, out_dir: str) -> None:
             raise SweepError(f"{path}: not readable ({exc})") from None
         if stored != spec.canonical():
             changed = [k for k in ("base", "grid", "indices") if (stored or {}).get(k) != spec.canonical()[k]]
-            raise SweepError(f"{out_dir} holds a different sweep (its sweep.yaml differs in {', '.join(changed) or 'form'}); "
-                             "rerun with the sweep file it was started with, or choose another --out")
+            raise SweepError(
+                f"{out_dir} holds a different sweep (its sweep.yaml differs in {', '.join(changed) or 'form'}); "
+                "rerun with the sweep file it was started with, or choose another --out"
+            )
         return
     if os.path.isdir(out_dir) and [name for name in os.listdir(out_dir) if name != LOCK_NAME]:
         raise SweepError(f"{out_dir} is not empty and holds no sweep.yaml: choose another --out")
@@ -230,7 +259,9 @@ def pending(spec: SweepSpec, out_dir: str, retry_diverged: bool = False) -> list
 
 
 def _write_result(out: str, config: TrainConfig, row: dict) -> None:
-    atomic_write_json(os.path.join(out, "result.json"), {"config": dataclasses.asdict(config), "result": json_safe(row)})
+    atomic_write_json(
+        os.path.join(out, "result.json"), {"config": dataclasses.asdict(config), "result": json_safe(row)}
+    )
 
 
 def run_trial(config: TrainConfig, out: str, indices: dict, report=None, retry_diverged: bool = False) -> dict:
@@ -245,24 +276,41 @@ def run_trial(config: TrainConfig, out: str, indices: dict, report=None, retry_d
     started = time.perf_counter()
     resume = os.path.exists(os.path.join(out, "checkpoint.pt")) or training.previous_divergence(out) is not None
     try:
-        metrics = training.train(config, out, resume=resume, progress=False, on_epoch=report,
-                                 restart_diverged=retry_diverged)
+        metrics = training.train(
+            config, out, resume=resume, progress=False, on_epoch=report, restart_diverged=retry_diverged
+        )
     except TrainingDiverged as exc:
-        row = {"status": "diverged", "reason": exc.describe(), "epochs_run": exc.record.get("epoch", 1) - 1,
-               "session_seconds": time.perf_counter() - started}
+        row = {
+            "status": "diverged",
+            "reason": exc.describe(),
+            "epochs_run": exc.record.get("epoch", 1) - 1,
+            "session_seconds": time.perf_counter() - started,
+        }
         _write_result(out, config, row)
         return row
     train_seconds = sum(e["seconds"] for e in metrics["epochs"])
     t0 = time.perf_counter()
-    index_report = indices_of_run(out, extra_iterations=indices["extra_iterations"], method=indices["method"],
-                                  batch_size=indices["batch_size"], test_size=indices["test_size"], device=config.device)
+    index_report = indices_of_run(
+        out,
+        extra_iterations=indices["extra_iterations"],
+        method=indices["method"],
+        batch_size=indices["batch_size"],
+        test_size=indices["test_size"],
+        device=config.device,
+    )
     atomic_write_json(os.path.join(out, "indices.json"), index_report.to_dict())
     last = metrics["epochs"][-1]
     row = {
-        "status": "ok", "reason": "",
-        "final_test_error": last["test_error"], "final_train_error": last["train_error"],
-        "final_test_loss": last["test_loss"], "chance_error": metrics["chance_error"],
-        "epochs_run": len(metrics["epochs"]), "ci": index_report.ci, "ri": index_report.ri, "di": index_report.di,
+        "status": "ok",
+        "reason": "",
+        "final_test_error": last["test_error"],
+        "final_train_error": last["train_error"],
+        "final_test_loss": last["test_loss"],
+        "chance_error": metrics["chance_error"],
+        "epochs_run": len(metrics["epochs"]),
+        "ci": index_report.ci,
+        "ri": index_report.ri,
+        "di": index_report.di,
     }
     for s, st in enumerate(index_report.stages, start=1):
         row.update({f"ci_s{s}": st.ci, f"ri_s{s}": st.ri, f"di_s{s}": st.di})
@@ -285,8 +333,13 @@ def _tune_trainable(space: dict) -> None:
         use_compile_cache(params["compile_cache"])
     config = TrainConfig(**params["config"])
     try:
-        row = run_trial(config, params["dir"], params["indices"], report=lambda record: tune.report(dict(record)),
-                        retry_diverged=params.get("retry_diverged", False))
+        row = run_trial(
+            config,
+            params["dir"],
+            params["indices"],
+            report=lambda record: tune.report(dict(record)),
+            retry_diverged=params.get("retry_diverged", False),
+        )
     except Exception as exc:  # a crashed trial: recorded as failed (Ray retries it; a success overwrites this)
         lines = str(exc).strip().splitlines()
         reason = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
@@ -296,8 +349,16 @@ def _tune_trainable(space: dict) -> None:
     tune.report({**json_safe(row), "done": True})
 
 
-def run_sweep(spec: SweepSpec, out_dir: str, *, address: Optional[str] = None, cpus_per_run: float = 1,
-              gpus_per_run: float = 0, verbose: int = 1, retry_diverged: bool = False) -> list:
+def run_sweep(
+    spec: SweepSpec,
+    out_dir: str,
+    *,
+    address: Optional[str] = None,
+    cpus_per_run: float = 1,
+    gpus_per_run: float = 0,
+    verbose: int = 1,
+    retry_diverged: bool = False,
+) -> list:
     """Runs the trials of `spec` that are not finished in out_dir on Ray Tune, then writes results.csv.
     Returns the result rows (one per trial with a result, in grid order). A diverged trial is a result and is
     not run again unless retry_diverged; a failed one is run again."""
@@ -323,18 +384,31 @@ def _run_locked(spec, out_dir, address, cpus_per_run, gpus_per_run, verbose, ret
             else:
                 ray.init(address=address, **kwargs)
         try:
-            space = [{"name": t.name, "dir": trial_dir(out_dir, t), "config": dataclasses.asdict(t.config),
-                      "indices": spec.indices, "threads": max(1, int(cpus_per_run)), "retry_diverged": retry_diverged,
-                      "compile_cache": sweep_compile_cache_dir(out_dir)}
-                     for t in todo]
+            space = [
+                {
+                    "name": t.name,
+                    "dir": trial_dir(out_dir, t),
+                    "config": dataclasses.asdict(t.config),
+                    "indices": spec.indices,
+                    "threads": max(1, int(cpus_per_run)),
+                    "retry_diverged": retry_diverged,
+                    "compile_cache": sweep_compile_cache_dir(out_dir),
+                }
+                for t in todo
+            ]
             tuner = tune.Tuner(
                 tune.with_resources(_tune_trainable, {"cpu": cpus_per_run, "gpu": gpus_per_run}),
                 param_space={"trial": tune.grid_search(space)},
-                tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["trial"]["name"],
-                                            trial_dirname_creator=lambda t: t.config["trial"]["name"]),
-                run_config=tune.RunConfig(name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
-                                          storage_path=os.path.join(out_dir, "ray"), verbose=verbose,
-                                          failure_config=tune.FailureConfig(max_failures=2)),
+                tune_config=tune.TuneConfig(
+                    trial_name_creator=lambda t: t.config["trial"]["name"],
+                    trial_dirname_creator=lambda t: t.config["trial"]["name"],
+                ),
+                run_config=tune.RunConfig(
+                    name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+                    storage_path=os.path.join(out_dir, "ray"),
+                    verbose=verbose,
+                    failure_config=tune.FailureConfig(max_failures=2),
+                ),
             )
             results = tuner.fit()
             errors = [r.error for r in results if r.error is not None]
@@ -343,8 +417,10 @@ def _run_locked(spec, out_dir, address, cpus_per_run, gpus_per_run, verbose, ret
                 ray.shutdown()
         if errors:
             collect_results(spec, out_dir)
-            raise SweepError(f"{len(errors)} trial(s) failed (first: {str(errors[0]).strip().splitlines()[-1]}); "
-                             f"rerun the same command to retry them")
+            raise SweepError(
+                f"{len(errors)} trial(s) failed (first: {str(errors[0]).strip().splitlines()[-1]}); "
+                f"rerun the same command to retry them"
+            )
     return collect_results(spec, out_dir)
 
 

@@ -65,8 +65,14 @@ def sweep_lock(out_dir: str):
             if not holder:  # being written by a driver that is starting right now
                 time.sleep(0.1)
                 continue
-            where = "this host" if host == me["host"] else f"host {host} (not checkable from here; remove {path} once that driver is gone)"
-            raise SweepLocked(f"{out_dir} is being swept by pid {pid} on {where}, since {holder.get('started')}")
+            where = (
+                "this host"
+                if host == me["host"]
+                else f"host {host} (not checkable from here; remove {path} once that driver is gone)"
+            )
+            raise SweepLocked(
+                f"{out_dir} is being swept by pid {pid} on {where}, since {holder.get('started')}"
+            ) from None
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(me, f)
         break

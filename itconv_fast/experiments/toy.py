@@ -63,8 +63,9 @@ class ToyResNet(nn.Module):
         self.recurrent = recurrent
         self.encoder = nn.Linear(2, state)
         n = 1 if recurrent else blocks
-        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(state, hidden), nn.ReLU(), nn.Linear(hidden, state))
-                                    for _ in range(n))
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(state, hidden), nn.ReLU(), nn.Linear(hidden, state)) for _ in range(n)
+        )
         self.T = blocks
         self.readout = nn.Linear(state, 2)
 
@@ -144,7 +145,7 @@ def _probe_algorithm(x, z, example_x, T: int, K: int) -> dict:
         "extra_error": [_mse(v, z) for v in traj[T + 1 :]],
         "example_trajectory": ex[: T + 1],
         "example_extra": ex[T:],
-        "example_dropout": {str(t): ex_drop[: t] + ex_drop[t - 1 :] for t in range(1, T + 1)},
+        "example_dropout": {str(t): ex_drop[:t] + ex_drop[t - 1 :] for t in range(1, T + 1)},
     }
 
 
@@ -167,11 +168,17 @@ def run_toy(out_dir: str, config: ToyConfig = ToyConfig(), plot: bool = True) ->
             "final_error": final,
             "error_after_K_extra": last_extra,
             "extra_over_final": last_extra / max(final, 1e-12),
-            "extra_error_nonincreasing": all(b <= a * (1 + 1e-6) + 1e-12 for a, b in zip(r["extra_error"], r["extra_error"][1:])),
+            "extra_error_nonincreasing": all(
+                b <= a * (1 + 1e-6) + 1e-12 for a, b in zip(r["extra_error"], r["extra_error"][1:])
+            ),
         }
-    report = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
-              "forward_model": {"a": list(A), "eps": list(EPS)}, "example_latent": list(config.example),
-              "results": results, "facts": facts}
+    report = {
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
+        "forward_model": {"a": list(A), "eps": list(EPS)},
+        "example_latent": list(config.example),
+        "results": results,
+        "facts": facts,
+    }
     atomic_write_json(os.path.join(out_dir, "toy.json"), report)
     if plot:
         plot_toy(report, os.path.join(out_dir, "toy.png"))
@@ -186,15 +193,22 @@ def plot_toy(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = {"algorithm": "error-corrective iteration", "resnet": "trained ResNet", "recurrent_resnet": "trained recurrent ResNet"}
+    names = {
+        "algorithm": "error-corrective iteration",
+        "resnet": "trained ResNet",
+        "recurrent_resnet": "trained recurrent ResNet",
+    }
     colors = {"algorithm": "C2", "resnet": "C0", "recurrent_resnet": "C1"}
     target = report["example_latent"]
     res = report["results"]
     T = report["config"]["blocks"]
     drop = max(1, T // 2)
     fig, axes = plt.subplots(2, 3, figsize=(13, 8))
-    titles = ["b: read-out after each block", f"c: block {drop} dropped (solid) vs intact (faint)",
-              "d: last block applied again (dashed)"]
+    titles = [
+        "b: read-out after each block",
+        f"c: block {drop} dropped (solid) vs intact (faint)",
+        "d: last block applied again (dashed)",
+    ]
     for j, ax in enumerate(axes[0]):
         for name, r in res.items():
             c = colors[name]
@@ -222,14 +236,23 @@ def plot_toy(report: dict, path: str) -> None:
     for ax, (key, title, xlabel, xs) in zip(axes[1], low):
         for name, r in res.items():
             ys = r[key]
-            ax.plot(list(xs) if xs is not None else list(range(1, len(ys) + 1)), ys, "-o", ms=3, color=colors[name],
-                    label=names[name])
+            ax.plot(
+                list(xs) if xs is not None else list(range(1, len(ys) + 1)),
+                ys,
+                "-o",
+                ms=3,
+                color=colors[name],
+                label=names[name],
+            )
         ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("mean squared error on 4,096 test inputs")
-    fig.suptitle("Toy inverse problem x = (1.5 z1, 0.75 z2) (paper Fig 1): "
-                 f"T = {T} steps; the iteration converges, the trained networks overshoot", fontsize=11)
+    fig.suptitle(
+        "Toy inverse problem x = (1.5 z1, 0.75 z2) (paper Fig 1): "
+        f"T = {T} steps; the iteration converges, the trained networks overshoot",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

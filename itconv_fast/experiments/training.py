@@ -30,17 +30,27 @@ from ..io.checkpoint import atomic_save, atomic_write_json, rng_state, save_chec
 from ..models import IterResNet
 from ..nn.coupling import GradientCoupler
 from ..objectives import make_objective
-from .config import PRESETS, TrainConfig, build_config, config_from, write_config_file  # noqa: F401 (re-exported)
-from .run_log import TENSORBOARD_TAGS, environment, event_writer, write_metrics_csv
-from .divergence import TrainingDiverged, check_finite_state, exploding_loss_limit
-from .resume import RunDivergedError, previous_divergence, resume_run  # noqa: F401 (re-exported)
-from .schedule import lr_factor
 from .compilation import compile_mode, decide_compile, use_compile_cache
+from .config import PRESETS, TrainConfig, build_config, config_from, write_config_file  # noqa: F401 (re-exported)
+from .divergence import TrainingDiverged, check_finite_state, exploding_loss_limit
 from .host_memory import keep_freed_memory
+from .resume import RunDivergedError, previous_divergence, resume_run  # noqa: F401 (re-exported)
+from .run_log import TENSORBOARD_TAGS, environment, event_writer, write_metrics_csv
+from .schedule import lr_factor
 from .step import TrainStep, autocast
 
-__all__ = ["TrainConfig", "PRESETS", "config_from", "build_config", "train", "train_epochs", "evaluate", "build_model",
-           "atomic_save", "atomic_write_json"]
+__all__ = [
+    "TrainConfig",
+    "PRESETS",
+    "config_from",
+    "build_config",
+    "train",
+    "train_epochs",
+    "evaluate",
+    "build_model",
+    "atomic_save",
+    "atomic_write_json",
+]
 
 
 CPU_CHANNELS_LAST_MIN_WIDTH = 16  # measured: benchmarks/NOTES.md "Memory format on the CPU"
@@ -58,9 +68,17 @@ def resolve_device(name: str) -> torch.device:
 def build_model(config: TrainConfig, task: datasets.Task) -> IterResNet:
     side = task.train.images.shape[-1]
     return IterResNet(
-        num_classes=task.num_classes, in_channels=task.in_channels, width=config.width, blocks=config.blocks,
-        stages=config.stages, input_size=side, pcr=config.pcr, sn_mu=config.sn_mu, sn_mode=config.sn_mode,
-        init=config.resolved_init(), bn_gamma_init=config.bn_gamma_init,
+        num_classes=task.num_classes,
+        in_channels=task.in_channels,
+        width=config.width,
+        blocks=config.blocks,
+        stages=config.stages,
+        input_size=side,
+        pcr=config.pcr,
+        sn_mu=config.sn_mu,
+        sn_mode=config.sn_mode,
+        init=config.resolved_init(),
+        bn_gamma_init=config.bn_gamma_init,
     )
 
 
@@ -89,17 +107,27 @@ def objective_values(step: TrainStep) -> dict:
     return values
 
 
-def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
-          task: Optional[datasets.Task] = None, stop_after_epochs: Optional[int] = None, return_model: bool = False,
-          on_epoch=None, restart_diverged: bool = False):
+def train(
+    config: TrainConfig,
+    out_dir: str,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    task: Optional[datasets.Task] = None,
+    stop_after_epochs: Optional[int] = None,
+    return_model: bool = False,
+    on_epoch=None,
+    restart_diverged: bool = False,
+):
     """Trains (or resumes) a run; returns the metrics dict also written to out_dir/metrics.json.
     (train_epochs, the same run as a generator of its epochs' records.)
 
     A non-finite or exploding loss or a non-finite gradient norm raises TrainingDiverged
     (experiments/divergence.py) before the optimizer steps, and a non-finite parameter, buffer or test loss at an
     epoch's end before its checkpoint: metrics.json then says `status: diverged` (with the rule, epoch, step, lr)
-    and checkpoint.pt stays the last good epoch's. resume=True on such a run raises RunDivergedError unless restart_diverged=True,
-    which continues from the last good epoch and lets lr and weight_decay differ from the saved run.
+    and checkpoint.pt stays the last good epoch's. resume=True on such a run raises RunDivergedError unless
+    restart_diverged=True, which continues from the last good epoch and lets lr and weight_decay differ from the
+    saved run.
 
     stop_after_epochs: end after this many epochs of this call (for tests of interruption and resume).
     return_model: return (metrics, model) instead of metrics.
@@ -107,9 +135,17 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
     Under torchrun (WORLD_SIZE > 1) every rank trains on its shard of each global batch with
     DistributedDataParallel (gloo on CPU, nccl on CUDA); only rank 0 writes.
     """
-    epochs = train_epochs(config, out_dir, resume=resume, progress=progress, task=task,
-                          stop_after_epochs=stop_after_epochs, return_model=return_model, on_epoch=on_epoch,
-                          restart_diverged=restart_diverged)
+    epochs = train_epochs(
+        config,
+        out_dir,
+        resume=resume,
+        progress=progress,
+        task=task,
+        stop_after_epochs=stop_after_epochs,
+        return_model=return_model,
+        on_epoch=on_epoch,
+        restart_diverged=restart_diverged,
+    )
     while True:
         try:
             next(epochs)
@@ -117,17 +153,31 @@ def train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: 
             return finished.value
 
 
-def train_epochs(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
-                 task: Optional[datasets.Task] = None, stop_after_epochs: Optional[int] = None,
-                 return_model: bool = False, on_epoch=None, restart_diverged: bool = False):
+def train_epochs(
+    config: TrainConfig,
+    out_dir: str,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    task: Optional[datasets.Task] = None,
+    stop_after_epochs: Optional[int] = None,
+    return_model: bool = False,
+    on_epoch=None,
+    restart_diverged: bool = False,
+):
     """`train` as a generator: yields each finished epoch's record (after its checkpoint is written) and returns
     what train returns. Lets a caller interleave the epochs of several runs (itconv-fast bench train)."""
     run = TrainingRun.start(config, out_dir, resume=resume, task=task, restart_diverged=restart_diverged)
     from tqdm.auto import tqdm
 
     show = progress and run.rank == 0
-    epochs_bar = tqdm(range(run.start_epoch, config.epochs), desc="epochs", disable=not show,
-                      initial=run.start_epoch, total=config.epochs)
+    epochs_bar = tqdm(
+        range(run.start_epoch, config.epochs),
+        desc="epochs",
+        disable=not show,
+        initial=run.start_epoch,
+        total=config.epochs,
+    )
     ran = 0
     for epoch in epochs_bar:
         record = run.train_one_epoch(epoch, show)
@@ -176,26 +226,41 @@ class TrainingRun:
     writer: object = None
 
     @classmethod
-    def start(cls, config: TrainConfig, out_dir: str, *, resume: bool, task: Optional[datasets.Task],
-              restart_diverged: bool) -> "TrainingRun":
+    def start(
+        cls, config: TrainConfig, out_dir: str, *, resume: bool, task: Optional[datasets.Task], restart_diverged: bool
+    ) -> "TrainingRun":
         """Process group, seeds, data, model, optimizer and schedule, the resumed state, compilation and the step."""
         device, rank, world, distributed = _init_distributed(resolve_device(config.device))
         parts = world * config.accumulate
         if config.accumulate < 1 or config.batch_size % parts:
-            raise ValueError(f"batch size {config.batch_size} is not divisible by {world} processes x "
-                             f"{config.accumulate} accumulation steps")
+            raise ValueError(
+                f"batch size {config.batch_size} is not divisible by {world} processes x "
+                f"{config.accumulate} accumulation steps"
+            )
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed)
         if task is None:
-            task = datasets.load(config.dataset, data_dir=config.data_dir, download=config.download and rank == 0,
-                                 n_digits=config.n_digits, train_size=config.train_size, test_size=config.test_size,
-                                 seed=config.seed, cache_dir=config.cache_dir or datasets.default_cache_dir())
+            task = datasets.load(
+                config.dataset,
+                data_dir=config.data_dir,
+                download=config.download and rank == 0,
+                n_digits=config.n_digits,
+                train_size=config.train_size,
+                test_size=config.test_size,
+                seed=config.seed,
+                cache_dir=config.cache_dir or datasets.default_cache_dir(),
+            )
         model = build_model(config, task).to(device)
         # NHWC where it is faster: everywhere on CUDA, stages of 16+ channels on the CPU (IterResNet.to_channels_last).
         model.to_channels_last(min_width=1 if device.type == "cuda" else CPU_CHANNELS_LAST_MIN_WIDTH)
-        coupler = GradientCoupler(model, config.lam, kernel=config.coupling_kernel,
-                                  bandwidth=config.coupling_bandwidth, skip_first=config.skip_first)
+        coupler = GradientCoupler(
+            model,
+            config.lam,
+            kernel=config.coupling_kernel,
+            bandwidth=config.coupling_bandwidth,
+            skip_first=config.skip_first,
+        )
         lr = config.lr * config.batch_size / 128
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=config.weight_decay)
         steps_per_epoch = max(1, len(task.train) // config.batch_size)  # the last partial batch is dropped
@@ -205,27 +270,72 @@ class TrainingRun:
         generator = torch.Generator().manual_seed(config.seed)
 
         os.makedirs(out_dir, exist_ok=True)
-        metrics = {"config": dataclasses.asdict(config), "environment": environment(device), "epochs": [],
-                   "status": "running"}
-        if device.type == "cpu":  # a CPU step maps and zeroes fresh pages for its activations unless freed memory is kept
+        metrics = {
+            "config": dataclasses.asdict(config),
+            "environment": environment(device),
+            "epochs": [],
+            "status": "running",
+        }
+        if (
+            device.type == "cpu"
+        ):  # a CPU step maps and zeroes fresh pages for its activations unless freed memory is kept
             metrics["environment"]["malloc"] = keep_freed_memory()
         start_epoch = 0
         if resume:
-            start_epoch = resume_run(out_dir, config, device, model, optimizer, scheduler, generator, metrics,
-                                  restart_diverged=restart_diverged, lr=lr, total_steps=total_steps, warmup=warmup)
+            start_epoch = resume_run(
+                out_dir,
+                config,
+                device,
+                model,
+                optimizer,
+                scheduler,
+                generator,
+                metrics,
+                restart_diverged=restart_diverged,
+                lr=lr,
+                total_steps=total_steps,
+                warmup=warmup,
+            )
         writer = None
         if rank == 0:
             write_config_file(os.path.join(out_dir, "config.yaml"), config)
             writer = event_writer(out_dir, start_epoch)
         net = _wrap_network(model, config, device, distributed, total_steps - scheduler.last_epoch, metrics)
-        objectives = [make_objective(name, weight, k=config.objective_k, rho=config.objective_rho)
-                      for name, weight in config.objectives.items()]
+        objectives = [
+            make_objective(name, weight, k=config.objective_k, rho=config.objective_rho)
+            for name, weight in config.objectives.items()
+        ]
         limit = exploding_loss_limit(task.loss, task.num_classes, task.train.targets[0])
-        step = TrainStep(net, task, optimizer, scheduler, coupler, device=device, accumulate=config.accumulate,
-                         distributed=distributed, objectives=objectives, model=model, seed=config.seed,
-                         loss_limit=limit)
-        return cls(config, out_dir, device, rank, world, task, model, optimizer, scheduler, generator, metrics, step,
-                   start_epoch, writer)
+        step = TrainStep(
+            net,
+            task,
+            optimizer,
+            scheduler,
+            coupler,
+            device=device,
+            accumulate=config.accumulate,
+            distributed=distributed,
+            objectives=objectives,
+            model=model,
+            seed=config.seed,
+            loss_limit=limit,
+        )
+        return cls(
+            config,
+            out_dir,
+            device,
+            rank,
+            world,
+            task,
+            model,
+            optimizer,
+            scheduler,
+            generator,
+            metrics,
+            step,
+            start_epoch,
+            writer,
+        )
 
     def train_one_epoch(self, epoch: int, show: bool) -> dict:
         """Trains one epoch and evaluates on the test set; returns the epoch's record. Raises TrainingDiverged
@@ -248,9 +358,21 @@ class TrainingRun:
         wrong_sum = torch.zeros((), dtype=torch.int64, device=self.device)
         seen = 0
         term_sums: dict = {}  # objective name (and name/part) -> sum over examples
-        batch_bar = tqdm(datasets.batches(task, task.train, micro, train=True, generator=self.generator,
-                                          device=self.device, indices=mine.reshape(-1)),
-                         total=n_steps * config.accumulate, desc=f"epoch {epoch + 1}", leave=False, disable=not show)
+        batch_bar = tqdm(
+            datasets.batches(
+                task,
+                task.train,
+                micro,
+                train=True,
+                generator=self.generator,
+                device=self.device,
+                indices=mine.reshape(-1),
+            ),
+            total=n_steps * config.accumulate,
+            desc=f"epoch {epoch + 1}",
+            leave=False,
+            disable=not show,
+        )
         for i, (x, y) in enumerate(batch_bar):
             try:
                 loss, logits = step(x, y, i % config.accumulate)
@@ -291,8 +413,14 @@ class TrainingRun:
     def _stop_diverged(self, exc: TrainingDiverged, epoch: int, step_in_epoch: Optional[int] = None):
         """Records the divergence in metrics.json (the checkpoint stays the last good epoch's) and raises it with
         where it happened."""
-        record = dict(epoch=epoch + 1, step=self.scheduler.last_epoch + (1 if exc.step_refused else 0),
-                      lr=self.optimizer.param_groups[0]["lr"], what=exc.what, value=str(exc.value), rule=exc.rule)
+        record = dict(
+            epoch=epoch + 1,
+            step=self.scheduler.last_epoch + (1 if exc.step_refused else 0),
+            lr=self.optimizer.param_groups[0]["lr"],
+            what=exc.what,
+            value=str(exc.value),
+            rule=exc.rule,
+        )
         if step_in_epoch is not None:
             record["step_in_epoch"] = step_in_epoch
         if exc.limit is not None:
@@ -311,15 +439,25 @@ class TrainingRun:
         if self.rank != 0:
             return
         config = self.config
-        save_checkpoint({"model": self.model.state_dict(), "model_config": self.model.config,
-                         "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                         "rng": rng_state(self.generator), "epoch": epoch, "epochs": self.metrics["epochs"],
-                         "config": dataclasses.asdict(config),
-                         "resumed_at_epochs": self.metrics.get("resumed_at_epochs", []),
-                         "restarts": self.metrics.get("restarts", [])}, os.path.join(self.out_dir, "checkpoint.pt"))
+        save_checkpoint(
+            {
+                "model": self.model.state_dict(),
+                "model_config": self.model.config,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(self.generator),
+                "epoch": epoch,
+                "epochs": self.metrics["epochs"],
+                "config": dataclasses.asdict(config),
+                "resumed_at_epochs": self.metrics.get("resumed_at_epochs", []),
+                "restarts": self.metrics.get("restarts", []),
+            },
+            os.path.join(self.out_dir, "checkpoint.pt"),
+        )
         atomic_write_json(os.path.join(self.out_dir, "metrics.json"), self.metrics)
-        write_metrics_csv(os.path.join(self.out_dir, "metrics.csv"), self.metrics["epochs"],
-                          objectives=list(config.objectives))
+        write_metrics_csv(
+            os.path.join(self.out_dir, "metrics.csv"), self.metrics["epochs"], objectives=list(config.objectives)
+        )
         for key, tag in TENSORBOARD_TAGS.items():
             self.writer.add_scalar(tag, record[key], epoch + 1)
         for key in record:
@@ -342,9 +480,12 @@ def _wrap_network(model, config: TrainConfig, device, distributed: bool, steps_l
     whether compilation is on and why)."""
     net = model
     if distributed:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    compiled, why = decide_compile(config.compile, device, steps_left, objectives=bool(config.objectives),
-                                   distributed=distributed)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    compiled, why = decide_compile(
+        config.compile, device, steps_left, objectives=bool(config.objectives), distributed=distributed
+    )
     metrics["compile"] = {"setting": config.compile, "on": compiled, "reason": why}
     if compiled:
         metrics["compile"].update(cache_dir=use_compile_cache(), mode=compile_mode(device))

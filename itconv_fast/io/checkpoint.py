@@ -19,8 +19,18 @@ import tempfile
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint_state", "rng_state", "set_rng_state",
-           "atomic_file", "atomic_save", "atomic_write_json", "atomic_write_text", "json_safe"]
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint_state",
+    "rng_state",
+    "set_rng_state",
+    "atomic_file",
+    "atomic_save",
+    "atomic_write_json",
+    "atomic_write_text",
+    "json_safe",
+]
 
 
 class CheckpointError(ValueError):
@@ -157,8 +167,13 @@ def rng_state(generator: torch.Generator) -> dict:
         "torch": torch.get_rng_state(),
         "data": generator.get_state(),
         "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss},
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -171,7 +186,8 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss_next"]))
     nps = state["numpy"]
-    np.random.set_state((nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
-                         nps["cached_gaussian"]))
+    np.random.set_state(
+        (nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached_gaussian"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

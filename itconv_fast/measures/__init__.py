@@ -7,6 +7,19 @@ from .analysis import MEASURES, AnalysisReport, BlockRefinement, StageAnalysis, 
 from .indices import IndexReport, StageIndices, compute_indices, index_flops
 from .lipschitz import LayerLipschitz, LipschitzReport, circular_exact_sigmas, lipschitz_report
 
-__all__ = ["compute_indices", "IndexReport", "StageIndices", "index_flops", "analyze", "AnalysisReport",
-           "StageAnalysis", "BlockRefinement", "MEASURES", "plot_analysis", "lipschitz_report", "LipschitzReport",
-           "LayerLipschitz", "circular_exact_sigmas"]
+__all__ = [
+    "compute_indices",
+    "IndexReport",
+    "StageIndices",
+    "index_flops",
+    "analyze",
+    "AnalysisReport",
+    "StageAnalysis",
+    "BlockRefinement",
+    "MEASURES",
+    "plot_analysis",
+    "lipschitz_report",
+    "LipschitzReport",
+    "LayerLipschitz",
+    "circular_exact_sigmas",
+]

@@ -38,8 +38,17 @@ import torch
 
 from ..io.checkpoint import json_safe
 from ..models.residual import block_update, check_residual_model
-from .evaluator import (PassHooks, Tally, cached_pass, check_batch_size, check_extra_iterations, evaluate_batches,
-                        per_example_norm, stage_iterations, top1_wrong)
+from .evaluator import (
+    PassHooks,
+    Tally,
+    cached_pass,
+    check_batch_size,
+    check_extra_iterations,
+    evaluate_batches,
+    per_example_norm,
+    stage_iterations,
+    top1_wrong,
+)
 from .indices import IndexReport, index_report
 
 __all__ = ["analyze", "AnalysisReport", "StageAnalysis", "BlockRefinement", "MEASURES", "plot_analysis"]
@@ -79,9 +88,17 @@ class AnalysisReport:
     per_example: dict = field(default_factory=dict, repr=False)  # (stage, name) -> tensor; not in to_dict
 
     def to_dict(self) -> dict:
-        return json_safe({"measures": list(self.measures), "threshold": self.threshold, "loss": self.loss,
-                      "indices": self.indices.to_dict(), "stages": [asdict(s) for s in self.stages],
-                      "anytime_all_error": self.anytime_all_error, "anytime_all_loss": self.anytime_all_loss})
+        return json_safe(
+            {
+                "measures": list(self.measures),
+                "threshold": self.threshold,
+                "loss": self.loss,
+                "indices": self.indices.to_dict(),
+                "stages": [asdict(s) for s in self.stages],
+                "anytime_all_error": self.anytime_all_error,
+                "anytime_all_loss": self.anytime_all_loss,
+            }
+        )
 
 
 def _default_loss(logits, targets):
@@ -152,7 +169,9 @@ def _refinement_batch(model, x, y, loss_fn, store):
                 g = -grads[i].flatten(1)
                 i += 1
                 dn, gn = delta.norm(dim=1), g.norm(dim=1)
-                cos = torch.where((dn > 0) & (gn > 0), (delta * g).sum(1) / (dn * gn).clamp_min(1e-30), torch.zeros_like(dn))
+                cos = torch.where(
+                    (dn > 0) & (gn > 0), (delta * g).sum(1) / (dn * gn).clamp_min(1e-30), torch.zeros_like(dn)
+                )
                 ratio = dn / per_example_norm(traj[t - 1]).clamp_min(1e-12)
                 store.setdefault((s, t, "cos"), []).append(cos.double().cpu())
                 store.setdefault((s, t, "ratio"), []).append(ratio.double().cpu())
@@ -180,7 +199,11 @@ def _anytime_all_batch(model, x, y, error_fn, loss_fn, k_max, wrong: Tally, loss
 def _summary(values: torch.Tensor, threshold: float) -> dict:
     """Per column (step) of an [N, steps] tensor: median, 90th percentile, share under threshold."""
     q = torch.quantile(values, torch.tensor([0.5, 0.9], dtype=values.dtype), dim=0)
-    return {"median": q[0].tolist(), "p90": q[1].tolist(), "share_below": (values < threshold).double().mean(0).tolist()}
+    return {
+        "median": q[0].tolist(),
+        "p90": q[1].tolist(),
+        "share_below": (values < threshold).double().mean(0).tolist(),
+    }
 
 
 def analyze(
@@ -244,9 +267,18 @@ def analyze(
                 ratio = torch.cat(per_example.pop((s, t, "ratio")))
                 per_example[(s, f"cosine_block{t}")] = cos
                 per_example[(s, f"ratio_block{t}")] = ratio
-                st.refinement.append(BlockRefinement(
-                    float(cos.mean()), _quartiles(cos), float(ratio.mean()), _quartiles(ratio),
-                    loss_of((s, "drop", t)), err_of((s, "drop", t)), loss_of((s, "twice", t)), err_of((s, "twice", t))))
+                st.refinement.append(
+                    BlockRefinement(
+                        float(cos.mean()),
+                        _quartiles(cos),
+                        float(ratio.mean()),
+                        _quartiles(ratio),
+                        loss_of((s, "drop", t)),
+                        err_of((s, "drop", t)),
+                        loss_of((s, "twice", t)),
+                        err_of((s, "twice", t)),
+                    )
+                )
         if "anytime" in measures:
             keys = [(s, "conv", k) for k in range(1, T)] + ["star"] + [(s, "div", k) for k in range(1, K + 1)]
             st.anytime_error = [err_of(key) for key in keys]
@@ -258,15 +290,22 @@ def analyze(
             update = residual[:, :K]  # step k = 1..K: ||z_{T+k} - z_{T+k-1}|| / ||z_{T+k-1}||
             per_example[(s, "fixed_point_residual")] = residual
             per_example[(s, "step_norm")] = steps
-            st.trace = {"relative_update": _summary(update, threshold), "fixed_point_residual": _summary(residual, threshold)}
+            st.trace = {
+                "relative_update": _summary(update, threshold),
+                "fixed_point_residual": _summary(residual, threshold),
+            }
             if stage.pcr:
                 factor = steps[:, 1:] / steps[:, :-1].clamp_min(1e-30)  # k = 1..K
                 per_example[(s, "contraction")] = factor
-                st.trace["contraction"] = {"median": factor.median(0).values.tolist(), "max": factor.max(0).values.tolist(),
-                                           "lipschitz_bound": getattr(getattr(stage, "sn", None), "mu", None)}
+                st.trace["contraction"] = {
+                    "median": factor.median(0).values.tolist(),
+                    "max": factor.max(0).values.tolist(),
+                    "lipschitz_bound": getattr(getattr(stage, "sn", None), "mu", None),
+                }
         stages.append(st)
-    report = AnalysisReport(indices, loss_of("star"), stages, threshold=float(threshold), measures=measures,
-                            per_example=per_example)
+    report = AnalysisReport(
+        indices, loss_of("star"), stages, threshold=float(threshold), measures=measures, per_example=per_example
+    )
     if "anytime" in measures:
         if k_plain is not None:
             all_wrong.add(k_plain, counter["star"])
@@ -305,8 +344,13 @@ def plot_analysis(report: AnalysisReport, path: str) -> None:
                 ref = report.stages[s].refinement
                 ts = range(1, len(ref) + 1)
                 ax.plot(ts, [b.cosine_mean for b in ref], "o-", ms=3, color="C0", label="cos(update, -grad)")
-                ax.fill_between(ts, [b.cosine_quartiles[0] for b in ref], [b.cosine_quartiles[2] for b in ref],
-                                color="C0", alpha=0.2)
+                ax.fill_between(
+                    ts,
+                    [b.cosine_quartiles[0] for b in ref],
+                    [b.cosine_quartiles[2] for b in ref],
+                    color="C0",
+                    alpha=0.2,
+                )
                 ax.plot(ts, [b.ratio_mean for b in ref], "s-", ms=3, color="C1", label="||update|| / ||z||")
                 ax.axhline(0, color="k", lw=0.5)
                 ax.set_xlabel("block t")
@@ -316,8 +360,13 @@ def plot_analysis(report: AnalysisReport, path: str) -> None:
                 ks = range(1, len(st.anytime_error) + 1)
                 T = len(idx.stages[s].e_drop)
                 ax.plot(ks, st.anytime_error, "o-", ms=3, label=f"stage {s + 1} runs k")
-                ax.plot(range(1, len(report.anytime_all_error) + 1), report.anytime_all_error, "-", color="0.5",
-                        label="all stages run k")
+                ax.plot(
+                    range(1, len(report.anytime_all_error) + 1),
+                    report.anytime_all_error,
+                    "-",
+                    color="0.5",
+                    label="all stages run k",
+                )
                 ax.axvline(T, color="k", ls=":", lw=1)
                 ax.axhline(idx.chance_error, color="C3", ls="--", lw=1)
                 ax.set_ylim(-0.02, 1.02)
@@ -331,8 +380,13 @@ def plot_analysis(report: AnalysisReport, path: str) -> None:
                 ax.semilogy(ks, tr["fixed_point_residual"]["p90"], "--", label="residual p90")
                 ax.axhline(report.threshold, color="C3", ls=":", lw=1, label=f"threshold {report.threshold:g}")
                 if "contraction" in tr:
-                    ax.semilogy(range(1, len(tr["contraction"]["median"]) + 1), tr["contraction"]["median"], "s-", ms=3,
-                                label="contraction median")
+                    ax.semilogy(
+                        range(1, len(tr["contraction"]["median"]) + 1),
+                        tr["contraction"]["median"],
+                        "s-",
+                        ms=3,
+                        label="contraction median",
+                    )
                 ax.set_xlabel("extra iterations k")
                 ax.legend(fontsize=7)
             ax.set_title(f"stage {s + 1}: {measure}", fontsize=9)

@@ -23,9 +23,23 @@ import torch
 
 from ..models.residual import block_update
 
-__all__ = ["Tally", "PassHooks", "NonFiniteOutputsError", "check_extra_iterations", "check_batch_size",
-           "iterate_batches", "evaluate_batches", "cached_pass", "reference_pass", "stage_output", "stage_iterations",
-           "forward_with_stage_perturbed", "rest_of_network", "top1_wrong", "per_example_norm"]
+__all__ = [
+    "Tally",
+    "PassHooks",
+    "NonFiniteOutputsError",
+    "check_extra_iterations",
+    "check_batch_size",
+    "iterate_batches",
+    "evaluate_batches",
+    "cached_pass",
+    "reference_pass",
+    "stage_output",
+    "stage_iterations",
+    "forward_with_stage_perturbed",
+    "rest_of_network",
+    "top1_wrong",
+    "per_example_norm",
+]
 
 
 class Tally:
@@ -171,7 +185,8 @@ def check_finite_outputs(logits: torch.Tensor) -> None:
     if bad.any():
         raise NonFiniteOutputsError(
             f"the network's outputs are not finite (NaN or inf) on {int(bad.sum())} of {logits.shape[0]} examples of "
-            "a batch: its errors and indices are undefined (did its training diverge?)")
+            "a batch: its errors and indices are undefined (did its training diverge?)"
+        )
 
 
 def reference_pass(model, x, y, wrong_fn, errors: Tally, K: int) -> int:
@@ -231,8 +246,9 @@ class _StageBatcher:
         self.pending.clear()
 
 
-def cached_pass(model, x, y, wrong_fn, errors: Tally, K: int, chunk: int, norms: Tally,
-                hooks: Optional[PassHooks] = None) -> int:
+def cached_pass(
+    model, x, y, wrong_fn, errors: Tally, K: int, chunk: int, norms: Tally, hooks: Optional[PassHooks] = None
+) -> int:
     """One batch of the cached evaluator: wrong counts of the unperturbed network ("star") and of every
     perturbation ((s, "conv", t), (s, "drop", t), (s, "div", k)) into errors, per-block relative updates
     ((s, "update", t)) and the first extra iteration's fixed-point residual ((s, "fixed")) into norms.

@@ -27,14 +27,28 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional, Union
 
-
 from ..io.checkpoint import json_safe
 from ..models.residual import check_residual_model
-from .evaluator import (NonFiniteOutputsError, Tally, cached_pass, check_batch_size, check_extra_iterations,
-                        evaluate_batches, reference_pass, top1_wrong)
+from .evaluator import (
+    NonFiniteOutputsError,
+    Tally,
+    cached_pass,
+    check_batch_size,
+    check_extra_iterations,
+    evaluate_batches,
+    reference_pass,
+    top1_wrong,
+)
 
-__all__ = ["compute_indices", "IndexReport", "StageIndices", "index_flops", "index_report", "NonFiniteOutputsError",
-           "METHODS"]
+__all__ = [
+    "compute_indices",
+    "IndexReport",
+    "StageIndices",
+    "index_flops",
+    "index_report",
+    "NonFiniteOutputsError",
+    "METHODS",
+]
 
 METHODS = ("cached", "reference")
 
@@ -117,8 +131,16 @@ def compute_indices(
     return index_report(model, errors, norms, n, num_classes, extra_iterations, method, chance_error)
 
 
-def index_report(model, errors: Tally, norms: Tally, n: int, num_classes: int, extra_iterations: int, method: str,
-                 chance_error: Optional[float]) -> IndexReport:
+def index_report(
+    model,
+    errors: Tally,
+    norms: Tally,
+    n: int,
+    num_classes: int,
+    extra_iterations: int,
+    method: str,
+    chance_error: Optional[float],
+) -> IndexReport:
     """The indices from the evaluator's tallies (SPEC section 4)."""
     e_ch = chance_error if chance_error is not None else 1.0 - 1.0 / num_classes
     e_star = errors["star"] / n
@@ -164,7 +186,9 @@ def index_flops(model, extra_iterations: int = 16) -> dict:
         rest = sum(T[s + 1 :])
         # Reference: a full forward per perturbation (early read-out skips T-t blocks, drop-out one,
         # extra iterations add k).
-        reference += sum(full - (Ts - t) for t in range(1, Ts)) + Ts * (full - 1) + sum(full + k for k in range(1, K + 1))
+        reference += (
+            sum(full - (Ts - t) for t in range(1, Ts)) + Ts * (full - 1) + sum(full + k for k in range(1, K + 1))
+        )
         # Cached: every perturbed stage output goes through the rest of the network once; drop-out of
         # block t re-runs blocks t+1..T from the cached z_{t-1}; extra iterations are incremental.
         cached += (Ts - 1 + Ts + K) * rest + sum(Ts - t for t in range(1, Ts + 1)) + K

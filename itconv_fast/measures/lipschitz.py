@@ -24,8 +24,18 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..nn.geometry import (LayerGeometry, as_matrix, compute_dtype, dilate_kernel, normalize_rows, output_size,
-                                 power_steps, gram_sigmas, layer_geometry, supported_layer)
+from ..nn.geometry import (
+    LayerGeometry,
+    as_matrix,
+    compute_dtype,
+    dilate_kernel,
+    gram_sigmas,
+    layer_geometry,
+    normalize_rows,
+    output_size,
+    power_steps,
+    supported_layer,
+)
 
 __all__ = ["LayerLipschitz", "LipschitzReport", "lipschitz_report", "circular_exact_sigmas"]
 
@@ -73,15 +83,27 @@ class LipschitzReport:
             return "-" if x is None else f"{x:.4g}"
 
         header = ["layer", "type", "input", "matrix", "operator", "gram bound", "exact (FFT)"]
-        body = [[r.name, r.layer, "x".join(map(str, r.input_size)) if r.input_size else "-", f(r.matrix),
-                 f(r.operator), f(r.gram), f(r.exact)] for r in self.layers]
+        body = [
+            [
+                r.name,
+                r.layer,
+                "x".join(map(str, r.input_size)) if r.input_size else "-",
+                f(r.matrix),
+                f(r.operator),
+                f(r.gram),
+                f(r.exact),
+            ]
+            for r in self.layers
+        ]
         body.append(["product", "", "", f(self.product_matrix), f(self.product_operator), f(self.product_gram), ""])
         return [header] + body
 
     def table(self) -> str:
         rows = self.rows()
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 
@@ -92,18 +114,29 @@ class LipschitzReport:
         return "\n".join(out)
 
     def to_dict(self) -> dict:
-        return {"layers": [asdict(r) for r in self.layers], "product_matrix": self.product_matrix,
-                "product_operator": self.product_operator, "product_gram": self.product_gram,
-                "power_iterations": self.power_iterations, "gram_iterations": self.gram_iterations}
+        return {
+            "layers": [asdict(r) for r in self.layers],
+            "product_matrix": self.product_matrix,
+            "product_operator": self.product_operator,
+            "product_gram": self.product_gram,
+            "power_iterations": self.power_iterations,
+            "gram_iterations": self.gram_iterations,
+        }
 
     def __str__(self) -> str:
         return self.table()
 
 
 def _circular_exact_ok(g: LayerGeometry, input_size: tuple) -> bool:
-    return (g.kind == "conv" and g.padding_mode == "circular" and all(s == 1 for s in g.stride)
-            and all(g.pads[2 * i] + g.pads[2 * i + 1] == d * (k - 1)
-                    for i, (d, k) in enumerate(zip(reversed(g.dilation), reversed(g.kernel_size)))))
+    return (
+        g.kind == "conv"
+        and g.padding_mode == "circular"
+        and all(s == 1 for s in g.stride)
+        and all(
+            g.pads[2 * i] + g.pads[2 * i + 1] == d * (k - 1)
+            for i, (d, k) in enumerate(zip(reversed(g.dilation), reversed(g.kernel_size)))
+        )
+    )
 
 
 def circular_exact_sigmas(geometry: LayerGeometry, weights: list[torch.Tensor], input_size: tuple) -> torch.Tensor:
@@ -119,12 +152,12 @@ def circular_exact_sigmas(geometry: LayerGeometry, weights: list[torch.Tensor], 
         dense = w.new_zeros((c_out, c_in_g * groups) + tuple(w.shape[2:]))
         step = c_out // groups
         for j in range(groups):
-            dense[j * step:(j + 1) * step, j * c_in_g:(j + 1) * c_in_g] = w[j * step:(j + 1) * step]
+            dense[j * step : (j + 1) * step, j * c_in_g : (j + 1) * c_in_g] = w[j * step : (j + 1) * step]
         # Taps beyond the input size wrap around (fftn's s= would truncate them).
         for i, n in enumerate(input_size):
             dim, k = 2 + i, dense.shape[2 + i]
             if k > n:
-                folded = dense.new_zeros(dense.shape[:dim] + (n,) + dense.shape[dim + 1:])
+                folded = dense.new_zeros(dense.shape[:dim] + (n,) + dense.shape[dim + 1 :])
                 for start in range(0, k, n):
                     part = dense.narrow(dim, start, min(n, k - start))
                     folded.narrow(dim, 0, part.shape[dim]).add_(part)
@@ -162,8 +195,15 @@ def _record_input_sizes(model: nn.Module, example_input) -> dict:
     return sizes
 
 
-def lipschitz_report(model: nn.Module, example_input, *, power_iterations: int = 100, gram_iterations: int = 4,
-                     gram: bool = True, seed: int = 0) -> LipschitzReport:
+def lipschitz_report(
+    model: nn.Module,
+    example_input,
+    *,
+    power_iterations: int = 100,
+    gram_iterations: int = 4,
+    gram: bool = True,
+    seed: int = 0,
+) -> LipschitzReport:
     """Per-layer sigma by every estimator (see the module docstring), batched per geometry group.
 
     Args:
@@ -183,12 +223,18 @@ def lipschitz_report(model: nn.Module, example_input, *, power_iterations: int =
     groups: dict = {}
     order = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats and module.running_var is not None:
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and module.track_running_stats
+            and module.running_var is not None
+        ):
             scale = module.running_var.add(module.eps).rsqrt()
             if module.weight is not None:
                 scale = scale * module.weight.detach()
             value = scale.abs().max().item()
-            rows[name] = LayerLipschitz(name, type(module).__name__, None, value, value, value, value, "eval-mode scale")
+            rows[name] = LayerLipschitz(
+                name, type(module).__name__, None, value, value, value, value, "eval-mode scale"
+            )
             order.append(name)
             continue
         if not supported_layer(module):

@@ -6,11 +6,36 @@ torchvision-like ResNets used by benchmarks and examples. Builds on ops, nn and 
 from . import zoo
 from .integrations import hf_decoder_adapter, residual_model, timm_vit_adapter, torchvision_resnet_adapter
 from .iter_resnet import INITS, Block, IterResNet, Stage, Transition, load_checkpoint
-from .residual import (LayerResidual, ResidualStack, check_residual_model, sequence_error, sequence_loss,
-                       transformer_encoder_adapter)
+from .residual import (
+    LayerResidual,
+    ResidualStack,
+    check_residual_model,
+    sequence_error,
+    sequence_loss,
+    transformer_encoder_adapter,
+)
 from .stage_spectral_norm import StageSpectralNorm, bn_scale, check_mu, fold_batchnorm
 
-__all__ = ["IterResNet", "Stage", "Block", "Transition", "load_checkpoint", "INITS", "StageSpectralNorm",
-           "fold_batchnorm", "bn_scale", "check_mu", "ResidualStack", "LayerResidual", "transformer_encoder_adapter",
-           "check_residual_model", "sequence_error", "sequence_loss", "zoo", "residual_model",
-           "torchvision_resnet_adapter", "timm_vit_adapter", "hf_decoder_adapter"]
+__all__ = [
+    "IterResNet",
+    "Stage",
+    "Block",
+    "Transition",
+    "load_checkpoint",
+    "INITS",
+    "StageSpectralNorm",
+    "fold_batchnorm",
+    "bn_scale",
+    "check_mu",
+    "ResidualStack",
+    "LayerResidual",
+    "transformer_encoder_adapter",
+    "check_residual_model",
+    "sequence_error",
+    "sequence_loss",
+    "zoo",
+    "residual_model",
+    "torchvision_resnet_adapter",
+    "timm_vit_adapter",
+    "hf_decoder_adapter",
+]

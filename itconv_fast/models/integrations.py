@@ -102,9 +102,12 @@ class _DecoderLayer(nn.Module):
 
         backbone = self._backbone[0]
         positions = torch.arange(z.shape[1], device=z.device)[None]
-        kwargs = {"attention_mask": create_causal_mask(config=backbone.config, inputs_embeds=z, attention_mask=None,
-                                                       cache=None, position_ids=positions),
-                  "position_ids": positions}
+        kwargs = {
+            "attention_mask": create_causal_mask(
+                config=backbone.config, inputs_embeds=z, attention_mask=None, cache=None, position_ids=positions
+            ),
+            "position_ids": positions,
+        }
         if hasattr(backbone, "rotary_emb"):
             kwargs["position_embeddings"] = backbone.rotary_emb(z, position_ids=positions)
         out = self.layer(z, **kwargs)
@@ -130,10 +133,13 @@ def hf_decoder_adapter(model: nn.Module) -> ResidualStack:
         backbone = model.model
         stem, layers, norm = backbone.embed_tokens, backbone.layers, backbone.norm
     else:
-        raise TypeError(f"hf_decoder_adapter: {type(model).__name__} is neither GPT-2-like (transformer.h) nor "
-                        "Llama-like (model.layers)")
-    return ResidualStack.from_layers(stem, [[_DecoderLayer(layer, backbone) for layer in layers]],
-                                     nn.Sequential(norm, head_layer))
+        raise TypeError(
+            f"hf_decoder_adapter: {type(model).__name__} is neither GPT-2-like (transformer.h) nor "
+            "Llama-like (model.layers)"
+        )
+    return ResidualStack.from_layers(
+        stem, [[_DecoderLayer(layer, backbone) for layer in layers]], nn.Sequential(norm, head_layer)
+    )
 
 
 def residual_model(model: nn.Module) -> ResidualStack:

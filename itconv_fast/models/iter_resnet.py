@@ -61,8 +61,11 @@ class Block(nn.Module):
 
     def f_with_conv2(self, z: torch.Tensor, conv2_weight: torch.Tensor) -> torch.Tensor:
         """f(z) with conv2's kernel replaced by `conv2_weight` (its spectrally corrected kernel)."""
-        h = _bn_relu(self.bn2, self._from_conv(self.conv1(self._to_conv(_bn_relu(self.bn1, z, self.fused_bn_relu)))),
-                     self.fused_bn_relu)
+        h = _bn_relu(
+            self.bn2,
+            self._from_conv(self.conv1(self._to_conv(_bn_relu(self.bn1, z, self.fused_bn_relu)))),
+            self.fused_bn_relu,
+        )
         return self._from_conv(nn.functional.conv2d(self._to_conv(h), conv2_weight, padding=self.conv2.padding))
 
     def _to_conv(self, h: torch.Tensor) -> torch.Tensor:
@@ -82,14 +85,18 @@ class Block(nn.Module):
 class Stage(nn.Module):
     """T blocks of one width; optionally spectrally normalised (one batched call per conv slot)."""
 
-    def __init__(self, channels: int, blocks: int, input_size: int, pcr: bool, sn_mu: Optional[float], sn_mode: str) -> None:
+    def __init__(
+        self, channels: int, blocks: int, input_size: int, pcr: bool, sn_mu: Optional[float], sn_mode: str
+    ) -> None:
         super().__init__()
         self.pcr = pcr
         self.blocks = nn.ModuleList(Block(channels) for _ in range(blocks))
         for t, block in enumerate(self.blocks):
             block._stage = weakref.ref(self)
             block.index = t
-        self.sn = StageSpectralNorm(blocks, channels, (input_size, input_size), sn_mu, sn_mode) if sn_mu is not None else None
+        self.sn = (
+            StageSpectralNorm(blocks, channels, (input_size, input_size), sn_mu, sn_mode) if sn_mu is not None else None
+        )
         self._cached = None  # (key, corrections) for evaluation
         self.memory_format = None  # of the activations; the input is converted to it (IterResNet.to_channels_last)
 
@@ -102,8 +109,11 @@ class Stage(nn.Module):
         return conv1, conv2, stacked_bn_scales([x.bn1 for x in b]), stacked_bn_scales([x.bn2 for x in b])
 
     def _state_key(self):
-        tensors = [t for x in self.blocks for t in (x.conv1.weight, x.conv2.weight, x.bn1.weight, x.bn2.weight,
-                                                     x.bn1.running_var, x.bn2.running_var)]
+        tensors = [
+            t
+            for x in self.blocks
+            for t in (x.conv1.weight, x.conv2.weight, x.bn1.weight, x.bn2.weight, x.bn1.running_var, x.bn2.running_var)
+        ]
         tensors += [self.sn.u1, self.sn.u2]
         return tuple((id(t), t._version) for t in tensors)
 
@@ -149,16 +159,18 @@ class Stage(nn.Module):
             if self.training:
                 self._cached = None
             b = self.blocks
-            return self.sn.bounded_conv2([x.conv1 for x in b], [x.conv2 for x in b], [x.bn1 for x in b],
-                                         [x.bn2 for x in b], update=self.training)[0].unbind(0)
+            return self.sn.bounded_conv2(
+                [x.conv1 for x in b], [x.conv2 for x in b], [x.bn1 for x in b], [x.bn2 for x in b], update=self.training
+            )[0].unbind(0)
         c, conv2 = self._corrections(update=False)
         if conv2 is None:  # the corrections came from the evaluation cache
             conv2 = torch.stack([b.conv2.weight for b in self.blocks])
         # Every block's conv2 / c_t in one division (the same numbers as T divisions).
         return (conv2 / c.to(conv2.dtype).view(-1, 1, 1, 1, 1)).unbind(0)
 
-    def forward(self, x: torch.Tensor, *, stop_after: Optional[int] = None,
-                conv2: Optional[tuple] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, stop_after: Optional[int] = None, conv2: Optional[tuple] = None
+    ) -> torch.Tensor:
         """The stage's T block updates (the first `stop_after` only, if given). conv2: the blocks' corrected
         kernels from `corrected_conv2()` when the caller computed them already (IterResNet.forward does, for
         all stages first)."""
@@ -221,8 +233,14 @@ class IterResNet(nn.Module):
         bn_gamma_init: float = 1.0,
     ) -> None:
         super().__init__()
-        for name, value, low in (("num_classes", num_classes, 1), ("in_channels", in_channels, 1), ("width", width, 1),
-                                 ("blocks", blocks, 1), ("stages", stages, 1), ("input_size", input_size, 1)):
+        for name, value, low in (
+            ("num_classes", num_classes, 1),
+            ("in_channels", in_channels, 1),
+            ("width", width, 1),
+            ("blocks", blocks, 1),
+            ("stages", stages, 1),
+            ("input_size", input_size, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"IterResNet: {name} must be an int >= {low}, got {value!r}")
         if init not in INITS:
@@ -230,10 +248,22 @@ class IterResNet(nn.Module):
         if sn_mu is not None:
             sn_mu = check_mu(sn_mu)
         if input_size % 2 ** (stages - 1):
-            raise ValueError(f"IterResNet: input_size {input_size} is not divisible by 2^(stages-1) = {2 ** (stages - 1)}")
-        self.config = dict(num_classes=num_classes, in_channels=in_channels, width=width, blocks=blocks, stages=stages,
-                           input_size=input_size, pcr=pcr, sn_mu=sn_mu, sn_mode=sn_mode, init=init,
-                           bn_gamma_init=bn_gamma_init)
+            raise ValueError(
+                f"IterResNet: input_size {input_size} is not divisible by 2^(stages-1) = {2 ** (stages - 1)}"
+            )
+        self.config = dict(
+            num_classes=num_classes,
+            in_channels=in_channels,
+            width=width,
+            blocks=blocks,
+            stages=stages,
+            input_size=input_size,
+            pcr=pcr,
+            sn_mu=sn_mu,
+            sn_mode=sn_mode,
+            init=init,
+            bn_gamma_init=bn_gamma_init,
+        )
         self.pcr = pcr
         widths = [width * 2**s for s in range(stages)]
         self.stem = _conv3x3(in_channels, width)
@@ -241,8 +271,9 @@ class IterResNet(nn.Module):
             Stage(widths[s], blocks, input_size // 2**s, pcr, sn_mu, sn_mode) for s in range(stages)
         )
         self.transitions = nn.ModuleList(Transition(widths[s], widths[s + 1]) for s in range(stages - 1))
-        self.head = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(), GlobalAvgPool2d(), nn.Flatten(),
-                                  nn.Linear(widths[-1], num_classes))
+        self.head = nn.Sequential(
+            nn.BatchNorm2d(widths[-1]), nn.ReLU(), GlobalAvgPool2d(), nn.Flatten(), nn.Linear(widths[-1], num_classes)
+        )
         self._initialise(init, bn_gamma_init)
 
     def _initialise(self, init: str, gamma: float) -> None:

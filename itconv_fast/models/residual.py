@@ -24,8 +24,15 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ResidualStack", "transformer_encoder_adapter", "check_residual_model", "sequence_error", "sequence_loss",
-           "LayerResidual", "block_update"]
+__all__ = [
+    "ResidualStack",
+    "transformer_encoder_adapter",
+    "check_residual_model",
+    "sequence_error",
+    "sequence_loss",
+    "LayerResidual",
+    "block_update",
+]
 
 
 def block_update(stage, block, z: torch.Tensor, x_s: torch.Tensor) -> torch.Tensor:
@@ -35,9 +42,12 @@ def block_update(stage, block, z: torch.Tensor, x_s: torch.Tensor) -> torch.Tens
 
 def check_residual_model(model, where: str = "itconv-fast") -> None:
     """Raises TypeError naming the first missing part of the residual-model protocol (module docstring)."""
+
     def missing(what):
-        raise TypeError(f"{where}: the model is not a residual model: {what} (see itconv_fast.models.residual; wrap it with "
-                        "ResidualStack or transformer_encoder_adapter)")
+        raise TypeError(
+            f"{where}: the model is not a residual model: {what} (see itconv_fast.models.residual; wrap it with "
+            "ResidualStack or transformer_encoder_adapter)"
+        )
 
     for name in ("stem", "head"):
         if not callable(getattr(model, name, None)):
@@ -121,23 +131,36 @@ class ResidualStack(nn.Module):
         compute_indices(stack, (x, y)); GradientCoupler(stack, lam=0.5)
     """
 
-    def __init__(self, stem: nn.Module, stages: Sequence[Sequence[nn.Module]], head: nn.Module,
-                 transitions: Sequence[nn.Module] = (), pcr: bool = False) -> None:
+    def __init__(
+        self,
+        stem: nn.Module,
+        stages: Sequence[Sequence[nn.Module]],
+        head: nn.Module,
+        transitions: Sequence[nn.Module] = (),
+        pcr: bool = False,
+    ) -> None:
         super().__init__()
         stages = [list(functions) for functions in stages]
         if not stages or any(not functions for functions in stages):
             raise ValueError("ResidualStack: every stage needs at least one residual function")
         transitions = list(transitions) or [nn.Identity() for _ in range(len(stages) - 1)]
         if len(transitions) != len(stages) - 1:
-            raise ValueError(f"ResidualStack: {len(stages)} stages need {len(stages) - 1} transitions, got {len(transitions)}")
+            raise ValueError(
+                f"ResidualStack: {len(stages)} stages need {len(stages) - 1} transitions, got {len(transitions)}"
+            )
         self.stem = stem
         self.stages = nn.ModuleList(_Stage(functions, pcr) for functions in stages)
         self.transitions = nn.ModuleList(transitions)
         self.head = head
 
     @classmethod
-    def from_layers(cls, stem: nn.Module, stages: Sequence[Sequence[Callable]], head: nn.Module,
-                    transitions: Sequence[nn.Module] = ()) -> "ResidualStack":
+    def from_layers(
+        cls,
+        stem: nn.Module,
+        stages: Sequence[Sequence[Callable]],
+        head: nn.Module,
+        transitions: Sequence[nn.Module] = (),
+    ) -> "ResidualStack":
         """Stages of layers that compute z -> z + f(z) themselves; f(z) = layer(z) - z (LayerResidual)."""
         return cls(stem, [[LayerResidual(layer) for layer in layers] for layers in stages], head, transitions)
 

@@ -20,8 +20,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.spectral import (SPECTRAL_MODES, lead_kernel, batched_spectral_norm, init_power_vector, power_iteration,
-                            sigma_weight_grad)
+from ..ops.spectral import (
+    SPECTRAL_MODES,
+    batched_spectral_norm,
+    init_power_vector,
+    lead_kernel,
+    power_iteration,
+    sigma_weight_grad,
+)
 
 __all__ = ["StageSpectralNorm", "fold_batchnorm", "bn_scale", "check_mu"]
 
@@ -153,7 +159,10 @@ class StageSpectralNorm(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"mu={self.mu}, mode={self.mode!r}, input_size={self.input_size}, n_power_iterations={self.n_power_iterations}"
+        return (
+            f"mu={self.mu}, mode={self.mode!r}, input_size={self.input_size}, "
+            f"n_power_iterations={self.n_power_iterations}"
+        )
 
     def _sigma(self, weight: torch.Tensor, u: torch.Tensor, n_iter: int, update: bool) -> torch.Tensor:
         if self.mode == "gram":
@@ -184,8 +193,9 @@ class StageSpectralNorm(nn.Module):
                 buffer.data = buffer.data.to(folded.dtype)
         t = folded.shape[0]
         u = torch.cat([self.u1, self.u2])
-        sigma = batched_spectral_norm(torch.cat([folded, conv2]), u, mode=self.mode, n_iter=n_iter,
-                                      input_size=self.input_size)
+        sigma = batched_spectral_norm(
+            torch.cat([folded, conv2]), u, mode=self.mode, n_iter=n_iter, input_size=self.input_size
+        )
         if update:
             with torch.no_grad():
                 self.u1.copy_(u[:t])
@@ -206,8 +216,13 @@ class StageSpectralNorm(nn.Module):
         eps = bn1[0].eps
         if self.mode == "gram" or any(n.eps != eps for n in list(bn1) + list(bn2)):
             k2 = torch.stack([m.weight for m in conv2])
-            bounds = self.bounds(torch.stack([m.weight for m in conv1]), k2, stacked_bn_scales(bn1),
-                                 stacked_bn_scales(bn2), update=update)
+            bounds = self.bounds(
+                torch.stack([m.weight for m in conv1]),
+                k2,
+                stacked_bn_scales(bn1),
+                stacked_bn_scales(bn2),
+                update=update,
+            )
             c = torch.clamp(bounds / self.mu, min=1.0)
             return k2 / c.to(k2.dtype).view(-1, 1, 1, 1, 1), c
         params = [m.weight for group in (conv1, conv2, bn1, bn2) for m in group]

@@ -7,14 +7,28 @@ Files: `geometry` (a layer's linear map and the power steps of same-geometry gro
 `norm` (`batch_norm_relu`, `BatchNormReLU2d`: BatchNorm + ReLU in one fused kernel).
 """
 
+from ..ops.spectral import gram_bound_nd
 from .batched import BatchedSpectralNorm
 from .coupling import GradientCoupler, groups_from_blocks
 from .geometry import MODES, LayerGeometry, gram_sigmas, layer_geometry, supported_layer
 from .layouts import GlobalAvgPool2d, to_memory_format
 from .norm import BatchNormReLU2d, batch_norm_relu
 from .parametrization import SpectralNorm, spectral_norm
-from ..ops.spectral import gram_bound_nd
 
-__all__ = ["MODES", "SpectralNorm", "spectral_norm", "BatchedSpectralNorm", "supported_layer", "layer_geometry",
-           "LayerGeometry", "gram_sigmas", "gram_bound_nd", "GradientCoupler", "groups_from_blocks",
-           "GlobalAvgPool2d", "to_memory_format", "batch_norm_relu", "BatchNormReLU2d"]
+__all__ = [
+    "MODES",
+    "SpectralNorm",
+    "spectral_norm",
+    "BatchedSpectralNorm",
+    "supported_layer",
+    "layer_geometry",
+    "LayerGeometry",
+    "gram_sigmas",
+    "gram_bound_nd",
+    "GradientCoupler",
+    "groups_from_blocks",
+    "GlobalAvgPool2d",
+    "to_memory_format",
+    "batch_norm_relu",
+    "BatchNormReLU2d",
+]

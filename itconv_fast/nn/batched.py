@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .geometry import check_mode_supports, layer_geometry, supported_layer
-from .parametrization import SpectralNorm, spectral_parametrization, parametrize_original, spectral_norm
+from .parametrization import SpectralNorm, parametrize_original, spectral_norm, spectral_parametrization
 
 __all__ = ["BatchedSpectralNorm"]
 
@@ -38,17 +38,29 @@ class BatchedSpectralNorm:
     `remove()` takes the hook and the parametrizations away, leaving the normalised weights.
     """
 
-    def __init__(self, model: nn.Module, *, mu: float = 1.0, mode: str = "operator",
-                 include: Union[None, Callable[[str, nn.Module], bool], Iterable[str]] = None,
-                 n_power_iterations: int = 1, hard: bool = False, init_iterations: int = 15, gram_iterations: int = 4,
-                 input_sizes: Optional[dict] = None, example_input=None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mu: float = 1.0,
+        mode: str = "operator",
+        include: Union[None, Callable[[str, nn.Module], bool], Iterable[str]] = None,
+        n_power_iterations: int = 1,
+        hard: bool = False,
+        init_iterations: int = 15,
+        gram_iterations: int = 4,
+        input_sizes: Optional[dict] = None,
+        example_input=None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"BatchedSpectralNorm: model must be an nn.Module, got {type(model).__name__}")
         selected = self._select(model, include)
         self._check_ties(model, selected)
         if not selected:
-            raise ValueError("BatchedSpectralNorm: the model has no supported layer (nn.Linear, ConvNd, "
-                             "ConvTransposeNd) selected by include")
+            raise ValueError(
+                "BatchedSpectralNorm: the model has no supported layer (nn.Linear, ConvNd, "
+                "ConvTransposeNd) selected by include"
+            )
         input_sizes = dict(input_sizes or {})
         unknown = set(input_sizes) - {n for n, _ in selected}
         if unknown:
@@ -63,13 +75,25 @@ class BatchedSpectralNorm:
         # Never silent: what has a weight matrix but is not normalised is listed, and named once in a warning.
         self.skipped = self.unsupported_weights(model)
         if self.skipped:
-            warnings.warn(f"BatchedSpectralNorm: {len(self.skipped)} module(s) with a weight matrix are not normalised "
-                          f"(not a supported layer type): {', '.join(self.skipped)}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"BatchedSpectralNorm: {len(self.skipped)} module(s) with a weight matrix are not normalised "
+                f"(not a supported layer type): {', '.join(self.skipped)}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.layers: list[tuple[str, nn.Module]] = []
         for qualified, module in selected:
-            spectral_norm(module, mode=mode, mu=mu, input_size=input_sizes.get(qualified),
-                          n_power_iterations=n_power_iterations, hard=hard, init_iterations=init_iterations,
-                          gram_iterations=gram_iterations, name=qualified)
+            spectral_norm(
+                module,
+                mode=mode,
+                mu=mu,
+                input_size=input_sizes.get(qualified),
+                n_power_iterations=n_power_iterations,
+                hard=hard,
+                init_iterations=init_iterations,
+                gram_iterations=gram_iterations,
+                name=qualified,
+            )
             self.layers.append((qualified, module))
         self.n_power_iterations = n_power_iterations
         self._groups: Optional[list[list[tuple[nn.Module, SpectralNorm]]]] = None
@@ -93,16 +117,21 @@ class BatchedSpectralNorm:
         for qualified, module in selected:
             others = [o for o in owners.get(id(module.weight), []) if o != f"{qualified}.weight"]
             if others:
-                raise ValueError(f"BatchedSpectralNorm: {qualified}.weight is tied to {', '.join(others)}; normalising "
-                                 f"{qualified} would untie them. Leave it out (include=lambda name, m: name != "
-                                 f"{qualified!r}) or untie the weights first")
+                raise ValueError(
+                    f"BatchedSpectralNorm: {qualified}.weight is tied to {', '.join(others)}; normalising "
+                    f"{qualified} would untie them. Leave it out (include=lambda name, m: name != "
+                    f"{qualified!r}) or untie the weights first"
+                )
 
     @staticmethod
     def unsupported_weights(model: nn.Module) -> list:
         """Qualified names of the modules with a matrix-shaped (2-D or larger) weight that spectral_norm does not
         support (an Embedding, a custom layer): what a model-wide normalisation leaves out."""
-        return [n for n, m in model.named_modules()
-                if not supported_layer(m) and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2]
+        return [
+            n
+            for n, m in model.named_modules()
+            if not supported_layer(m) and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2
+        ]
 
     @staticmethod
     def _select(model, include):

@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from ..ops.coupling import as_coupling_groups, check_coupling_settings, check_coupling_groups, soft_couple_
+from ..ops.coupling import as_coupling_groups, check_coupling_groups, check_coupling_settings, soft_couple_
 
 __all__ = ["GradientCoupler", "groups_from_blocks"]
 
@@ -40,7 +40,8 @@ def groups_from_blocks(*block_lists: Iterable[nn.Module]) -> list[list[nn.Parame
         for t, params in enumerate(named[1:], start=1):
             if list(params) != names:
                 raise ValueError(
-                    f"groups_from_blocks: stage {s}, block {t} has parameters {sorted(params)}, block 0 has {sorted(names)}"
+                    f"groups_from_blocks: stage {s}, block {t} has parameters {sorted(params)}, block 0 has "
+                    f"{sorted(names)}"
                 )
             for name in names:
                 if params[name].shape != named[0][name].shape:
@@ -83,7 +84,9 @@ class GradientCoupler:
             # A residual model (itconv_fast.models.residual): each stage's blocks, same-named parameters grouped.
             stages = groups.stages
             if not all(isinstance(b, nn.Module) for st in stages for b in getattr(st, "blocks", [None])):
-                raise TypeError("GradientCoupler: the model's stages need `blocks` that are nn.Modules (a residual model)")
+                raise TypeError(
+                    "GradientCoupler: the model's stages need `blocks` that are nn.Modules (a residual model)"
+                )
             groups = groups_from_blocks(*(st.blocks for st in stages))
         if isinstance(groups, nn.Module):
             raise TypeError(
@@ -136,5 +139,3 @@ class GradientCoupler:
             f"GradientCoupler(groups={len(self.groups)}, lam={self.lam}, kernel={self.kernel!r}, "
             f"bandwidth={self.bandwidth}, skip_first={self.skip_first})"
         )
-
-

@@ -75,9 +75,17 @@ class LayerGeometry:
         """The compiled operator-mode op covers exactly the paper's convolutions: 2-D, stride 1, no dilation
         or groups, zero padding k // 2 around an odd kernel (same size)."""
         kh, kw = self.kernel_size if self.nd == 2 else (0, 0)
-        return (self.kind == "conv" and self.nd == 2 and self.stride == (1, 1) and self.dilation == (1, 1)
-                and self.groups == 1 and self.padding_mode == "zeros" and kh % 2 == 1 and kw % 2 == 1
-                and self.pads == (kw // 2, kw // 2, kh // 2, kh // 2))
+        return (
+            self.kind == "conv"
+            and self.nd == 2
+            and self.stride == (1, 1)
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+            and kh % 2 == 1
+            and kw % 2 == 1
+            and self.pads == (kw // 2, kw // 2, kh // 2, kh // 2)
+        )
 
 
 def transposed_linear(module: nn.Module) -> bool:
@@ -85,8 +93,12 @@ def transposed_linear(module: nn.Module) -> bool:
     transformers' `Conv1D` (GPT-2's attention and MLP projections). Recognised by name, without importing
     transformers."""
     cls = type(module)
-    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
-            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers")
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and module.weight.dim() == 2
+    )
 
 
 def supported_layer(module: nn.Module) -> bool:
@@ -95,7 +107,8 @@ def supported_layer(module: nn.Module) -> bool:
     if transposed_linear(module):
         return True
     return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(
-        module, nn.modules.lazy.LazyModuleMixin)
+        module, nn.modules.lazy.LazyModuleMixin
+    )
 
 
 def _tuple(value, n: int) -> tuple:
@@ -105,9 +118,11 @@ def _tuple(value, n: int) -> tuple:
 def layer_geometry(module: nn.Module, name: str = "module") -> LayerGeometry:
     """The LayerGeometry of a supported layer; TypeError naming the layer for anything else."""
     if not supported_layer(module):
-        raise TypeError(f"spectral_norm: {name} is a {type(module).__name__}; supported layers are nn.Linear, "
-                        f"nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d (lazy layers after their first forward) and "
-                        f"transformers' Conv1D")
+        raise TypeError(
+            f"spectral_norm: {name} is a {type(module).__name__}; supported layers are nn.Linear, "
+            f"nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d (lazy layers after their first forward) and "
+            f"transformers' Conv1D"
+        )
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.numel() == 0:
         raise ValueError(f"spectral_norm: {name} has no non-empty weight")
@@ -123,18 +138,29 @@ def layer_geometry(module: nn.Module, name: str = "module") -> LayerGeometry:
         padding = module.padding if isinstance(module.padding, str) else _tuple(module.padding, nd)
     else:
         pads, padding = (), _tuple(module.padding, nd)
-    return LayerGeometry(kind, nd, tuple(weight.shape), _tuple(module.stride, nd), padding,
-                         _tuple(module.dilation, nd), int(module.groups), module.padding_mode,
-                         _tuple(module.output_padding, nd) if kind == "conv_transpose" else (), pads)
+    return LayerGeometry(
+        kind,
+        nd,
+        tuple(weight.shape),
+        _tuple(module.stride, nd),
+        padding,
+        _tuple(module.dilation, nd),
+        int(module.groups),
+        module.padding_mode,
+        _tuple(module.output_padding, nd) if kind == "conv_transpose" else (),
+        pads,
+    )
 
 
 def check_mode_supports(geometry: LayerGeometry, mode: str, name: str) -> None:
     if mode not in MODES:
         raise ValueError(f"spectral_norm: unknown mode {mode!r} for {name}; expected one of {MODES}")
     if mode in ("operator", "gram") and geometry.padding_mode not in ("zeros", "circular"):
-        raise ValueError(f"spectral_norm: {name} uses padding_mode={geometry.padding_mode!r}; mode {mode!r} supports "
-                         f"zero and circular padding only (with {geometry.padding_mode} padding the layer is not a "
-                         f"convolution and its norm can exceed the kernel's); use mode='matrix'")
+        raise ValueError(
+            f"spectral_norm: {name} uses padding_mode={geometry.padding_mode!r}; mode {mode!r} supports "
+            f"zero and circular padding only (with {geometry.padding_mode} padding the layer is not a "
+            f"convolution and its norm can exceed the kernel's); use mode='matrix'"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,12 +178,19 @@ def output_size(geometry: LayerGeometry, input_size: tuple) -> tuple:
 def _forward_map(g: LayerGeometry, x: torch.Tensor, wcat: torch.Tensor) -> torch.Tensor:
     """x [B, C_in, *in] -> [B, C_out, *out]: every layer's map on its own slice. wcat:
     the B weights concatenated along dim 0."""
-    B, spatial = x.shape[0], x.shape[-g.nd:] if g.nd else ()
+    B, spatial = x.shape[0], x.shape[-g.nd :] if g.nd else ()
     xs = x.reshape((1, B * g.in_channels) + tuple(spatial))
     if g.kind == "conv":
         if g.symmetric_zero_padding:
-            y = _CONV[g.nd](xs, wcat, None, g.stride, tuple(g.pads[2 * (g.nd - 1 - i)] for i in range(g.nd)),
-                            g.dilation, B * g.groups)
+            y = _CONV[g.nd](
+                xs,
+                wcat,
+                None,
+                g.stride,
+                tuple(g.pads[2 * (g.nd - 1 - i)] for i in range(g.nd)),
+                g.dilation,
+                B * g.groups,
+            )
         else:
             xs = F.pad(xs, g.pads, mode="constant" if g.padding_mode == "zeros" else g.padding_mode)
             y = _CONV[g.nd](xs, wcat, None, g.stride, 0, g.dilation, B * g.groups)
@@ -195,7 +228,9 @@ def _adjoint_map(g: LayerGeometry, y: torch.Tensor, wcat: torch.Tensor, input_si
             target = tuple(input_size)
         else:
             pad = (0,) * g.nd
-            target = tuple(s + g.pads[2 * (g.nd - 1 - i)] + g.pads[2 * (g.nd - 1 - i) + 1] for i, s in enumerate(input_size))
+            target = tuple(
+                s + g.pads[2 * (g.nd - 1 - i)] + g.pads[2 * (g.nd - 1 - i) + 1] for i, s in enumerate(input_size)
+            )
         k = g.kernel_size
         natural = [(o - 1) * s - 2 * p + d * (kk - 1) + 1 for o, s, p, d, kk in zip(out, g.stride, pad, g.dilation, k)]
         output_padding = tuple(t - n for t, n in zip(target, natural))
@@ -260,8 +295,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def power_steps(geometry: LayerGeometry, mode: str, weights: Sequence[torch.Tensor], u: torch.Tensor,
-                 input_size: tuple, n_iter: int):
+def power_steps(
+    geometry: LayerGeometry, mode: str, weights: Sequence[torch.Tensor], u: torch.Tensor, input_size: tuple, n_iter: int
+):
     """n_iter power steps for B layers: u [B, ...] updated in place; returns (v [B, ...], sigma [B]), no grad.
 
     Every step: v = normalize(A^T u), u = normalize(A v), sigma = |A v| (the order of the compiled ops)."""
@@ -287,13 +323,18 @@ def power_steps(geometry: LayerGeometry, mode: str, weights: Sequence[torch.Tens
         return v, sigma
 
 
-def sigmas_from_vectors(geometry: LayerGeometry, mode: str, weights: Sequence[torch.Tensor], u: torch.Tensor,
-                         v: torch.Tensor) -> torch.Tensor:
+def sigmas_from_vectors(
+    geometry: LayerGeometry, mode: str, weights: Sequence[torch.Tensor], u: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
     """sigma_b = <u_b, A_b v_b> with autograd to the weights (u, v constants): [B]."""
     dtype = u.dtype
     if mode == "matrix" or geometry.kind == "linear":
-        return torch.stack([torch.dot(u[b], torch.mv(as_matrix(geometry, w.to(dtype)), v[b].reshape(-1)))
-                            for b, w in enumerate(weights)])
+        return torch.stack(
+            [
+                torch.dot(u[b], torch.mv(as_matrix(geometry, w.to(dtype)), v[b].reshape(-1)))
+                for b, w in enumerate(weights)
+            ]
+        )
     wcat = torch.cat([w.to(dtype) for w in weights])
     return (u * _forward_map(geometry, v, wcat)).reshape(u.shape[0], -1).sum(dim=1)
 
@@ -305,7 +346,9 @@ def rescale_weight(weight: torch.Tensor, sigma: torch.Tensor, mu: float, hard: b
     return (weight.to(factor.dtype) * factor).to(weight.dtype)
 
 
-def _sigma_weight_grad(g: LayerGeometry, mode: str, u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _sigma_weight_grad(
+    g: LayerGeometry, mode: str, u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
     """d <u, A_W v> / dW in the weight's layout (u, v of one layer): u v^T for the reshaped matrix, the
     convolution's weight gradient (input v, output gradient u) for the operator."""
     if mode == "matrix" or g.kind == "linear":
@@ -324,8 +367,19 @@ def _sigma_weight_grad(g: LayerGeometry, mode: str, u: torch.Tensor, v: torch.Te
         else:
             inp = F.pad(v, g.pads, mode="constant" if g.padding_mode == "zeros" else g.padding_mode)
             padding = (0,) * g.nd
-    return grad_weight(out.unsqueeze(0), inp.unsqueeze(0), weight, None, list(g.stride), list(padding),
-                       list(g.dilation), False, [0] * g.nd, g.groups, [False, True, False])[1]
+    return grad_weight(
+        out.unsqueeze(0),
+        inp.unsqueeze(0),
+        weight,
+        None,
+        list(g.stride),
+        list(padding),
+        list(g.dilation),
+        False,
+        [0] * g.nd,
+        g.groups,
+        [False, True, False],
+    )[1]
 
 
 class HeldVectorRescale(torch.autograd.Function):

@@ -39,9 +39,21 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..ops import _reference
-from .geometry import (MODES, LayerGeometry, check_mode_supports, compute_dtype, HeldVectorRescale, normalize_rows,
-                             output_size, power_steps, rescale_weight, sigmas_from_vectors, gram_sigmas, layer_geometry,
-                             supported_layer)
+from .geometry import (
+    MODES,
+    HeldVectorRescale,
+    LayerGeometry,
+    check_mode_supports,
+    compute_dtype,
+    gram_sigmas,
+    layer_geometry,
+    normalize_rows,
+    output_size,
+    power_steps,
+    rescale_weight,
+    sigmas_from_vectors,
+    supported_layer,
+)
 
 __all__ = ["MODES", "SpectralNorm", "spectral_norm", "supported_layer", "layer_geometry"]
 
@@ -66,12 +78,28 @@ class SpectralNorm(nn.Module):
     forward (`_batched_sigma`), computed in one call with the rest of its group.
     """
 
-    def __init__(self, geometry: LayerGeometry, *, mode: str, mu: float, hard: bool, n_power_iterations: int,
-                 input_size: Optional[tuple], init_iterations: int, gram_iterations: int, name: str,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        geometry: LayerGeometry,
+        *,
+        mode: str,
+        mu: float,
+        hard: bool,
+        n_power_iterations: int,
+        input_size: Optional[tuple],
+        init_iterations: int,
+        gram_iterations: int,
+        name: str,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         super().__init__()
         self.geometry, self.mode, self.mu, self.hard = geometry, mode, mu, hard
-        self.n_power_iterations, self.init_iterations, self.gram_iterations = n_power_iterations, init_iterations, gram_iterations
+        self.n_power_iterations, self.init_iterations, self.gram_iterations = (
+            n_power_iterations,
+            init_iterations,
+            gram_iterations,
+        )
         self.layer_name = name
         self.input_size = None
         self._batched_sigma = None  # set by BatchedSpectralNorm for one forward
@@ -107,13 +135,17 @@ class SpectralNorm(nn.Module):
         if self.needs_input_size:
             input_size = tuple(int(s) for s in input_size)
             if len(input_size) != g.nd or any(s < 1 for s in input_size):
-                raise ValueError(f"spectral_norm: input_size for {self.layer_name} must be {g.nd} sizes >= 1 "
-                                 f"(the spatial size of its input), got {input_size!r}")
+                raise ValueError(
+                    f"spectral_norm: input_size for {self.layer_name} must be {g.nd} sizes >= 1 "
+                    f"(the spatial size of its input), got {input_size!r}"
+                )
             try:
                 u_shape, v_shape = self._vector_shapes(input_size)
             except RuntimeError as exc:
-                raise ValueError(f"spectral_norm: {self.layer_name} cannot take inputs of size {input_size} "
-                                 f"({str(exc).splitlines()[0]})") from None
+                raise ValueError(
+                    f"spectral_norm: {self.layer_name} cannot take inputs of size {input_size} "
+                    f"({str(exc).splitlines()[0]})"
+                ) from None
             self.input_size = input_size
         else:
             u_shape, v_shape = self._vector_shapes(())
@@ -154,7 +186,11 @@ class SpectralNorm(nn.Module):
         autograd, None, None)."""
         p0 = params[0]
         if p0.mode == "gram":
-            return gram_sigmas(p0.geometry, [w.to(compute_dtype(w.dtype)) for w in weights], p0.gram_iterations), None, None
+            return (
+                gram_sigmas(p0.geometry, [w.to(compute_dtype(w.dtype)) for w in weights], p0.gram_iterations),
+                None,
+                None,
+            )
         u = torch.stack([p._u for p in params])
         v = torch.stack([p._v for p in params])
         with torch.no_grad():
@@ -166,8 +202,9 @@ class SpectralNorm(nn.Module):
         if self._u.dtype != dtype:
             self._u, self._v = self._u.to(dtype), self._v.to(dtype)
 
-    def normalised(self, weight: torch.Tensor, sigma: torch.Tensor, u: Optional[torch.Tensor],
-                   v: Optional[torch.Tensor]) -> torch.Tensor:
+    def normalised(
+        self, weight: torch.Tensor, sigma: torch.Tensor, u: Optional[torch.Tensor], v: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         """The weight divided by its correction; sigma's gradient is the one with u, v held constant."""
         if self.mode == "gram":
             return rescale_weight(weight, sigma, self.mu, self.hard)
@@ -178,8 +215,10 @@ class SpectralNorm(nn.Module):
         if pending is not None:
             return self.normalised(weight, *pending)
         if not self.initialised:
-            raise RuntimeError(f"spectral_norm: the input size of {self.layer_name} is not known yet; run one forward "
-                               f"pass or pass input_size=")
+            raise RuntimeError(
+                f"spectral_norm: the input size of {self.layer_name} is not known yet; run one forward "
+                f"pass or pass input_size="
+            )
         if self.mode != "gram":
             self._sync_dtype(weight)
         if self.training and self.mode != "gram":
@@ -203,8 +242,12 @@ def _input_size_hook(param: SpectralNorm):
         if param.input_size is None:
             param._initialise(size, parametrize_original(module))
         elif size != param.input_size:
-            warnings.warn(f"spectral_norm: {param.layer_name} now sees inputs of size {size}; its operator norm is "
-                          f"measured on {param.input_size}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"spectral_norm: {param.layer_name} now sees inputs of size {size}; its operator norm is "
+                f"measured on {param.input_size}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     return hook
 
@@ -253,9 +296,19 @@ def spectral_norm(
     weight = module.weight
     if not weight.is_floating_point():
         raise TypeError(f"spectral_norm: {name}.weight must be floating point, got {weight.dtype}")
-    param = SpectralNorm(geometry, mode=mode, mu=float(mu), hard=hard, n_power_iterations=n_power_iterations,
-                         input_size=None, init_iterations=init_iterations, gram_iterations=gram_iterations,
-                         name=name, dtype=weight.dtype, device=weight.device)
+    param = SpectralNorm(
+        geometry,
+        mode=mode,
+        mu=float(mu),
+        hard=hard,
+        n_power_iterations=n_power_iterations,
+        input_size=None,
+        init_iterations=init_iterations,
+        gram_iterations=gram_iterations,
+        name=name,
+        dtype=weight.dtype,
+        device=weight.device,
+    )
     if param.needs_input_size and input_size is not None:
         param._initialise(tuple(input_size), weight)
     elif mode != "gram" and not param.needs_input_size and init_iterations:

@@ -26,6 +26,16 @@ def make_objective(name: str, weight: float, *, k: int = 16, rho: float = 0.9) -
     return OBJECTIVES[name](weight)
 
 
-__all__ = ["Objective", "ObjectiveContext", "ObjectiveTerm", "OBJECTIVES", "make_objective", "ExtraIterationLoss",
-           "FixedPointResidual", "JacobianFrobenius", "JacobianSpectral", "record_stages",
-           "frozen_batchnorm_statistics"]
+__all__ = [
+    "Objective",
+    "ObjectiveContext",
+    "ObjectiveTerm",
+    "OBJECTIVES",
+    "make_objective",
+    "ExtraIterationLoss",
+    "FixedPointResidual",
+    "JacobianFrobenius",
+    "JacobianSpectral",
+    "record_stages",
+    "frozen_batchnorm_statistics",
+]

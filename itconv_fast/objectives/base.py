@@ -18,8 +18,16 @@ from torch import nn
 
 from ..models.residual import block_update, check_residual_model
 
-__all__ = ["Objective", "ObjectiveContext", "ObjectiveTerm", "record_stages", "frozen_batchnorm_statistics",
-           "last_block_map", "run_stage", "rest_of_network"]
+__all__ = [
+    "Objective",
+    "ObjectiveContext",
+    "ObjectiveTerm",
+    "record_stages",
+    "frozen_batchnorm_statistics",
+    "last_block_map",
+    "run_stage",
+    "rest_of_network",
+]
 
 
 @dataclass
@@ -31,6 +39,7 @@ class ObjectiveTerm:
 @dataclass
 class ObjectiveContext:
     """What an objective may reuse from the training forward pass of one micro-batch."""
+
     model: nn.Module  # the residual model (not a DDP / compiled wrapper)
     stage_inputs: list  # x_s of every stage, with their graphs
     stage_outputs: list  # z_T of every stage, with their graphs
@@ -79,6 +88,7 @@ def record_stages(model: nn.Module):
         def hook(module, args, output):
             if recorder.outputs[s] is None:
                 recorder.inputs[s], recorder.outputs[s] = args[0], output
+
         return hook
 
     handles = [stage.register_forward_hook(hook_for(s)) for s, stage in enumerate(model.stages)]
@@ -95,8 +105,11 @@ def frozen_batchnorm_statistics(model: nn.Module):
     running statistics inside the block: the objectives' extra block evaluations do not count as data seen.
     (The buffers are not even written: the training forward's graph saved them, and an in-place write would
     invalidate its backward.)"""
-    paused = [m for m in model.modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    paused = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
     for m in paused:
         m.track_running_stats = False  # nn.BatchNorm then passes no running statistics to batch_norm
     try:

@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import (Objective, ObjectiveContext, ObjectiveTerm, check_positive_int, frozen_batchnorm_statistics,
-                   last_block_map, rest_of_network)
+from .base import (
+    Objective,
+    ObjectiveContext,
+    ObjectiveTerm,
+    check_positive_int,
+    frozen_batchnorm_statistics,
+    last_block_map,
+    rest_of_network,
+)
 
 __all__ = ["ExtraIterationLoss"]
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import (Objective, ObjectiveContext, ObjectiveTerm, frozen_batchnorm_statistics, last_block_map,
-                   per_example_squared_norm)
+from .base import (
+    Objective,
+    ObjectiveContext,
+    ObjectiveTerm,
+    frozen_batchnorm_statistics,
+    last_block_map,
+    per_example_squared_norm,
+)
 
 __all__ = ["FixedPointResidual"]
 

@@ -14,8 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import (Objective, ObjectiveContext, ObjectiveTerm, check_float, check_positive_int,
-                   frozen_batchnorm_statistics, last_block_map)
+from .base import (
+    Objective,
+    ObjectiveContext,
+    ObjectiveTerm,
+    check_float,
+    check_positive_int,
+    frozen_batchnorm_statistics,
+    last_block_map,
+)
 
 __all__ = ["JacobianFrobenius", "JacobianSpectral"]
 
@@ -36,7 +43,7 @@ class JacobianFrobenius(Objective):
             for stage, x_s, z in context.stages():
                 out = last_block_map(stage, z, x_s)
                 eps = torch.randn(z.shape, generator=context.generator, dtype=z.dtype).to(z.device)
-                vjp, = torch.autograd.grad(out, z, eps, create_graph=True)
+                (vjp,) = torch.autograd.grad(out, z, eps, create_graph=True)
                 values.append(vjp.pow(2).sum() / z.numel())
         value = torch.stack(values).mean()
         return ObjectiveTerm(value, {f"s{s + 1}": v.item() for s, v in enumerate(values)})
@@ -65,12 +72,12 @@ class JacobianSpectral(Objective):
                 out = last_block_map(stage, z, x_s)
                 # J^T g is linear in g: differentiating it against g with v gives J v (a double VJP).
                 g = torch.zeros_like(out, requires_grad=True)
-                jt_g, = torch.autograd.grad(out, z, g, create_graph=True)
+                (jt_g,) = torch.autograd.grad(out, z, g, create_graph=True)
                 v = _normalized(torch.randn(z.shape, generator=context.generator, dtype=z.dtype).to(z.device))
                 for _ in range(self.power_steps):
                     u = _normalized(torch.autograd.grad(jt_g, g, v, retain_graph=True)[0])
                     v = _normalized(torch.autograd.grad(out, z, u, retain_graph=True)[0])
-                jt_u, = torch.autograd.grad(out, z, u.detach(), create_graph=True)
+                (jt_u,) = torch.autograd.grad(out, z, u.detach(), create_graph=True)
                 sigma = (jt_u * v.detach()).sum()
                 sigmas.append(sigma.detach())
                 values.append(torch.relu(sigma - self.rho).pow(2))

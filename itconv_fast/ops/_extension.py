@@ -98,8 +98,11 @@ def warn_fallback(op: str, device=None) -> None:
     if _quiet or op in _warned:
         return
     _warned.add(op)
-    warnings.warn(f"itconv_fast: {op} runs its pure-PyTorch reference because {fallback_reason(device)}.",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"itconv_fast: {op} runs its pure-PyTorch reference because {fallback_reason(device)}.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def extension_loaded() -> bool:

@@ -175,8 +175,15 @@ def _bn_coefficients(mean, invstd, weight, bias):
     return a, bias.to(invstd.dtype) - mean * a
 
 
-def batch_norm_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
-                    running_var: torch.Tensor, momentum: float, eps: float):
+def batch_norm_relu(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    momentum: float,
+    eps: float,
+):
     """Training-mode BatchNorm followed by ReLU: (out, batch mean, batch 1 / sqrt(var + eps), new running mean,
     new running variance); the running statistics move by `momentum` towards the batch's (unbiased variance)."""
     acc = _acc_dtype(input.dtype)
@@ -194,8 +201,14 @@ def batch_norm_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return out, mean, invstd, new_mean, new_var
 
 
-def batch_norm_relu_backward(grad_out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                             save_mean: torch.Tensor, save_invstd: torch.Tensor):
+def batch_norm_relu_backward(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    save_mean: torch.Tensor,
+    save_invstd: torch.Tensor,
+):
     """Gradients (input, weight, bias) of batch_norm_relu; ReLU's mask recomputed from the input as the kernels do
     (the forward's output x a + b, rounded to the input's dtype, > 0)."""
     acc = _acc_dtype(input.dtype)

@@ -32,8 +32,11 @@ if _extension.loaded():
 
     @torch.library.register_fake("itconv_fast::batch_norm_relu_backward")
     def _batch_norm_relu_backward_fake(grad_out, input, weight, bias, save_mean, save_invstd):
-        return (torch.empty_like(input, memory_format=_reference._bn_layout(input)), torch.empty_like(weight),
-                torch.empty_like(weight))
+        return (
+            torch.empty_like(input, memory_format=_reference._bn_layout(input)),
+            torch.empty_like(weight),
+            torch.empty_like(weight),
+        )
 
     # The op's autograd is C++ (csrc/ops/batch_norm_relu.cpp): a Python one cost ~60 us a call.
 
@@ -43,8 +46,9 @@ class _ReferenceBatchNormReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps):
-        out, mean, invstd, new_mean, new_var = _reference.batch_norm_relu(input, weight, bias, running_mean,
-                                                                          running_var, momentum, eps)
+        out, mean, invstd, new_mean, new_var = _reference.batch_norm_relu(
+            input, weight, bias, running_mean, running_var, momentum, eps
+        )
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
         ctx.save_for_backward(input, weight, bias, mean, invstd)
@@ -60,8 +64,10 @@ def check_arguments(input, running_mean, running_var, weight, bias, momentum, ep
     """Raises ValueError / TypeError naming the first bad argument of batch_norm_relu (touches nothing)."""
     name = "batch_norm_relu"
     if not isinstance(input, torch.Tensor) or input.dim() < 2:
-        raise ValueError(f"{name}: input must be a tensor [N, C, ...], got "
-                         f"{tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__}")
+        raise ValueError(
+            f"{name}: input must be a tensor [N, C, ...], got "
+            f"{tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__}"
+        )
     if input.dtype not in _DTYPES:
         raise TypeError(f"{name}: input must be float32, float64, float16 or bfloat16, got {input.dtype}")
     C = input.shape[1]
@@ -91,9 +97,16 @@ def _fusable(input, running_mean, running_var, weight, bias, training) -> bool:
     return len(dtypes) == 1 and dtypes.pop() in (input.dtype, _reference._acc_dtype(input.dtype))
 
 
-def batch_norm_relu(input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                    weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, training: bool = False,
-                    momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+def batch_norm_relu(
+    input: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """`torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))`.
 
     In training mode with running statistics, weight and bias, one fused kernel forward and one backward: the
@@ -113,8 +126,9 @@ def checked_batch_norm_relu(input, running_mean, running_var, weight, bias, trai
     if not _fusable(input, running_mean, running_var, weight, bias, training):
         return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
     if _extension.has_kernels_for(input.device):
-        out, _, _, new_mean, new_var = torch.ops.itconv_fast.batch_norm_relu(input, weight, bias, running_mean,
-                                                                            running_var, float(momentum), float(eps))
+        out, _, _, new_mean, new_var = torch.ops.itconv_fast.batch_norm_relu(
+            input, weight, bias, running_mean, running_var, float(momentum), float(eps)
+        )
         running_mean.copy_(new_mean)  # buffers, and the new values carry no gradient: no no_grad context needed
         running_var.copy_(new_var)
         return out

@@ -92,16 +92,22 @@ def check_coupling_groups(groups: list[list[torch.Tensor]], skip_first: int) -> 
             )
         for j, t in enumerate(members):
             if t.shape != first.shape:
-                raise ValueError(f"soft_couple_: group {gi}: member {j} has shape {list(t.shape)}, member 0 has {list(first.shape)}")
+                raise ValueError(
+                    f"soft_couple_: group {gi}: member {j} has shape {list(t.shape)}, member 0 has {list(first.shape)}"
+                )
             if t.dtype != first.dtype:
                 raise TypeError(f"soft_couple_: group {gi}: member {j} has dtype {t.dtype}, member 0 has {first.dtype}")
             if t.device != first.device:
                 raise ValueError(f"soft_couple_: group {gi}: member {j} is on {t.device}, member 0 on {first.device}")
             if t.requires_grad and torch.is_grad_enabled():
-                raise ValueError(f"soft_couple_: group {gi}, member {j} requires grad; pass gradients (p.grad), not parameters")
+                raise ValueError(
+                    f"soft_couple_: group {gi}, member {j} requires grad; pass gradients (p.grad), not parameters"
+                )
             if t.numel() > 0:
                 if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
-                    raise ValueError(f"soft_couple_: group {gi}: member {j} has internally overlapping memory (expanded?)")
+                    raise ValueError(
+                        f"soft_couple_: group {gi}: member {j} has internally overlapping memory (expanded?)"
+                    )
                 extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
                 start = t.data_ptr()
                 spans.append((str(t.device), start, start + extent * t.element_size(), gi, j))

@@ -15,8 +15,15 @@ import torch
 
 from . import _extension, _reference
 
-__all__ = ["batched_spectral_norm", "power_iteration", "sigma_weight_grad", "gram_spectral_bound", "gram_bound_nd",
-           "init_power_vector", "SPECTRAL_MODES"]
+__all__ = [
+    "batched_spectral_norm",
+    "power_iteration",
+    "sigma_weight_grad",
+    "gram_spectral_bound",
+    "gram_bound_nd",
+    "init_power_vector",
+    "SPECTRAL_MODES",
+]
 
 SPECTRAL_MODES = ("operator", "matrix", "gram")
 
@@ -47,20 +54,26 @@ def _kernels_shape(weight) -> tuple:
     """[B, C_out, C_in, kh, kw] of a 5-D weight or of a sequence of B same-shaped 4-D kernels."""
     if isinstance(weight, torch.Tensor):
         if weight.dim() != 5:
-            raise ValueError(f"batched_spectral_norm: weight must be a 5-D tensor [B, C_out, C_in, kh, kw] or a "
-                             f"sequence of 4-D kernels, got shape {tuple(weight.shape)}")
+            raise ValueError(
+                f"batched_spectral_norm: weight must be a 5-D tensor [B, C_out, C_in, kh, kw] or a "
+                f"sequence of 4-D kernels, got shape {tuple(weight.shape)}"
+            )
         return tuple(weight.shape)
     if not isinstance(weight, Sequence) or len(weight) == 0:
-        raise ValueError(f"batched_spectral_norm: weight must be a 5-D tensor or a non-empty sequence of 4-D kernels, "
-                         f"got {type(weight).__name__}{' (empty)' if isinstance(weight, Sequence) else ''}")
+        raise ValueError(
+            f"batched_spectral_norm: weight must be a 5-D tensor or a non-empty sequence of 4-D kernels, "
+            f"got {type(weight).__name__}{' (empty)' if isinstance(weight, Sequence) else ''}"
+        )
     first = weight[0]
     for b, w in enumerate(weight):
         if not isinstance(w, torch.Tensor) or w.dim() != 4:
             got = f"shape {tuple(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
             raise ValueError(f"batched_spectral_norm: kernel {b} must be a 4-D tensor [C_out, C_in, kh, kw], got {got}")
         if w.shape != first.shape or w.dtype != first.dtype or w.device != first.device:
-            raise ValueError(f"batched_spectral_norm: kernel {b} is {tuple(w.shape)} {w.dtype} on {w.device}, "
-                             f"kernel 0 is {tuple(first.shape)} {first.dtype} on {first.device}")
+            raise ValueError(
+                f"batched_spectral_norm: kernel {b} is {tuple(w.shape)} {w.dtype} on {w.device}, "
+                f"kernel 0 is {tuple(first.shape)} {first.dtype} on {first.device}"
+            )
     return (len(weight),) + tuple(first.shape)
 
 
@@ -97,7 +110,9 @@ def _check_spectral(weight, u, mode, n_iter, input_size):
             got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
             raise ValueError(f"batched_spectral_norm: u must have shape {expected} for mode {mode!r}, got {got}")
         if u.dtype != lead.dtype or u.device != lead.device:
-            raise ValueError(f"batched_spectral_norm: u is {u.dtype} on {u.device}, weight {lead.dtype} on {lead.device}")
+            raise ValueError(
+                f"batched_spectral_norm: u is {u.dtype} on {u.device}, weight {lead.dtype} on {lead.device}"
+            )
     return expected
 
 
@@ -121,10 +136,15 @@ def _conv_weight_grad(v: torch.Tensor, u: torch.Tensor, weight_shape) -> torch.T
     H, W = u.shape[2:]
     pad = (kh // 2, kw // 2)
     if u.is_cpu and c_in * c_out * H * W > _GROUPED_MAX_WORK:
-        return torch.stack([torch.nn.grad.conv2d_weight(v[b : b + 1], (c_out, c_in, kh, kw), u[b : b + 1], padding=pad)
-                            for b in range(B)])
-    grad = torch.nn.grad.conv2d_weight(v.reshape(1, B * c_in, H, W), (B * c_out, c_in, kh, kw),
-                                       u.reshape(1, B * c_out, H, W), padding=pad, groups=B)
+        return torch.stack(
+            [
+                torch.nn.grad.conv2d_weight(v[b : b + 1], (c_out, c_in, kh, kw), u[b : b + 1], padding=pad)
+                for b in range(B)
+            ]
+        )
+    grad = torch.nn.grad.conv2d_weight(
+        v.reshape(1, B * c_in, H, W), (B * c_out, c_in, kh, kw), u.reshape(1, B * c_out, H, W), padding=pad, groups=B
+    )
     return grad.view(weight_shape)
 
 
