@@ -4,11 +4,10 @@ torch.compile makes each step faster, or not, and costs a fixed compilation time
 only from some number of steps on. `auto` turns it on when the steps this session will run reach the break-even
 measured on the device type (`itconv-fast bench train` prints it; benchmarks/NOTES.md "Compilation"):
 
-    cpu   never: on the 2-core CI machine a compiled step was at best 4% faster than eager, and slower in 3 of 4
-          regularised comparisons (quick preset, cold cache: break-even 7,900-25,600 steps, the preset has 744)
-    cuda  from 5,000 steps, compiled with CUDA graphs (mode="reduce-overhead"): on an H200 the quick preset's
-          network with coupling + spectral normalization took 5.1 ms a step against 25.3 ms eager, after 38 s of
-          compilation (break-even about 1,900 steps; the margin covers what the full loop adds around the graphs)
+    cpu   never: on a 2-core CPU a compiled step was at best a few percent faster than eager and often slower,
+          so compilation never paid back within a run
+    cuda  from 5,000 steps, compiled with CUDA graphs (mode="reduce-overhead"): the measured break-even was
+          well below that; the margin covers what the full loop adds around the graphs
 
 and never with objectives or under DDP (compiled runs not measured there). `auto` also lets TorchDynamo fall
 back to eager code where compiling fails, so that a default run never fails for it.

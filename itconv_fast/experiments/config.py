@@ -20,6 +20,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from ..ops.coupling import COUPLING_KERNELS
+from ..ops.spectral import SPECTRAL_MODES
+
 __all__ = [
     "TrainConfig",
     "PRESETS",
@@ -33,8 +36,7 @@ __all__ = [
 ]
 
 DATASETS = ("digitclutter", "mnist", "cifar10", "cifar100")
-COUPLING_KERNELS = ("uniform", "triangular")
-SN_MODES = ("operator", "matrix", "gram")
+SN_MODES = SPECTRAL_MODES  # (the modes and kernels are defined once, by the ops)
 INIT_CHOICES = ("auto", "nonrecurrent", "recurrent")
 
 

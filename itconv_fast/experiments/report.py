@@ -11,6 +11,9 @@ report), drawn like the paper's:
   initialisation (Fig 3a, 3b), networks without spectral normalization;
 - fig3c.png: test error against CI and DI, one colour per width (Fig 3c);
 - fig4a.png: indices of the spectrally normalised networks, ICR and PCR side by side (Fig 4a, S2 Fig).
+
+The report and the figures it embeds are one cohesive thing (they share the grouping, the labels and the
+variant styles); past 400 lines only since the formatter lays calls out one argument a line.
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ system, and every node needs itconv-fast installed). Rerunning the same command 
 only what is missing: finished trials are skipped, unfinished ones resume from their last epoch
 checkpoint (Ray also retries a trial whose worker died, which resumes the same way). A changed sweep file
 against an existing DIR is refused.
+
+Expanding a sweep file, running its trials and collecting their results are one cohesive thing (the trial
+directories, the result columns and the statuses are shared by all three); past 400 lines only since the
+formatter lays calls out one argument a line.
 """
 
 from __future__ import annotations

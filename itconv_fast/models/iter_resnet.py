@@ -177,7 +177,7 @@ class Stage(nn.Module):
         kernels = conv2 if conv2 is not None else self.corrected_conv2()
         if self.memory_format is not None:
             # An input in the other layout would meet the blocks' outputs in the residual adds and in ReLU's
-            # backward, where ATen's mixed-layout loops are about 30x slower than its vectorised ones.
+            # backward, where ATen's mixed-layout loops are many times slower than its vectorised ones.
             x = to_memory_format(x, self.memory_format)
         z = x
         for t, block in enumerate(self.blocks):
@@ -298,15 +298,13 @@ class IterResNet(nn.Module):
         """Runs every stage at least `min_width` wide channels-last (its kernels stored NHWC, its activations
         NHWC), and the convolutions of the narrower ones NHWC on NCHW activations (`narrow_convolutions`; off:
         those stay NCHW); returns self. The values do not change. On the CPU oneDNN's NHWC convolutions are much
-        faster than its NCHW ones (8 channels at 32 x 32, forward + backward: 2.4 vs 9.8 ms), but ATen's
-        channels-last BatchNorm is slow below 16 channels (BN + ReLU at 8 channels: 4.9 vs 2.1 ms): narrow
-        stages keep BatchNorm, ReLU and the residual adds NCHW and convert at each convolution (0.15 ms a copy;
-        ResNet-29-8's step 0.96x -> 0.90x of all-NCHW). benchmarks/NOTES.md, "Layouts". On CUDA the whole
-        network runs channels-last (min_width=1).
+        faster than its NCHW ones, but ATen's channels-last BatchNorm is slow below 16 channels: narrow stages keep
+        BatchNorm, ReLU and the residual adds NCHW and convert at each convolution (benchmarks/NOTES.md,
+        "Layouts", has the measurements). On CUDA the whole network runs channels-last (min_width=1).
 
         Every conversion goes through `to_memory_format`, whose gradient comes back in the layout of its input,
         and each stage converts its input to the layout of its activations (Stage.memory_format), so no
-        elementwise operation mixes the two layouts (ATen's mixed-layout loops are about 30x slower)."""
+        elementwise operation mixes the two layouts (ATen's mixed-layout loops are many times slower)."""
         cl = torch.channels_last
         wide = [self.config["width"] * 2**s >= min_width for s in range(len(self.stages))]
         if wide[0]:
@@ -366,8 +364,8 @@ class IterResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The spectral corrections of all stages first, back to back: their small operations then find the
-        # kernels, vectors and code still in cache (between stages the activations evict them; 0.7 ms of 2.8
-        # a step at the quick preset), and in backward their nodes run last, back to back as well.
+        # kernels, vectors and code still in cache (between stages the activations evict them), and in backward
+        # their nodes run last, back to back as well.
         kernels = [stage.corrected_conv2() for stage in self.stages]
         z = self.stem(x)
         for s, stage in enumerate(self.stages):

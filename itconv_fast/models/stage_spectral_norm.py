@@ -150,7 +150,7 @@ class StageSpectralNorm(nn.Module):
     def _apply(self, fn, recurse=True):
         # The power vectors are not activations: `.to(memory_format=torch.channels_last)` on a model would make
         # the [T, C, H, W] vectors channels-last, and the power step's grouped convolutions, their weight
-        # gradient and the normalisations on them 2-3x slower (measured at the quick preset). Keep them dense.
+        # gradient and the normalisations on them slower (benchmarks/NOTES.md). Keep them dense.
         super()._apply(fn, recurse)
         for name in ("u1", "u2"):
             buffer = getattr(self, name)

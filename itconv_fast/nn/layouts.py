@@ -1,8 +1,8 @@
 """Memory layouts whose gradients keep the layout of the forward tensors.
 
 A gradient that comes back in another layout than the tensor it belongs to sends the elementwise backward that
-meets it (ReLU's, a residual add's) down ATen's mixed-layout loop, about 30x slower on the CPU than its vectorised
-one (benchmarks/NOTES.md, "Layouts"). Two places make such gradients:
+meets it (ReLU's, a residual add's) down ATen's mixed-layout loop, many times slower on the CPU than its
+vectorised one (benchmarks/NOTES.md, "Layouts", has the figures). Two places make such gradients:
 - `x.contiguous(memory_format=...)`: its backward passes the gradient through in the new layout;
   `to_memory_format` converts it back.
 - ATen pools to 1 x 1 with a mean, whose backward materialises the gradient NCHW whatever the input's layout;

@@ -41,7 +41,6 @@ from torch.nn.utils import parametrize
 from ..ops import _reference
 from .geometry import (
     MODES,
-    HeldVectorRescale,
     LayerGeometry,
     check_mode_supports,
     compute_dtype,
@@ -50,10 +49,10 @@ from .geometry import (
     normalize_rows,
     output_size,
     power_steps,
-    rescale_weight,
     sigmas_from_vectors,
     supported_layer,
 )
+from .rescale import HeldVectorRescale, rescale_weight
 
 __all__ = ["MODES", "SpectralNorm", "spectral_norm", "supported_layer", "layer_geometry"]
 

@@ -38,7 +38,8 @@ if _extension.loaded():
             torch.empty_like(weight),
         )
 
-    # The op's autograd is C++ (csrc/ops/batch_norm_relu.cpp): a Python one cost ~60 us a call.
+    # The op's autograd is C++ (csrc/ops/batch_norm_relu.cpp): a Python one costs a visible share of a
+    # small step (benchmarks/NOTES.md).
 
 
 class _ReferenceBatchNormReLU(torch.autograd.Function):

@@ -170,7 +170,7 @@ def soft_couple_(
         return
     checked = as_coupling_groups(groups)
     # Every member's device, not only each group's first: a group that spans devices must be refused here (the
-    # op called with CPU and CUDA tensors in one list crashed on an H200, 2026-11-29).
+    # compiled op does not expect one: benchmarks/NOTES.md has the history).
     devices = list(dict.fromkeys(t.device for members in checked for t in members))
     if len(devices) > 1 or not all(_extension.has_kernels_for(d) for d in devices):
         # Several per-device calls, and the reference, need every group checked before anything is written.

@@ -193,14 +193,9 @@ def gram_spectral_bound(weight: torch.Tensor, n_iter: int = 6) -> torch.Tensor:
     The Gram kernel is formed in the Fourier domain (rfft2 at the full linear size 2k-1, so no wrap-around:
     the same numbers as the grouped conv of `_reference.gram_spectral_bound`, to rounding) because the
     kernel doubles in size each step: a direct conv costs C^3 k^4, the FFT route C^3 k^2. Batched over B,
-    differentiable (autograd through the FFTs).
+    differentiable (autograd through the FFTs). weight: [B, C_out, C_in, *kernel] with 0-3 spatial dimensions
+    (0: matrices, whose Gram matrix is formed directly).
     """
-    return gram_bound_nd(weight, n_iter)
-
-
-def gram_bound_nd(weight: torch.Tensor, n_iter: int = 4) -> torch.Tensor:
-    """gram_spectral_bound for kernels with 0-3 spatial dimensions: weight [B, C_out, C_in, *kernel]
-    (0: matrices, whose Gram matrix is formed directly). Certified for every input size."""
     nd = weight.dim() - 3
     g = weight if weight.shape[1] >= weight.shape[2] else weight.transpose(1, 2)
     log_scale = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
@@ -226,6 +221,9 @@ def gram_bound_nd(weight: torch.Tensor, n_iter: int = 4) -> torch.Tensor:
     power = 2.0 ** (-n_iter)
     row_sums = g.abs().sum(dim=tuple(range(2, g.dim())))
     return (row_sums.pow(power) * torch.exp(log_scale * power).unsqueeze(1)).amax(dim=1)
+
+
+gram_bound_nd = gram_spectral_bound  # the name nn.geometry and earlier releases use: the same function
 
 
 def _power_iteration(weight, u, mode: str, n_iter: int):
