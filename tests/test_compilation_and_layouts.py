@@ -1,5 +1,6 @@
 """What makes training fast without changing what is trained: --compile auto and its break-even rule, the shared
-compile cache, channels-last stages on the CPU, the batched spectral-norm path, train_epochs, and `itconv-fast bench train`."""
+compile cache, channels-last stages on the CPU, the batched spectral-norm path, train_epochs, and `itconv-fast bench
+train`."""
 
 from __future__ import annotations
 
