@@ -4,8 +4,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.itconv-fast-installed
 TORCH_VERSION ?= 2.14.1
 RUFF_VERSION ?= 0.17.5
-# Test processes: one per core (pytest-xdist); the whole suite fits 20 minutes on 2 cores this way.
-TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
+# Test processes (pytest-xdist): 0 runs the suite in one process, whose torch uses every core. Several workers
+# each running torch's threads oversubscribe a 2-core machine (measured far slower, benchmarks/NOTES.md);
+# TEST_WORKERS=N runs N workers.
+TEST_WORKERS ?= 0
 
 # Compile the CUDA kernels whenever a CUDA toolkit is present (no GPU is needed to compile them).
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
