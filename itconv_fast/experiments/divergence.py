@@ -8,7 +8,7 @@ Four rules, each named in the error and in metrics.json (`divergence.rule`):
 - `non-finite model state`: at the end of an epoch, a parameter or buffer (BatchNorm running statistics, spectral
   power vectors) that is not finite, or a non-finite test loss; that epoch is then not checkpointed.
 
-A refused step is undone: the buffers its forward passes changed (running statistics, power vectors) are put back.
+A refused step is undone: the running statistics its forward passes changed are put back.
 
 `itconv-fast train` exits with EXIT_DIVERGED (3) and metrics.json says `status: diverged` with the epoch,
 step and learning rate; `--resume` on such a run starts from its last good epoch only with
@@ -30,7 +30,7 @@ __all__ = [
     "check_finite_step",
     "exploding_loss_limit",
     "check_finite_state",
-    "BufferSnapshot",
+    "RunningStatisticsSnapshot",
 ]
 
 EXIT_DIVERGED = 3  # the exit code of a diverged `itconv-fast train` (1: other errors, 2: usage errors)
@@ -140,32 +140,33 @@ def check_finite_state(model: torch.nn.Module) -> None:
     raise TrainingDiverged(name, bad, rule="non-finite model state")
 
 
-class BufferSnapshot:
-    """The model's buffers (BatchNorm statistics and counters, spectral power vectors) copied before a step, so
-    that a refused step can put back what its forward passes changed. The copies are made once and refilled in
-    place each step (one fused copy); buffers are looked up by name, so a module that replaces one is followed."""
+class RunningStatisticsSnapshot:
+    """The running statistics (running_mean, running_var, num_batches_tracked) of every layer that tracks them,
+    copied before a step so that a refused step can put back what its forward passes changed: they are the
+    state a forward changes from the data. Spectral power vectors are not copied: they advance from the weights
+    alone, which a refused step leaves as they were, so the extra power step is as valid as the one before (and
+    copying them, activation-sized, would cost far more than the statistics). The copies are made once and
+    refilled in place each step (one fused copy); each buffer is looked up on its module, so a module moved to
+    another device or dtype is followed."""
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-        self.names: list = []
+        # (the module's buffer dict, name): a dict lookup a step, where Module.__getattr__ cost ~2 us a buffer
+        self.slots = [(m._buffers, name) for m in module.modules() if getattr(m, "track_running_stats", False)
+                      for name, b in m.named_buffers(recurse=False) if b is not None]  # fmt: skip
+        self.sources: list = []  # the buffers the copies were made from
         self.saved: list = []
 
     def _current(self) -> list:
-        return [(name, b) for name, b in self.module.named_buffers() if b is not None and b.numel()]
+        return [buffers[name] for buffers, name in self.slots]
 
     def take(self) -> None:
         current = self._current()
-        if [n for n, _ in current] != self.names or any(
-            s.shape != b.shape or s.dtype != b.dtype or s.device != b.device for s, (_, b) in zip(self.saved, current)
-        ):
-            self.names = [n for n, _ in current]
-            self.saved = [b.detach().clone() for _, b in current]
-        elif self.saved:
-            torch._foreach_copy_(self.saved, [b.detach() for _, b in current])
+        if len(current) != len(self.sources) or any(b is not a for b, a in zip(current, self.sources)):
+            self.sources, self.saved = current, [b.detach().clone() for b in current]  # first step, or moved
+        elif current:
+            torch._foreach_copy_(self.saved, current)
 
     @torch.no_grad()
     def restore(self) -> None:
-        current = dict(self._current())
-        for name, saved in zip(self.names, self.saved):
-            if name in current and current[name].shape == saved.shape:
-                current[name].copy_(saved)
+        for b, saved in zip(self._current(), self.saved):
+            b.copy_(saved)

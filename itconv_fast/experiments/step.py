@@ -3,7 +3,7 @@
 
 A non-finite loss or gradient norm, or an exploding task loss (above `loss_limit`), raises `TrainingDiverged`
 (experiments/divergence.py) after the last micro-batch's backward, before coupling and the optimizer: no step is
-taken with it, and the buffers its forward passes changed (BatchNorm statistics, power vectors) are put back. All
+taken with it, and the running statistics its forward passes changed are put back. All
 are checked with one read of the device per step (a GPU step is otherwise stalled by every read).
 
 A step is `accumulate` micro-batches: each runs forward and backward (under DDP only the last one
@@ -25,7 +25,7 @@ import torch
 from ..data import datasets
 from ..nn.coupling import GradientCoupler
 from ..objectives import Objective, ObjectiveContext, record_stages
-from .divergence import BufferSnapshot, TrainingDiverged, check_finite_step
+from .divergence import RunningStatisticsSnapshot, TrainingDiverged, check_finite_step
 
 __all__ = ["TrainStep", "autocast"]
 
@@ -75,7 +75,7 @@ class TrainStep:
         self.model = net if model is None else model
         self.seed = seed
         self.loss_limit = loss_limit
-        self.buffers = BufferSnapshot(self.model)  # what a refused step's forwards changed is put back from here
+        self.statistics = RunningStatisticsSnapshot(self.model)  # put back when a step is refused
         self.last_terms: dict = {}
         self.last_parts: dict = {}
         self._losses: list = []  # this step's micro-batch losses, checked with the gradients after the last backward
@@ -93,7 +93,7 @@ class TrainStep:
             x = x.contiguous(memory_format=torch.channels_last)
         if m == 0:
             self.optimizer.zero_grad(set_to_none=True)
-            self.buffers.take()
+            self.statistics.take()
         skip_sync = self.distributed and m < self.accumulate - 1
         with self.net.no_sync() if skip_sync else contextlib.nullcontext():
             with record_stages(self.model) if self.objectives else contextlib.nullcontext() as stages:
@@ -122,7 +122,7 @@ class TrainStep:
             try:  # before the step: weights stay as they were
                 check_finite_step(self._losses, self.optimizer_parameters(), self._task_losses, self.loss_limit)
             except TrainingDiverged:
-                self.buffers.restore()
+                self.statistics.restore()
                 raise
             self.coupler()  # after the all-reduce, before the step
             self.optimizer.step()
