@@ -318,7 +318,7 @@ class TrainingRun:
         for key, tag in TENSORBOARD_TAGS.items():
             self.writer.add_scalar(tag, record[key], epoch + 1)
         for key in record:
-            if key in config.objectives or key.split("/")[0] in config.objectives:
+            if key.split("/")[0] in config.objectives:  # an objective's value and its parts
                 self.writer.add_scalar(f"objective/{key}", record[key], epoch + 1)
         self.writer.flush()
         if on_epoch is not None:

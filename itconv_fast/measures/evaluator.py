@@ -101,12 +101,12 @@ def per_example_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1)
 
 
-def iterate_batches(data, batch_size: int):
+def iterate_batches(data, batch_size: int, caller: str = "compute_indices"):
     """(x, y) batches of a pair of tensors (cut into batch_size examples) or of an iterable of batches."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         x, y = data
         if x.shape[0] != y.shape[0]:
-            raise ValueError(f"compute_indices: x has {x.shape[0]} examples but y has {y.shape[0]}")
+            raise ValueError(f"{caller}: x has {x.shape[0]} examples but y has {y.shape[0]}")
         for i in range(0, x.shape[0], batch_size):
             yield x[i : i + batch_size], y[i : i + batch_size]
     else:
@@ -125,7 +125,7 @@ def evaluate_batches(model, data: Iterable, batch_size: int, caller: str, per_ba
     n, num_outputs = 0, None
     try:
         with torch.no_grad():
-            for x, y in iterate_batches(data, batch_size):
+            for x, y in iterate_batches(data, batch_size, caller):
                 x, y = x.to(device), y.to(device)
                 n += x.shape[0]
                 num_outputs = per_batch(x, y)
