@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import tokenize
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -124,8 +125,12 @@ def read_digitclutter(path: str) -> tuple[torch.Tensor, torch.Tensor]:
         with np.load(path, allow_pickle=False) as f:
             images, labels, digest = f["images"], f["labels"], str(f["sha256"])
     # zipfile says NotImplementedError for an unknown compression method and RuntimeError for an "encrypted"
-    # member: both are what a flipped header byte gives.
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
+    # member: both are what a flipped header byte gives. A flipped byte in an .npy header can also stop the
+    # tokenizer under numpy's header parser (tokenize.TokenError: an unclosed brace).
+    except (
+        OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, SyntaxError,
+        tokenize.TokenError,
+    ) as exc:  # fmt: skip
         raise vision.DatasetFilesError(f"{path}: unreadable Digitclutter file ({type(exc).__name__}: {exc})") from exc
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (1, 32, 32):
         raise vision.DatasetFilesError(f"{path}: images have dtype {images.dtype} and shape {images.shape}")
