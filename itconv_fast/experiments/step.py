@@ -3,8 +3,8 @@
 
 A non-finite loss or gradient norm, or an exploding task loss (above `loss_limit`), raises `TrainingDiverged`
 (experiments/divergence.py) after the last micro-batch's backward, before coupling and the optimizer: no step is
-taken with it, and the running statistics its forward passes changed are put back. All
-are checked with one read of the device per step (a GPU step is otherwise stalled by every read).
+taken with it, and the running statistics its forward passes changed are put back. All are checked with one
+read of the device per step (a GPU step is otherwise stalled by every read).
 
 A step is `accumulate` micro-batches: each runs forward and backward (under DDP only the last one
 all-reduces, inside its backward); after the last, the gradient coupler mixes the gradients (after the
