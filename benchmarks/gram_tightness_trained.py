@@ -8,8 +8,6 @@
 import json
 import sys
 
-import torch
-
 from itconv_fast import ops
 from itconv_fast.models import load_checkpoint
 from itconv_fast.models.stage_spectral_norm import fold_batchnorm
@@ -21,8 +19,7 @@ def main(run, out=None):
     report = {"run": run, "ratios (min, mean, max)": {}}
     for s, stage in enumerate(model.stages):
         side = side0 // 2**s
-        conv1, conv2, d1, d2 = stage._stacked()
-        conv2 = torch.stack(conv2)  # the stage passes conv2 as the list of its blocks' kernels
+        conv1, conv2, d1, d2 = stage.spectral_weights()
         for name, w in (("conv2", conv2), ("bn-folded conv1", fold_batchnorm(conv1, d1, d2))):
             w = w.detach().double()
             u = ops.init_power_vector(w, "operator", (side, side))

@@ -63,7 +63,7 @@ def diagnose(run: str, examples: int, extra: int) -> dict:
         info = {}
         if stage.sn is not None:
             c = stage.corrections()
-            conv1, conv2, d1, d2 = stage._stacked()
+            conv1, conv2, d1, d2 = stage.spectral_weights()
             exact = StageSpectralNorm(len(stage.blocks), conv1.shape[1], stage.sn.input_size, stage.sn.mu, "operator")
             exact.u1.copy_(init_power_vector(conv1, "operator", stage.sn.input_size))
             exact.u2.copy_(init_power_vector(conv1, "operator", stage.sn.input_size))

@@ -176,8 +176,8 @@ def test_channels_last_stages_compute_the_same_network(sn_mu, min_width, narrow_
             assert stage.blocks[0].nhwc_convs == narrow_convolutions
             assert conv.is_contiguous(memory_format=cl if narrow_convolutions else torch.contiguous_format)
     if min_width == 16:  # the transition out of the narrow stage: BN NCHW, its convolution NHWC
-        assert fast.transitions[0].nhwc_conv and fast.transitions[0][2].weight.is_contiguous(memory_format=cl)
-        assert fast.transitions[1][2].weight.is_contiguous(memory_format=cl) and not fast.transitions[1].nhwc_conv
+        assert fast.transitions[0].nhwc_conv and fast.transitions[0].conv.weight.is_contiguous(memory_format=cl)
+        assert fast.transitions[1].conv.weight.is_contiguous(memory_format=cl) and not fast.transitions[1].nhwc_conv
     x = torch.randn(4, 3, 32, 32)
     out_ref, out_fast = reference(x), fast(x)
     torch.testing.assert_close(out_fast, out_ref, rtol=1e-4, atol=1e-5)
@@ -200,8 +200,8 @@ def test_stage_forward_equals_blocks_applied_one_by_one_bit_for_bit():
     for block in stage.blocks:
         expected = expected + block.residual(expected)
     assert torch.equal(stage(z), expected)
-    c_batched = stage.sn.bounds(*stage._stacked(), update=False)
-    conv1, conv2, d1, d2 = stage._stacked()
+    c_batched = stage.sn.bounds(*stage.spectral_weights(), update=False)
+    conv1, conv2, d1, d2 = stage.spectral_weights()
     from itconv_fast.models.stage_spectral_norm import fold_batchnorm
 
     separate = stage.sn._sigma(fold_batchnorm(conv1, d1, d2), stage.sn.u1, 1, False) * stage.sn._sigma(

@@ -76,7 +76,7 @@ def test_the_recorder_sees_a_mixed_layout_relu_backward(regression, monkeypatch)
     model = IterResNet(10, 1, width=8, blocks=2, stages=3, input_size=32).train()
     model.to_channels_last(min_width=16, narrow_convolutions=regression == "plain contiguous")
     if regression == "stage input":
-        model.transitions[0][2].to(memory_format=torch.contiguous_format)
+        model.transitions[0].conv.to(memory_format=torch.contiguous_format)
         model.transitions[0].nhwc_conv = False
         model.stages[1].memory_format = None
     elif regression == "plain contiguous":

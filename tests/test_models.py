@@ -1,5 +1,7 @@
 """The paper's ResNet: structure contract, initialisation, spectral bounds, state dicts."""
 
+import copy
+
 import pytest
 import torch
 
@@ -129,3 +131,36 @@ def test_state_dict_is_stable_and_round_trips(tmp_path):
         torch.testing.assert_close(loaded(x), model.eval()(x))
     with pytest.raises(FileNotFoundError):
         load_checkpoint(str(tmp_path / "nothing"))
+
+
+def test_a_checkpoint_written_when_transitions_were_sequential_still_loads(tmp_path):
+    """Transition was nn.Sequential(BN, ReLU, conv), its parts named 0 and 2; such checkpoints keep loading."""
+    model = small(sn_mu=0.9).eval()
+    state = model.state_dict()
+    assert "transitions.0.bn.running_var" in state and "transitions.1.conv.weight" in state
+    legacy = {
+        k.replace(".bn.", ".0.").replace(".conv.", ".2.") if k.startswith("transitions.") else k: v
+        for k, v in state.items()
+    }
+    assert "transitions.0.0.running_var" in legacy and "transitions.1.2.weight" in legacy
+    torch.save({"model": legacy, "model_config": model.config}, tmp_path / "checkpoint.pt")
+    loaded = load_checkpoint(str(tmp_path))
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_a_deep_copy_uses_its_own_spectral_corrections():
+    """Each block asks its own stage for the corrections: a deep copy (an EMA model, say) must ask the copy's
+    stage, so changing the copy's weights changes the copy's residuals and leaves the original's alone."""
+    model = small(sn_mu=0.5).eval()
+    twin = copy.deepcopy(model)
+    stage = twin.stages[0]
+    with torch.no_grad():
+        stage.blocks[0].conv2.weight.mul_(10)
+        z = torch.randn(2, 4, 16, 16)
+        by_blocks = z
+        for block in stage.blocks:
+            by_blocks = by_blocks + block.residual(by_blocks)
+        assert torch.equal(stage(z), by_blocks)
+        assert not torch.equal(model.stages[0](z), by_blocks)

@@ -11,8 +11,7 @@ f~_t = f_t / c_t under spectral normalization (itconv_fast.models.stage_spectral
 from __future__ import annotations
 
 import os
-import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -47,7 +46,9 @@ class Block(nn.Module):
         self.conv1 = _conv3x3(channels, channels)
         self.bn2 = nn.BatchNorm2d(channels)
         self.conv2 = _conv3x3(channels, channels)
-        self._stage = None  # weak reference to the owning stage (for the spectral correction)
+        # A spectrally normalised stage sets these: its `corrections` (a bound method, so that a deep copy of the
+        # model binds to the copied stage) and this block's place in them.
+        self.stage_corrections: Optional[Callable[[], torch.Tensor]] = None
         self.index = 0
         self.nhwc_convs = False  # NCHW activations, NHWC convolutions (IterResNet.to_channels_last)
         self.fused_bn_relu = True  # BN + ReLU in one kernel (IterResNet.fuse_bn_relu)
@@ -76,10 +77,9 @@ class Block(nn.Module):
 
     def residual(self, z: torch.Tensor) -> torch.Tensor:
         """f~(z): the residual function, divided by its spectral correction c_t when the stage has one."""
-        stage = self._stage() if self._stage is not None else None
-        if stage is not None and stage.sn is not None:
-            return self.f(z, stage.corrections()[self.index])
-        return self.f(z)
+        if self.stage_corrections is None:
+            return self.f(z)
+        return self.f(z, self.stage_corrections()[self.index])
 
 
 class Stage(nn.Module):
@@ -91,24 +91,23 @@ class Stage(nn.Module):
         super().__init__()
         self.pcr = pcr
         self.blocks = nn.ModuleList(Block(channels) for _ in range(blocks))
-        for t, block in enumerate(self.blocks):
-            block._stage = weakref.ref(self)
-            block.index = t
         self.sn = (
             StageSpectralNorm(blocks, channels, (input_size, input_size), sn_mu, sn_mode) if sn_mu is not None else None
         )
-        self._cached = None  # (key, corrections) for evaluation
+        if self.sn is not None:
+            for t, block in enumerate(self.blocks):
+                block.stage_corrections, block.index = self.corrections, t
+        self._cached = None  # (weights' versions, corrections) for evaluation without gradients
         self.memory_format = None  # of the activations; the input is converted to it (IterResNet.to_channels_last)
 
-    def _stacked(self):
-        """The spectral norm's inputs: conv1 and conv2 stacked ([T, C, C, k, k]; conv2's stack also gives the
-        blocks their corrected kernels in forward) and the BN scales d1, d2 ([T, C])."""
+    def spectral_weights(self) -> tuple:
+        """The spectral norm's inputs: conv1 and conv2 stacked ([T, C, C, k, k]) and the BN scales d1, d2 ([T, C])."""
         b = self.blocks
         conv1 = torch.stack([x.conv1.weight for x in b])
         conv2 = torch.stack([x.conv2.weight for x in b])
         return conv1, conv2, stacked_bn_scales([x.bn1 for x in b]), stacked_bn_scales([x.bn2 for x in b])
 
-    def _state_key(self):
+    def _weights_version(self) -> tuple:
         tensors = [
             t
             for x in self.blocks
@@ -117,37 +116,27 @@ class Stage(nn.Module):
         tensors += [self.sn.u1, self.sn.u2]
         return tuple((id(t), t._version) for t in tensors)
 
-    def corrections(self, update: bool = False) -> torch.Tensor:
-        """c_t = max(L^_t / mu, 1) for every block, [T]. With update=True (training forward) the power
-        vectors take one step; otherwise nothing changes and the result is cached until the weights change."""
-        return self._corrections(update)[0]
-
-    def _corrections(self, update: bool):
-        """(corrections, conv2's stacked kernels when they were stacked to compute them, else None)."""
-        if update:
-            self._cached = None
-            stacked = self._stacked()
-            return self.sn(*stacked), stacked[1]
-        key = self._state_key()
-        if self._cached is None or self._cached[0] != key or torch.is_grad_enabled():
-            stacked = self._stacked()
-            was = self.sn.training
-            self.sn.eval()  # no vector update
-            try:
-                c = self.sn(*stacked)
-            finally:
-                self.sn.train(was)
-            if torch.is_grad_enabled():
-                return c, stacked[1]
-            self._cached = (key, c)
-            return c, stacked[1]
-        return self._cached[1], None
+    def corrections(self) -> torch.Tensor:
+        """c_t = max(L^_t / mu, 1) for every block, [T], without a power step (the vectors do not change).
+        Without gradients the result is kept until a weight, BN statistic or power vector changes: evaluation
+        asks for it once per block."""
+        if not torch.is_grad_enabled() and self._cached is not None and self._cached[0] == self._weights_version():
+            return self._cached[1]
+        was = self.sn.training
+        self.sn.eval()  # no vector update
+        try:
+            c = self.sn(*self.spectral_weights())
+        finally:
+            self.sn.train(was)
+        if not torch.is_grad_enabled():
+            self._cached = (self._weights_version(), c)
+        return c
 
     @torch.no_grad()
     def refresh(self, n_iter: int = 50) -> torch.Tensor:
         """Converges the power vectors on the current weights; returns the bounds L^_t."""
         self._cached = None
-        return self.sn.refresh(*self._stacked(), n_iter=n_iter) if self.sn is not None else None
+        return self.sn.refresh(*self.spectral_weights(), n_iter=n_iter) if self.sn is not None else None
 
     def corrected_conv2(self) -> Optional[tuple]:
         """Every block's spectrally corrected conv2 kernel conv2_t / c_t (a tuple of T), or None without spectral
@@ -162,9 +151,8 @@ class Stage(nn.Module):
             return self.sn.bounded_conv2(
                 [x.conv1 for x in b], [x.conv2 for x in b], [x.bn1 for x in b], [x.bn2 for x in b], update=self.training
             )[0].unbind(0)
-        c, conv2 = self._corrections(update=False)
-        if conv2 is None:  # the corrections came from the evaluation cache
-            conv2 = torch.stack([b.conv2.weight for b in self.blocks])
+        c = self.corrections()
+        conv2 = torch.stack([b.conv2.weight for b in self.blocks])
         # Every block's conv2 / c_t in one division (the same numbers as T divisions).
         return (conv2 / c.to(conv2.dtype).view(-1, 1, 1, 1, 1)).unbind(0)
 
@@ -188,17 +176,26 @@ class Stage(nn.Module):
         return z
 
 
-class Transition(nn.Sequential):
+class Transition(nn.Module):
     """Between stages: BN -> ReLU -> conv3x3, stride 2 (w_s -> w_{s+1})."""
 
     def __init__(self, c_in: int, c_out: int) -> None:
-        super().__init__(nn.BatchNorm2d(c_in), nn.ReLU(), _conv3x3(c_in, c_out, stride=2))
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c_in)
+        self.conv = _conv3x3(c_in, c_out, stride=2)
         self.nhwc_conv = False  # NCHW input, NHWC convolution (IterResNet.to_channels_last)
-        self.fused_bn_relu = True  # self[1], the ReLU, fused into the BatchNorm (IterResNet.fuse_bn_relu)
+        self.fused_bn_relu = True  # BN + ReLU in one kernel (IterResNet.fuse_bn_relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = _bn_relu(self[0], x, self.fused_bn_relu)
-        return self[2](to_memory_format(h, torch.channels_last) if self.nhwc_conv else h)
+        h = _bn_relu(self.bn, x, self.fused_bn_relu)
+        return self.conv(to_memory_format(h, torch.channels_last) if self.nhwc_conv else h)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written while Transition was nn.Sequential(BN, ReLU, conv) name its parts 0 and 2.
+        for old, new in (("0.", "bn."), ("2.", "conv.")):
+            for key in [k for k in state_dict if k.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class IterResNet(nn.Module):
@@ -325,7 +322,7 @@ class IterResNet(nn.Module):
                 if wide[s - 1]:
                     transition.to(memory_format=cl)
                 elif wide[s] or narrow_convolutions:
-                    transition[2].to(memory_format=cl)
+                    transition.conv.to(memory_format=cl)
                     transition.nhwc_conv = True
         return self
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import _extension, _reference
-from ..ops.spectral import SPECTRAL_MODES, gram_bound_nd
+from ..ops import _reference
+from ..ops.spectral import SPECTRAL_MODES, compiled_power_iteration, gram_spectral_bound, run_power_iteration
 
 __all__ = ["LayerGeometry", "MODES", "supported_layer", "layer_geometry", "gram_sigmas", "transposed_linear"]
 
@@ -252,7 +252,7 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Gram bound of a layer (gram_bound_nd, in ops, does the arithmetic).
+# Gram bound of a layer (gram_spectral_bound, in ops, does the arithmetic).
 
 
 def dilate_kernel(kernel: torch.Tensor, dilation: tuple) -> torch.Tensor:
@@ -283,7 +283,7 @@ def gram_sigmas(geometry: LayerGeometry, weights: Sequence[torch.Tensor], n_iter
     """The certified bound of each of B same-geometry layers: [B], differentiable."""
     kernels = torch.stack([_gram_kernels(geometry, w) for w in weights])  # [B, groups, rows, cols, *k]
     B, groups = kernels.shape[:2]
-    bounds = gram_bound_nd(kernels.flatten(0, 1), n_iter)
+    bounds = gram_spectral_bound(kernels.flatten(0, 1), n_iter)
     return bounds.view(B, groups).amax(dim=1)
 
 
@@ -306,12 +306,12 @@ def power_steps(
         w = [x.detach().to(dtype) for x in weights]
         if mode == "matrix" or geometry.kind == "linear":
             mats = [as_matrix(geometry, x).unsqueeze(-1).unsqueeze(-1) for x in w]
-            if _extension.has_kernels_for(u.device):
-                return torch.ops.itconv_fast.power_iteration_matrix_.list(mats, u, n_iter)
-            _extension.warn_fallback("itconv_fast.nn.spectral_norm (matrix mode)", u.device)
-            return _reference.power_iteration_matrix_(torch.stack(mats), u, n_iter)
-        if geometry.extension_operator_path and _extension.loaded():  # composite op: any device
-            return torch.ops.itconv_fast.power_iteration_operator_.list(w, u, n_iter)
+            return run_power_iteration(mats, u, "matrix", n_iter, caller="itconv_fast.nn.spectral_norm (matrix mode)")
+        if geometry.extension_operator_path:  # the compiled composite op (any device) where the extension is loaded
+            compiled = compiled_power_iteration(w, u, "operator", n_iter)
+            if compiled is not None:
+                return compiled
+        # Any other geometry (strides, dilation, groups, padding modes), or no extension: the maps below.
         wcat = torch.cat(w)
         uu, B = u, u.shape[0]
         for _ in range(n_iter):

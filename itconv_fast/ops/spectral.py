@@ -18,6 +18,8 @@ from . import _extension, _reference
 __all__ = [
     "batched_spectral_norm",
     "power_iteration",
+    "compiled_power_iteration",
+    "run_power_iteration",
     "sigma_weight_grad",
     "gram_spectral_bound",
     "gram_bound_nd",
@@ -226,20 +228,31 @@ def gram_spectral_bound(weight: torch.Tensor, n_iter: int = 6) -> torch.Tensor:
 gram_bound_nd = gram_spectral_bound  # the name nn.geometry and earlier releases use: the same function
 
 
-def _power_iteration(weight, u, mode: str, n_iter: int):
-    """(v, sigma) of the compiled op for the kernels' device, or of the reference; u updated in place. No
-    gradient, no validation (the callers validate)."""
+def compiled_power_iteration(weight, u, mode: str, n_iter: int):
+    """(v, sigma) of the compiled op, u updated in place; None (nothing changed) when the extension has no kernel
+    for the kernels' device. `weight`: [B, ...] kernels or a sequence of B of them. No gradient, no validation
+    (the callers validate)."""
     as_list = not isinstance(weight, torch.Tensor)
-    w = [k.detach() for k in weight] if as_list else weight.detach()
-    device = lead_kernel(weight).device
     # Operator mode is composite (ATen convolutions, any device); matrix mode has CPU and CUDA kernels.
-    if _extension.loaded() and (mode == "operator" or _extension.has_kernels_for(device)):
-        ops = torch.ops.itconv_fast
-        op = ops.power_iteration_operator_ if mode == "operator" else ops.power_iteration_matrix_
-        return (op.list if as_list else op.default)(w, u, n_iter)
-    _extension.warn_fallback("batched_spectral_norm", device)
+    if not (_extension.loaded() and (mode == "operator" or _extension.has_kernels_for(lead_kernel(weight).device))):
+        return None
+    w = [k.detach() for k in weight] if as_list else weight.detach()
+    ops = torch.ops.itconv_fast
+    op = ops.power_iteration_operator_ if mode == "operator" else ops.power_iteration_matrix_
+    return (op.list if as_list else op.default)(w, u, n_iter)
+
+
+def run_power_iteration(weight, u, mode: str, n_iter: int, caller: str = "batched_spectral_norm"):
+    """(v, sigma) of the compiled op, or of the pure-PyTorch reference (warning once, naming `caller`) where
+    none serves; u updated in place. No gradient, no validation (the callers validate)."""
+    compiled = compiled_power_iteration(weight, u, mode, n_iter)
+    if compiled is not None:
+        return compiled
+    _extension.warn_fallback(caller, lead_kernel(weight).device)
+    as_list = not isinstance(weight, torch.Tensor)
+    w = torch.stack([k.detach() for k in weight]) if as_list else weight.detach()
     ref = _reference.power_iteration_operator_ if mode == "operator" else _reference.power_iteration_matrix_
-    return ref(torch.stack(w) if as_list else w, u, n_iter)
+    return ref(w, u, n_iter)
 
 
 def power_iteration(weight: torch.Tensor, u: torch.Tensor, *, mode: str = "operator", n_iter: int = 1):
@@ -252,7 +265,7 @@ def power_iteration(weight: torch.Tensor, u: torch.Tensor, *, mode: str = "opera
     if u is None:
         raise ValueError("power_iteration: u (the persistent vectors) is required")
     _check_spectral(weight, u, mode, n_iter, None)
-    return _power_iteration(weight, u, mode, n_iter)
+    return run_power_iteration(weight, u, mode, n_iter)
 
 
 def sigma_weight_grad(u: torch.Tensor, v: torch.Tensor, mode: str, weight_shape) -> torch.Tensor:
@@ -293,7 +306,7 @@ def batched_spectral_norm(
         return gram_spectral_bound(torch.stack(list(weight)) if as_list else weight, n_iter)
     if u is None:
         u = init_power_vector(weight, mode, expected[2:] if mode == "operator" else None)
-    v, sigma = _power_iteration(weight, u, mode, n_iter)
+    v, sigma = run_power_iteration(weight, u, mode, n_iter)
     # u is updated in place by later calls: the backward pass needs this call's vectors.
     if as_list:
         if torch.is_grad_enabled() and any(k.requires_grad for k in weight):
