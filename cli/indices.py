@@ -133,7 +133,7 @@ def indices(run, extra_iterations, method, batch_size, test_size, device, plot, 
     click.echo(f"wrote {out}")
     if plot:
         if analysis is not None:
-            from itconv_fast.measures.analysis import plot_analysis
+            from itconv_fast.measures import plot_analysis
 
             plot_analysis(analysis, plot)
         else:

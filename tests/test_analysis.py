@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from itconv_fast.measures.analysis import MEASURES, analyze, plot_analysis
+from itconv_fast.measures import plot_analysis
+from itconv_fast.measures.analysis import MEASURES, analyze
 from itconv_fast.measures.indices import compute_indices
 from itconv_fast.models import IterResNet
 

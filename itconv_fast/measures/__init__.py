@@ -3,7 +3,8 @@
 (`lipschitz_report`). Builds on models (any model of the residual-model protocol), nn and ops.
 """
 
-from .analysis import MEASURES, AnalysisReport, BlockRefinement, StageAnalysis, analyze, plot_analysis
+from .analysis import MEASURES, AnalysisReport, BlockRefinement, StageAnalysis, analyze
+from .analysis_plot import plot_analysis
 from .indices import IndexReport, StageIndices, compute_indices, index_flops
 from .lipschitz import LayerLipschitz, LipschitzReport, circular_exact_sigmas, lipschitz_report
 

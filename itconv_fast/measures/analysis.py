@@ -51,7 +51,7 @@ from .evaluator import (
 )
 from .indices import IndexReport, index_report
 
-__all__ = ["analyze", "AnalysisReport", "StageAnalysis", "BlockRefinement", "MEASURES", "plot_analysis"]
+__all__ = ["analyze", "AnalysisReport", "StageAnalysis", "BlockRefinement", "MEASURES"]
 
 MEASURES = ("indices", "refinement", "anytime", "traces")
 
@@ -206,6 +206,49 @@ def _summary(values: torch.Tensor, threshold: float) -> dict:
     }
 
 
+def _stage_refinement(s: int, T: int, per_example: dict, loss_of: Callable, err_of: Callable) -> list:
+    """Stage s's BlockRefinement per block; moves the per-example cosines and ratios to their report keys."""
+    blocks = []
+    for t in range(1, T + 1):
+        cos = torch.cat(per_example.pop((s, t, "cos")))
+        ratio = torch.cat(per_example.pop((s, t, "ratio")))
+        per_example[(s, f"cosine_block{t}")] = cos
+        per_example[(s, f"ratio_block{t}")] = ratio
+        blocks.append(
+            BlockRefinement(
+                float(cos.mean()),
+                _quartiles(cos),
+                float(ratio.mean()),
+                _quartiles(ratio),
+                loss_of((s, "drop", t)),
+                err_of((s, "drop", t)),
+                loss_of((s, "twice", t)),
+                err_of((s, "twice", t)),
+            )
+        )
+    return blocks
+
+
+def _stage_trace(s: int, stage, hooks: "AnalysisHooks", K: int, threshold: float, per_example: dict) -> dict:
+    """Stage s's trace summaries over the K extra iterations; adds their per-example tensors."""
+    steps = torch.cat(hooks.step_norms[s])  # [N, K+1]: ||z_{T+k+1} - z_{T+k}||, k = 0..K
+    states = torch.cat(hooks.state_norms[s]).clamp_min(1e-12)
+    residual = steps / states  # at z_{T+k}, k = 0..K
+    update = residual[:, :K]  # step k = 1..K: ||z_{T+k} - z_{T+k-1}|| / ||z_{T+k-1}||
+    per_example[(s, "fixed_point_residual")] = residual
+    per_example[(s, "step_norm")] = steps
+    trace = {"relative_update": _summary(update, threshold), "fixed_point_residual": _summary(residual, threshold)}
+    if stage.pcr:
+        factor = steps[:, 1:] / steps[:, :-1].clamp_min(1e-30)  # k = 1..K
+        per_example[(s, "contraction")] = factor
+        trace["contraction"] = {
+            "median": factor.median(0).values.tolist(),
+            "max": factor.max(0).values.tolist(),
+            "lipschitz_bound": getattr(getattr(stage, "sn", None), "mu", None),
+        }
+    return trace
+
+
 def analyze(
     model,
     data: Union[tuple, Iterable],
@@ -259,49 +302,16 @@ def analyze(
     err_of = lambda key: counter[key] / n  # noqa: E731
     stages = []
     for s, stage in enumerate(model.stages):
-        T = len(stage.blocks)
         st = StageAnalysis()
         if "refinement" in measures:
-            for t in range(1, T + 1):
-                cos = torch.cat(per_example.pop((s, t, "cos")))
-                ratio = torch.cat(per_example.pop((s, t, "ratio")))
-                per_example[(s, f"cosine_block{t}")] = cos
-                per_example[(s, f"ratio_block{t}")] = ratio
-                st.refinement.append(
-                    BlockRefinement(
-                        float(cos.mean()),
-                        _quartiles(cos),
-                        float(ratio.mean()),
-                        _quartiles(ratio),
-                        loss_of((s, "drop", t)),
-                        err_of((s, "drop", t)),
-                        loss_of((s, "twice", t)),
-                        err_of((s, "twice", t)),
-                    )
-                )
+            st.refinement = _stage_refinement(s, len(stage.blocks), per_example, loss_of, err_of)
         if "anytime" in measures:
-            keys = [(s, "conv", k) for k in range(1, T)] + ["star"] + [(s, "div", k) for k in range(1, K + 1)]
+            keys = [(s, "conv", k) for k in range(1, len(stage.blocks))] + ["star"]
+            keys += [(s, "div", k) for k in range(1, K + 1)]
             st.anytime_error = [err_of(key) for key in keys]
             st.anytime_loss = [loss_of(key) for key in keys]
         if "traces" in measures:
-            steps = torch.cat(hooks.step_norms[s])  # [N, K+1]: ||z_{T+k+1} - z_{T+k}||, k = 0..K
-            states = torch.cat(hooks.state_norms[s]).clamp_min(1e-12)
-            residual = steps / states  # at z_{T+k}, k = 0..K
-            update = residual[:, :K]  # step k = 1..K: ||z_{T+k} - z_{T+k-1}|| / ||z_{T+k-1}||
-            per_example[(s, "fixed_point_residual")] = residual
-            per_example[(s, "step_norm")] = steps
-            st.trace = {
-                "relative_update": _summary(update, threshold),
-                "fixed_point_residual": _summary(residual, threshold),
-            }
-            if stage.pcr:
-                factor = steps[:, 1:] / steps[:, :-1].clamp_min(1e-30)  # k = 1..K
-                per_example[(s, "contraction")] = factor
-                st.trace["contraction"] = {
-                    "median": factor.median(0).values.tolist(),
-                    "max": factor.max(0).values.tolist(),
-                    "lipschitz_bound": getattr(getattr(stage, "sn", None), "mu", None),
-                }
+            st.trace = _stage_trace(s, stage, hooks, K, threshold, per_example)
         stages.append(st)
     report = AnalysisReport(
         indices, loss_of("star"), stages, threshold=float(threshold), measures=measures, per_example=per_example
@@ -313,83 +323,3 @@ def analyze(
         report.anytime_all_error = [all_wrong[k] / n for k in range(1, k_max + 1)]
         report.anytime_all_loss = [all_losses[k] / n for k in range(1, k_max + 1)]
     return report
-
-
-def plot_analysis(report: AnalysisReport, path: str) -> None:
-    """One row per measure (indices' curves, refinement, anytime, traces), one column per stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = ["indices"] + [m for m in ("refinement", "anytime", "traces") if m in report.measures]
-    S = len(report.stages)
-    fig, axes = plt.subplots(len(rows), S, figsize=(4.2 * S, 3.0 * len(rows)), squeeze=False)
-    idx = report.indices
-    for s in range(S):
-        for r, measure in enumerate(rows):
-            ax = axes[r, s]
-            if measure == "indices":
-                st = idx.stages[s]
-                ax.plot(range(1, len(st.e_conv) + 1), st.e_conv, "o-", ms=3, label=f"early read-out (CI {st.ci:.2f})")
-                ax.plot(range(1, len(st.e_drop) + 1), st.e_drop, "s-", ms=3, label=f"drop block t (RI {st.ri:.2f})")
-                ax.plot(range(1, len(st.e_div) + 1), st.e_div, "^-", ms=3, label=f"extra iterations k (DI {st.di:.2f})")
-                ax.axhline(idx.chance_error, color="C3", ls="--", lw=1)
-                ax.axhline(idx.error, color="k", ls=":", lw=1)
-                ax.set_ylim(-0.02, 1.02)
-                ax.set_xlabel("block t / extra iterations k")
-                ax.set_ylabel("error")
-                ax.legend(fontsize=7)
-            elif measure == "refinement":
-                ref = report.stages[s].refinement
-                ts = range(1, len(ref) + 1)
-                ax.plot(ts, [b.cosine_mean for b in ref], "o-", ms=3, color="C0", label="cos(update, -grad)")
-                ax.fill_between(
-                    ts,
-                    [b.cosine_quartiles[0] for b in ref],
-                    [b.cosine_quartiles[2] for b in ref],
-                    color="C0",
-                    alpha=0.2,
-                )
-                ax.plot(ts, [b.ratio_mean for b in ref], "s-", ms=3, color="C1", label="||update|| / ||z||")
-                ax.axhline(0, color="k", lw=0.5)
-                ax.set_xlabel("block t")
-                ax.legend(fontsize=7)
-            elif measure == "anytime":
-                st = report.stages[s]
-                ks = range(1, len(st.anytime_error) + 1)
-                T = len(idx.stages[s].e_drop)
-                ax.plot(ks, st.anytime_error, "o-", ms=3, label=f"stage {s + 1} runs k")
-                ax.plot(
-                    range(1, len(report.anytime_all_error) + 1),
-                    report.anytime_all_error,
-                    "-",
-                    color="0.5",
-                    label="all stages run k",
-                )
-                ax.axvline(T, color="k", ls=":", lw=1)
-                ax.axhline(idx.chance_error, color="C3", ls="--", lw=1)
-                ax.set_ylim(-0.02, 1.02)
-                ax.set_xlabel("iterations k (dotted: trained T)")
-                ax.set_ylabel("error")
-                ax.legend(fontsize=7)
-            else:
-                tr = report.stages[s].trace
-                ks = range(0, len(tr["fixed_point_residual"]["median"]))
-                ax.semilogy(ks, tr["fixed_point_residual"]["median"], "o-", ms=3, label="residual median")
-                ax.semilogy(ks, tr["fixed_point_residual"]["p90"], "--", label="residual p90")
-                ax.axhline(report.threshold, color="C3", ls=":", lw=1, label=f"threshold {report.threshold:g}")
-                if "contraction" in tr:
-                    ax.semilogy(
-                        range(1, len(tr["contraction"]["median"]) + 1),
-                        tr["contraction"]["median"],
-                        "s-",
-                        ms=3,
-                        label="contraction median",
-                    )
-                ax.set_xlabel("extra iterations k")
-                ax.legend(fontsize=7)
-            ax.set_title(f"stage {s + 1}: {measure}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
