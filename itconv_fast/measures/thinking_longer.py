@@ -1,0 +1,166 @@
+"""Thinking longer at test time: the error after k extra iterations of every stage (k = 0..K), on any test set.
+
+    report = thinking_longer(model, (x_hard, y_hard), extra_iterations=16)
+    report.errors[k], report.best_k, report.gain, report.overthinking_rate
+
+With k extra iterations every stage runs its T blocks and then its last block k more times (PCR: with the stage
+input), so that a weight-shared network (lam = 1, every block the same) runs its block T + k times, the way
+recurrent "deep thinking" networks are run longer on harder inputs (Schwarzschild et al. 2021; Bansal et al.
+2022). Unlike the Divergence Index, which perturbs one stage at a time, every stage iterates at once.
+
+The pass is batched: the first stage's K extra iterations are built incrementally from its output, and the outputs
+for several k go through the later stages together (up to `batch_size` rows a forward), each row group taking its
+own number of extra iterations there. `reference_thinking_longer` is the unbatched check: one plain forward per k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+
+from ..io.checkpoint import json_safe
+from ..models.residual import block_update, check_residual_model
+from .evaluator import (
+    Tally,
+    check_batch_size,
+    check_extra_iterations,
+    check_finite_outputs,
+    evaluate_batches,
+    stage_output,
+    top1_wrong,
+)
+
+__all__ = ["thinking_longer", "ThinkingLongerReport", "forward_with_extra_iterations", "wrong_by_extra_iterations"]
+
+
+@dataclass
+class ThinkingLongerReport:
+    """errors[k]: the error with k extra iterations of every stage, k = 0..K (errors[0]: the network as trained).
+
+    overthinking_rate: the share of examples right at k = 0 and wrong at k = K; rescued_rate: wrong at k = 0 and
+    right at k = K."""
+
+    errors: list
+    n: int
+    overthinking_rate: float
+    rescued_rate: float
+
+    @property
+    def extra_iterations(self) -> int:
+        return len(self.errors) - 1
+
+    @property
+    def best_k(self) -> int:
+        """The k of the lowest error (the smallest such k)."""
+        return min(range(len(self.errors)), key=lambda k: (self.errors[k], k))
+
+    @property
+    def best_error(self) -> float:
+        return self.errors[self.best_k]
+
+    @property
+    def gain(self) -> float:
+        """errors[0] - best_error: what thinking longer buys at its best k (>= 0)."""
+        return self.errors[0] - self.best_error
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(
+            extra_iterations=self.extra_iterations,
+            error=self.errors[0],
+            best_k=self.best_k,
+            best_error=self.best_error,
+            gain=self.gain,
+            error_at_K=self.errors[-1],
+        )
+        return json_safe(out)
+
+
+def forward_with_extra_iterations(model, x: torch.Tensor, k: int) -> torch.Tensor:
+    """A plain forward with every stage's last block applied k more times (the unbatched definition)."""
+    z = model.stem(x)
+    for s, stage in enumerate(model.stages):
+        if s > 0:
+            z = model.transitions[s - 1](z)
+        z = stage_output(stage, z, extra=k)
+    return model.head(z)
+
+
+def _later_stages(model, z: torch.Tensor, extra: list, n: int) -> torch.Tensor:
+    """Stages 1.. and the head for row groups of n examples, group i with extra[i] extra iterations (ascending)."""
+    for s in range(1, len(model.stages)):
+        stage = model.stages[s]
+        x_s = model.transitions[s - 1](z)
+        z = stage_output(stage, x_s)
+        for j in range(1, max(extra) + 1):  # iteration j for the groups that take at least j
+            first = next(i for i, k in enumerate(extra) if k >= j)
+            rows = slice(first * n, None)
+            z = torch.cat([z[: first * n], block_update(stage, stage.blocks[-1], z[rows], x_s[rows])])
+    return model.head(z)
+
+
+def wrong_by_extra_iterations(
+    model, x: torch.Tensor, y: torch.Tensor, K: int, wrong_fn: Callable = top1_wrong, chunk: int = 512
+) -> torch.Tensor:
+    """[n, K+1]: whether each example is wrong with k = 0..K extra iterations of every stage (batched)."""
+    n = x.shape[0]
+    stage0 = model.stages[0]
+    x_0 = model.stem(x)
+    z = stage_output(stage0, x_0)
+    group = max(1, chunk // n)  # values of k per forward through the later stages
+    columns, pending = [], []
+
+    def flush():
+        extra = [k for k, _ in pending]
+        logits = _later_stages(model, torch.cat([out for _, out in pending]), extra, n)
+        if not extra[0]:
+            check_finite_outputs(logits[:n])
+        columns.extend(wrong_fn(logits[i * n : (i + 1) * n], y) for i in range(len(extra)))
+        pending.clear()
+
+    for k in range(K + 1):
+        if k > 0:
+            z = block_update(stage0, stage0.blocks[-1], z, x_0)
+        pending.append((k, z))
+        if len(pending) == group:
+            flush()
+    if pending:
+        flush()
+    return torch.stack(columns, dim=1)
+
+
+def thinking_longer(
+    model,
+    data: Union[tuple, Iterable],
+    *,
+    extra_iterations: int = 16,
+    error_fn: Optional[Callable] = None,
+    batch_size: int = 512,
+) -> ThinkingLongerReport:
+    """The error with k = 0..K extra iterations of every stage (module docstring), in eval mode, without gradients.
+
+    Args:
+        model: a residual model (itconv_fast.models.residual).
+        data: (x, y) tensors or an iterable of (x, y) batches: the test set, harder than the training set or not.
+        extra_iterations: K >= 1.
+        error_fn: (logits, targets) -> per-example wrong (bool or a share in [0, 1]); default top-1.
+        batch_size: examples a batch (and rows a forward through the later stages).
+    """
+    check_residual_model(model, "thinking_longer")
+    check_extra_iterations(extra_iterations, "thinking_longer")
+    check_batch_size(batch_size, "thinking_longer")
+    wrong_fn = error_fn or top1_wrong
+    K = extra_iterations
+    tally = Tally()
+
+    def per_batch(x, y):
+        wrong = wrong_by_extra_iterations(model, x, y, K, wrong_fn, batch_size).double()
+        for k in range(K + 1):
+            tally.add(k, wrong[:, k].sum())
+        tally.add("over", ((1 - wrong[:, 0]) * wrong[:, K]).sum())
+        tally.add("rescued", (wrong[:, 0] * (1 - wrong[:, K])).sum())
+
+    n, _ = evaluate_batches(model, data, batch_size, "thinking_longer", per_batch)
+    return ThinkingLongerReport([tally[k] / n for k in range(K + 1)], n, tally["over"] / n, tally["rescued"] / n)
