@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .bench import bench
+from .benefits import benefits
 from .data import data
 from .indices import indices
 from .info import info
@@ -20,7 +21,7 @@ def main() -> None:
     """Measure and manipulate iterative convergent computation in residual networks."""
 
 
-for command in (info, bench, train, indices, sweep, report, toy, data, lipschitz):
+for command in (info, bench, train, indices, benefits, sweep, report, toy, data, lipschitz):
     main.add_command(command)
 
 

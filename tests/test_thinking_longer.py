@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from itconv_fast.measures import ThinkingLongerReport, thinking_longer
+from itconv_fast.measures import ThinkingLongerReport, thinking_longer_report
 from itconv_fast.measures.thinking_longer import forward_with_extra_iterations, wrong_by_extra_iterations
 from itconv_fast.models import IterResNet, ResidualStack
 
@@ -72,7 +72,7 @@ def test_report_against_the_wrong_matrix():
     model = net(pcr=True)
     x, y = inputs(model, n=64)
     wrong = by_hand(model, x, y, 4).double()
-    report = thinking_longer(model, (x, y), extra_iterations=4, batch_size=24)  # batches of 24, 24, 16
+    report = thinking_longer_report(model, (x, y), extra_iterations=4, batch_size=24)  # batches of 24, 24, 16
     assert isinstance(report, ThinkingLongerReport) and report.n == 64
     assert report.errors == pytest.approx(wrong.mean(0).tolist(), abs=1e-12)
     assert report.overthinking_rate == pytest.approx(float(((1 - wrong[:, 0]) * wrong[:, 4]).mean()))
@@ -98,13 +98,15 @@ def test_a_weight_shared_stage_runs_its_block_T_plus_k_times():
 def test_a_custom_error_function_and_bad_arguments():
     model = net()
     x, y = inputs(model, n=16)
-    always = thinking_longer(model, (x, y), extra_iterations=2, error_fn=lambda logits, t: torch.ones_like(t) > 0)
+    always = thinking_longer_report(
+        model, (x, y), extra_iterations=2, error_fn=lambda logits, t: torch.ones_like(t) > 0
+    )
     assert always.errors == [1.0, 1.0, 1.0] and always.overthinking_rate == 0.0
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="extra_iterations"):
-            thinking_longer(model, (x, y), extra_iterations=bad)
+            thinking_longer_report(model, (x, y), extra_iterations=bad)
     with pytest.raises(ValueError, match="batch_size"):
-        thinking_longer(model, (x, y), batch_size=0)
+        thinking_longer_report(model, (x, y), batch_size=0)
     with pytest.raises(TypeError, match="not a residual model"):
-        thinking_longer(nn.Linear(2, 2), (x, y))
+        thinking_longer_report(nn.Linear(2, 2), (x, y))
     assert not model.training

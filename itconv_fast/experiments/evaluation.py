@@ -17,7 +17,17 @@ from ..models import load_checkpoint
 from .config import TrainConfig
 from .training import resolve_device
 
-__all__ = ["run_evaluation", "indices_of_run"]
+__all__ = ["run_config", "run_evaluation", "indices_of_run"]
+
+
+def run_config(run: str) -> TrainConfig:
+    """The training configuration of a run (a run directory or its checkpoint.pt), read safely."""
+    path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
+    state = load_checkpoint_state(path, map_location="cpu", required=("model", "model_config", "config"))
+    try:
+        return TrainConfig(**state["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its training configuration is not readable ({exc})") from None
 
 
 def run_evaluation(run: str, *, batch_size: int = 512, test_size: Optional[int] = None, device: str = "auto"):
@@ -26,11 +36,7 @@ def run_evaluation(run: str, *, batch_size: int = 512, test_size: Optional[int] 
     read safely (weights_only); a bad one raises CheckpointError naming it."""
     path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
     dev = resolve_device(device)
-    state = load_checkpoint_state(path, map_location="cpu", required=("model", "model_config", "config"))
-    try:
-        config = TrainConfig(**state["config"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: its training configuration is not readable ({exc})") from None
+    config = run_config(path)
     model = load_checkpoint(path, map_location=dev)
     task = datasets.load(
         config.dataset,

@@ -1,14 +1,15 @@
 """What is measured on a trained residual model: the three indices of iterative convergence
 (`compute_indices`), the analyses beyond them (`analyze`), per-layer Lipschitz constants
-(`lipschitz_report`) and what converging buys: `thinking_longer` (test-time iterations). Builds on models
-(any model of the residual-model protocol), nn and ops.
+(`lipschitz_report`) and what converging buys: `thinking_longer_report` (test-time iterations) and `robustness_report`.
+Builds on models (any model of the residual-model protocol), nn and ops.
 """
 
 from .analysis import MEASURES, AnalysisReport, BlockRefinement, StageAnalysis, analyze
 from .analysis_plot import plot_analysis
 from .indices import IndexReport, StageIndices, compute_indices, index_flops
 from .lipschitz import LayerLipschitz, LipschitzReport, circular_exact_sigmas, lipschitz_report
-from .thinking_longer import ThinkingLongerReport, thinking_longer
+from .robustness import RobustnessReport, robustness_report
+from .thinking_longer import ThinkingLongerReport, thinking_longer_report
 
 __all__ = [
     "compute_indices",
@@ -25,6 +26,8 @@ __all__ = [
     "LipschitzReport",
     "LayerLipschitz",
     "circular_exact_sigmas",
-    "thinking_longer",
+    "thinking_longer_report",
     "ThinkingLongerReport",
+    "robustness_report",
+    "RobustnessReport",
 ]

@@ -1,6 +1,6 @@
 """Thinking longer at test time: the error after k extra iterations of every stage (k = 0..K), on any test set.
 
-    report = thinking_longer(model, (x_hard, y_hard), extra_iterations=16)
+    report = thinking_longer_report(model, (x_hard, y_hard), extra_iterations=16)
     report.errors[k], report.best_k, report.gain, report.overthinking_rate
 
 With k extra iterations every stage runs its T blocks and then its last block k more times (PCR: with the stage
@@ -32,7 +32,12 @@ from .evaluator import (
     top1_wrong,
 )
 
-__all__ = ["thinking_longer", "ThinkingLongerReport", "forward_with_extra_iterations", "wrong_by_extra_iterations"]
+__all__ = [
+    "thinking_longer_report",
+    "ThinkingLongerReport",
+    "forward_with_extra_iterations",
+    "wrong_by_extra_iterations",
+]
 
 
 @dataclass
@@ -131,7 +136,7 @@ def wrong_by_extra_iterations(
     return torch.stack(columns, dim=1)
 
 
-def thinking_longer(
+def thinking_longer_report(
     model,
     data: Union[tuple, Iterable],
     *,
@@ -148,9 +153,9 @@ def thinking_longer(
         error_fn: (logits, targets) -> per-example wrong (bool or a share in [0, 1]); default top-1.
         batch_size: examples a batch (and rows a forward through the later stages).
     """
-    check_residual_model(model, "thinking_longer")
-    check_extra_iterations(extra_iterations, "thinking_longer")
-    check_batch_size(batch_size, "thinking_longer")
+    check_residual_model(model, "thinking_longer_report")
+    check_extra_iterations(extra_iterations, "thinking_longer_report")
+    check_batch_size(batch_size, "thinking_longer_report")
     wrong_fn = error_fn or top1_wrong
     K = extra_iterations
     tally = Tally()
@@ -162,5 +167,5 @@ def thinking_longer(
         tally.add("over", ((1 - wrong[:, 0]) * wrong[:, K]).sum())
         tally.add("rescued", (wrong[:, 0] * (1 - wrong[:, K])).sum())
 
-    n, _ = evaluate_batches(model, data, batch_size, "thinking_longer", per_batch)
+    n, _ = evaluate_batches(model, data, batch_size, "thinking_longer_report", per_batch)
     return ThinkingLongerReport([tally[k] / n for k in range(K + 1)], n, tally["over"] / n, tally["rescued"] / n)

@@ -1,0 +1,116 @@
+"""What converging buys a training run: the benefit measures on its own test set and on harder ones.
+
+    result = benefits_of_run("runs/x", measures=("thinking-longer", "robustness"))
+    result["thinking_longer"]["digitclutter-5"]["gain"], result["robustness"]["pgd_errors"]
+
+Harder test sets for thinking longer: Digitclutter with more digits than the run was trained on (the n highest
+outputs scored against the n digits, SPEC section 5), drawn from the run's test seed, and the run's own test set
+with Gaussian noise of std `noise_sigma` added to its (normalised) inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from ..data import datasets
+from ..measures.robustness import robustness_report
+from ..measures.thinking_longer import thinking_longer_report
+from .evaluation import run_config, run_evaluation
+
+__all__ = ["benefits_of_run", "BENEFIT_MEASURES", "default_harder_digits"]
+
+BENEFIT_MEASURES = ("thinking-longer", "robustness")
+
+
+def default_harder_digits(n_digits: int) -> tuple:
+    """Digitclutter with one and two more digits than trained on (up to 10)."""
+    return tuple(n for n in (n_digits + 1, n_digits + 2) if n <= 10)
+
+
+def _noisy(data: list, sigma: float, seed: int) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    return [(x + sigma * torch.randn(x.shape, generator=generator).to(x.device, x.dtype), y) for x, y in data]
+
+
+def _harder_sets(config, data, harder_digits: Sequence[int], noise_sigma: Optional[float], batch_size, device):
+    """{name: batches}: the run's test set, Digitclutter with more digits, the noisy test set."""
+    sets = {"test set": data}
+    if config.dataset == "digitclutter":
+        n_test = sum(x.shape[0] for x, _ in data)
+        for n in harder_digits:  # the run's test split (its seed and size), with n digits an image
+            task = datasets.load(
+                "digitclutter",
+                n_digits=n,
+                train_size=1,
+                test_size=n_test,
+                seed=config.seed,
+                cache_dir=config.cache_dir or datasets.default_cache_dir(),
+            )
+            sets[f"digitclutter-{n}"] = list(datasets.batches(task, task.test, batch_size, train=False, device=device))
+    if noise_sigma:
+        sets[f"noise {noise_sigma:g}"] = _noisy(data, noise_sigma, config.seed)
+    return sets
+
+
+def benefits_of_run(
+    run: str,
+    *,
+    measures: Sequence[str] = BENEFIT_MEASURES,
+    extra_iterations: int = 16,
+    harder_digits: Optional[Sequence[int]] = None,
+    noise_sigma: Optional[float] = 0.5,
+    sigmas: Sequence[float] = (0.1, 0.2, 0.5, 1.0),
+    epsilons: Sequence[float] = (0.01, 0.02, 0.05, 0.1),
+    pgd_steps: int = 10,
+    batch_size: int = 512,
+    test_size: Optional[int] = None,
+    device: str = "auto",
+) -> dict:
+    """The benefit measures of a run (a run directory or its checkpoint.pt) as a JSON-ready dict.
+
+    harder_digits: Digitclutter runs only: the digit counts of the harder test sets (default: n + 1 and n + 2).
+    Raises ValueError naming a bad argument before anything is computed; CheckpointError for a bad checkpoint."""
+    unknown = [m for m in measures if m not in BENEFIT_MEASURES]
+    if unknown or not measures:
+        raise ValueError(
+            f"benefits: unknown measure {unknown[0] if unknown else measures!r}; choose from {BENEFIT_MEASURES}"
+        )
+    path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
+    config = run_config(path)
+    if harder_digits is None:
+        harder_digits = default_harder_digits(config.n_digits) if config.dataset == "digitclutter" else ()
+    bad = [n for n in harder_digits if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 10]
+    if bad:
+        raise ValueError(f"benefits: harder digit counts must be ints in 1..10, got {bad[0]!r}")
+    if noise_sigma is not None and not (isinstance(noise_sigma, (int, float)) and 0 <= noise_sigma < float("inf")):
+        raise ValueError(f"benefits: noise_sigma must be a finite number >= 0, got {noise_sigma!r}")
+    model, data, chance, error_fn, loss_fn = run_evaluation(
+        path, batch_size=batch_size, test_size=test_size, device=device
+    )
+    device = next(model.parameters()).device
+    out = {"run": os.path.dirname(os.path.abspath(path)), "chance_error": chance, "n": sum(len(y) for _, y in data)}
+    if "thinking-longer" in measures:
+        sets = _harder_sets(config, data, harder_digits, noise_sigma, batch_size, device)
+        out["thinking_longer"] = {
+            name: thinking_longer_report(
+                model, batches, extra_iterations=extra_iterations, error_fn=error_fn, batch_size=batch_size
+            ).to_dict()
+            for name, batches in sets.items()
+        }
+    if "robustness" in measures:
+        report = robustness_report(
+            model,
+            data,
+            sigmas=sigmas,
+            epsilons=epsilons,
+            pgd_steps=pgd_steps,
+            error_fn=error_fn,
+            loss_fn=loss_fn,
+            batch_size=batch_size,
+            seed=config.seed,
+        )
+        out["robustness"] = report.to_dict()
+    return out
