@@ -9,7 +9,7 @@ import click
 
 from .params import CommaList, FiniteFloatRange
 
-MEASURE_CHOICES = ("thinking-longer", "robustness")
+MEASURE_CHOICES = ("thinking-longer", "adaptive-depth", "robustness")
 
 
 @click.command()
@@ -41,6 +41,13 @@ MEASURE_CHOICES = ("thinking-longer", "robustness")
     help="Thinking longer also on the test set with Gaussian noise of this std (input units; 0: not).",
 )
 @click.option(
+    "--taus",
+    type=CommaList(FiniteFloatRange(min=0.0)),
+    default="0.003,0.01,0.03,0.1,0.3",
+    show_default=True,
+    help="Adaptive depth: a stage stops for an example once its relative update is under tau.",
+)
+@click.option(
     "--sigmas",
     type=CommaList(FiniteFloatRange(min=0.0)),
     default="0.1,0.2,0.5,1",
@@ -67,6 +74,7 @@ def benefits(
     extra_iterations,
     harder_digits,
     noise_sigma,
+    taus,
     sigmas,
     epsilons,
     pgd_steps,
@@ -76,8 +84,9 @@ def benefits(
     as_json,
 ) -> None:
     """What converging buys a trained run (directory or checkpoint.pt): the error after k extra iterations on
-    its test set and on harder ones (more Digitclutter digits, noise), with the overthinking rate; and the error
-    under Gaussian noise and a PGD attack, with the share certified by the network's Lipschitz bound.
+    its test set and on harder ones (more Digitclutter digits, noise), with the overthinking rate; the error and
+    blocks run when each example leaves a stage once it has converged (adaptive depth); and the error under
+    Gaussian noise and a PGD attack, with the share certified by the network's Lipschitz bound.
 
     Writes benefits.json beside the checkpoint.
     """
@@ -108,6 +117,7 @@ def benefits(
             extra_iterations=extra_iterations,
             harder_digits=harder_digits,
             noise_sigma=noise_sigma,
+            taus=taus,
             sigmas=sigmas,
             epsilons=epsilons,
             pgd_steps=pgd_steps,
@@ -141,6 +151,17 @@ def print_benefits(result: dict) -> None:
                 f"{name:>16} {r['error']:8.4f} {r['best_k']:7d} {r['best_error']:8.4f} {r['gain']:7.4f} "
                 f"{r['error_at_K']:8.4f} {r['overthinking_rate']:9.4f}"
             )
+    if "adaptive_depth" in result:
+        r = result["adaptive_depth"]
+        click.echo(
+            f"adaptive depth: full network error {r['full_error']:.4f}, {r['full_blocks']} blocks, "
+            f"{r['full_seconds']:.3f} s"
+        )
+        for tau, e, b, t in zip(r["taus"], r["errors"], r["mean_blocks"], r["seconds"]):
+            click.echo(f"  tau {tau:g}: error {e:.4f}, mean blocks {b:.2f}, {t:.3f} s")
+        click.echo(
+            f"  compute saved at no more than {100 * r['error_margin']:g} points of error: {r['compute_saved']:.1%}"
+        )
     if "robustness" in result:
         r = result["robustness"]
         click.echo(f"clean error {r['clean_error']:.4f}")

@@ -13,7 +13,7 @@ from itconv_fast.measures import thinking_longer_report
 from itconv_fast.models import load_checkpoint
 
 TINY = ["--train-size", "96", "--test-size", "40", "--width", "4", "--blocks", "2", "--batch-size", "32"]
-FAST = ["--extra-iterations", "3", "--pgd-steps", "2", "--sigmas", "0.5", "--epsilons", "0,0.05"]
+FAST = ["--extra-iterations", "3", "--pgd-steps", "2", "--sigmas", "0.5", "--epsilons", "0,0.05", "--taus", "0,0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,9 @@ def test_benefits_writes_every_measure(run):
     assert list(sets) == ["test set", "digitclutter-4", "digitclutter-5", "noise 0.5"]
     for r in sets.values():
         assert len(r["errors"]) == 4 and 0 <= r["best_k"] <= 3 and r["gain"] >= 0
+    adaptive = written["adaptive_depth"]
+    assert adaptive["taus"] == [0.0, 0.1] and adaptive["errors"][0] == adaptive["full_error"]
+    assert adaptive["mean_blocks"][0] == adaptive["full_blocks"] == 6 and 0 <= adaptive["compute_saved"] < 1
     robust = written["robustness"]
     assert robust["epsilons"] == [0.0, 0.05] and robust["pgd_errors"][0] == robust["clean_error"]
     assert robust["lipschitz_bound"] > 0 and len(robust["certified_shares"]) == 2
@@ -83,6 +86,7 @@ def test_json_output_and_one_measure(run):
         (["--harder-digits", "11"], "--harder-digits"),
         (["--extra-iterations", "0"], "--extra-iterations"),
         (["--noise-sigma", "-1"], "--noise-sigma"),
+        (["--taus", "0.1,-2"], "--taus"),
     ],
 )
 def test_bad_options_are_usage_errors_that_write_nothing(run, args, match):

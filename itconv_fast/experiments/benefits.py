@@ -1,7 +1,8 @@
 """What converging buys a training run: the benefit measures on its own test set and on harder ones.
 
-    result = benefits_of_run("runs/x", measures=("thinking-longer", "robustness"))
-    result["thinking_longer"]["digitclutter-5"]["gain"], result["robustness"]["pgd_errors"]
+    result = benefits_of_run("runs/x")
+    result["thinking_longer"]["digitclutter-5"]["gain"], result["adaptive_depth"]["compute_saved"],
+    result["robustness"]["pgd_errors"]
 
 Harder test sets for thinking longer: Digitclutter with more digits than the run was trained on (the n highest
 outputs scored against the n digits, SPEC section 5), drawn from the run's test seed, and the run's own test set
@@ -16,13 +17,14 @@ from typing import Optional, Sequence
 import torch
 
 from ..data import datasets
+from ..measures.adaptive_depth import adaptive_depth_report
 from ..measures.robustness import robustness_report
 from ..measures.thinking_longer import thinking_longer_report
 from .evaluation import run_config, run_evaluation
 
 __all__ = ["benefits_of_run", "BENEFIT_MEASURES", "default_harder_digits"]
 
-BENEFIT_MEASURES = ("thinking-longer", "robustness")
+BENEFIT_MEASURES = ("thinking-longer", "adaptive-depth", "robustness")
 
 
 def default_harder_digits(n_digits: int) -> tuple:
@@ -62,6 +64,7 @@ def benefits_of_run(
     extra_iterations: int = 16,
     harder_digits: Optional[Sequence[int]] = None,
     noise_sigma: Optional[float] = 0.5,
+    taus: Sequence[float] = (0.003, 0.01, 0.03, 0.1, 0.3),
     sigmas: Sequence[float] = (0.1, 0.2, 0.5, 1.0),
     epsilons: Sequence[float] = (0.01, 0.02, 0.05, 0.1),
     pgd_steps: int = 10,
@@ -100,6 +103,10 @@ def benefits_of_run(
             ).to_dict()
             for name, batches in sets.items()
         }
+    if "adaptive-depth" in measures:
+        out["adaptive_depth"] = adaptive_depth_report(
+            model, data, taus=taus, error_fn=error_fn, batch_size=batch_size
+        ).to_dict()
     if "robustness" in measures:
         report = robustness_report(
             model,
