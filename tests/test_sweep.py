@@ -53,6 +53,8 @@ def test_grid_expands_in_order_with_names_and_without_duplicates(tmp_path):
         ({"base": {**BASE, "blocks": 0}, "grid": {"lam": [0]}}, "blocks"),
         ({"base": BASE, "grid": {"preset": ["quick"]}}, "preset cannot vary"),
         ({"base": BASE, "grid": {"lam": [0]}, "indices": {"extra_iterations": 0}}, "extra_iterations"),
+        ({"base": BASE, "grid": {"lam": [0]}, "indices": {"benefits": ["speed"]}}, "benefits must be"),
+        ({"base": BASE, "grid": {"lam": [0]}, "indices": {"benefits": []}}, "benefits must be"),
     ],
 )
 def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, values, match):
@@ -82,6 +84,30 @@ def test_a_changed_sweep_file_against_an_existing_dir_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_trial_with_benefits_writes_them_and_their_columns(tmp_path, monkeypatch):
+    """indices: benefits: the trial measures them after its indices (benefits.json) and its row gains their
+    columns; a sweep file without it keeps its stored form (no benefits key)."""
+    monkeypatch.setenv("ITCONV_FAST_CACHE", str(tmp_path / "cache"))
+    plain = sweeps.parse_sweep({"base": BASE, "grid": {"lam": [0]}}, "s.yaml")
+    assert "benefits" not in plain.canonical()["indices"]
+    spec = sweeps.parse_sweep(
+        {
+            "base": {**BASE, "epochs": 1},
+            "grid": {"sn_mu": [0.95]},
+            "indices": {"extra_iterations": 2, "benefits": ["thinking-longer", "adaptive-depth", "robustness"]},
+        },
+        "s.yaml",
+    )
+    (trial,) = sweeps.expand(spec)
+    row = sweeps.run_trial(trial.config, str(tmp_path / "t"), spec.indices)
+    found = json.loads((tmp_path / "t" / "benefits.json").read_text())
+    assert row["status"] == "ok" and row["benefits_seconds"] > 0
+    assert row["tl_digitclutter-5_gain"] == found["thinking_longer"]["digitclutter-5"]["gain"]
+    assert row["ad_compute_saved"] == found["adaptive_depth"]["compute_saved"]
+    assert row["pgd_error_eps0.05"] == found["robustness"]["pgd_errors"][2]
+    assert row["certified_eps0.01"] == found["robustness"]["certified_shares"][0]
+
+
 def test_killed_sweep_resumes_only_the_missing_trial(tmp_path):
     """Two trials, one at a time on a real local Ray instance (2 CPUs, 2 per trial). The driver's whole
     process group is SIGKILLed once the first trial has finished and the second has a checkpoint; the rerun

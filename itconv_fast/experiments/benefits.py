@@ -22,7 +22,7 @@ from ..measures.robustness import robustness_report
 from ..measures.thinking_longer import thinking_longer_report
 from .evaluation import run_config, run_evaluation
 
-__all__ = ["benefits_of_run", "BENEFIT_MEASURES", "default_harder_digits"]
+__all__ = ["benefits_of_run", "benefit_columns", "BENEFIT_MEASURES", "default_harder_digits"]
 
 BENEFIT_MEASURES = ("thinking-longer", "adaptive-depth", "robustness")
 
@@ -121,3 +121,26 @@ def benefits_of_run(
         )
         out["robustness"] = report.to_dict()
     return out
+
+
+def benefit_columns(result: dict) -> dict:
+    """The result-table columns of a `benefits_of_run` result (a sweep's results.csv): per thinking-longer test
+    set its error, gain, best k and overthinking rate; adaptive depth's compute saved; per sigma and epsilon the
+    noise, PGD errors and certified shares."""
+    columns = {}
+    for name, r in result.get("thinking_longer", {}).items():
+        key = name.replace(" ", "_")
+        for field in ("error", "gain", "best_k", "error_at_K", "overthinking_rate"):
+            columns[f"tl_{key}_{field}"] = r[field]
+    if "adaptive_depth" in result:
+        r = result["adaptive_depth"]
+        columns.update(ad_compute_saved=r["compute_saved"], ad_full_error=r["full_error"])
+    if "robustness" in result:
+        r = result["robustness"]
+        for sigma, e in zip(r["sigmas"], r["noise_errors"]):
+            columns[f"noise_error_sigma{sigma:g}"] = e
+        certified = r["certified_shares"] or [None] * len(r["epsilons"])
+        for eps, e, c in zip(r["epsilons"], r["pgd_errors"], certified):
+            columns[f"pgd_error_eps{eps:g}"] = e
+            columns[f"certified_eps{eps:g}"] = c
+    return columns

@@ -13,6 +13,7 @@ A sweep file is YAML:
       seed: [0, 1, 2]
     indices:              # optional: how the indices are measured after training
       extra_iterations: 16
+      benefits: [thinking-longer, adaptive-depth, robustness]   # optional: benefits.json and its columns
 
 Trials are named after their grid values (`lam=0.5,seed=1`) and write to DIR/trials/<name>/ what
 `itconv-fast train` writes (config.yaml, metrics.json, metrics.csv, tensorboard/, checkpoint.pt), plus
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..io.checkpoint import atomic_write_json, atomic_write_text, json_safe
+from .benefits import BENEFIT_MEASURES, benefit_columns, benefits_of_run
 from .compilation import sweep_compile_cache_dir, use_compile_cache
 from .config import FIELDS, ConfigError, TrainConfig, build_config, read_yaml
 from .sweep_lock import LOCK_NAME, SweepLocked, sweep_lock  # noqa: F401 (SweepLocked: what run_sweep raises)
@@ -144,9 +146,13 @@ def parse_sweep(values, where: str) -> SweepSpec:
         raise SweepError(f"{where}: the grid has {count} trials; at most {MAX_TRIALS} (split it into several sweeps)")
     indices = dict(INDEX_OPTIONS)
     given = values.get("indices") or {}
-    if not isinstance(given, dict) or set(given) - set(INDEX_OPTIONS):
-        raise SweepError(f"{where}: indices takes only {', '.join(INDEX_OPTIONS)}")
+    if not isinstance(given, dict) or set(given) - set(INDEX_OPTIONS) - {"benefits"}:
+        raise SweepError(f"{where}: indices takes only {', '.join(INDEX_OPTIONS)}, benefits")
     indices.update(given)
+    if "benefits" in indices:  # only when given: a sweep directory made without it keeps its stored spec
+        chosen = indices["benefits"]
+        if not isinstance(chosen, list) or not chosen or not set(chosen) <= set(BENEFIT_MEASURES):
+            raise SweepError(f"{where}: indices: benefits must be a non-empty list of {', '.join(BENEFIT_MEASURES)}")
     for key in ("extra_iterations", "batch_size"):
         if isinstance(indices[key], bool) or not isinstance(indices[key], int) or not 1 <= indices[key] <= 2**31 - 1:
             raise SweepError(f"{where}: indices: {key} must be an integer >= 1, got {indices[key]!r}")
@@ -320,6 +326,19 @@ def run_trial(config: TrainConfig, out: str, indices: dict, report=None, retry_d
         row.update({f"ci_s{s}": st.ci, f"ri_s{s}": st.ri, f"di_s{s}": st.di})
     row["train_seconds"] = train_seconds
     row["indices_seconds"] = time.perf_counter() - t0
+    if indices.get("benefits"):
+        t0 = time.perf_counter()
+        found = benefits_of_run(
+            out,
+            measures=tuple(indices["benefits"]),
+            extra_iterations=indices["extra_iterations"],
+            batch_size=indices["batch_size"],
+            test_size=indices["test_size"],
+            device=config.device,
+        )
+        atomic_write_json(os.path.join(out, "benefits.json"), found)
+        row.update(benefit_columns(found))
+        row["benefits_seconds"] = time.perf_counter() - t0
     row["session_seconds"] = time.perf_counter() - started
     _write_result(out, config, row)
     return row
