@@ -181,6 +181,26 @@ def extension():
     return CppExtension("itconv_fast._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
 
 
+def nvcc_failure(cuda_home) -> str:
+    """Why the toolkit's nvcc cannot compile a one-line kernel ("" when it can): a broken toolkit is found in
+    seconds, before the C++ sources are compiled for a CUDA build that would fail at its first .cu file."""
+    nvcc = os.path.join(cuda_home or "", "bin", "nvcc")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "probe.cu")
+        with open(source, "w", encoding="utf-8") as f:
+            f.write("__global__ void probe(float *x) { x[0] = 1.0f; }\n")
+        try:
+            out = subprocess.run(
+                [nvcc, "-c", source, "-o", os.path.join(tmp, "probe.o")], capture_output=True, text=True, timeout=600
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"nvcc cannot compile a test kernel ({exc})"
+    if out.returncode == 0:
+        return ""
+    lines = (out.stderr + out.stdout).strip().splitlines()
+    return f"nvcc cannot compile a test kernel ({lines[-1][:160] if lines else f'exit status {out.returncode}'})"
+
+
 class BuildWithCPUFallback(BuildExtension):
     """A build that cannot fail for want of CUDA: when the CUDA half of itconv_fast._C does not compile or link
     (and ITCONV_FAST_CUDA=1 did not demand it), the extension is built again with its CPU kernels only, one line
@@ -190,7 +210,12 @@ class BuildWithCPUFallback(BuildExtension):
         fallback = getattr(ext, "cpu_fallback", None)
         if fallback is None:
             return super().build_extension(ext)
+        reason = nvcc_failure(CUDA_HOME)
+        if reason and cuda_forced():
+            raise RuntimeError(f"ITCONV_FAST_CUDA=1 but {reason}")
         try:
+            if reason:
+                raise RuntimeError(reason)
             super().build_extension(ext)
         except Exception as exc:  # a compile or link error of the CUDA sources, or of the CUDA-enabled C++ ones
             if cuda_forced():

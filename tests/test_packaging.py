@@ -1,9 +1,12 @@
 """Packages users install without a compiler: `python -m build` makes an sdist that carries everything a build
 needs and, from that sdist alone, a wheel; the wheel installed into a fresh venv (no source tree on the path)
-imports, runs its ops against their references, reports itself with `itconv-fast info` and trains an epoch."""
+imports, runs its ops against their references, reports itself with `itconv-fast info` and trains an epoch.
+
+The wheel is built the way a user with a broken CUDA toolkit builds it (where this machine has a toolkit and a
+CUDA build of torch): the CUDA half is given up, the CPU kernels are built, one line says why and the wheel records
+it. One C++ build serves the packaging and the fallback (each build of the C++ sources takes minutes here)."""
 
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -12,6 +15,7 @@ import sysconfig
 import tarfile
 
 import pytest
+from toolkits import clean_env, fake_toolkit, real_toolkit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,8 +53,14 @@ print("smoke ok")
 @pytest.mark.slow
 def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
     pytest.importorskip("build")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(ITCONV_FAST_CUDA="0", MAX_JOBS="2")  # a CPU wheel: the packaging is what is tested here
+    torch = pytest.importorskip("torch")
+    real = real_toolkit()
+    fallback = real is not None and torch.version.cuda is not None
+    env = {k: v for k, v in clean_env(MAX_JOBS="2").items() if k != "PYTHONPATH"}
+    if fallback:
+        env.update(CUDA_HOME=str(fake_toolkit(tmp_path, real)), TORCH_CUDA_ARCH_LIST="9.0")
+    else:
+        env.update(ITCONV_FAST_CUDA="0")  # a CPU wheel all the same
     dist = tmp_path / "dist"
     sdist = subprocess.run(
         [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(dist)],
@@ -80,6 +90,34 @@ def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
     )
     assert wheel.returncode == 0, wheel.stdout[-3000:] + wheel.stderr[-3000:]
     (whl,) = dist.glob("*.whl")
+    record = (source / "itconv_fast" / "_cuda_build.txt").read_text().strip()
+    if fallback:
+        notes = [
+            line for line in (wheel.stderr + wheel.stdout).splitlines() if "CUDA kernels could not be built" in line
+        ]
+        assert len(notes) == 1 and "CUDA_HOME" in notes[0] and "nvcc cannot compile a test kernel" in notes[0], notes
+        assert record.startswith("not built: the CUDA build failed (nvcc cannot compile a test kernel")
+        # Demanded CUDA is still an error, found before anything compiles.
+        forced = subprocess.run(
+            [
+                sys.executable,
+                "setup.py",
+                "build_ext",
+                "--build-lib",
+                str(tmp_path / "l"),
+                "--build-temp",
+                str(tmp_path / "t"),
+            ],
+            cwd=source,
+            env=dict(env, ITCONV_FAST_CUDA="1"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert forced.returncode != 0 and "ITCONV_FAST_CUDA=1 but nvcc cannot compile" in forced.stderr
+        assert not (tmp_path / "t").exists() or not list((tmp_path / "t").rglob("*.o"))
+    else:
+        assert record == "not built: ITCONV_FAST_CUDA=0"
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
@@ -110,7 +148,10 @@ def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
     cli = venv / "bin" / "itconv-fast"
     info = subprocess.run([str(cli), "info"], cwd=work, env=run_env, capture_output=True, text=True, timeout=300)
     report = json.loads(info.stdout)
-    assert report["extension_loaded"] and report["cuda_build"] == "not built: ITCONV_FAST_CUDA=0"
+    assert report["extension_loaded"] and report["cuda_build"] == record
+    probe = "import itconv_fast, torch; print(torch.ops.itconv_fast._build_info())"
+    built = subprocess.run([str(py), "-c", probe], cwd=work, env=run_env, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0 and "cuda=0" in built.stdout, built.stderr[-2000:]
     train = subprocess.run(
         [
             str(cli),
