@@ -4,10 +4,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.itconv-fast-installed
 TORCH_VERSION ?= 2.14.1
 RUFF_VERSION ?= 0.17.5
-# Test processes (pytest-xdist): 0 runs the suite in one process, whose torch uses every core. Several workers
-# each running torch's threads oversubscribe a 2-core machine (measured far slower, benchmarks/NOTES.md);
-# TEST_WORKERS=N runs N workers.
-TEST_WORKERS ?= 0
+# Test processes (pytest-xdist): each worker's torch, and what it starts, gets its share of the cores
+# (tests/conftest.py; a torch per worker using every core was far slower, benchmarks/NOTES.md). 2 is what the
+# 2-core machines run; TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 
 # Compile the CUDA kernels whenever a CUDA toolkit is present (no GPU is needed to compile them).
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)

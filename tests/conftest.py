@@ -1,7 +1,17 @@
+import os
 import socket
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (`make test TEST_WORKERS=N`) the workers share the cores: each runs torch, and the
+    # processes it starts (CLI runs, DDP workers), with its share of them. Each torch using every core would
+    # oversubscribe them, and OpenMP's spinning workers make that far slower than one process
+    # (benchmarks/NOTES.md, "make test in parallel").
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    os.environ["OMP_NUM_THREADS"] = _threads
+    torch.set_num_threads(int(_threads))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,6 @@
 """ptxas resource usage of every CUDA kernel for sm_80 and sm_90 (benchmarks/ptxas_usage.py): no stack frame
-and no local-memory spills. Compiles the CUDA sources (about a minute each); skipped only without nvcc."""
+and no local-memory spills. Compiles the CUDA sources' device code (about half a minute each); skipped only
+without nvcc."""
 
 import importlib.util
 import os
