@@ -164,12 +164,17 @@ class StageSpectralNorm(nn.Module):
             f"n_power_iterations={self.n_power_iterations}"
         )
 
+    @staticmethod
+    def _vectors_follow(dtype: torch.dtype, *vectors: torch.Tensor) -> None:
+        """Power vectors take the weights' dtype (a model moved to float64, say), in place."""
+        for u in vectors:
+            if u.dtype != dtype:
+                u.data = u.data.to(dtype)
+
     def _sigma(self, weight: torch.Tensor, u: torch.Tensor, n_iter: int, update: bool) -> torch.Tensor:
         if self.mode == "gram":
             return batched_spectral_norm(weight, mode="gram", n_iter=n_iter)
-        dtype = lead_kernel(weight).dtype
-        if u.dtype != dtype:  # e.g. a float64 model: the vectors follow the weights
-            u.data = u.data.to(dtype)
+        self._vectors_follow(lead_kernel(weight).dtype, u)
         target = u if update else u.clone()
         return batched_spectral_norm(weight, target, mode=self.mode, n_iter=n_iter, input_size=self.input_size)
 
@@ -187,10 +192,7 @@ class StageSpectralNorm(nn.Module):
         # node and one weight-gradient convolution per stage instead of two of each (the per-call overhead is
         # most of the cost at the quick preset's sizes; benchmarks/NOTES.md). Each kernel's iteration is its own,
         # so the numbers are those of two calls.
-        for name in ("u1", "u2"):
-            buffer = getattr(self, name)
-            if buffer.dtype != folded.dtype:  # e.g. a float64 model: the vectors follow the weights
-                buffer.data = buffer.data.to(folded.dtype)
+        self._vectors_follow(folded.dtype, self.u1, self.u2)
         t = folded.shape[0]
         u = torch.cat([self.u1, self.u2])
         sigma = batched_spectral_norm(
@@ -233,11 +235,8 @@ class StageSpectralNorm(nn.Module):
             kernels = torch.stack(params[: 2 * t]).contiguous()  # [K1; K2], [2T, C, C, k, k]
             s = torch.sqrt(torch.stack([n.running_var for n in list(bn1) + list(bn2)]) + eps)  # [2T, C]
             d = torch.stack(params[2 * t :]) / s  # bn_scale of every BN: gamma / sqrt(running_var + eps)
-            # [F; K2] with F = d2 * K1 * d1 (fold_batchnorm's products, in its order)
-            weight = kernels.clone()
-            weight[:t].mul_(d[t:, :, None, None, None]).mul_(d[:t, None, :, None, None])
-            if self.u1.dtype != weight.dtype:  # e.g. a float64 model: the vectors follow the weights
-                self.u1.data, self.u2.data = self.u1.data.to(weight.dtype), self.u2.data.to(weight.dtype)
+            weight = torch.cat([fold_batchnorm(kernels[:t], d[:t], d[t:]), kernels[t:]])  # [F; K2]
+            self._vectors_follow(weight.dtype, self.u1, self.u2)
             u = torch.cat([self.u1, self.u2])  # updated by the step; copied back to the buffers when training
             v, sigma = power_iteration(weight, u, mode=self.mode, n_iter=self.n_power_iterations)
             if update:
