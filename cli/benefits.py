@@ -1,4 +1,5 @@
-"""`itconv-fast benefits`: what converging buys a trained run (thinking longer on harder inputs, robustness)."""
+"""`itconv-fast benefits`: what converging buys a trained run (thinking longer on harder inputs, adaptive depth,
+robustness)."""
 
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ def benefits(
 
 
 def print_benefits(result: dict) -> None:
-    """Per test set the thinking-longer summary; the robustness curves."""
+    """Per test set the thinking-longer summary; adaptive depth per tau; the robustness curves."""
     if "thinking_longer" in result:
         click.echo(
             f"{'test set':>16} {'e(k=0)':>8} {'best k':>7} {'e(best)':>8} {'gain':>7} {'e(k=K)':>8} {'overthink':>9}"
