@@ -9,6 +9,7 @@ import os
 import click
 
 from .params import CommaList, FiniteFloatRange
+from .run_access import checkpoint_path, measuring_errors
 
 MEASURE_CHOICES = ("thinking-longer", "adaptive-depth", "robustness")
 
@@ -46,7 +47,22 @@ MEASURE_CHOICES = ("thinking-longer", "adaptive-depth", "robustness")
     type=CommaList(FiniteFloatRange(min=0.0)),
     default="0.003,0.01,0.03,0.1,0.3",
     show_default=True,
-    help="Adaptive depth: a stage stops for an example once its relative update is under tau.",
+    help="Adaptive depth: a stage stops for an example once its relative update is under tau ('' leaves the rule out).",
+)
+@click.option(
+    "--confidences",
+    type=CommaList(FiniteFloatRange(min=0.0)),
+    default="0.9,0.99,0.999",
+    show_default=True,
+    help="Adaptive depth: the last stage stops for an example once its read-out's confidence reaches this.",
+)
+@click.option(
+    "--agreements",
+    type=CommaList(click.IntRange(min=1)),
+    default="1,2,3",
+    show_default=True,
+    help="Adaptive depth: the last stage stops for an example once its read-out's decision has held this many "
+    "blocks in a row.",
 )
 @click.option(
     "--sigmas",
@@ -69,6 +85,13 @@ MEASURE_CHOICES = ("thinking-longer", "adaptive-depth", "robustness")
 )
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of tables.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Draw one figure per measure: PATH.png gives PATH-thinking-longer.png, PATH-adaptive-depth.png, "
+    "PATH-robustness.png.",
+)
 def benefits(
     run,
     measures,
@@ -76,6 +99,8 @@ def benefits(
     harder_digits,
     noise_sigma,
     taus,
+    confidences,
+    agreements,
     sigmas,
     epsilons,
     pgd_steps,
@@ -83,10 +108,12 @@ def benefits(
     test_size,
     device,
     as_json,
+    plot,
 ) -> None:
     """What converging buys a trained run (directory or checkpoint.pt): the error after k extra iterations on
     its test set and on harder ones (more Digitclutter digits, noise), with the overthinking rate; the error and
-    blocks run when each example leaves a stage once it has converged (adaptive depth); and the error under
+    FLOPs when each example leaves a stage once it has converged or its read-out has settled (adaptive depth); and
+    the error under
     Gaussian noise and a PGD attack, with the share certified by the network's Lipschitz bound.
 
     Writes benefits.json beside the checkpoint.
@@ -98,20 +125,15 @@ def benefits(
             f"unknown measure {unknown[0] if unknown else measures!r}; choose from {', '.join(MEASURE_CHOICES)} or all",
             param_hint="--measures",
         )
-    from itconv_fast.data import vision
-    from itconv_fast.experiments import training
+    if plot is not None and not plot.endswith(".png"):
+        raise click.BadParameter(f"{plot!r} does not end in .png", param_hint="--plot")
+    if not (taus or confidences or agreements):
+        raise click.BadParameter("no halting levels: give at least one", param_hint="--taus")
     from itconv_fast.experiments.benefits import benefits_of_run
-    from itconv_fast.io.checkpoint import CheckpointError, atomic_write_json
-    from itconv_fast.measures.evaluator import NonFiniteOutputsError
+    from itconv_fast.io.checkpoint import atomic_write_json
 
-    path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
-    if not os.path.isfile(path):
-        raise click.BadParameter(f"no checkpoint.pt in {run}", param_hint="RUN")
-    try:
-        training.resolve_device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--device") from exc
-    try:
+    path = checkpoint_path(run, device)
+    with measuring_errors(path):
         result = benefits_of_run(
             path,
             measures=tuple(chosen),
@@ -119,6 +141,8 @@ def benefits(
             harder_digits=harder_digits,
             noise_sigma=noise_sigma,
             taus=taus,
+            confidences=confidences,
+            agreements=agreements,
             sigmas=sigmas,
             epsilons=epsilons,
             pgd_steps=pgd_steps,
@@ -126,19 +150,19 @@ def benefits(
             test_size=test_size,
             device=device,
         )
-    except CheckpointError as exc:
-        raise click.BadParameter(str(exc), param_hint="RUN") from None
-    except vision.DatasetFilesError as exc:
-        raise click.ClickException(str(exc)) from exc
-    except NonFiniteOutputsError as exc:
-        raise click.ClickException(f"{path}: {exc}") from None
     out = os.path.join(os.path.dirname(os.path.abspath(path)), "benefits.json")
     atomic_write_json(out, result)
+    written = []
+    if plot is not None:
+        from itconv_fast.experiments.benefits_plot import plot_benefits
+
+        written = plot_benefits(result, plot)
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return
     print_benefits(result)
-    click.echo(f"wrote {out}")
+    for figure in [out] + written:
+        click.echo(f"wrote {figure}")
 
 
 def print_benefits(result: dict) -> None:
@@ -156,13 +180,18 @@ def print_benefits(result: dict) -> None:
         r = result["adaptive_depth"]
         click.echo(
             f"adaptive depth: full network error {r['full_error']:.4f}, {r['full_blocks']} blocks, "
-            f"{r['full_seconds']:.3f} s"
+            f"{r['full_flops'] / 1e6:.2f} MFLOPs an example, {r['full_seconds']:.3f} s"
         )
-        for tau, e, b, t in zip(r["taus"], r["errors"], r["mean_blocks"], r["seconds"]):
-            click.echo(f"  tau {tau:g}: error {e:.4f}, mean blocks {b:.2f}, {t:.3f} s")
-        click.echo(
-            f"  compute saved at no more than {100 * r['error_margin']:g} points of error: {r['compute_saved']:.1%}"
-        )
+        for curve in r["curves"]:
+            for level, e, b, f, t in zip(
+                curve["levels"], curve["errors"], curve["mean_blocks"], curve["mean_flops"], curve["seconds"]
+            ):
+                click.echo(
+                    f"  {curve['rule']} {level:g}: error {e:.4f}, mean blocks {b:.2f}, "
+                    f"FLOPs {f / r['full_flops']:.1%} of full, {t:.3f} s"
+                )
+        saved = ", ".join(f"{rule} {v:.1%}" for rule, v in r["compute_saved_by_rule"].items())
+        click.echo(f"  compute saved at no more than {100 * r['error_margin']:g} points of error: {saved}")
     if "robustness" in result:
         r = result["robustness"]
         click.echo(f"clean error {r['clean_error']:.4f}")

@@ -7,6 +7,7 @@ import os
 import click
 
 from .params import FiniteFloatRange
+from .run_access import checkpoint_path, measuring_errors
 
 
 @click.command()
@@ -63,56 +64,40 @@ def indices(run, extra_iterations, method, batch_size, test_size, device, plot, 
     if method == "reference" and chosen != ("indices",):
         raise click.BadParameter("the measures beyond the indices use the cached evaluator", param_hint="--method")
 
-    from itconv_fast.data import vision
-    from itconv_fast.experiments import evaluation, training
-    from itconv_fast.io.checkpoint import CheckpointError, atomic_write_json
-    from itconv_fast.measures.indices import NonFiniteOutputsError, compute_indices
+    from itconv_fast.experiments import evaluation
+    from itconv_fast.io.checkpoint import atomic_write_json
+    from itconv_fast.measures.indices import compute_indices
 
-    path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
-    if not os.path.isfile(path):
-        raise click.BadParameter(f"no checkpoint.pt in {run}", param_hint="RUN")
-    try:
-        training.resolve_device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--device") from exc
-    try:
-        model, data, chance, error_fn, loss_fn = evaluation.run_evaluation(
-            path, batch_size=batch_size, test_size=test_size, device=device
-        )
-    except CheckpointError as exc:
-        raise click.BadParameter(str(exc), param_hint="RUN") from None
-    except vision.DatasetFilesError as exc:
-        raise click.ClickException(str(exc)) from exc
+    path = checkpoint_path(run, device)
     folder = os.path.dirname(os.path.abspath(path))
     analysis = None
-    try:
+    with measuring_errors(path):
+        found = evaluation.run_evaluation(path, batch_size=batch_size, test_size=test_size, device=device)
         if chosen == ("indices",):
             report = compute_indices(
-                model,
-                data,
+                found.model,
+                found.data,
                 extra_iterations=extra_iterations,
                 method=method,
-                chance_error=chance,
+                chance_error=found.chance_error,
                 batch_size=batch_size,
-                error_fn=error_fn,
+                error_fn=found.error_fn,
             )
         else:
             from itconv_fast.measures.analysis import analyze
 
             analysis = analyze(
-                model,
-                data,
+                found.model,
+                found.data,
                 measures=chosen,
                 extra_iterations=extra_iterations,
                 threshold=threshold,
-                chance_error=chance,
-                error_fn=error_fn,
-                loss_fn=loss_fn,
+                chance_error=found.chance_error,
+                error_fn=found.error_fn,
+                loss_fn=found.loss_fn,
                 batch_size=batch_size,
             )
             report = analysis.indices
-    except NonFiniteOutputsError as exc:
-        raise click.ClickException(f"{path}: {exc}") from None
     if analysis is not None:
         atomic_write_json(os.path.join(folder, "analysis.json"), analysis.to_dict())
     out = os.path.join(folder, "indices.json")

@@ -14,6 +14,7 @@ from itconv_fast.models import load_checkpoint
 
 TINY = ["--train-size", "96", "--test-size", "40", "--width", "4", "--blocks", "2", "--batch-size", "32"]
 FAST = ["--extra-iterations", "3", "--pgd-steps", "2", "--sigmas", "0.5", "--epsilons", "0,0.05", "--taus", "0,0.1"]
+FAST += ["--confidences", "0", "--agreements", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,15 @@ def test_benefits_writes_every_measure(run):
     for r in sets.values():
         assert len(r["errors"]) == 4 and 0 <= r["best_k"] <= 3 and r["gain"] >= 0
     adaptive = written["adaptive_depth"]
-    assert adaptive["taus"] == [0.0, 0.1] and adaptive["errors"][0] == adaptive["full_error"]
-    assert adaptive["mean_blocks"][0] == adaptive["full_blocks"] == 6 and 0 <= adaptive["compute_saved"] < 1
+    update, confidence, agreement = adaptive["curves"]
+    assert [c["rule"] for c in adaptive["curves"]] == ["update", "confidence", "agreement"]
+    assert update["levels"] == [0.0, 0.1] and update["errors"][0] == adaptive["full_error"]
+    assert update["mean_blocks"][0] == adaptive["full_blocks"] == 6 and 0 <= adaptive["compute_saved"] < 1
+    assert update["mean_flops"][0] == pytest.approx(adaptive["full_flops"])
+    # A confidence of 0 halts every example after the last stage's first block; agreement needs two read-outs.
+    assert confidence["levels"] == [0.0] and confidence["mean_blocks"] == [5.0]
+    assert agreement["levels"] == [1] and agreement["mean_blocks"] == [6.0]
+    assert set(adaptive["compute_saved_by_rule"]) == {"update", "confidence", "agreement"}
     robust = written["robustness"]
     assert robust["epsilons"] == [0.0, 0.05] and robust["pgd_errors"][0] == robust["clean_error"]
     assert robust["lipschitz_bound"] > 0 and len(robust["certified_shares"]) == 2
@@ -70,6 +78,17 @@ def test_a_harder_set_is_the_run_test_split_with_more_digits(run, tmp_path):
     assert default_harder_digits(3) == (4, 5) and default_harder_digits(9) == (10,)
 
 
+def test_plot_draws_one_figure_per_measure(run, tmp_path):
+    base = tmp_path / "figs" / "b.png"
+    base.parent.mkdir()
+    result = CliRunner().invoke(main, ["benefits", str(run), "--plot", str(base)] + FAST)
+    assert result.exit_code == 0, result.output
+    for measure in ("thinking-longer", "adaptive-depth", "robustness"):
+        figure = tmp_path / "figs" / f"b-{measure}.png"
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {figure}" in result.output
+    assert not base.exists()
+
+
 def test_json_output_and_one_measure(run):
     result = CliRunner().invoke(main, ["benefits", str(run), "--measures", "robustness", "--json"] + FAST)
     assert result.exit_code == 0, result.output
@@ -87,6 +106,10 @@ def test_json_output_and_one_measure(run):
         (["--extra-iterations", "0"], "--extra-iterations"),
         (["--noise-sigma", "-1"], "--noise-sigma"),
         (["--taus", "0.1,-2"], "--taus"),
+        (["--confidences", "-0.5"], "--confidences"),
+        (["--agreements", "0"], "--agreements"),
+        (["--taus", "", "--confidences", "", "--agreements", ""], "--taus"),
+        (["--plot", "figure.pdf"], "--plot"),
     ],
 )
 def test_bad_options_are_usage_errors_that_write_nothing(run, args, match):
@@ -102,7 +125,15 @@ def test_a_directory_without_a_checkpoint_is_a_usage_error(tmp_path):
 
 
 def test_the_library_refuses_bad_arguments_before_measuring(run):
-    for kw, match in (({"measures": ("speed",)}, "unknown measure"), ({"harder_digits": [0]}, "1..10")):
+    for kw, match in (
+        ({"measures": ("speed",)}, "unknown measure"),
+        ({"harder_digits": [0]}, "1..10"),
+        ({"taus": [-1.0]}, "tau"),
+        ({"agreements": [1.5]}, "agreement"),
+        ({"epsilons": [float("nan")]}, "epsilon"),
+        ({"pgd_steps": 0}, "pgd_steps"),
+        ({"extra_iterations": 0}, "extra_iterations"),
+    ):
         with pytest.raises(ValueError, match=match):
             benefits_of_run(str(run), **kw)
     assert torch.is_grad_enabled()

@@ -27,6 +27,8 @@ __all__ = [
     "glyph_masks",
     "exact_set_correct",
     "exact_set_error",
+    "top_set",
+    "set_confidence",
     "chance_error",
     "BACKGROUND",
     "IMAGE_SIZE",
@@ -241,6 +243,20 @@ def exact_set_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     ranks = logits.argsort(dim=1, descending=True).argsort(dim=1)  # rank of each class, 0 = highest
     predicted = ranks < n[:, None]
     return (predicted == labels.bool()).all(dim=1)
+
+
+def top_set(logits: torch.Tensor, n_digits: int) -> torch.Tensor:
+    """Per image: the predicted digit set, a 0/1 mask of the n highest outputs."""
+    return logits.argsort(dim=1, descending=True).argsort(dim=1) < n_digits
+
+
+def set_confidence(logits: torch.Tensor, n_digits: int) -> torch.Tensor:
+    """Per image: the probability of the predicted set (the n highest outputs) when every output is an independent
+    sigmoid, prod_in sigmoid * prod_out (1 - sigmoid): the multi-label counterpart of the largest softmax
+    probability."""
+    inside = top_set(logits, n_digits)
+    log_p = torch.nn.functional.logsigmoid(torch.where(inside, logits, -logits))
+    return log_p.sum(dim=1).exp()
 
 
 def exact_set_error(logits: torch.Tensor, labels: torch.Tensor) -> float:

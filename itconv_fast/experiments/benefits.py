@@ -17,10 +17,11 @@ from typing import Optional, Sequence
 import torch
 
 from ..data import datasets
-from ..measures.adaptive_depth import adaptive_depth_report
-from ..measures.robustness import robustness_report
+from ..measures.adaptive_depth import adaptive_depth_report, halting_levels
+from ..measures.evaluator import check_extra_iterations
+from ..measures.robustness import check_pgd_steps, check_sizes, robustness_report
 from ..measures.thinking_longer import thinking_longer_report
-from .evaluation import run_config, run_evaluation
+from .evaluation import run_evaluation
 
 __all__ = ["benefits_of_run", "benefit_columns", "BENEFIT_MEASURES", "default_harder_digits"]
 
@@ -65,6 +66,8 @@ def benefits_of_run(
     harder_digits: Optional[Sequence[int]] = None,
     noise_sigma: Optional[float] = 0.5,
     taus: Sequence[float] = (0.003, 0.01, 0.03, 0.1, 0.3),
+    confidences: Sequence[float] = (0.9, 0.99, 0.999),
+    agreements: Sequence[int] = (1, 2, 3),
     sigmas: Sequence[float] = (0.1, 0.2, 0.5, 1.0),
     epsilons: Sequence[float] = (0.01, 0.02, 0.05, 0.1),
     pgd_steps: int = 10,
@@ -75,26 +78,33 @@ def benefits_of_run(
     """The benefit measures of a run (a run directory or its checkpoint.pt) as a JSON-ready dict.
 
     harder_digits: Digitclutter runs only: the digit counts of the harder test sets (default: n + 1 and n + 2).
+    taus, confidences, agreements: the levels of adaptive depth's halting rules (an empty one leaves it out).
     Raises ValueError naming a bad argument before anything is computed; CheckpointError for a bad checkpoint."""
     unknown = [m for m in measures if m not in BENEFIT_MEASURES]
     if unknown or not measures:
         raise ValueError(
             f"benefits: unknown measure {unknown[0] if unknown else measures!r}; choose from {BENEFIT_MEASURES}"
         )
-    path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
-    config = run_config(path)
-    if harder_digits is None:
-        harder_digits = default_harder_digits(config.n_digits) if config.dataset == "digitclutter" else ()
-    bad = [n for n in harder_digits if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 10]
-    if bad:
-        raise ValueError(f"benefits: harder digit counts must be ints in 1..10, got {bad[0]!r}")
+    if harder_digits is not None:
+        bad = [n for n in harder_digits if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 10]
+        if bad:
+            raise ValueError(f"benefits: harder digit counts must be ints in 1..10, got {bad[0]!r}")
     if noise_sigma is not None and not (isinstance(noise_sigma, (int, float)) and 0 <= noise_sigma < float("inf")):
         raise ValueError(f"benefits: noise_sigma must be a finite number >= 0, got {noise_sigma!r}")
-    model, data, chance, error_fn, loss_fn = run_evaluation(
-        path, batch_size=batch_size, test_size=test_size, device=device
-    )
+    halting_levels(taus, confidences, agreements)
+    check_sizes(sigmas, "sigma"), check_sizes(epsilons, "epsilon"), check_pgd_steps(pgd_steps)
+    check_extra_iterations(extra_iterations, "benefits")
+    path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
+    found = run_evaluation(path, batch_size=batch_size, test_size=test_size, device=device)
+    model, data, config, error_fn = found.model, found.data, found.config, found.error_fn
+    if harder_digits is None:
+        harder_digits = default_harder_digits(config.n_digits) if config.dataset == "digitclutter" else ()
     device = next(model.parameters()).device
-    out = {"run": os.path.dirname(os.path.abspath(path)), "chance_error": chance, "n": sum(len(y) for _, y in data)}
+    out = {
+        "run": os.path.dirname(os.path.abspath(path)),
+        "chance_error": found.chance_error,
+        "n": sum(len(y) for _, y in data),
+    }
     if "thinking-longer" in measures:
         sets = _harder_sets(config, data, harder_digits, noise_sigma, batch_size, device)
         out["thinking_longer"] = {
@@ -105,7 +115,15 @@ def benefits_of_run(
         }
     if "adaptive-depth" in measures:
         out["adaptive_depth"] = adaptive_depth_report(
-            model, data, taus=taus, error_fn=error_fn, batch_size=batch_size
+            model,
+            data,
+            taus=taus,
+            confidences=confidences,
+            agreements=agreements,
+            error_fn=error_fn,
+            confidence_fn=found.confidence_fn,
+            decision_fn=found.decision_fn,
+            batch_size=batch_size,
         ).to_dict()
     if "robustness" in measures:
         report = robustness_report(
@@ -115,7 +133,7 @@ def benefits_of_run(
             epsilons=epsilons,
             pgd_steps=pgd_steps,
             error_fn=error_fn,
-            loss_fn=loss_fn,
+            loss_fn=found.loss_fn,
             batch_size=batch_size,
             seed=config.seed,
         )
@@ -135,6 +153,8 @@ def benefit_columns(result: dict) -> dict:
     if "adaptive_depth" in result:
         r = result["adaptive_depth"]
         columns.update(ad_compute_saved=r["compute_saved"], ad_full_error=r["full_error"])
+        for rule, saved in r["compute_saved_by_rule"].items():
+            columns[f"ad_compute_saved_{rule}"] = saved
     if "robustness" in result:
         r = result["robustness"]
         for sigma, e in zip(r["sigmas"], r["noise_errors"]):

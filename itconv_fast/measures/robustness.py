@@ -30,7 +30,15 @@ from ..models.stage_spectral_norm import fold_batchnorm, stacked_bn_scales
 from ..ops.spectral import gram_spectral_bound
 from .evaluator import Tally, check_batch_size, evaluate_batches, top1_wrong
 
-__all__ = ["robustness_report", "RobustnessReport", "iter_resnet_lipschitz_bound", "pgd_wrong", "margins"]
+__all__ = [
+    "robustness_report",
+    "RobustnessReport",
+    "iter_resnet_lipschitz_bound",
+    "pgd_wrong",
+    "margins",
+    "check_sizes",
+    "check_pgd_steps",
+]
 
 
 @dataclass
@@ -49,12 +57,18 @@ class RobustnessReport:
         return json_safe(asdict(self))
 
 
-def _check_sizes(values, name: str) -> list:
+def check_sizes(values, name: str) -> list:
+    """The noise stds or attack sizes as floats; ValueError unless each is a finite number >= 0."""
     values = [values] if isinstance(values, (int, float)) else list(values)
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ValueError(f"robustness_report: every {name} must be a finite number >= 0, got {v!r}")
     return [float(v) for v in values]
+
+
+def check_pgd_steps(pgd_steps) -> None:
+    if isinstance(pgd_steps, bool) or not isinstance(pgd_steps, int) or pgd_steps < 1:
+        raise ValueError(f"robustness_report: pgd_steps must be an int >= 1, got {pgd_steps!r}")
 
 
 def _spectral_norm(conv: torch.Tensor, gram_iterations: int) -> torch.Tensor:
@@ -169,9 +183,8 @@ def robustness_report(
     the same call gives the same numbers.
     """
     check_residual_model(model, "robustness_report")
-    sigmas, epsilons = _check_sizes(sigmas, "sigma"), _check_sizes(epsilons, "epsilon")
-    if isinstance(pgd_steps, bool) or not isinstance(pgd_steps, int) or pgd_steps < 1:
-        raise ValueError(f"robustness_report: pgd_steps must be an int >= 1, got {pgd_steps!r}")
+    sigmas, epsilons = check_sizes(sigmas, "sigma"), check_sizes(epsilons, "epsilon")
+    check_pgd_steps(pgd_steps)
     check_batch_size(batch_size, "robustness_report")
     wrong_fn = error_fn or top1_wrong
     loss_fn = loss_fn or _default_loss

@@ -102,7 +102,7 @@ def _later_stages(model, z: torch.Tensor, extra: list, n: int) -> torch.Tensor:
         for j in range(1, max(extra) + 1):  # iteration j for the groups that take at least j
             first = next(i for i, k in enumerate(extra) if k >= j)
             rows = slice(first * n, None)
-            z = torch.cat([z[: first * n], block_update(stage, stage.blocks[-1], z[rows], x_s[rows])])
+            z[rows] = block_update(stage, stage.blocks[-1], z[rows], x_s[rows])  # in place: no copy of the rest
     return model.head(z)
 
 

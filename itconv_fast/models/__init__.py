@@ -5,7 +5,7 @@ torchvision-like ResNets used by benchmarks and examples. Builds on ops, nn and 
 
 from . import zoo
 from .integrations import hf_decoder_adapter, residual_model, timm_vit_adapter, torchvision_resnet_adapter
-from .iter_resnet import INITS, Block, IterResNet, Stage, Transition, load_checkpoint
+from .iter_resnet import INITS, Block, IterResNet, Stage, Transition, load_checkpoint, model_from_state
 from .residual import (
     LayerResidual,
     ResidualStack,
@@ -22,6 +22,7 @@ __all__ = [
     "Block",
     "Transition",
     "load_checkpoint",
+    "model_from_state",
     "INITS",
     "StageSpectralNorm",
     "fold_batchnorm",

@@ -22,7 +22,7 @@ from ..nn.layouts import GlobalAvgPool2d, to_memory_format
 from ..nn.norm import batch_norm_relu
 from .stage_spectral_norm import StageSpectralNorm, check_mu, stacked_bn_scales
 
-__all__ = ["IterResNet", "Stage", "Block", "Transition", "load_checkpoint", "INITS"]
+__all__ = ["IterResNet", "Stage", "Block", "Transition", "load_checkpoint", "model_from_state", "INITS"]
 
 INITS = ("nonrecurrent", "recurrent")
 
@@ -377,7 +377,12 @@ def load_checkpoint(path: str, map_location="cpu") -> IterResNet:
     with weights_only=True (itconv_fast.io.checkpoint): a file that is truncated, not ours or holds foreign
     objects raises CheckpointError (a ValueError) naming it, and never runs code."""
     state = load_checkpoint_state(path, map_location=map_location)
-    where = path if not os.path.isdir(path) else os.path.join(path, "checkpoint.pt")
+    return model_from_state(state, path if not os.path.isdir(path) else os.path.join(path, "checkpoint.pt"))
+
+
+def model_from_state(state: dict, where: str) -> IterResNet:
+    """The IterResNet of a checkpoint already read (load_checkpoint_state), in eval mode; `where` names the file in
+    the CheckpointError of a state that does not fit."""
     if not isinstance(state["model_config"], dict):
         raise CheckpointError(f"{where}: not an itconv-fast checkpoint (model_config is not a dict)")
     try:
