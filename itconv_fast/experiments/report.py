@@ -23,6 +23,9 @@ import math
 import os
 from collections import OrderedDict
 
+from .benefits_report import benefits_section, has_benefits
+from .variants import family_style, mean_sd, objectives_of, pyplot, save_figure, variant_of
+
 __all__ = ["read_results", "group_trials", "write_report"]
 
 CONFIG_COLUMNS = (
@@ -97,15 +100,6 @@ def _varying(rows: list) -> list:
     return [k for k in keys if len({repr(r.get(k)) for r in rows}) > 1]
 
 
-def _mean_sd(values):
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return float("nan"), float("nan"), 0
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, sd, len(values)
-
-
 def group_trials(rows: list) -> "OrderedDict":
     """{(varying config values, seed excluded): [rows]} in the order the groups first appear."""
     keys = _varying(rows)
@@ -135,46 +129,23 @@ def _fmt(mean, sd, digits=3):
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
-def _objectives(row) -> str:
-    """The row's objectives as written in results.csv ("name:weight+..."), "" for none (or no such column)."""
-    value = row.get("objectives")
-    return "" if value in (None, "none") else str(value)
-
-
 def _is_plain(row) -> bool:
     """The paper's networks without spectral normalization and without extra objectives."""
-    return row["sn_mu"] is None and not row["pcr"] and not _objectives(row)
-
-
-def _savefig(fig, path: str) -> None:
-    """A figure written atomically (a failed write keeps the previous PNG)."""
-    from ..io.checkpoint import atomic_file
-
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return row["sn_mu"] is None and not row["pcr"] and not objectives_of(row)
 
 
 def _fig2b(rows, path) -> bool:
     sel = [r for r in rows if _is_plain(r) and r["lam"] == 0 and r["init_resolved"] == "nonrecurrent"]
     if not sel:
         return False
-    plt = _plt()
+    plt = pyplot()
     S = _stage_count(sel)
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.2), sharey=True)
     for ax, name in zip(axes, ("ci", "ri", "di")):
         for s in range(1, S + 1):
             vals = [r[f"{name}_s{s}"] for r in sel]
             ax.scatter([s] * len(vals), vals, s=18, alpha=0.35, color="C0")
-            mean, _, _ = _mean_sd(vals)
+            mean, _, _ = mean_sd(vals)
             ax.scatter([s], [mean], s=90, color="C0", edgecolor="k", zorder=3)
         ax.set_xticks(range(1, S + 1))
         ax.set_xlabel("stage")
@@ -183,7 +154,7 @@ def _fig2b(rows, path) -> bool:
     axes[0].set_ylabel("index")
     fig.suptitle(f"Fig 2b: ordinary networks (lam = 0, non-recurrent, no SN), {len(sel)} networks", fontsize=10)
     fig.tight_layout()
-    _savefig(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -192,7 +163,7 @@ def _lines_against_lam(rows, metrics, titles, path, suptitle) -> bool:
     sel = [r for r in rows if _is_plain(r)]
     if len({r["lam"] for r in sel}) < 2:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.3), squeeze=False)
     widths = sorted({r["width"] for r in sel})
     for ax, metric, title in zip(axes[0], metrics, titles):
@@ -205,7 +176,7 @@ def _lines_against_lam(rows, metrics, titles, path, suptitle) -> bool:
                 if not pts:
                     continue
                 lams = sorted(pts)
-                stats = [_mean_sd(pts[lam]) for lam in lams]
+                stats = [mean_sd(pts[lam]) for lam in lams]
                 ax.errorbar(
                     lams,
                     [m for m, _, _ in stats],
@@ -223,7 +194,7 @@ def _lines_against_lam(rows, metrics, titles, path, suptitle) -> bool:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
-    _savefig(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -232,7 +203,7 @@ def _fig3c(rows, path) -> bool:
     sel = [r for r in rows if _is_plain(r)]
     if len(sel) < 2:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.3), sharey=True)
     widths = sorted({r["width"] for r in sel})
     for ax, metric, name in zip(axes, ("ci", "di"), ("Convergence Index", "Divergence Index")):
@@ -245,7 +216,7 @@ def _fig3c(rows, path) -> bool:
     axes[0].legend(fontsize=8)
     fig.suptitle("Fig 3c: test error against CI and DI (networks without SN; one dot per network)", fontsize=10)
     fig.tight_layout()
-    _savefig(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -254,7 +225,7 @@ def _fig4a(rows, path) -> bool:
     sel = [r for r in rows if r["sn_mu"] is not None]
     if not sel:
         return False
-    plt = _plt()
+    plt = pyplot()
     groups = group_trials(sel)
     labels = [
         _label(tuple((k, v) for k, v in key if k in ("pcr", "sn_mu", "sn_mode", "blocks", "lam", "width")))
@@ -267,7 +238,7 @@ def _fig4a(rows, path) -> bool:
         for y, rs in enumerate(groups.values()):
             vals = [r[metric] for r in rs]
             ax.scatter(vals, [y] * len(vals), s=18, alpha=0.4, color="C3" if rs[0]["pcr"] else "C0")
-            mean, _, _ = _mean_sd(vals)
+            mean, _, _ = mean_sd(vals)
             ax.scatter([mean], [y], s=80, color="C3" if rs[0]["pcr"] else "C0", edgecolor="k", zorder=3)
         ax.set_title(title, fontsize=10)
         if metric != "final_test_error":
@@ -279,58 +250,32 @@ def _fig4a(rows, path) -> bool:
         "Fig 4a / S2 Fig: spectrally normalised networks (blue ICR, red PCR; large dot: mean over seeds)", fontsize=10
     )
     fig.tight_layout()
-    _savefig(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return True
-
-
-def _variant(row) -> tuple:
-    """(family, label) of a trial on the error-against-DI figure."""
-    if _objectives(row):
-        return _objectives(row).split(":")[0], _objectives(row).replace("+", " + ")
-    if row["sn_mu"] is not None:
-        name = "PCR" if row["pcr"] else "ICR"
-        return name, f"{name}, SN mu {row['sn_mu']:g}"
-    if row["lam"] > 0:
-        return "coupling", f"coupling lam {row['lam']:g}"
-    if row.get("init_resolved") == "recurrent":
-        return "ordinary", "ordinary, recurrent init (lam 0, no SN)"
-    return "ordinary", "ordinary (lam 0, no SN)"
-
-
-_FAMILY_STYLE = {
-    "ordinary": ("k", "s"),
-    "coupling": ("0.5", "D"),
-    "ICR": ("C0", "o"),
-    "PCR": ("C3", "o"),
-    "extra-iterations": ("C2", "^"),
-    "fixed-point": ("C1", "v"),
-    "jacobian-frobenius": ("C4", "P"),
-    "jacobian-spectral": ("C5", "X"),
-}
 
 
 def _fig_error_against_di(rows, path, threshold: float = 0.15) -> bool:
     """The title question on one figure: test error against DI, one point per variant (mean ± sd over seeds, the
     seeds as faint dots), the ordinary network, the paper's two objectives and the new ones on the same axes."""
-    if not any(_objectives(r) for r in rows):
+    if not any(objectives_of(r) for r in rows):
         return False
-    plt = _plt()
+    plt = pyplot()
     variants = OrderedDict()
     for r in rows:
-        variants.setdefault(_variant(r), []).append(r)
+        variants.setdefault(variant_of(r), []).append(r)
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
     members = OrderedDict()  # family -> its variants in order: a family's later variants (larger weights) draw larger
     for family, label in variants:
         members.setdefault(family, []).append(label)
     for (family, label), rs in variants.items():
-        color, marker = _FAMILY_STYLE.get(family, ("C7", "o"))
+        color, marker = family_style(family)
         rank, count = members[family].index(label), len(members[family])
         size = 8 if count == 1 else 6 + 5 * rank / (count - 1)
         ax.scatter(
             [r["di"] for r in rs], [r["final_test_error"] for r in rs], color=color, marker=marker, s=14, alpha=0.3
         )
-        (dx, dsd, _), (ey, esd, _) = _mean_sd([r["di"] for r in rs]), _mean_sd([r["final_test_error"] for r in rs])
+        (dx, dsd, _), (ey, esd, _) = mean_sd([r["di"] for r in rs]), mean_sd([r["final_test_error"] for r in rs])
         ax.errorbar(
             [dx],
             [ey],
@@ -355,7 +300,7 @@ def _fig_error_against_di(rows, path, threshold: float = 0.15) -> bool:
         fontsize=10,
     )
     fig.tight_layout()
-    _savefig(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -465,14 +410,16 @@ def write_report(sweep_dir: str, out: str = None, references=()) -> str:
     ]
     for key, group in groups.items():
         rs = [r for r in group if r["status"] == "ok"]
-        cells = [_fmt(*_mean_sd([r[m] for r in rs])[:2], 4 if m == "final_test_error" else 3) for m in METRICS]
-        cells += [_fmt(*_mean_sd([r[f"di_s{s}"] for r in rs])[:2]) for s in range(1, S + 1)]
+        cells = [_fmt(*mean_sd([r[m] for r in rs])[:2], 4 if m == "final_test_error" else 3) for m in METRICS]
+        cells += [_fmt(*mean_sd([r[f"di_s{s}"] for r in rs])[:2]) for s in range(1, S + 1)]
         dropped = [r["status"] for r in group if r["status"] != "ok"]
         cells.append(", ".join(f"{dropped.count(s)} {s}" for s in sorted(set(dropped))) or "0")
         lines.append(f"| {_label(key)} | {len(rs)} | " + " | ".join(cells) + " |")
     lines += ["", "## Figures", ""]
     for title, name in figures:
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
+    if has_benefits(rows):
+        lines += benefits_section(rows, folder, stem)
     lines += [
         "## Every trial",
         "",
