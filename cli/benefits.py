@@ -8,10 +8,17 @@ import os
 
 import click
 
+from itconv_fast.measures.adaptive_depth import DEFAULT_AGREEMENTS, DEFAULT_CONFIDENCES, DEFAULT_TAUS
+from itconv_fast.measures.robustness import DEFAULT_EPSILONS, DEFAULT_SIGMAS
+
 from .params import CommaList, FiniteFloatRange
 from .run_access import checkpoint_path, measuring_errors
 
 MEASURE_CHOICES = ("thinking-longer", "adaptive-depth", "robustness")
+
+
+def _joined(values) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 @click.command()
@@ -30,6 +37,13 @@ MEASURE_CHOICES = ("thinking-longer", "adaptive-depth", "robustness")
     help="K: thinking longer runs every stage's last block k = 0..K more times.",
 )
 @click.option(
+    "--ks",
+    default="log",
+    show_default=True,
+    help="Thinking longer: the k evaluated: log (0, the powers of two below K, and K), all (0..K, three times the "
+    "cost at K = 16), or a comma-separated list.",
+)
+@click.option(
     "--harder-digits",
     type=CommaList(click.IntRange(1, 10)),
     default=None,
@@ -45,21 +59,21 @@ MEASURE_CHOICES = ("thinking-longer", "adaptive-depth", "robustness")
 @click.option(
     "--taus",
     type=CommaList(FiniteFloatRange(min=0.0)),
-    default="0.003,0.01,0.03,0.1,0.3",
+    default=_joined(DEFAULT_TAUS),
     show_default=True,
     help="Adaptive depth: a stage stops for an example once its relative update is under tau ('' leaves the rule out).",
 )
 @click.option(
     "--confidences",
     type=CommaList(FiniteFloatRange(min=0.0)),
-    default="0.9,0.99,0.999",
+    default=_joined(DEFAULT_CONFIDENCES),
     show_default=True,
     help="Adaptive depth: the last stage stops for an example once its read-out's confidence reaches this.",
 )
 @click.option(
     "--agreements",
     type=CommaList(click.IntRange(min=1)),
-    default="1,2,3",
+    default=_joined(DEFAULT_AGREEMENTS),
     show_default=True,
     help="Adaptive depth: the last stage stops for an example once its read-out's decision has held this many "
     "blocks in a row.",
@@ -67,14 +81,14 @@ MEASURE_CHOICES = ("thinking-longer", "adaptive-depth", "robustness")
 @click.option(
     "--sigmas",
     type=CommaList(FiniteFloatRange(min=0.0)),
-    default="0.1,0.2,0.5,1",
+    default=_joined(DEFAULT_SIGMAS),
     show_default=True,
     help="Robustness: Gaussian noise stds (input units).",
 )
 @click.option(
     "--epsilons",
     type=CommaList(FiniteFloatRange(min=0.0)),
-    default="0.01,0.02,0.05,0.1",
+    default=_joined(DEFAULT_EPSILONS),
     show_default=True,
     help="Robustness: L-infinity sizes of the PGD attack and of the certificates (input units).",
 )
@@ -96,6 +110,7 @@ def benefits(
     run,
     measures,
     extra_iterations,
+    ks,
     harder_digits,
     noise_sigma,
     taus,
@@ -125,6 +140,16 @@ def benefits(
             f"unknown measure {unknown[0] if unknown else measures!r}; choose from {', '.join(MEASURE_CHOICES)} or all",
             param_hint="--measures",
         )
+    grid = ks.strip()
+    if grid not in ("log", "all"):
+        try:
+            grid = [int(k) for k in grid.split(",") if k.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{ks!r} is not log, all or a list of ints", param_hint="--ks") from None
+        if not grid or not all(0 <= k <= extra_iterations for k in grid):
+            raise click.BadParameter(
+                f"every k must be in 0..{extra_iterations} (the --extra-iterations)", param_hint="--ks"
+            )
     if plot is not None and not plot.endswith(".png"):
         raise click.BadParameter(f"{plot!r} does not end in .png", param_hint="--plot")
     if not (taus or confidences or agreements):
@@ -138,6 +163,7 @@ def benefits(
             path,
             measures=tuple(chosen),
             extra_iterations=extra_iterations,
+            ks=grid,
             harder_digits=harder_digits,
             noise_sigma=noise_sigma,
             taus=taus,

@@ -42,7 +42,13 @@ from .params import FiniteFloatRange
     is_flag=True,
     help="Run diverged trials again, from their last good epoch (by default a divergence is a result).",
 )
-def sweep(sweep_file, out, address, cpus_per_run, gpus_per_run, quiet, retry_diverged) -> None:
+@click.option(
+    "--remeasure",
+    is_flag=True,
+    help="Train nothing: measure OUT's finished trials again with this version's measures and the sweep file's "
+    "indices block (which may add benefits), then rewrite results.csv.",
+)
+def sweep(sweep_file, out, address, cpus_per_run, gpus_per_run, quiet, retry_diverged, remeasure) -> None:
     """Train every configuration of a sweep file on Ray Tune, measure each network's indices, write
     OUT/results.csv (see docs/reproduction.md for the paper's sweeps)."""
     from itconv_fast.experiments import sweep as sweeps
@@ -51,6 +57,13 @@ def sweep(sweep_file, out, address, cpus_per_run, gpus_per_run, quiet, retry_div
         spec = sweeps.load_sweep(sweep_file)
     except sweeps.SweepError as exc:
         raise click.BadParameter(str(exc), param_hint="SWEEP_FILE") from None
+    if remeasure:
+        try:
+            rows = sweeps.remeasure(spec, out, on_trial=lambda name: click.echo(f"measuring {name}"))
+        except (sweeps.SweepLocked, sweeps.SweepError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--out") from None
+        click.echo(f"wrote {os.path.join(out, 'results.csv')} ({len(rows)} trials)")
+        return
     try:
         import ray.tune  # noqa: F401
     except ImportError:

@@ -14,7 +14,7 @@ from itconv_fast.models import load_checkpoint
 
 TINY = ["--train-size", "96", "--test-size", "40", "--width", "4", "--blocks", "2", "--batch-size", "32"]
 FAST = ["--extra-iterations", "3", "--pgd-steps", "2", "--sigmas", "0.5", "--epsilons", "0,0.05", "--taus", "0,0.1"]
-FAST += ["--confidences", "0", "--agreements", "1"]
+FAST += ["--confidences", "0", "--agreements", "1", "--ks", "all"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_benefits_writes_every_measure(run):
     sets = written["thinking_longer"]
     assert list(sets) == ["test set", "digitclutter-4", "digitclutter-5", "noise 0.5"]
     for r in sets.values():
-        assert len(r["errors"]) == 4 and 0 <= r["best_k"] <= 3 and r["gain"] >= 0
+        assert r["ks"] == [0, 1, 2, 3] and len(r["errors"]) == 4 and 0 <= r["best_k"] <= 3 and r["gain"] >= 0
     adaptive = written["adaptive_depth"]
     update, confidence, agreement = adaptive["curves"]
     assert [c["rule"] for c in adaptive["curves"]] == ["update", "confidence", "agreement"]
@@ -110,6 +110,8 @@ def test_json_output_and_one_measure(run):
         (["--agreements", "0"], "--agreements"),
         (["--taus", "", "--confidences", "", "--agreements", ""], "--taus"),
         (["--plot", "figure.pdf"], "--plot"),
+        (["--ks", "1,x"], "--ks"),
+        (["--ks", "5", "--extra-iterations", "4"], "--ks"),
     ],
 )
 def test_bad_options_are_usage_errors_that_write_nothing(run, args, match):

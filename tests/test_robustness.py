@@ -103,6 +103,42 @@ def test_certified_examples_survive_the_attack():
     assert certified.any() and not (certified & broken).any()
 
 
+def whole_batch_pgd(model, x, y, eps, steps, generator):
+    """The attack written out on the whole batch for every step: broken when wrong clean or at any iterate."""
+    with torch.no_grad():
+        broken = top1_wrong(model(x), y)
+    delta = (2 * torch.rand(x.shape, generator=generator, dtype=x.dtype) - 1) * eps
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logits = model(x + delta)
+        (grad,) = torch.autograd.grad(nn.functional.cross_entropy(logits, y, reduction="none").sum(), delta)
+        broken = broken | top1_wrong(logits.detach(), y)
+        delta = (delta.detach() + 2.5 * eps / steps * grad.sign()).clamp(-eps, eps)
+    with torch.no_grad():
+        return broken | top1_wrong(model(x + delta), y)
+
+
+@pytest.mark.parametrize("eps", [0.02, 0.1, 0.5])
+def test_pgd_where_broken_examples_leave_the_batch_equals_the_whole_batch_attack(eps):
+    model, (x, y) = trained(IterResNet(2, 1, width=4, blocks=2, stages=2, input_size=4, pcr=True).double())
+    loss = lambda o, t: nn.functional.cross_entropy(o, t, reduction="none")  # noqa: E731
+    with torch.no_grad():
+        batched = pgd_wrong(model, x, y, eps, 12, loss, top1_wrong, torch.Generator().manual_seed(3))
+    expected = whole_batch_pgd(model, x, y, eps, 12, torch.Generator().manual_seed(3))
+    assert torch.equal(batched, expected) and 0 < int(batched.sum()) < len(y)
+    assert all(p.requires_grad for p in model.parameters())  # the attack gives the parameters' flags back
+
+
+def test_certificates_are_computed_for_spectrally_normalised_networks_unless_asked():
+    model, (x, y) = trained(IterResNet(2, 1, width=4, blocks=2, stages=1, input_size=4).double())
+    assert robustness_report(model, (x, y), sigmas=[], epsilons=[0.01]).certified_shares is None
+    asked = robustness_report(model, (x, y), sigmas=[], epsilons=[0.01], certify=True)
+    assert asked.lipschitz_bound == iter_resnet_lipschitz_bound(model) and len(asked.certified_shares) == 1
+    normalised = tiny(sn_mu=0.7)
+    data = torch.randn(8, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    assert robustness_report(normalised, data, sigmas=[], epsilons=[0.01]).lipschitz_bound is not None
+
+
 def test_a_residual_stack_has_no_bound_and_the_same_numbers_twice():
     torch.manual_seed(0)
     stack = ResidualStack(nn.Linear(4, 6), [[nn.Sequential(nn.Linear(6, 6), nn.Tanh())] * 2], nn.Linear(6, 3)).eval()
@@ -110,6 +146,8 @@ def test_a_residual_stack_has_no_bound_and_the_same_numbers_twice():
     first = robustness_report(stack, (x, y), sigmas=[0.5], epsilons=[0.1])
     assert isinstance(first, RobustnessReport) and first.lipschitz_bound is None and first.certified_shares is None
     assert first.to_dict() == robustness_report(stack, (x, y), sigmas=[0.5], epsilons=[0.1]).to_dict()
+    with pytest.raises(ValueError, match="certify needs an IterResNet"):
+        robustness_report(stack, (x, y), certify=True)
 
 
 @pytest.mark.parametrize(

@@ -108,6 +108,42 @@ def test_a_trial_with_benefits_writes_them_and_their_columns(tmp_path, monkeypat
     assert row["certified_eps0.01"] == found["robustness"]["certified_shares"][0]
 
 
+def test_remeasure_adds_benefits_to_a_finished_sweep_without_training(tmp_path, monkeypatch):
+    """A sweep that ran without benefits gains them with --remeasure: every row its benefit columns, the same
+    indices, nothing trained again; a changed grid is refused."""
+    monkeypatch.setenv("ITCONV_FAST_CACHE", str(tmp_path / "cache"))
+    grid = {"lam": [0, 1]}
+    plain = {"base": {**BASE, "epochs": 1}, "grid": grid, "indices": {"extra_iterations": 2}}
+    spec = sweeps.parse_sweep(plain, "s.yaml")
+    out = tmp_path / "sweep"
+    sweeps.check_out_dir(spec, str(out))
+    for trial in sweeps.expand(spec):
+        sweeps.run_trial(trial.config, sweeps.trial_dir(str(out), trial), spec.indices)
+    before = {r["trial"]: r for r in sweeps.collect_results(spec, str(out))}
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("trials/*/checkpoint.pt")}
+    assert not any(k.startswith("tl_") for k in next(iter(before.values())))
+    with_benefits = {**plain, "indices": {"extra_iterations": 2, "benefits": ["thinking-longer", "adaptive-depth"]}}
+    result = CliRunner().invoke(main, ["sweep", _write(tmp_path / "b.yaml", with_benefits), "--out", str(out),
+                                       "--remeasure"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "measuring lam=0" in result.output and "(2 trials)" in result.output
+    with open(out / "results.csv", newline="") as f:
+        after = {r["trial"]: r for r in csv.DictReader(f)}
+    for name, row in after.items():
+        for key in ("ci", "ri", "di", "train_seconds"):  # measured again the same; not trained again
+            assert row[key] == ("" if before[name][key] is None else str(before[name][key]))
+        assert row["tl_digitclutter-4_gain"] != "" and row["ad_compute_saved"] != ""
+        assert "pgd_error_eps0.05" not in row  # robustness was not asked for
+    assert {p: p.stat().st_mtime_ns for p in out.glob("trials/*/checkpoint.pt")} == stamps
+    assert "benefits" in yaml.safe_load((out / "sweep.yaml").read_text())["indices"]
+    changed = {**with_benefits, "grid": {"lam": [0, 0.5]}}
+    result = CliRunner().invoke(main, ["sweep", _write(tmp_path / "c.yaml", changed), "--out", str(out), "--remeasure"])
+    assert result.exit_code == 2 and "differs in grid" in result.output
+    result = CliRunner().invoke(main, ["sweep", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "none"),
+                                       "--remeasure"])  # fmt: skip
+    assert result.exit_code == 2 and "no sweep.yaml" in result.output
+
+
 def test_killed_sweep_resumes_only_the_missing_trial(tmp_path):
     """Two trials, one at a time on a real local Ray instance (2 CPUs, 2 per trial). The driver's whole
     process group is SIGKILLed once the first trial has finished and the second has a checkpoint; the rerun

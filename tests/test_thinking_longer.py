@@ -68,11 +68,25 @@ def test_batched_pass_equals_one_forward_per_k(name, chunk):
             assert torch.equal(forward_with_extra_iterations(model, x, k).argmax(1) != y, wrong[:, k])
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_grid_of_k_is_the_every_k_pass_at_those_k(name):
+    model = MODELS[name]()
+    x, y = inputs(model)
+    every = thinking_longer_report(model, (x, y), extra_iterations=9, ks="all")
+    log = thinking_longer_report(model, (x, y), extra_iterations=9)
+    assert log.ks == [0, 1, 2, 4, 8, 9] and every.ks == list(range(10))
+    assert log.errors == [every.errors[k] for k in log.ks]
+    assert log.overthinking_rate == every.overthinking_rate and log.to_dict()["ks"] == log.ks
+    chosen = thinking_longer_report(model, (x, y), extra_iterations=9, ks=[3, 5])
+    assert chosen.ks == [0, 3, 5, 9] and chosen.errors == [every.errors[k] for k in chosen.ks]
+    assert chosen.best_k in chosen.ks and chosen.best_error == min(chosen.errors)
+
+
 def test_report_against_the_wrong_matrix():
     model = net(pcr=True)
     x, y = inputs(model, n=64)
     wrong = by_hand(model, x, y, 4).double()
-    report = thinking_longer_report(model, (x, y), extra_iterations=4, batch_size=24)  # batches of 24, 24, 16
+    report = thinking_longer_report(model, (x, y), extra_iterations=4, ks="all", batch_size=24)  # 24, 24, 16
     assert isinstance(report, ThinkingLongerReport) and report.n == 64
     assert report.errors == pytest.approx(wrong.mean(0).tolist(), abs=1e-12)
     assert report.overthinking_rate == pytest.approx(float(((1 - wrong[:, 0]) * wrong[:, 4]).mean()))
@@ -99,7 +113,7 @@ def test_a_custom_error_function_and_bad_arguments():
     model = net()
     x, y = inputs(model, n=16)
     always = thinking_longer_report(
-        model, (x, y), extra_iterations=2, error_fn=lambda logits, t: torch.ones_like(t) > 0
+        model, (x, y), extra_iterations=2, ks="all", error_fn=lambda logits, t: torch.ones_like(t) > 0
     )
     assert always.errors == [1.0, 1.0, 1.0] and always.overthinking_rate == 0.0
     for bad in (0, -1, 1.5, True):
@@ -107,6 +121,9 @@ def test_a_custom_error_function_and_bad_arguments():
             thinking_longer_report(model, (x, y), extra_iterations=bad)
     with pytest.raises(ValueError, match="batch_size"):
         thinking_longer_report(model, (x, y), batch_size=0)
+    for bad in ("some", [5], [-1], [1.5], [True]):
+        with pytest.raises(ValueError, match="ks must be"):
+            thinking_longer_report(model, (x, y), extra_iterations=4, ks=bad)
     with pytest.raises(TypeError, match="not a residual model"):
         thinking_longer_report(nn.Linear(2, 2), (x, y))
     assert not model.training

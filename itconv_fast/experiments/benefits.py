@@ -17,10 +17,16 @@ from typing import Optional, Sequence
 import torch
 
 from ..data import datasets
-from ..measures.adaptive_depth import adaptive_depth_report, halting_levels
+from ..measures.adaptive_depth import (
+    DEFAULT_AGREEMENTS,
+    DEFAULT_CONFIDENCES,
+    DEFAULT_TAUS,
+    adaptive_depth_report,
+    halting_levels,
+)
 from ..measures.evaluator import check_extra_iterations
-from ..measures.robustness import check_pgd_steps, check_sizes, robustness_report
-from ..measures.thinking_longer import thinking_longer_report
+from ..measures.robustness import DEFAULT_EPSILONS, DEFAULT_SIGMAS, check_pgd_steps, check_sizes, robustness_report
+from ..measures.thinking_longer import extra_iteration_grid, thinking_longer_report
 from .evaluation import run_evaluation
 
 __all__ = ["benefits_of_run", "benefit_columns", "BENEFIT_MEASURES", "default_harder_digits"]
@@ -63,13 +69,14 @@ def benefits_of_run(
     *,
     measures: Sequence[str] = BENEFIT_MEASURES,
     extra_iterations: int = 16,
+    ks="log",
     harder_digits: Optional[Sequence[int]] = None,
     noise_sigma: Optional[float] = 0.5,
-    taus: Sequence[float] = (0.003, 0.01, 0.03, 0.1, 0.3),
-    confidences: Sequence[float] = (0.9, 0.99, 0.999),
-    agreements: Sequence[int] = (1, 2, 3),
-    sigmas: Sequence[float] = (0.1, 0.2, 0.5, 1.0),
-    epsilons: Sequence[float] = (0.01, 0.02, 0.05, 0.1),
+    taus: Sequence[float] = DEFAULT_TAUS,
+    confidences: Sequence[float] = DEFAULT_CONFIDENCES,
+    agreements: Sequence[int] = DEFAULT_AGREEMENTS,
+    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
     pgd_steps: int = 10,
     batch_size: int = 512,
     test_size: Optional[int] = None,
@@ -77,6 +84,7 @@ def benefits_of_run(
 ) -> dict:
     """The benefit measures of a run (a run directory or its checkpoint.pt) as a JSON-ready dict.
 
+    ks: the k of thinking longer ("log": 0, powers of two, K; "all"; or a list).
     harder_digits: Digitclutter runs only: the digit counts of the harder test sets (default: n + 1 and n + 2).
     taus, confidences, agreements: the levels of adaptive depth's halting rules (an empty one leaves it out).
     Raises ValueError naming a bad argument before anything is computed; CheckpointError for a bad checkpoint."""
@@ -94,6 +102,7 @@ def benefits_of_run(
     halting_levels(taus, confidences, agreements)
     check_sizes(sigmas, "sigma"), check_sizes(epsilons, "epsilon"), check_pgd_steps(pgd_steps)
     check_extra_iterations(extra_iterations, "benefits")
+    extra_iteration_grid(ks, extra_iterations)
     path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
     found = run_evaluation(path, batch_size=batch_size, test_size=test_size, device=device)
     model, data, config, error_fn = found.model, found.data, found.config, found.error_fn
@@ -109,7 +118,7 @@ def benefits_of_run(
         sets = _harder_sets(config, data, harder_digits, noise_sigma, batch_size, device)
         out["thinking_longer"] = {
             name: thinking_longer_report(
-                model, batches, extra_iterations=extra_iterations, error_fn=error_fn, batch_size=batch_size
+                model, batches, extra_iterations=extra_iterations, ks=ks, error_fn=error_fn, batch_size=batch_size
             ).to_dict()
             for name, batches in sets.items()
         }

@@ -45,10 +45,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..io.checkpoint import atomic_write_json, atomic_write_text, json_safe
-from .benefits import BENEFIT_MEASURES, benefit_columns, benefits_of_run
+from .benefits import BENEFIT_MEASURES
 from .compilation import sweep_compile_cache_dir, use_compile_cache
 from .config import FIELDS, ConfigError, TrainConfig, build_config, read_yaml
 from .sweep_lock import LOCK_NAME, SweepLocked, sweep_lock  # noqa: F401 (SweepLocked: what run_sweep raises)
+from .trial_measures import MEASURED_PREFIXES, measure_trial
 
 __all__ = [
     "SweepSpec",
@@ -59,6 +60,7 @@ __all__ = [
     "run_sweep",
     "run_trial",
     "collect_results",
+    "remeasure",
     "RESULT_COLUMNS",
     "pending",
     "check_out_dir",
@@ -206,8 +208,9 @@ def expand(spec: SweepSpec) -> list:
     return trials
 
 
-def check_out_dir(spec: SweepSpec, out_dir: str) -> None:
-    """A new DIR gets sweep.yaml; an existing one must hold the same sweep."""
+def check_out_dir(spec: SweepSpec, out_dir: str, new_indices: bool = False) -> None:
+    """A new DIR gets sweep.yaml; an existing one must hold the same sweep (with new_indices, the same base and
+    grid: its sweep.yaml then takes the spec's indices block)."""
     yaml = _yaml()
     path = os.path.join(out_dir, "sweep.yaml")
     if os.path.exists(path):
@@ -216,12 +219,15 @@ def check_out_dir(spec: SweepSpec, out_dir: str) -> None:
                 stored = yaml.safe_load(f)
         except (OSError, yaml.YAMLError) as exc:
             raise SweepError(f"{path}: not readable ({exc})") from None
-        if stored != spec.canonical():
-            changed = [k for k in ("base", "grid", "indices") if (stored or {}).get(k) != spec.canonical()[k]]
+        keys = ("base", "grid") if new_indices else ("base", "grid", "indices")
+        changed = [k for k in keys if (stored or {}).get(k) != spec.canonical()[k]]
+        if changed or not isinstance(stored, dict) or set(stored) != {"base", "grid", "indices"}:
             raise SweepError(
                 f"{out_dir} holds a different sweep (its sweep.yaml differs in {', '.join(changed) or 'form'}); "
                 "rerun with the sweep file it was started with, or choose another --out"
             )
+        if stored != spec.canonical():  # new_indices: the measures the trials now hold
+            atomic_write_text(path, yaml.safe_dump(spec.canonical(), sort_keys=False))
         return
     if os.path.isdir(out_dir) and [name for name in os.listdir(out_dir) if name != LOCK_NAME]:
         raise SweepError(f"{out_dir} is not empty and holds no sweep.yaml: choose another --out")
@@ -281,7 +287,6 @@ def run_trial(config: TrainConfig, out: str, indices: dict, report=None, retry_d
     the reason (no indices); retry_diverged restarts a diverged run from its last good epoch."""
     from . import training
     from .divergence import TrainingDiverged
-    from .evaluation import indices_of_run
 
     started = time.perf_counter()
     resume = os.path.exists(os.path.join(out, "checkpoint.pt")) or training.previous_divergence(out) is not None
@@ -298,17 +303,6 @@ def run_trial(config: TrainConfig, out: str, indices: dict, report=None, retry_d
         }
         _write_result(out, config, row)
         return row
-    train_seconds = sum(e["seconds"] for e in metrics["epochs"])
-    t0 = time.perf_counter()
-    index_report = indices_of_run(
-        out,
-        extra_iterations=indices["extra_iterations"],
-        method=indices["method"],
-        batch_size=indices["batch_size"],
-        test_size=indices["test_size"],
-        device=config.device,
-    )
-    atomic_write_json(os.path.join(out, "indices.json"), index_report.to_dict())
     last = metrics["epochs"][-1]
     row = {
         "status": "ok",
@@ -318,27 +312,11 @@ def run_trial(config: TrainConfig, out: str, indices: dict, report=None, retry_d
         "final_test_loss": last["test_loss"],
         "chance_error": metrics["chance_error"],
         "epochs_run": len(metrics["epochs"]),
-        "ci": index_report.ci,
-        "ri": index_report.ri,
-        "di": index_report.di,
     }
-    for s, st in enumerate(index_report.stages, start=1):
-        row.update({f"ci_s{s}": st.ci, f"ri_s{s}": st.ri, f"di_s{s}": st.di})
-    row["train_seconds"] = train_seconds
-    row["indices_seconds"] = time.perf_counter() - t0
-    if indices.get("benefits"):
-        t0 = time.perf_counter()
-        found = benefits_of_run(
-            out,
-            measures=tuple(indices["benefits"]),
-            extra_iterations=indices["extra_iterations"],
-            batch_size=indices["batch_size"],
-            test_size=indices["test_size"],
-            device=config.device,
-        )
-        atomic_write_json(os.path.join(out, "benefits.json"), found)
-        row.update(benefit_columns(found))
-        row["benefits_seconds"] = time.perf_counter() - t0
+    for key, value in measure_trial(out, indices, device=config.device).items():
+        if key == "indices_seconds":  # the columns' order: indices, train_seconds, indices_seconds, benefits
+            row["train_seconds"] = sum(e["seconds"] for e in metrics["epochs"])
+        row[key] = value
     row["session_seconds"] = time.perf_counter() - started
     _write_result(out, config, row)
     return row
@@ -467,3 +445,25 @@ def collect_results(spec: SweepSpec, out_dir: str) -> list:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
     atomic_write_text(os.path.join(out_dir, "results.csv"), text.getvalue())
     return rows
+
+
+def remeasure(spec: SweepSpec, out_dir: str, on_trial=None) -> list:
+    """Measures every finished (status ok) trial of out_dir again with this version's measures and the spec's
+    indices block (which may differ from the one the sweep ran with; base and grid may not), without training:
+    rewrites their indices.json, benefits.json and result rows, then results.csv. For a sweep whose measures
+    changed, or that should gain its benefits. on_trial(name) is called before each."""
+    out_dir = os.path.abspath(out_dir)
+    if not os.path.exists(os.path.join(out_dir, "sweep.yaml")):
+        raise SweepError(f"{out_dir} holds no sweep to measure again (no sweep.yaml)")
+    with sweep_lock(out_dir):
+        check_out_dir(spec, out_dir, new_indices=True)
+        for t in expand(spec):
+            stored = _stored_result(out_dir, t)
+            if stored is None or stored["result"].get("status", "ok") != "ok":
+                continue
+            if on_trial is not None:
+                on_trial(t.name)
+            row = {k: v for k, v in stored["result"].items() if not k.startswith(MEASURED_PREFIXES)}
+            row.update(measure_trial(trial_dir(out_dir, t), spec.indices, device=t.config.device))
+            _write_result(trial_dir(out_dir, t), t.config, row)
+        return collect_results(spec, out_dir)

@@ -46,9 +46,15 @@ __all__ = [
     "halting_levels",
     "HALTING_RULES",
     "ERROR_MARGIN",
+    "DEFAULT_TAUS",
+    "DEFAULT_CONFIDENCES",
+    "DEFAULT_AGREEMENTS",
 ]
 
 ERROR_MARGIN = 0.005  # "at equal error": no more than half a point above the full network's error
+DEFAULT_TAUS = (0.01, 0.03, 0.1, 0.3)
+DEFAULT_CONFIDENCES = (0.9, 0.99)
+DEFAULT_AGREEMENTS = (1, 2)
 HALTING_RULES = ("update", "confidence", "agreement")
 
 
@@ -238,9 +244,9 @@ def adaptive_depth_report(
     model,
     data: Union[tuple, Iterable],
     *,
-    taus: Sequence[float] = (0.003, 0.01, 0.03, 0.1, 0.3),
-    confidences: Sequence[float] = (0.9, 0.99, 0.999),
-    agreements: Sequence[int] = (1, 2, 3),
+    taus: Sequence[float] = DEFAULT_TAUS,
+    confidences: Sequence[float] = DEFAULT_CONFIDENCES,
+    agreements: Sequence[int] = DEFAULT_AGREEMENTS,
     extra_iterations: int = 0,
     error_fn: Optional[Callable] = None,
     confidence_fn: Optional[Callable] = None,

@@ -1,7 +1,11 @@
 """Thinking longer at test time: the error after k extra iterations of every stage (k = 0..K), on any test set.
 
-    report = thinking_longer_report(model, (x_hard, y_hard), extra_iterations=16)
-    report.errors[k], report.best_k, report.gain, report.overthinking_rate
+    report = thinking_longer_report(model, (x_hard, y_hard), extra_iterations=16, ks="all")
+    report.ks, report.errors, report.best_k, report.gain, report.overthinking_rate
+
+Which k are evaluated: `ks="all"` every k = 0..K; `ks="log"` (the default) 0, the powers of two below K, and K
+(0, 1, 2, 4, 8, 16 for K = 16), which costs a third as much: each k runs the later stages from scratch (their
+input changes with k), so every k = 0..K costs O(K^2) blocks; or an explicit list of k.
 
 With k extra iterations every stage runs its T blocks and then its last block k more times (PCR: with the stage
 input), so that a weight-shared network (lam = 1, every block the same) runs its block T + k times, the way
@@ -16,7 +20,7 @@ own number of extra iterations there. `reference_thinking_longer` is the unbatch
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -37,12 +41,14 @@ __all__ = [
     "ThinkingLongerReport",
     "forward_with_extra_iterations",
     "wrong_by_extra_iterations",
+    "extra_iteration_grid",
 ]
 
 
 @dataclass
 class ThinkingLongerReport:
-    """errors[k]: the error with k extra iterations of every stage, k = 0..K (errors[0]: the network as trained).
+    """errors[i]: the error with ks[i] extra iterations of every stage (ks[0] = 0: the network as trained; ks[-1]
+    = K).
 
     overthinking_rate: the share of examples right at k = 0 and wrong at k = K; rescued_rate: wrong at k = 0 and
     right at k = K."""
@@ -51,19 +57,20 @@ class ThinkingLongerReport:
     n: int
     overthinking_rate: float
     rescued_rate: float
+    ks: list
 
     @property
     def extra_iterations(self) -> int:
-        return len(self.errors) - 1
+        return self.ks[-1]
 
     @property
     def best_k(self) -> int:
         """The k of the lowest error (the smallest such k)."""
-        return min(range(len(self.errors)), key=lambda k: (self.errors[k], k))
+        return self.ks[min(range(len(self.errors)), key=lambda i: (self.errors[i], i))]
 
     @property
     def best_error(self) -> float:
-        return self.errors[self.best_k]
+        return self.errors[self.ks.index(self.best_k)]
 
     @property
     def gain(self) -> float:
@@ -106,10 +113,24 @@ def _later_stages(model, z: torch.Tensor, extra: list, n: int) -> torch.Tensor:
     return model.head(z)
 
 
+def extra_iteration_grid(ks, K: int) -> list:
+    """The k evaluated: "all" (0..K), "log" (0, the powers of two below K, and K) or a list of ints in 0..K (sorted,
+    0 and K added). Raises ValueError naming a bad one."""
+    if ks == "all":
+        return list(range(K + 1))
+    if ks == "log":
+        return sorted({0, K} | {2**i for i in range(K.bit_length()) if 2**i < K})
+    if isinstance(ks, str) or not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= K for k in ks):
+        raise ValueError(f"thinking_longer_report: ks must be 'all', 'log' or ints in 0..K={K}, got {ks!r}")
+    return sorted({0, K} | set(ks))
+
+
 def wrong_by_extra_iterations(
-    model, x: torch.Tensor, y: torch.Tensor, K: int, wrong_fn: Callable = top1_wrong, chunk: int = 512
+    model, x: torch.Tensor, y: torch.Tensor, K: int, wrong_fn: Callable = top1_wrong, chunk: int = 512, ks=None
 ) -> torch.Tensor:
-    """[n, K+1]: whether each example is wrong with k = 0..K extra iterations of every stage (batched)."""
+    """[n, len(ks)]: whether each example is wrong with each k of ks (default every k = 0..K) extra iterations of
+    every stage (batched)."""
+    ks = list(range(K + 1)) if ks is None else ks
     n = x.shape[0]
     stage0 = model.stages[0]
     x_0 = model.stem(x)
@@ -125,9 +146,12 @@ def wrong_by_extra_iterations(
         columns.extend(wrong_fn(logits[i * n : (i + 1) * n], y) for i in range(len(extra)))
         pending.clear()
 
-    for k in range(K + 1):
+    wanted = set(ks)
+    for k in range(max(ks) + 1):
         if k > 0:
             z = block_update(stage0, stage0.blocks[-1], z, x_0)
+        if k not in wanted:
+            continue
         pending.append((k, z))
         if len(pending) == group:
             flush()
@@ -141,6 +165,7 @@ def thinking_longer_report(
     data: Union[tuple, Iterable],
     *,
     extra_iterations: int = 16,
+    ks: Union[str, Sequence[int]] = "log",
     error_fn: Optional[Callable] = None,
     batch_size: int = 512,
 ) -> ThinkingLongerReport:
@@ -150,6 +175,7 @@ def thinking_longer_report(
         model: a residual model (itconv_fast.models.residual).
         data: (x, y) tensors or an iterable of (x, y) batches: the test set, harder than the training set or not.
         extra_iterations: K >= 1.
+        ks: the k evaluated (module docstring): "log" (default), "all" or a list (0 and K always added).
         error_fn: (logits, targets) -> per-example wrong (bool or a share in [0, 1]); default top-1.
         batch_size: examples a batch (and rows a forward through the later stages).
     """
@@ -158,14 +184,16 @@ def thinking_longer_report(
     check_batch_size(batch_size, "thinking_longer_report")
     wrong_fn = error_fn or top1_wrong
     K = extra_iterations
+    ks = extra_iteration_grid(ks, K)
     tally = Tally()
 
     def per_batch(x, y):
-        wrong = wrong_by_extra_iterations(model, x, y, K, wrong_fn, batch_size).double()
-        for k in range(K + 1):
-            tally.add(k, wrong[:, k].sum())
-        tally.add("over", ((1 - wrong[:, 0]) * wrong[:, K]).sum())
-        tally.add("rescued", (wrong[:, 0] * (1 - wrong[:, K])).sum())
+        wrong = wrong_by_extra_iterations(model, x, y, K, wrong_fn, batch_size, ks).double()
+        for i in range(len(ks)):
+            tally.add(i, wrong[:, i].sum())
+        tally.add("over", ((1 - wrong[:, 0]) * wrong[:, -1]).sum())
+        tally.add("rescued", (wrong[:, 0] * (1 - wrong[:, -1])).sum())
 
     n, _ = evaluate_batches(model, data, batch_size, "thinking_longer_report", per_batch)
-    return ThinkingLongerReport([tally[k] / n for k in range(K + 1)], n, tally["over"] / n, tally["rescued"] / n)
+    errors = [tally[i] / n for i in range(len(ks))]
+    return ThinkingLongerReport(errors, n, tally["over"] / n, tally["rescued"] / n, ks)
