@@ -223,6 +223,38 @@ def bench_indices(configs, extra_iterations, min_run_time, out, device) -> None:
         click.echo(f"wrote {out}")
 
 
+@bench.command("adaptive-depth")
+@click.option("--width", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--blocks", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--examples", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option(
+    "--mu", type=FiniteFloatRange(min=0.0, max=1.0, min_open=True, max_open=True), default=0.5, show_default=True
+)
+@click.option("--min-run-time", type=FiniteFloatRange(min=0.01), default=1.0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None)
+@_device_option
+def bench_adaptive_depth(width, blocks, examples, mu, min_run_time, out, device) -> None:
+    """Adaptive depth: the halting network (update rule) against the full one at equal error, on a converging
+    network (weight-shared PCR blocks, spectral normalization mu, random weights)."""
+    from itconv_fast import bench as bench_lib
+
+    report, table = bench_lib.run_adaptive_depth_benchmark(
+        width, blocks, n=examples, mu=mu, device=device, min_run_time=min_run_time
+    )
+    click.echo(table)
+    equal = report["equal_error"]
+    for key, ratios in report["ratios"].items():
+        click.echo(
+            f"{key}: tau {equal['tau']:g} runs {equal['mean_blocks']:.1f} of {equal['full_blocks']} blocks "
+            f"({equal['flops_share']:.0%} of the FLOPs) at error {equal['error']:.4f} "
+            f"(full {equal['full_error']:.4f}); "
+            f"the full network takes {ratios['full network']:.2f}x its time"
+        )
+    if out:
+        bench_lib.save_report(report, out)
+        click.echo(f"wrote {out}")
+
+
 @bench.command("analysis")
 @click.option("--width", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--blocks", type=click.IntRange(min=1), default=16, show_default=True)

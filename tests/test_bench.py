@@ -136,6 +136,15 @@ def test_bench_without_subcommand_writes_one_combined_report(tmp_path, monkeypat
         return {"rows": rows, "overhead_vs_torch": {"resnet18, batch 4, 64x64": {}}}, "table lipschitz"
 
     monkeypatch.setattr(bench.suite, "run_lipschitz_benchmark", fake_lipschitz)
+    halting = fake("adaptive", {"8x4@32px,n=128,mu=0.5": {"halting (update rule)": 1.0, "full network": 2.5}},
+                   "halting (update rule)")  # fmt: skip
+
+    def fake_adaptive(*args, **kwargs):
+        report, table = halting()
+        report["equal_error"] = {"tau": 0.1, "flops_share": 0.4}
+        return report, table
+
+    monkeypatch.setattr(bench.suite, "run_adaptive_depth_benchmark", fake_adaptive)
     out, md = tmp_path / "all.json", tmp_path / "all.md"
     result = CliRunner().invoke(main, ["bench", "--quick", "--json", str(out), "--markdown", str(md)])
     assert result.exit_code == 0, result.output
@@ -147,6 +156,8 @@ def test_bench_without_subcommand_writes_one_combined_report(tmp_path, monkeypat
     assert by[("spectral_norm", "batched_matrix", "torch_spectral_norm")]["speedup"] == pytest.approx(20.0)
     assert by[("indices", "cached", "reference")]["baseline_median_s"] == 3.0
     assert by[("batch_norm_relu", "fused", "aten_bn_relu")]["speedup"] == pytest.approx(1.6)
+    adaptive = by[("adaptive_depth", "halting", "full_network")]
+    assert adaptive["speedup"] == pytest.approx(2.5) and "40% of the FLOPs" in adaptive["setting"]
     assert by[("train_step", "coupling+spectral_norm", "plain_step")]["speedup"] == pytest.approx(1 / 1.05)
     assert by[("train_step", "coupling", "plain_step")]["median_s"] == 1.01
     assert by[("train_step", "objective:fixed-point", "plain_step")]["speedup"] == pytest.approx(1 / 1.3)
@@ -231,3 +242,16 @@ def test_bench_batch_norm_relu_times_both_implementations():
     for ratios in report["ratios"].values():
         assert set(ratios) == {"relu(F.batch_norm) (ATen)"} and ratios["relu(F.batch_norm) (ATen)"] > 0
     assert "fused batch_norm_relu" in table
+
+
+def test_bench_adaptive_depth_halts_a_converging_network_at_equal_error(tmp_path):
+    out = tmp_path / "adaptive.json"
+    args = ["bench", "adaptive-depth", "--width", "4", "--blocks", "6", "--examples", "48", "--min-run-time", "0.05"]
+    result = CliRunner().invoke(main, args + ["--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    equal = report["equal_error"]
+    assert equal["error"] <= equal["full_error"] + 0.005 and equal["full_blocks"] == 18
+    assert equal["mean_blocks"] < 18 and equal["flops_share"] < 1  # a contracting network stops early
+    assert {r["case"] for r in report["rows"]} == {"halting (update rule)", "full network"}
+    assert "the full network takes" in result.output

@@ -1,8 +1,10 @@
 """The benchmarks behind `itconv-fast bench` and benchmarks/: one module per comparison (coupling, spectral,
-batch_norm, indices, train_step, train_loop against the plain PyTorch loop of plain_loop, lipschitz), the shared timing
-runner, and the suite that runs them all. Builds on every layer below; only the CLI and benchmarks/ import it.
+batch_norm, indices, adaptive_depth, train_step, train_loop against the plain PyTorch loop of plain_loop,
+lipschitz), the shared timing runner, and the suite that runs them all. Builds on every layer below; only the CLI
+and benchmarks/ import it.
 """
 
+from .adaptive_depth import run_adaptive_depth_benchmark
 from .batch_norm import BATCH_NORM_SHAPES, batch_norm_relu_cases, run_batch_norm_relu_benchmark
 from .coupling import coupling_cases, resnet_gradient_groups, run_coupling_benchmark
 from .indices import run_analysis_benchmark, run_indices_benchmark
@@ -24,6 +26,7 @@ __all__ = [
     "gram_tightness",
     "run_indices_benchmark",
     "run_analysis_benchmark",
+    "run_adaptive_depth_benchmark",
     "train_step_cases",
     "run_train_step_benchmark",
     "LIPSCHITZ_CASES",

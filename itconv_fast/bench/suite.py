@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .adaptive_depth import run_adaptive_depth_benchmark
 from .batch_norm import run_batch_norm_relu_benchmark
 from .coupling import run_coupling_benchmark
 from .indices import run_indices_benchmark
@@ -121,6 +122,25 @@ def run_all(quick: bool = False, device: str = "cpu", log=print) -> dict:
     for key in report["ratios"]:
         rows = {r["case"]: r["median_s"] for r in report["rows"] if str(r["width"]) == key}
         results.append(_entry("indices", "cached", "reference", key, rows["cached"], rows["reference"]))
+
+    log("adaptive_depth ...")
+    width, blocks, n = (8, 4, 128) if quick else (16, 8, 512)
+    report, table = run_adaptive_depth_benchmark(width, blocks, n=n, device=device, min_run_time=run_time)
+    tables.append(table)
+    equal = report["equal_error"]
+    for key in report["ratios"]:
+        rows = {r["case"]: r["median_s"] for r in report["rows"] if str(r["width"]) == key}
+        setting = f"{key}, tau {equal['tau']:g}: {equal['flops_share']:.0%} of the FLOPs at equal error"
+        results.append(
+            _entry(
+                "adaptive_depth",
+                "halting",
+                "full_network",
+                setting,
+                rows["halting (update rule)"],
+                rows["full network"],
+            )
+        )
 
     log("train_step ...")
     width, blocks, batch = (8, 4, 64) if quick else (16, 16, 128)
