@@ -32,7 +32,12 @@ def inputs(model, n=24, seed=1):
     return torch.randn(shape, generator=gen, dtype=torch.float64), torch.randint(0, 10, (n,), generator=gen)
 
 
-MODELS = {"icr": lambda: net(), "pcr-sn": lambda: net(pcr=True, sn_mu=0.8), "stack": stack}
+MODELS = {
+    "icr": lambda: net(),
+    "pcr-sn": lambda: net(pcr=True, sn_mu=0.8),
+    "weight-shared": lambda: net(init="recurrent"),  # lam = 1's network: every block of a stage the same
+    "stack": stack,
+}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
