@@ -104,7 +104,7 @@ def test_a_trial_with_benefits_writes_them_and_their_columns(tmp_path, monkeypat
     assert row["status"] == "ok" and row["benefits_seconds"] > 0
     assert row["tl_digitclutter-5_gain"] == found["thinking_longer"]["digitclutter-5"]["gain"]
     assert row["ad_compute_saved"] == found["adaptive_depth"]["compute_saved"]
-    assert row["pgd_error_eps0.05"] == found["robustness"]["pgd_errors"][2]
+    assert row["pgd_error_eps0.1"] == found["robustness"]["pgd_errors"][2]
     assert row["certified_eps0.01"] == found["robustness"]["certified_shares"][0]
 
 
