@@ -12,7 +12,7 @@ import pytest
 from itconv_fast.experiments import sweep as sweeps
 from itconv_fast.experiments.benefits_report import correlation
 from itconv_fast.experiments.report import write_report
-from itconv_fast.experiments.variants import variant_of
+from itconv_fast.experiments.variants import family_style, variant_of
 
 BASE = {"width": 2, "blocks": 2, "test_size": 64, "batch_size": 32, "epochs": 1}
 ROBUST = ("noise_error_sigma0.5", "pgd_error_eps0.02", "certified_eps0.02")
@@ -120,3 +120,5 @@ def test_variants_name_weight_sharing_the_update_and_the_objective():
     assert variant_of(recall) == ("weight-shared PCR extra-iterations", "lam 1, PCR update, extra-iterations:1")
     assert variant_of(dict(base, objectives="fixed-point:10")) == ("fixed-point", "fixed-point:10")
     assert variant_of(dict(base, sn_mu=0.95, pcr=True)) == ("PCR", "PCR, SN mu 0.95")
+    styles = {family_style(variant_of(row)[0]) for row in (base, shared, recall)}
+    assert len(styles) == 3 and family_style("unknown") == ("C7", "o")  # each family its own colour and marker

@@ -133,8 +133,11 @@ def _error_against_size(path: str, rows, sizes) -> bool:
         stats = [mean_sd([r["final_test_error"] for r in per_size[s]]) for s in xs]
         ax.errorbar(xs, [m for m, _, _ in stats], yerr=[sd for _, sd, _ in stats], color=color, marker=marker,
                     capsize=2, label=label)  # fmt: skip
+    from matplotlib.ticker import NullFormatter
+
     ax.set_xscale("log")
     ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.xaxis.set_minor_formatter(NullFormatter())  # only the sizes trained on are labelled
     ax.set_xlabel("training-set size")
     ax.set_ylabel("final test error")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))

@@ -24,8 +24,8 @@ FAMILY_STYLE = {
     "fixed-point": ("C1", "v"),
     "jacobian-frobenius": ("C4", "P"),
     "jacobian-spectral": ("C5", "X"),
-    "weight-shared + extra-iterations": ("C9", "^"),
-    "weight-shared PCR + extra-iterations": ("C6", "*"),
+    "weight-shared extra-iterations": ("C9", "^"),
+    "weight-shared PCR extra-iterations": ("C6", "*"),
 }
 
 
