@@ -8,13 +8,14 @@ import os
 
 import click
 
+from itconv_fast.experiments.benefits import BENEFIT_MEASURES
 from itconv_fast.measures.adaptive_depth import DEFAULT_AGREEMENTS, DEFAULT_CONFIDENCES, DEFAULT_TAUS
 from itconv_fast.measures.robustness import DEFAULT_EPSILONS, DEFAULT_SIGMAS
 
 from .params import CommaList, FiniteFloatRange
 from .run_access import checkpoint_path, measuring_errors
 
-MEASURE_CHOICES = ("thinking-longer", "adaptive-depth", "robustness")
+MEASURE_CHOICES = BENEFIT_MEASURES  # the library's list: one place names the measures
 
 
 def _joined(values) -> str:
@@ -128,8 +129,7 @@ def benefits(
     """What converging buys a trained run (directory or checkpoint.pt): the error after k extra iterations on
     its test set and on harder ones (more Digitclutter digits, noise), with the overthinking rate; the error and
     FLOPs when each example leaves a stage once it has converged or its read-out has settled (adaptive depth); and
-    the error under
-    Gaussian noise and a PGD attack, with the share certified by the network's Lipschitz bound.
+    the error under Gaussian noise and a PGD attack, with the share certified by the network's Lipschitz bound.
 
     Writes benefits.json beside the checkpoint.
     """
