@@ -29,7 +29,7 @@ $(STAMP): $(SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) numpy click tqdm matplotlib pyyaml tensorboard ninja pybind11 \
-		pytest pytest-benchmark pytest-xdist hypothesis ruff==$(RUFF_VERSION) 'ray[tune]' torchvision timm transformers mkdocs \
+		pytest pytest-benchmark pytest-xdist hypothesis ruff==$(RUFF_VERSION) 'ray[tune]' scikit-learn torchvision timm transformers mkdocs \
 		'mkdocstrings[python]' build
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -c "import itconv_fast, sys; sys.exit(0 if itconv_fast.extension_loaded() else 'extension failed to load')"

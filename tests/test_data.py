@@ -191,6 +191,66 @@ def test_cli_pregenerates(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Real digits from scikit-learn's package data
+# ---------------------------------------------------------------------------------------------
+
+
+def test_digits_split_is_fixed_stratified_and_complete():
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    task = datasets.load("digits")
+    assert (task.num_classes, task.in_channels, task.chance_error, task.multilabel) == (10, 1, 0.9, False)
+    assert task.train.images.shape == (1297, 1, 8, 8) and task.test.images.shape == (500, 1, 8, 8)
+    assert task.train.images.dtype == torch.uint8 and task.train.images.max() == 255
+    # Every image once, in one split: the pixels (0..16 scaled to 0..255) and labels are the package's.
+    images = torch.cat([task.train.images, task.test.images]).flatten(1).double() * 16 / 255
+    labels = torch.cat([task.train.targets, task.test.targets])
+    expected = torch.from_numpy(reference.data)
+    order = [int(i) for i in np.lexsort(images.numpy().T[::-1])]
+    expected_order = [int(i) for i in np.lexsort(expected.numpy().T[::-1])]
+    assert torch.allclose(images[order], expected[expected_order], atol=0.04)
+    assert torch.equal(labels[order], torch.from_numpy(reference.target)[expected_order])
+    counts = torch.bincount(task.test.targets, minlength=10)
+    assert counts.min() >= 48 and counts.max() <= 51  # stratified: 500 of 1,797 per class
+    # The test split is the same for every seed; train_size is a seeded stratified subset of the rest.
+    other = datasets.load("digits", seed=3, train_size=648)
+    assert torch.equal(other.test.images, task.test.images) and len(other.train) == 648
+    assert torch.bincount(other.train.targets, minlength=10).min() >= 62
+    # The normalisation constants are the training split's.
+    x = task.train.images.double() / 255
+    assert abs(x.mean() - task.mean[0]) < 1e-3 and abs(x.std() - task.std[0]) < 1e-3
+
+
+def test_digits_without_scikit_learn_is_one_clear_error(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from itconv_fast.cli.app import main
+
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # what `import` sees when it is not installed
+    with pytest.raises(ImportError, match="pip install scikit-learn"):
+        datasets.load("digits")
+    result = CliRunner().invoke(main, ["train", "--dataset", "digits", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "pip install scikit-learn" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_on_digits_learns(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from itconv_fast.cli.app import main
+
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "digits", "--out", str(out), "--epochs", "3", "--no-progress", "--compile", "off"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"][-1]["test_error"] < 0.5  # chance is 0.9
+
+
+# ---------------------------------------------------------------------------------------------
 # MNIST and CIFAR readers against fixtures in the official formats
 # ---------------------------------------------------------------------------------------------
 

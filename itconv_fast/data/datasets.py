@@ -19,16 +19,17 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from . import digitclutter, vision
+from . import digitclutter, digits, vision
 
 __all__ = ["DATASETS", "Split", "Task", "load", "batches", "digitclutter_set", "stratified_subset", "default_cache_dir"]
 
-DATASETS = ("digitclutter", "mnist", "cifar10", "cifar100")
+DATASETS = ("digitclutter", "digits", "mnist", "cifar10", "cifar100")
 _STATS = {  # per-channel mean and std of the training images, in [0, 1]
     "mnist": ((0.1307,), (0.3081,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "digitclutter": ((0.5,), (0.27,)),
+    "digits": ((0.3063,), (0.3765,)),  # of the 1,297 training images of the fixed split
 }
 DIGITCLUTTER_SIZES = {"train": 100_000, "test": 10_000}
 _GENERATOR_VERSION = 1  # bump when the generator's output changes: old cache files are then ignored
@@ -190,7 +191,8 @@ def load(
     seed: int = 0,
     cache_dir: Optional[str] = None,
 ) -> Task:
-    """Loads a task. Digitclutter is generated (and cached); the others are read from data_dir.
+    """Loads a task. Digitclutter is generated (and cached); digits comes with scikit-learn (its fixed,
+    class-stratified split: 1,297 training and 500 test images); the others are read from data_dir.
 
     train_size: a seeded, class-stratified subset of the training set (sample-efficiency runs); for
     Digitclutter the number of images generated. test_size: the first test_size test images.
@@ -210,16 +212,24 @@ def load(
         train = Split(*digitclutter_set(n_train, n_digits, _split_seed(seed, "train"), cache_dir))
         test = Split(*digitclutter_set(n_test, n_digits, _split_seed(seed, "test"), cache_dir))
         return Task(name, train, test, 10, 1, mean, std, augment=False, n_digits=n_digits)
-    if data_dir is None:
-        raise ValueError(f"{name} needs a data directory (--data-dir)")
-    if download:
-        vision.download(name, data_dir)
-    if name == "mnist":
-        train, test = Split(*vision.load_mnist(data_dir, True)), Split(*vision.load_mnist(data_dir, False))
+    if name == "digits":
+        images, labels = digits.load_digits()
+        held_out = torch.zeros(len(labels), dtype=torch.bool)
+        held_out[stratified_subset(labels, digits.TEST_SIZE, seed=0)] = True  # the same test set for every seed
+        train, test = Split(images[~held_out], labels[~held_out]), Split(images[held_out], labels[held_out])
         classes, channels, augment = 10, 1, False
     else:
-        train, test = Split(*vision.load_cifar(name, data_dir, True)), Split(*vision.load_cifar(name, data_dir, False))
-        classes, channels, augment = (10 if name == "cifar10" else 100), 3, True
+        if data_dir is None:
+            raise ValueError(f"{name} needs a data directory (--data-dir)")
+        if download:
+            vision.download(name, data_dir)
+        if name == "mnist":
+            train, test = Split(*vision.load_mnist(data_dir, True)), Split(*vision.load_mnist(data_dir, False))
+            classes, channels, augment = 10, 1, False
+        else:
+            train = Split(*vision.load_cifar(name, data_dir, True))
+            test = Split(*vision.load_cifar(name, data_dir, False))
+            classes, channels, augment = (10 if name == "cifar10" else 100), 3, True
     if train_size is not None and train_size < len(train):
         idx = stratified_subset(train.targets, train_size, seed)
         train = Split(train.images[idx], train.targets[idx])

@@ -35,7 +35,7 @@ __all__ = [
     "FIELDS",
 ]
 
-DATASETS = ("digitclutter", "mnist", "cifar10", "cifar100")
+DATASETS = ("digitclutter", "digits", "mnist", "cifar10", "cifar100")
 SN_MODES = SPECTRAL_MODES  # (the modes and kernels are defined once, by the ops)
 INIT_CHOICES = ("auto", "nonrecurrent", "recurrent")
 
