@@ -192,6 +192,29 @@ def bench_batch_norm_relu(batch, min_run_time, out, device) -> None:
         click.echo(f"wrote {out}")
 
 
+@bench.command("launches")
+@click.option(
+    "--case",
+    "cases",
+    multiple=True,
+    help="A case to count (repeatable; default: all): 'plain loop', 'train lam 0', ... (see the table).",
+)
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None)
+def bench_launches(cases, out) -> None:
+    """Kernel launches of one training step on the CUDA path, counted on the CPU (no GPU needed): the plain loop
+    against `train` at lam 0, lam 0.5, spectral normalization and each objective, with the launch goals."""
+    from itconv_fast import bench as bench_lib
+
+    try:
+        report, table = bench_lib.run_launch_count(list(cases) or None)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--case") from exc
+    click.echo(table)
+    if out:
+        bench_lib.save_report(report, out)
+        click.echo(f"wrote {out}")
+
+
 @bench.command("indices")
 @click.option(
     "--config",

@@ -145,6 +145,11 @@ def test_bench_without_subcommand_writes_one_combined_report(tmp_path, monkeypat
         return report, table
 
     monkeypatch.setattr(bench.suite, "run_adaptive_depth_benchmark", fake_adaptive)
+    launch_rows = [
+        {"case": "plain loop", "launches": 243, "syncs": 2},
+        {"case": "train lam 0", "launches": 246, "syncs": 1},
+    ]
+    monkeypatch.setattr(bench.suite, "run_launch_count", lambda: ({"rows": launch_rows}, "launch table"))
     out, md = tmp_path / "all.json", tmp_path / "all.md"
     result = CliRunner().invoke(main, ["bench", "--quick", "--json", str(out), "--markdown", str(md)])
     assert result.exit_code == 0, result.output
@@ -169,6 +174,7 @@ def test_bench_without_subcommand_writes_one_combined_report(tmp_path, monkeypat
         assert r["speedup"] == pytest.approx(r["baseline_median_s"] / r["median_s"])
     text = md.read_text()
     assert "| soft_couple |" in text and "copy (floor)" in text and report["machine"]["cpu"] in text
+    assert report["launches"]["train lam 0"] == {"launches": 246, "syncs": 1} and "| train lam 0 | 246 | 1 |" in text
 
 
 def test_bench_lipschitz_cli_reports_overheads_against_torch(tmp_path, monkeypatch):

@@ -1,13 +1,14 @@
 """The benchmarks behind `itconv-fast bench` and benchmarks/: one module per comparison (coupling, spectral,
 batch_norm, indices, adaptive_depth, train_step, train_loop against the plain PyTorch loop of plain_loop,
-lipschitz), the shared timing runner, and the suite that runs them all. Builds on every layer below; only the CLI
-and benchmarks/ import it.
+lipschitz; launches, with launch_counter, counts a CUDA step's kernel launches on the CPU), the shared timing
+runner, and the suite that runs them all. Builds on every layer below; only the CLI and benchmarks/ import it.
 """
 
 from .adaptive_depth import run_adaptive_depth_benchmark
 from .batch_norm import BATCH_NORM_SHAPES, batch_norm_relu_cases, run_batch_norm_relu_benchmark
 from .coupling import coupling_cases, resnet_gradient_groups, run_coupling_benchmark
 from .indices import run_analysis_benchmark, run_indices_benchmark
+from .launches import LAUNCH_CEILINGS, LAUNCH_GOALS, run_launch_count
 from .lipschitz import LIPSCHITZ_CASES, lipschitz_step_cases, run_lipschitz_benchmark
 from .plain_loop import plain_epochs, train_benchmark_task
 from .runner import cpu_model, interleaved_step_times, label_backend, machine_description, run_comparison, save_report
@@ -43,6 +44,9 @@ __all__ = [
     "plain_epochs",
     "run_train_benchmark",
     "train_benchmark_task",
+    "run_launch_count",
+    "LAUNCH_GOALS",
+    "LAUNCH_CEILINGS",
     "BATCH_NORM_SHAPES",
     "batch_norm_relu_cases",
     "run_batch_norm_relu_benchmark",

@@ -14,6 +14,7 @@ from the command line (`main`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -24,7 +25,15 @@ from ..data import datasets
 from ..experiments.schedule import lr_factor
 from ..models import IterResNet
 
-__all__ = ["plain_epochs", "plain_run", "train_benchmark_values", "train_benchmark_task", "main"]
+__all__ = [
+    "plain_epochs",
+    "plain_optimizer",
+    "plain_step",
+    "plain_run",
+    "train_benchmark_values",
+    "train_benchmark_task",
+    "main",
+]
 
 SIZES = ("quick", "paper")
 
@@ -62,11 +71,9 @@ def plain_epochs(
     )
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr * batch_size / 128, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = len(task.train) // batch_size
     total, warmup = steps_per_epoch * epochs, int(round(warmup_epochs * steps_per_epoch))
-    # The schedule `train` uses (a pure function of the step: sharing it keeps the two schedules equal).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
+    optimizer, scheduler = plain_optimizer(model, lr, batch_size, weight_decay, total, warmup)
     generator = torch.Generator().manual_seed(seed)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -78,17 +85,9 @@ def plain_epochs(
         for x, y in datasets.batches(
             task, task.train, batch_size, train=True, generator=generator, device=device, indices=order
         ):
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(**amp):
-                logits = model(x)
-            loss = task.loss(logits.float(), y)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * x.shape[0]
-            wrong += (~task.correct(logits.float(), y)).sum().item()
+            loss, wrong_here = plain_step(model, optimizer, scheduler, task, x, y, device.type == "cuda", amp)
+            loss_sum += loss * x.shape[0]
+            wrong += wrong_here
             seen += x.shape[0]
         train_seconds = time.perf_counter() - started
         model.eval()
@@ -107,6 +106,29 @@ def plain_epochs(
             "seconds": time.perf_counter() - started,
             "train_seconds": train_seconds,
         }
+
+
+def plain_optimizer(model, lr: float, batch_size: int, weight_decay: float, total: int, warmup: int):
+    """SGD with momentum 0.9 (its default kernels: foreach on CUDA) and `train`'s schedule, a pure function of the
+    step (sharing it keeps the two schedules equal)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr * batch_size / 128, momentum=0.9, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
+    return optimizer, scheduler
+
+
+def plain_step(model, optimizer, scheduler, task, x, y, channels_last: bool, amp) -> tuple[float, int]:
+    """One step as such a loop writes it, logging what it logs: (the loss, the wrong examples), read at once.
+    amp: torch.autocast's arguments (None: no autocast)."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(**amp) if amp else contextlib.nullcontext():
+        logits = model(x)
+    loss = task.loss(logits.float(), y)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.item(), (~task.correct(logits.float(), y)).sum().item()
 
 
 def train_benchmark_values(size: str, *, paper_steps: int = 200, batch_size: int = 128, quick_train_size=None) -> dict:

@@ -6,6 +6,7 @@ from .adaptive_depth import run_adaptive_depth_benchmark
 from .batch_norm import run_batch_norm_relu_benchmark
 from .coupling import run_coupling_benchmark
 from .indices import run_indices_benchmark
+from .launches import run_launch_count
 from .lipschitz import LIPSCHITZ_CASES, run_lipschitz_benchmark
 from .runner import machine_description
 from .spectral import run_spectral_benchmark
@@ -185,7 +186,17 @@ def run_all(quick: bool = False, device: str = "cpu", log=print) -> dict:
                         over[torch_case],
                     )
                 )
-    return {"machine": machine_description(device), "quick": quick, "results": results, "tables": tables}
+    log("launches ...")  # counted, not timed: the CUDA path's step on the CPU, whatever `device` is
+    launch_report, table = run_launch_count()
+    tables.append(table)
+    launches = {row["case"]: {"launches": row["launches"], "syncs": row["syncs"]} for row in launch_report["rows"]}
+    return {
+        "machine": machine_description(device),
+        "quick": quick,
+        "results": results,
+        "launches": launches,
+        "tables": tables,
+    }
 
 
 def results_markdown(report: dict) -> str:
@@ -212,4 +223,9 @@ def results_markdown(report: dict) -> str:
             f"| {r['op']} | {r['setting']} | {r['variant']} | {r['baseline']}{note} | {t(r['median_s'])} | "
             f"{t(r['baseline_median_s'])} | {r['speedup']:.2f}x |"
         )
+    if report.get("launches"):
+        counts = report["launches"]
+        lines += ["", "Kernel launches of one training step on the CUDA path (counted on the CPU; host reads):", ""]
+        lines += ["| case | launches | host reads |", "|---|---|---|"]
+        lines += [f"| {case} | {c['launches']} | {c['syncs']} |" for case, c in counts.items()]
     return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ step and learning rate; `--resume` on such a run starts from its last good epoch
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable, Optional
 
@@ -93,24 +94,23 @@ def check_finite_step(
     task_losses: Iterable[torch.Tensor] = (),
     loss_limit: Optional[float] = None,
 ) -> None:
-    """Raises TrainingDiverged when a loss (named first) or the global gradient norm (one fused norm per device and
-    dtype) is NaN or inf, or a task loss is above loss_limit (when given). All are read from the device at once:
-    one synchronisation per step, where a GPU step is otherwise stalled by every read."""
-    values = [loss.detach().float().reshape(1) for loss in losses]
+    """Raises TrainingDiverged when a loss (named first) or a gradient is NaN or inf, or a task loss is above
+    loss_limit (when given). Four device ops and one read of the device a step, where a GPU step is otherwise
+    stalled by every read and launch-bound at our widths: one fused norm of every loss (|loss|) and gradient, one
+    stack, one comparison with their bounds (the largest float, or loss_limit) and one `all`. The reported
+    gradient norm is the global one, computed from the per-tensor norms only when the check fails."""
+    values = [loss.detach() for loss in losses]
     n_losses = len(values)
-    limited = [loss.detach().float().reshape(1) for loss in task_losses] if loss_limit is not None else []
-    values += limited
+    limited = [loss.detach() for loss in task_losses] if loss_limit is not None else []
     grads = [p.grad for p in parameters if p.grad is not None]
-    if grads:
-        norms = torch._foreach_norm(grads)
-        values.append(torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms])).reshape(1))
-    if not values:
+    entries = values + limited + grads
+    if not entries:
         return
-    checked = torch.cat([v.to(values[0].device) for v in values])
-    ok = torch.isfinite(checked).all()
-    if limited:
-        ok = ok & (checked[n_losses : n_losses + len(limited)] <= loss_limit).all()
-    if bool(ok):  # the one synchronisation
+    norms = torch._foreach_norm(entries)
+    device = norms[0].device
+    checked = torch.stack([n if n.device == device else n.to(device) for n in norms])
+    bounds = _bounds(n_losses, len(limited), len(grads), loss_limit, checked.dtype, device)
+    if bool(checked.le(bounds).all()):  # the one synchronisation
         return
     read = checked.tolist()
     for value in read[:n_losses]:
@@ -119,7 +119,21 @@ def check_finite_step(
     for value in read[n_losses : n_losses + len(limited)]:
         if math.isfinite(value) and value > loss_limit:
             raise TrainingDiverged("loss", value, rule="exploding loss", limit=loss_limit)
-    raise TrainingDiverged("gradient norm", read[-1], rule="non-finite gradient norm")
+    grad_norms = read[n_losses + len(limited) :]
+    if all(math.isfinite(v) for v in grad_norms):
+        total = math.sqrt(math.fsum(v * v for v in grad_norms))
+    else:
+        total = math.nan if any(math.isnan(v) for v in grad_norms) else math.inf
+    raise TrainingDiverged("gradient norm", total, rule="non-finite gradient norm")
+
+
+@functools.lru_cache(maxsize=16)
+def _bounds(n_losses: int, n_limited: int, n_grads: int, limit, dtype: torch.dtype, device: torch.device):
+    """The largest value each checked norm may take: the largest float (so: finite) for losses and gradients,
+    loss_limit for the task losses under the exploding-loss rule. Made once per step shape (a tensor built each
+    step would be a host-to-device copy a step)."""
+    largest = torch.finfo(dtype).max
+    return torch.tensor([largest] * n_losses + [limit] * n_limited + [largest] * n_grads, dtype=dtype, device=device)
 
 
 def check_finite_state(model: torch.nn.Module) -> None:
@@ -155,6 +169,7 @@ class RunningStatisticsSnapshot:
                       for name, b in m.named_buffers(recurse=False) if b is not None]  # fmt: skip
         self.sources: list = []  # the buffers the copies were made from
         self.saved: list = []
+        self.groups: list = []  # indices into sources of each (device, dtype)
 
     def _current(self) -> list:
         return [buffers[name] for buffers, name in self.slots]
@@ -163,8 +178,15 @@ class RunningStatisticsSnapshot:
         current = self._current()
         if len(current) != len(self.sources) or any(b is not a for b, a in zip(current, self.sources)):
             self.sources, self.saved = current, [b.detach().clone() for b in current]  # first step, or moved
+            # One fused copy per (device, dtype): a mixed list (float statistics, int64 batch counts) would take
+            # ATen's tensor-by-tensor path, a launch a tensor on a GPU.
+            groups: dict = {}
+            for i, b in enumerate(current):
+                groups.setdefault((b.device, b.dtype), []).append(i)
+            self.groups = list(groups.values())
         elif current:
-            torch._foreach_copy_(self.saved, current)
+            for group in self.groups:
+                torch._foreach_copy_([self.saved[i] for i in group], [current[i] for i in group])
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -47,7 +47,8 @@ class TrainStep:
     micro-batch are in `last_terms` ({name: float}) and their parts in `last_parts` ({name: {part: float}}).
     seed: with the step count and the micro-batch index, seeds the objectives' random draws (a resumed run
     draws what the uninterrupted one drew). loss_limit: a task loss above it is divergence (the exploding-loss
-    rule; None: only non-finite values are).
+    rule; None: only non-finite values are). channels_last: convert each input batch to channels-last (default: on
+    CUDA, where the whole network runs so; bench/launches.py counts the CUDA path's ops on the CPU with it).
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class TrainStep:
         model: Optional[torch.nn.Module] = None,
         seed: int = 0,
         loss_limit: Optional[float] = None,
+        channels_last: Optional[bool] = None,
     ):
         self.net, self.task, self.optimizer, self.scheduler, self.coupler = net, task, optimizer, scheduler, coupler
         self.device, self.accumulate, self.distributed = device, accumulate, distributed
@@ -75,6 +77,7 @@ class TrainStep:
         self.model = net if model is None else model
         self.seed = seed
         self.loss_limit = loss_limit
+        self.channels_last = device.type == "cuda" if channels_last is None else channels_last
         self.statistics = RunningStatisticsSnapshot(self.model)  # put back when a step is refused
         self.last_terms: dict = {}
         self.last_parts: dict = {}
@@ -89,7 +92,7 @@ class TrainStep:
         return torch.Generator().manual_seed(((self.seed * 1_000_003) + steps_taken) * 1024 + m)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.device.type == "cuda":
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if m == 0:
             self.optimizer.zero_grad(set_to_none=True)
@@ -112,7 +115,8 @@ class TrainStep:
                     self.last_parts[objective.name] = term.parts
                     if objective.weight != 0:
                         total = total + objective.weight * term.value.float()
-            (total / self.accumulate).backward()
+            # (one micro-batch: no division, which would be two launches of a GPU step for nothing)
+            (total if self.accumulate == 1 else total / self.accumulate).backward()
         if m == 0:
             self._losses, self._task_losses = [], []
         if not self.distributed:  # under DDP a NaN reaches every rank through the all-reduced gradients

@@ -19,15 +19,20 @@ import torch.distributed as dist
 from ..data import datasets
 from ..io.checkpoint import atomic_write_json, rng_state, save_checkpoint
 from ..models import IterResNet
-from ..nn.coupling import GradientCoupler
-from ..objectives import make_objective
 from .compilation import compile_mode, decide_compile, use_compile_cache
 from .config import TrainConfig, write_config_file
-from .divergence import TrainingDiverged, check_finite_state, exploding_loss_limit
+from .divergence import TrainingDiverged, check_finite_state
 from .host_memory import keep_freed_memory
 from .resume import resume_run
 from .run_log import TENSORBOARD_TAGS, environment, event_writer, write_metrics_csv
-from .schedule import lr_factor
+from .run_parts import (  # noqa: F401 (build_model, objective_values and the width re-exported)
+    CPU_CHANNELS_LAST_MIN_WIDTH,
+    EpochTally,
+    build_model,
+    make_train_step,
+    objective_values,
+    training_parts,
+)
 from .step import TrainStep, autocast
 
 __all__ = [
@@ -40,9 +45,6 @@ __all__ = [
 ]
 
 
-CPU_CHANNELS_LAST_MIN_WIDTH = 16  # measured: benchmarks/NOTES.md "Memory format on the CPU"
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -50,23 +52,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested but CUDA is not available")
     return device
-
-
-def build_model(config: TrainConfig, task: datasets.Task) -> IterResNet:
-    side = task.train.images.shape[-1]
-    return IterResNet(
-        num_classes=task.num_classes,
-        in_channels=task.in_channels,
-        width=config.width,
-        blocks=config.blocks,
-        stages=config.stages,
-        input_size=side,
-        pcr=config.pcr,
-        sn_mu=config.sn_mu,
-        sn_mode=config.sn_mode,
-        init=config.resolved_init(),
-        bn_gamma_init=config.bn_gamma_init,
-    )
 
 
 @torch.no_grad()
@@ -84,14 +69,6 @@ def evaluate(model, task: datasets.Task, split: datasets.Split, device, batch_si
         n += x.shape[0]
     model.train(was)
     return loss_sum / max(n, 1), wrong / max(n, 1)
-
-
-def objective_values(step: TrainStep) -> dict:
-    """The last micro-batch's objective terms and their numeric parts, as {name: v, "name/part": v}."""
-    values = dict(step.last_terms)
-    for name, parts in step.last_parts.items():
-        values.update({f"{name}/{part}": float(v) for part, v in parts.items() if isinstance(v, (int, float))})
-    return values
 
 
 def _load_task(config: TrainConfig, rank: int) -> datasets.Task:
@@ -153,19 +130,7 @@ class TrainingRun:
         random.seed(config.seed)
         np.random.seed(config.seed)
         task = task if task is not None else _load_task(config, rank)
-        model = build_model(config, task).to(device)
-        # NHWC where it is faster: everywhere on CUDA, stages of 16+ channels on the CPU (IterResNet.to_channels_last).
-        model.to_channels_last(min_width=1 if device.type == "cuda" else CPU_CHANNELS_LAST_MIN_WIDTH)
-        coupler = GradientCoupler(
-            model, config.lam, kernel=config.coupling_kernel, bandwidth=config.coupling_bandwidth,
-            skip_first=config.skip_first,
-        )  # fmt: skip
-        lr = config.lr * config.batch_size / 128
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=config.weight_decay)
-        steps_per_epoch = max(1, len(task.train) // config.batch_size)  # the last partial batch is dropped
-        total_steps = steps_per_epoch * config.epochs
-        warmup = int(round(config.warmup_epochs * steps_per_epoch))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup))
+        model, coupler, optimizer, scheduler, lr, total_steps, warmup = training_parts(config, task, device)
         generator = torch.Generator().manual_seed(config.seed)
 
         os.makedirs(out_dir, exist_ok=True)
@@ -184,13 +149,8 @@ class TrainingRun:
             write_config_file(os.path.join(out_dir, "config.yaml"), config)
             writer = event_writer(out_dir, start_epoch)
         net = _wrap_network(model, config, device, distributed, total_steps - scheduler.last_epoch, metrics)
-        objectives = [make_objective(name, weight, k=config.objective_k, rho=config.objective_rho)
-                      for name, weight in config.objectives.items()]  # fmt: skip
-        step = TrainStep(
-            net, task, optimizer, scheduler, coupler, device=device, accumulate=config.accumulate,
-            distributed=distributed, objectives=objectives, model=model, seed=config.seed,
-            loss_limit=exploding_loss_limit(task.loss, task.num_classes, task.train.targets[0]),
-        )  # fmt: skip
+        step = make_train_step(net, model, task, optimizer, scheduler, coupler, config, device,
+                               distributed=distributed)  # fmt: skip
         return cls(config, out_dir, device, rank, world, task, model, optimizer, scheduler, generator, metrics, step,
                    start_epoch, writer)  # fmt: skip
 
@@ -209,12 +169,7 @@ class TrainingRun:
         micro = config.batch_size // (self.world * config.accumulate)
         n_steps = len(order) // config.batch_size
         mine = order[: n_steps * config.batch_size].view(n_steps, self.world, config.accumulate, micro)[:, self.rank]
-        # Sums kept on the device and read once per epoch: a read per step would stall a GPU's launch queue.
-        # (float64: the same additions as summing loss.item() in Python, so the same numbers.)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        wrong_sum = torch.zeros((), dtype=torch.int64, device=self.device)
-        seen = 0
-        term_sums: dict = {}  # objective name (and name/part) -> sum over examples
+        tally = EpochTally()
         batch_bar = tqdm(
             datasets.batches(
                 task,
@@ -235,14 +190,10 @@ class TrainingRun:
                 loss, logits = step(x, y, i % config.accumulate)
             except TrainingDiverged as exc:
                 self._stop_diverged(exc, epoch, step_in_epoch=i // config.accumulate + 1)
-            loss_sum += loss.double() * x.shape[0]
-            for key, value in objective_values(step).items():
-                term_sums[key] = term_sums.get(key, 0.0) + value * x.shape[0]
-            wrong_sum += (~task.correct(logits.float(), y)).sum()
-            seen += x.shape[0]
+            tally.add(task, loss, logits, y, step)
             if show and i % 20 == 0:
                 batch_bar.set_postfix(loss=f"{loss.item():.3f}")
-        loss_sum, wrong = loss_sum.item(), int(wrong_sum.item())  # (this read waits for the epoch's last step)
+        loss_sum, wrong, seen, term_sums = tally.totals()  # (this read waits for the epoch's last step)
         train_seconds = time.perf_counter() - started  # the training pass alone
         self._check_state(epoch)
         test_loss, test_error = evaluate(self.model, task, task.test, self.device)
