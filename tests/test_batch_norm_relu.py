@@ -363,3 +363,17 @@ def test_a_module_call_with_bad_input_leaves_the_module_untouched():
         bn(torch.ones(2, 4, 3, 3, dtype=torch.int64))
     for k, v in bn.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_backward_fills_no_zero_gradients_for_the_statistics():
+    """The op's four non-differentiable outputs (batch and running statistics) get no gradient: autograd would
+    otherwise fill a zero tensor for each before every backward, four launches a layer a step on a GPU."""
+    from itconv_fast.bench.launch_counter import LaunchCounter
+
+    bn = torch.nn.BatchNorm2d(4).train()
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    out = ops.batch_norm_relu(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.1, 1e-5)
+    with LaunchCounter() as counter:
+        out.sum().backward()
+    assert not any(op.startswith("aten::zeros") for op in counter.by_op), counter.by_op
+    assert counter.by_op.get("itconv_fast::batch_norm_relu_backward.default") == 1

@@ -52,6 +52,9 @@ class BatchNormReLUFunction : public torch::autograd::Function<BatchNormReLUFunc
         call_forward(input, weight, bias, running_mean, running_var, momentum, eps);
     ctx->save_for_backward({input, weight, bias, save_mean, save_invstd});
     ctx->mark_non_differentiable({save_mean, save_invstd, new_mean, new_var});
+    // The four non-differentiable outputs get no gradient: without this, autograd would fill a zero tensor for
+    // each of them before every backward (four launches a layer a step; bench/launches.py).
+    ctx->set_materialize_grads(false);
     return {out, save_mean, save_invstd, new_mean, new_var};
   }
 
