@@ -38,3 +38,10 @@ def test_readme_is_a_landing_page_whose_links_resolve():
     nav = (ROOT / "mkdocs.yml").read_text()
     for page in (ROOT / "docs").glob("*.md"):
         assert page.name in nav, f"{page.name} is not in the site's navigation"
+
+
+def test_the_reproduction_page_spells_out_the_indices_names():
+    """Readers of the paper search for the indices by their full names; each must appear on one line."""
+    text = (ROOT / "docs" / "reproduction.md").read_text()
+    for name in ("Convergence Index", "Recurrence Index", "Divergence Index"):
+        assert name in text, name
