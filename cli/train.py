@@ -275,7 +275,9 @@ def train(
         raise click.BadParameter(
             f"{out} already holds a run; pass --resume to continue it or choose another --out", param_hint="--out"
         )
-    click.echo(
+    # Under torchrun every rank runs this command; only rank 0 reports (as only rank 0 writes).
+    echo = click.echo if int(os.environ.get("RANK", "0")) == 0 else (lambda *args, **kwargs: None)
+    echo(
         f"training {config.dataset} (preset {config.preset}): width {config.width}, {config.stages} x {config.blocks} "
         "blocks, "
         f"lam {config.lam}, sn_mu {config.sn_mu} ({config.sn_mode}), init {config.resolved_init()}"
@@ -290,7 +292,7 @@ def train(
         )
     except TrainingDiverged as exc:
         good = exc.record.get("epoch", 1) - 1
-        click.echo(
+        echo(
             f"{exc.describe()}; {exc.outcome()}; {out}/metrics.json says status: diverged; "
             + (f"{out}/checkpoint.pt is still epoch {good}'s" if good else "no epoch had finished")
             + f" (exit {EXIT_DIVERGED})",
@@ -309,7 +311,7 @@ def train(
         raise click.ClickException(str(exc)) from exc
     last = metrics["epochs"][-1]
     total = sum(e["seconds"] for e in metrics["epochs"])
-    click.echo(
+    echo(
         f"done: {len(metrics['epochs'])} epochs in {total:.0f} s; test error {last['test_error']:.4f} "
         f"(chance {metrics['chance_error']:.4f}), train loss {last['train_loss']:.4f}; wrote {out}/metrics.json, "
         f"{out}/checkpoint.pt"

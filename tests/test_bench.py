@@ -1,6 +1,7 @@
 """The benchmark harness: interleaved rounds, ratios against the toolkit's case, the CLI's JSON report."""
 
 import json
+import os
 import time
 
 import pytest
@@ -261,3 +262,24 @@ def test_bench_adaptive_depth_halts_a_converging_network_at_equal_error(tmp_path
     assert equal["mean_blocks"] < 18 and equal["flops_share"] < 1  # a contracting network stops early
     assert {r["case"] for r in report["rows"]} == {"halting (update rule)", "full network"}
     assert "the full network takes" in result.output
+
+
+def test_bench_tables_keep_their_digits_and_no_cuda_warning_on_a_cpu_machine(tmp_path):
+    """On a machine with a CUDA toolkit and no GPU, `bench` prints no "No CUDA runtime is found" line (torch's
+    benchmark timer imports cpp_extension, which logs it), and the timing tables keep more than one significant
+    figure (torch's trimming left 8000 / 100000 us with a few noisy rounds)."""
+    import re
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CUDA_HOME=os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    code = (
+        "from itconv_fast.bench.coupling import run_coupling_benchmark\n"
+        "report, table = run_coupling_benchmark(widths=(2,), min_run_time=0.01, compile_reference=False)\n"
+        "print(table)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "No CUDA runtime" not in out.stderr + out.stdout
+    times = [float(v) for v in re.findall(r"\|\s+([0-9]+\.[0-9]+)", out.stdout)]
+    assert times and all("." in v for v in re.findall(r"\|\s+([0-9.]+)", out.stdout))

@@ -199,3 +199,20 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     s = single.state_dict()
     for k in params:
         torch.testing.assert_close(r0[k], s[k], rtol=1e-4, atol=1e-5)
+
+
+def test_only_rank_0_reports_under_torchrun(tmp_path, monkeypatch):
+    """torchrun sets RANK in every process; the command's "training ..." and "done: ... wrote" lines come from rank
+    0 alone (the files are written by rank 0 alone too)."""
+    from click.testing import CliRunner
+
+    from itconv_fast.cli.app import main
+
+    monkeypatch.setenv("ITCONV_FAST_CACHE", str(tmp_path / "cache"))
+    tiny = ["--train-size", "64", "--test-size", "32", "--width", "2", "--blocks", "1", "--batch-size", "32"]
+    tiny += ["--epochs", "1", "--no-progress", "--compile", "off"]
+    for rank, reports in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)  # (WORLD_SIZE unset: one process, only the reporting rule differs)
+        result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / f"run{rank}")] + tiny)
+        assert result.exit_code == 0, result.output
+        assert ("wrote" in result.output) is reports and ("training" in result.output) is reports

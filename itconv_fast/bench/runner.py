@@ -69,6 +69,22 @@ def label_backend(table: str) -> str:
     )
 
 
+def _torch_benchmark():
+    """torch.utils.benchmark, imported without the warning that its C++ timer's import of torch.utils.cpp_extension
+    logs on a machine with a CUDA toolkit but no GPU ("No CUDA runtime is found, using CUDA_HOME=..."), which
+    says nothing about the benchmarks."""
+    import logging
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        log.setLevel(level)
+    return benchmark
+
+
 def run_comparison(
     cases_by_width: dict,
     *,
@@ -91,7 +107,7 @@ def run_comparison(
     cases_by_width: {width: {case name: zero-argument callable}}; `reference` names the toolkit's case,
     against which the report's ratios (other case's time / reference time) are given.
     """
-    from torch.utils import benchmark
+    benchmark = _torch_benchmark()
 
     def sync():
         if device.startswith("cuda"):
@@ -127,8 +143,8 @@ def run_comparison(
             m = benchmark.Measurement.merge(blocks[case])[0]
             results.append(m)
             rows.append({"width": width, "case": case, "median_s": m.median, "iqr_s": m.iqr, "rounds": rounds})
+    # Not trimmed to the "significant" figures: with a few noisy rounds Compare keeps one (8000 / 100000 us).
     compare = benchmark.Compare(results)
-    compare.trim_significant_figures()
     report = {
         "benchmark": name or label,
         "machine": machine_description(device),
