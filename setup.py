@@ -78,22 +78,27 @@ def cuda_forced() -> bool:
     return os.environ.get("ITCONV_FAST_CUDA", "auto").lower() in ("1", "true", "on", "yes")
 
 
+# Why the CUDA kernels are not in the build, when they are not; written to the record when the extension is built
+# (BuildWithCPUFallback), not when setup.py is imported: an sdist build imports it too, builds nothing, and must
+# not overwrite the record of the build that is installed (`itconv-fast info` read "not built" after one).
+CPU_ONLY_REASON = {"reason": ""}
+
+
 def want_cuda() -> bool:
     flag = os.environ.get("ITCONV_FAST_CUDA", "auto").lower()
     available = CUDA_HOME is not None and torch.version.cuda is not None
     if flag in ("0", "false", "off", "no"):
-        record_cuda_build(False, "ITCONV_FAST_CUDA=0")
+        CPU_ONLY_REASON["reason"] = "ITCONV_FAST_CUDA=0"
         return False
     if flag in ("1", "true", "on", "yes"):
         if not available:
             raise RuntimeError("ITCONV_FAST_CUDA=1 but no CUDA toolkit (CUDA_HOME) or no CUDA build of torch was found")
         return True
     if not available:
-        record_cuda_build(
-            False,
+        CPU_ONLY_REASON["reason"] = (
             "no CUDA toolkit was found (CUDA_HOME, nvcc on PATH, /usr/local/cuda)"
             if CUDA_HOME is None
-            else f"torch {torch.__version__} is not a CUDA build",
+            else f"torch {torch.__version__} is not a CUDA build"
         )
     return available
 
@@ -209,7 +214,10 @@ class BuildWithCPUFallback(BuildExtension):
     def build_extension(self, ext):
         fallback = getattr(ext, "cpu_fallback", None)
         if fallback is None:
-            return super().build_extension(ext)
+            super().build_extension(ext)
+            if ext.name == "itconv_fast._C":  # built without CUDA by choice or for want of a toolkit
+                record_cuda_build(False, CPU_ONLY_REASON["reason"], self.build_lib)
+            return
         reason = nvcc_failure(CUDA_HOME)
         if reason and cuda_forced():
             raise RuntimeError(f"ITCONV_FAST_CUDA=1 but {reason}")

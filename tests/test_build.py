@@ -58,10 +58,14 @@ def test_a_broken_toolkit_is_found_before_anything_compiles(tmp_path):
         assert expected in out.stdout.strip().splitlines()[-1]
 
 
-def test_cuda_switched_off_is_recorded(tmp_path):
-    """ITCONV_FAST_CUDA=0: no CUDA kernels, and itconv_fast/_cuda_build.txt says why (for `itconv-fast info`)."""
+def test_cuda_switched_off_is_recorded_by_the_build_not_by_an_import(tmp_path):
+    """ITCONV_FAST_CUDA=0: no CUDA kernels, and the reason is kept for the build to record in
+    itconv_fast/_cuda_build.txt (`itconv-fast info`). Importing setup.py (an sdist build does) writes nothing: it
+    used to overwrite the record of the build that is installed."""
     src = source_copy(tmp_path)
-    code = SETUP_MODULE + "print(m.want_cuda())"
+    record = src / "itconv_fast" / "_cuda_build.txt"
+    record.write_text("built\n")
+    code = SETUP_MODULE + "print(m.want_cuda(), m.CPU_ONLY_REASON['reason'])"
     out = subprocess.run(
         [sys.executable, "-c", code, str(src / "setup.py")],
         env=clean_env(ITCONV_FAST_CUDA="0"),
@@ -70,5 +74,5 @@ def test_cuda_switched_off_is_recorded(tmp_path):
         timeout=300,
         cwd=src,
     )
-    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
-    assert (src / "itconv_fast" / "_cuda_build.txt").read_text() == "not built: ITCONV_FAST_CUDA=0\n"
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "False ITCONV_FAST_CUDA=0", out.stderr[-2000:]
+    assert record.read_text() == "built\n"

@@ -62,6 +62,7 @@ def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
     else:
         env.update(ITCONV_FAST_CUDA="0")  # a CPU wheel all the same
     dist = tmp_path / "dist"
+    installed_record = (ROOT / "itconv_fast" / "_cuda_build.txt").read_text()
     sdist = subprocess.run(
         [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(dist)],
         cwd=ROOT,
@@ -71,6 +72,8 @@ def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
         timeout=600,
     )
     assert sdist.returncode == 0, sdist.stdout[-2000:] + sdist.stderr[-2000:]
+    # The sdist built nothing: the source tree's record of its own build is untouched (`itconv-fast info`).
+    assert (ROOT / "itconv_fast" / "_cuda_build.txt").read_text() == installed_record
     (archive,) = dist.glob("*.tar.gz")
     with tarfile.open(archive) as tar:
         names = tar.getnames()
