@@ -1,6 +1,7 @@
 """The models people use (torchvision, timm, Hugging Face transformers), with random weights: the adapters reproduce
 each model's own outputs and work with compute_indices, analyze, GradientCoupler and the objectives;
-BatchedSpectralNorm normalises transformers' Conv1D, lists what it cannot normalise, and refuses tied weights."""
+BatchedSpectralNorm normalises transformers' Conv1D, lists what it cannot normalise, skips tied weights and refuses
+them by name."""
 
 import copy
 import warnings
@@ -167,20 +168,26 @@ def test_spectral_norm_of_a_conv1d_equals_that_of_the_linear_layer_it_is():
     torch.testing.assert_close(conv1d(x), linear(x), rtol=1e-5, atol=1e-6)
 
 
-def test_batched_spectral_norm_on_gpt2_normalises_conv1d_and_refuses_the_tie():
+def test_batched_spectral_norm_on_gpt2_skips_the_tie_and_refuses_it_by_name():
     model, ids, _ = _gpt2(layers=2)
     assert model.lm_head.weight is model.transformer.wte.weight  # GPT-2 ties them
+    # Named: refused before anything changes (normalising it would untie the two).
     with pytest.raises(ValueError, match="lm_head.weight is tied to transformer.wte.weight"):
-        BatchedSpectralNorm(model, mode="matrix")
-    assert not hasattr(model.lm_head, "parametrizations")  # refused before anything changed
-    with pytest.warns(RuntimeWarning, match="not normalised.*transformer.wte, transformer.wpe"):
-        sn = BatchedSpectralNorm(
-            model, mode="matrix", mu=1.0, include=lambda name, m: name != "lm_head", init_iterations=100
-        )
+        BatchedSpectralNorm(model, mode="matrix", include=["lm_head", "transformer.h.0.mlp.c_fc"])
+    assert not hasattr(model.lm_head, "parametrizations") and not hasattr(
+        model.transformer.h[0].mlp.c_fc, "parametrizations"
+    )
+    # The whole model, the call a user tries first: the tied head is skipped with the Embeddings, in one warning.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sn = BatchedSpectralNorm(model, mode="matrix", mu=1.0, init_iterations=100)
+    (warning,) = [w for w in caught if "BatchedSpectralNorm" in str(w.message)]
+    assert "not a supported layer type: transformer.wte, transformer.wpe" in str(warning.message)
+    assert "lm_head (tied to transformer.wte.weight)" in str(warning.message)
     names = [n for n, _ in sn.layers]
     assert len(names) == 2 * 4 and all(n.startswith("transformer.h.") for n in names)
     assert {n.split(".")[-1] for n in names} == {"c_attn", "c_proj", "c_fc"}
-    assert sn.skipped == ["transformer.wte", "transformer.wpe"]
+    assert sn.skipped == ["transformer.wte", "transformer.wpe", "lm_head"]
     assert model.lm_head.weight is model.transformer.wte.weight  # the tie is intact
     model.eval()
     for name, layer in sn.layers:

@@ -55,7 +55,15 @@ class BatchedSpectralNorm:
         if not isinstance(model, nn.Module):
             raise TypeError(f"BatchedSpectralNorm: model must be an nn.Module, got {type(model).__name__}")
         selected = self._select(model, include)
-        self._check_ties(model, selected)
+        tied = self._tied(model, selected)
+        named = set() if include is None or callable(include) else set(include)
+        for qualified, others in tied.items():
+            if qualified in named:  # asked for by name: refused, not skipped
+                raise ValueError(
+                    f"BatchedSpectralNorm: {qualified}.weight is tied to {', '.join(others)}; normalising "
+                    f"{qualified} would untie them. Leave it out of include or untie the weights first"
+                )
+        selected = [(n, m) for n, m in selected if n not in tied]
         if not selected:
             raise ValueError(
                 "BatchedSpectralNorm: the model has no supported layer (nn.Linear, ConvNd, "
@@ -73,11 +81,21 @@ class BatchedSpectralNorm:
                 raise ValueError(f"BatchedSpectralNorm: {qualified}.weight is already parametrized")
         self.model, self.mode = model, mode
         # Never silent: what has a weight matrix but is not normalised is listed, and named once in a warning.
-        self.skipped = self.unsupported_weights(model)
+        unsupported = self.unsupported_weights(model)
+        self.skipped = unsupported + list(tied)
         if self.skipped:
+            reasons = []
+            if unsupported:
+                reasons.append(f"not a supported layer type: {', '.join(unsupported)}")
+            if tied:
+                reasons.append(
+                    "weight tied to another module's, which normalising would untie: "
+                    + ", ".join(f"{q} (tied to {', '.join(o)})" for q, o in tied.items())
+                )
             warnings.warn(
-                f"BatchedSpectralNorm: {len(self.skipped)} module(s) with a weight matrix are not normalised "
-                f"(not a supported layer type): {', '.join(self.skipped)}",
+                f"BatchedSpectralNorm: {len(self.skipped)} module(s) with a weight matrix are not normalised ("
+                + "; ".join(reasons)
+                + ")",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -107,21 +125,21 @@ class BatchedSpectralNorm:
             model.train(was_training)
 
     @staticmethod
-    def _check_ties(model, selected) -> None:
-        """A selected layer whose weight is also another module's parameter (GPT-2's lm_head and its token
-        embedding) is refused: normalising one would silently untie the two."""
+    def _tied(model, selected) -> dict:
+        """{qualified name: the other owners of its weight} for the selected layers whose weight is also another
+        module's parameter (GPT-2's lm_head and its token embedding): normalising one would silently untie the
+        two, so a model-wide call skips them (listed in `skipped`, named in the warning) and a call that names one
+        in `include` is refused."""
         owners: dict = {}
         for name, module in model.named_modules():
             for pname, p in module.named_parameters(recurse=False):
                 owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+        tied = {}
         for qualified, module in selected:
             others = [o for o in owners.get(id(module.weight), []) if o != f"{qualified}.weight"]
             if others:
-                raise ValueError(
-                    f"BatchedSpectralNorm: {qualified}.weight is tied to {', '.join(others)}; normalising "
-                    f"{qualified} would untie them. Leave it out (include=lambda name, m: name != "
-                    f"{qualified!r}) or untie the weights first"
-                )
+                tied[qualified] = others
+        return tied
 
     @staticmethod
     def unsupported_weights(model: nn.Module) -> list:
