@@ -535,6 +535,32 @@ def test_lipschitz_report_measures_normalised_weights():
         assert row.gram is None
 
 
+@pytest.mark.parametrize("mode", ["operator", "matrix"])
+def test_lipschitz_report_flags_a_lagging_power_vector_and_converging_it_holds_the_bound(mode):
+    """A weight that moves faster than its power vector (a big SGD step) leaves the stored vectors behind: the
+    normalised weight's norm exceeds mu. lipschitz_report names the layer; converge_power_vectors restores it."""
+    torch.manual_seed(21)
+    model = SmallNet()
+    x = torch.randn(1, 3, 8, 8)
+    inn.BatchedSpectralNorm(model, mode=mode, mu=1.0, hard=True, init_iterations=200, example_input=x)
+    model.eval()
+    report = lipschitz_report(model, x, power_iterations=300, gram=False)
+    assert report.unheld_bounds == [] and all(r.bound == 1.0 and r.bound_held for r in report.layers if r.bound)
+    conv = model.stem
+    with torch.no_grad():  # a step that moves the weight along a new direction, as a large SGD step does
+        original = conv.parametrizations.weight.original
+        original.add_(3 * torch.randn_like(original))
+    report = lipschitz_report(model, x, power_iterations=300, gram=False)
+    assert [r.name for r in report.unheld_bounds] == ["stem"]
+    assert "stem: norm" in report.table() and "converge_power_vectors" in report.table()
+    assert report.to_dict()["unheld_bounds"] == ["stem"] and "**Warning:**" in report.to_markdown()
+    assert inn.converge_power_vectors(model, steps=300) == len(report.layers)
+    report = lipschitz_report(model, x, power_iterations=300, gram=False)
+    assert report.unheld_bounds == []
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        inn.converge_power_vectors(model, steps=0)
+
+
 def test_lipschitz_cli_on_a_script_and_on_bad_input(tmp_path):
     from click.testing import CliRunner
 

@@ -36,6 +36,7 @@ from ..nn.geometry import (
     power_steps,
     supported_layer,
 )
+from ..nn.parametrization import spectral_parametrization
 
 __all__ = ["LayerLipschitz", "LipschitzReport", "lipschitz_report", "circular_exact_sigmas"]
 
@@ -50,6 +51,17 @@ class LayerLipschitz:
     gram: Optional[float]
     exact: Optional[float] = None
     note: str = ""
+    bound: Optional[float] = None  # a spectral_norm layer's mu: the norm its normalised weight should not exceed
+    bound_held: Optional[bool] = None  # whether the measured norm is within it (False: the power vector lags)
+
+    @property
+    def bound_measured(self) -> Optional[float]:
+        """The norm the bound is checked against: the exact one where known, else the operator norm (a converged
+        lower bound of the true norm: above mu, the bound certainly fails), else the matrix norm."""
+        for value in (self.exact, self.operator, self.matrix):
+            if value is not None:
+                return value
+        return None
 
 
 @dataclass
@@ -105,13 +117,13 @@ class LipschitzReport:
             "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings()])
 
     def to_markdown(self) -> str:
         rows = self.rows()
         out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
         out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-        return "\n".join(out)
+        return "\n".join(out + [f"\n**Warning:** {w}" for w in self.warnings()])
 
     def to_dict(self) -> dict:
         return {
@@ -121,7 +133,22 @@ class LipschitzReport:
             "product_gram": self.product_gram,
             "power_iterations": self.power_iterations,
             "gram_iterations": self.gram_iterations,
+            "unheld_bounds": [r.name for r in self.unheld_bounds],
         }
+
+    @property
+    def unheld_bounds(self) -> list[LayerLipschitz]:
+        """The spectrally normalised layers whose normalised weight exceeds its bound mu (by more than 0.1%): their
+        power vector has not converged to the weight (e.g. it lags a weight that moves fast under SGD)."""
+        return [r for r in self.layers if r.bound_held is False]
+
+    def warnings(self) -> list[str]:
+        return [
+            f"{r.name}: norm {r.bound_measured:.4g} exceeds its spectral-norm bound mu = {r.bound:g}: the power vector "
+            "has not converged (itconv_fast.nn.converge_power_vectors(model) steps it to the weight; "
+            "n_power_iterations=N takes more steps each training forward; mode='gram' bounds always hold)"
+            for r in self.unheld_bounds
+        ]
 
     def __str__(self) -> str:
         return self.table()
@@ -221,6 +248,7 @@ def lipschitz_report(
     generator = torch.Generator().manual_seed(seed)
     rows: dict[str, LayerLipschitz] = {}
     groups: dict = {}
+    bound_modes: dict = {}  # spectral_norm layers: name -> mode
     order = []
     for name, module in model.named_modules():
         if (
@@ -244,6 +272,10 @@ def lipschitz_report(
         size = sizes.get(name)
         order.append(name)
         rows[name] = LayerLipschitz(name, type(module).__name__.replace("Parametrized", ""), size, None, None, None)
+        normalised = spectral_parametrization(module)
+        if normalised is not None:
+            rows[name].bound = normalised.mu
+            bound_modes[name] = normalised.mode
         groups.setdefault((g, size, weight.dtype, weight.device), []).append((name, weight))
     with torch.no_grad():
         for (g, size, dtype, device), members in groups.items():
@@ -272,4 +304,14 @@ def lipschitz_report(
             if size is not None and _circular_exact_ok(g, size):
                 for n, s in zip(names, circular_exact_sigmas(g, weights, size).tolist()):
                     rows[n].exact = s
+    for name, mode in bound_modes.items():
+        row = rows[name]
+        # matrix mode bounds the matrix norm (the operator norm may exceed it); the others the operator norm
+        measured = row.matrix if mode == "matrix" else row.bound_measured
+        if measured is not None:
+            row.bound_held = measured <= row.bound * (1 + _BOUND_TOLERANCE)
     return LipschitzReport([rows[n] for n in order], power_iterations, gram_iterations if gram else 0)
+
+
+_BOUND_TOLERANCE = 1e-3  # a converged power vector holds the bound to float rounding; 0.1% is well above it
+

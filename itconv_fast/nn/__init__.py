@@ -13,12 +13,13 @@ from .coupling import GradientCoupler, groups_from_blocks
 from .geometry import MODES, LayerGeometry, gram_sigmas, layer_geometry, supported_layer
 from .layouts import GlobalAvgPool2d, to_memory_format
 from .norm import BatchNormReLU2d, batch_norm_relu
-from .parametrization import SpectralNorm, spectral_norm
+from .parametrization import SpectralNorm, converge_power_vectors, spectral_norm
 
 __all__ = [
     "MODES",
     "SpectralNorm",
     "spectral_norm",
+    "converge_power_vectors",
     "BatchedSpectralNorm",
     "supported_layer",
     "layer_geometry",

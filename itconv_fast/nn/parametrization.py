@@ -321,6 +321,26 @@ def spectral_norm(
     return module
 
 
+@torch.no_grad()
+def converge_power_vectors(model: nn.Module, steps: int = 50) -> int:
+    """Runs `steps` power steps on every spectral_norm layer of `model` (operator and matrix modes) on its current
+    weight, so that each layer's bound holds again where its power vector lags a weight that moved fast (the
+    training forward takes n_power_iterations steps; lipschitz_report flags a lagging one). Gram mode needs none:
+    its bound always holds. Returns the number of layers stepped."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"converge_power_vectors: steps must be an int >= 1, got {steps!r}")
+    stepped = 0
+    for module in model.modules():
+        param = spectral_parametrization(module)
+        if param is None or param.mode == "gram" or not param.initialised:
+            continue
+        weight = module.parametrizations["weight"].original
+        param._sync_dtype(weight)
+        SpectralNorm.power_step([weight], [param], steps)
+        stepped += 1
+    return stepped
+
+
 def spectral_parametrization(module: nn.Module) -> Optional[SpectralNorm]:
     if not parametrize.is_parametrized(module, "weight"):
         return None
