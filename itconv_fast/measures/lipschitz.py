@@ -314,4 +314,3 @@ def lipschitz_report(
 
 
 _BOUND_TOLERANCE = 1e-3  # a converged power vector holds the bound to float rounding; 0.1% is well above it
-
