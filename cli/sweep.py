@@ -23,6 +23,13 @@ from .params import FiniteFloatRange
     help="An existing Ray cluster (e.g. auto, or ray://host:10001). Default: start Ray on this machine.",
 )
 @click.option(
+    "--auth-token-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="With --address: the cluster's Ray auth token, for clusters started with token authentication (the default "
+    "of `ray start --head`; the head keeps it in ~/.ray/auth_token).",
+)
+@click.option(
     "--cpus-per-run",
     type=FiniteFloatRange(min=0.0, min_open=True),
     default=1.0,
@@ -48,7 +55,9 @@ from .params import FiniteFloatRange
     help="Train nothing: measure OUT's finished trials again with this version's measures and the sweep file's "
     "indices block (which may add benefits), then rewrite results.csv.",
 )
-def sweep(sweep_file, out, address, cpus_per_run, gpus_per_run, quiet, retry_diverged, remeasure) -> None:
+def sweep(
+    sweep_file, out, address, auth_token_file, cpus_per_run, gpus_per_run, quiet, retry_diverged, remeasure
+) -> None:
     """Train every configuration of a sweep file on Ray Tune, measure each network's indices, write
     OUT/results.csv (see docs/reproduction.md for the paper's sweeps)."""
     from itconv_fast.experiments import sweep as sweeps
@@ -64,6 +73,15 @@ def sweep(sweep_file, out, address, cpus_per_run, gpus_per_run, quiet, retry_div
             raise click.BadParameter(str(exc), param_hint="--out") from None
         click.echo(f"wrote {os.path.join(out, 'results.csv')} ({len(rows)} trials)")
         return
+    if auth_token_file is not None:
+        if address is None:
+            raise click.BadParameter("goes with --address (a local Ray needs no token)", param_hint="--auth-token-file")
+        from itconv_fast.experiments.ray_auth import check_auth_token_file
+
+        try:
+            check_auth_token_file(auth_token_file)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--auth-token-file") from None
     try:
         import ray.tune  # noqa: F401
     except ImportError:
@@ -86,6 +104,7 @@ def sweep(sweep_file, out, address, cpus_per_run, gpus_per_run, quiet, retry_div
             gpus_per_run=gpus_per_run,
             verbose=0 if quiet else 1,
             retry_diverged=retry_diverged,
+            auth_token_file=auth_token_file,
         )
     except sweeps.SweepLocked as exc:
         raise click.BadParameter(str(exc), param_hint="--out") from None

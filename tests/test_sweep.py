@@ -205,3 +205,107 @@ def test_killed_sweep_resumes_only_the_missing_trial(tmp_path):
         own = json.loads((trial / "result.json").read_text())["result"]
         line = next(line for line in every_trial.splitlines() if line.startswith(f"| {trial.name} |"))
         assert line.split(" | ")[2] == f"{own['final_test_error']:.4f}"
+
+
+def test_auth_token_file_is_checked_and_set_for_the_driver_only(tmp_path, monkeypatch):
+    from itconv_fast.experiments.ray_auth import check_auth_token_file, ray_auth
+
+    token = tmp_path / "auth_token"
+    token.write_text("0123abcd\n")
+    check_auth_token_file(str(token))
+    for content, match in (("", "not a Ray auth token"), ("two words", "not a Ray auth token")):
+        bad = tmp_path / "bad"
+        bad.write_text(content)
+        with pytest.raises(ValueError, match=match):
+            check_auth_token_file(str(bad))
+    with pytest.raises(ValueError, match="cannot be read"):
+        check_auth_token_file(str(tmp_path / "missing"))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-the-environment")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    with ray_auth(str(token)):
+        assert os.environ["RAY_AUTH_MODE"] == "token" and os.environ["RAY_AUTH_TOKEN_PATH"] == str(token)
+        assert "RAY_AUTH_TOKEN" not in os.environ
+    assert "RAY_AUTH_MODE" not in os.environ and "RAY_AUTH_TOKEN_PATH" not in os.environ
+    assert os.environ["RAY_AUTH_TOKEN"] == "from-the-environment"
+
+
+def test_auth_token_file_usage_errors_write_nothing(tmp_path):
+    path = _write(tmp_path / "sweep.yaml", {"base": BASE, "grid": {"seed": [0]}})
+    out = tmp_path / "out"
+    token = tmp_path / "auth_token"
+    token.write_text("")
+    alone = CliRunner().invoke(main, ["sweep", path, "--out", str(out), "--auth-token-file", str(token)])
+    assert alone.exit_code == 2 and "goes with --address" in alone.output
+    empty = CliRunner().invoke(
+        main, ["sweep", path, "--out", str(out), "--address", "127.0.0.1:1", "--auth-token-file", str(token)]
+    )
+    assert empty.exit_code == 2 and "not a Ray auth token" in empty.output and str(token) in empty.output
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_on_a_cluster_with_token_authentication(tmp_path):
+    """`ray start --head` with token authentication (Ray's default there): the sweep connects with
+    --auth-token-file and runs; without it, one line says what to pass."""
+    pytest.importorskip("ray.tune")
+    import secrets
+    import shutil
+    import socket
+
+    ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable))
+    assert ray_cli, "the ray command is installed with ray[tune]"
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(
+        os.environ,
+        ITCONV_FAST_CACHE=str(tmp_path / "cache"),
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),
+        RAY_TMPDIR=str(tmp_path / "ray"),
+    )
+    env.pop("RAY_AUTH_TOKEN", None)
+    # --block: the head's processes live in this process's session, so that killing it stops this cluster alone
+    # (`ray stop` would stop every Ray on the machine, another test's included).
+    start = [ray_cli, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false", "--block"]
+    head = subprocess.Popen(
+        start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert head.poll() is None, "ray start --head exited"
+        time.sleep(0.5)
+    try:
+        path = _write(tmp_path / "sweep.yaml", {"base": dict(BASE, epochs=1), "grid": {"seed": [0]}})
+        driver_env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+        driver_env["HOME"] = str(tmp_path / "home")  # no ~/.ray/auth_token to fall back on
+        cmd = [sys.executable, "-m", "itconv_fast.cli.app", "sweep", path, "--address", f"127.0.0.1:{port}"]
+        refused = subprocess.run(
+            cmd + ["--out", str(tmp_path / "refused"), "--quiet"],
+            env=driver_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert refused.returncode != 0 and "--auth-token-file" in refused.stdout + refused.stderr
+        ran = subprocess.run(
+            cmd + ["--out", str(tmp_path / "out"), "--quiet", "--auth-token-file", str(token)],
+            env=driver_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+        assert (tmp_path / "out" / "results.csv").exists()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

@@ -48,6 +48,7 @@ from ..io.checkpoint import atomic_write_json, atomic_write_text, json_safe
 from .benefits import BENEFIT_MEASURES
 from .compilation import sweep_compile_cache_dir, use_compile_cache
 from .config import FIELDS, ConfigError, TrainConfig, build_config, read_yaml
+from .ray_auth import check_auth_token_file, ray_auth
 from .sweep_lock import LOCK_NAME, SweepLocked, sweep_lock  # noqa: F401 (SweepLocked: what run_sweep raises)
 from .trial_measures import MEASURED_PREFIXES, measure_trial
 
@@ -359,15 +360,23 @@ def run_sweep(
     gpus_per_run: float = 0,
     verbose: int = 1,
     retry_diverged: bool = False,
+    auth_token_file: Optional[str] = None,
 ) -> list:
     """Runs the trials of `spec` that are not finished in out_dir on Ray Tune, then writes results.csv.
     Returns the result rows (one per trial with a result, in grid order). A diverged trial is a result and is
-    not run again unless retry_diverged; a failed one is run again."""
+    not run again unless retry_diverged; a failed one is run again. auth_token_file: the token of a cluster
+    started with Ray's token authentication (`ray start --head` enables it by default; the head's token is in
+    its ~/.ray/auth_token, `ray get-auth-token` prints it), for `address`."""
     if cpus_per_run <= 0 or gpus_per_run < 0:
         raise SweepError("cpus per run must be > 0 and gpus per run >= 0")
     out_dir = os.path.abspath(out_dir)
     check_out_dir(spec, out_dir)
-    with sweep_lock(out_dir):  # one driver per directory (SweepLocked names the live one)
+    if auth_token_file is not None:
+        try:
+            check_auth_token_file(auth_token_file)
+        except ValueError as exc:
+            raise SweepError(str(exc)) from None
+    with sweep_lock(out_dir), ray_auth(auth_token_file):  # one driver per directory (SweepLocked names the live one)
         return _run_locked(spec, out_dir, address, cpus_per_run, gpus_per_run, verbose, retry_diverged)
 
 
@@ -383,7 +392,14 @@ def _run_locked(spec, out_dir, address, cpus_per_run, gpus_per_run, verbose, ret
             if address is None:
                 ray.init(num_cpus=os.cpu_count(), **kwargs)
             else:
-                ray.init(address=address, **kwargs)
+                try:
+                    ray.init(address=address, **kwargs)
+                except ray.exceptions.AuthenticationError as exc:
+                    raise SweepError(
+                        f"the Ray cluster at {address} refused this driver's authentication ({exc.message}); pass "
+                        "its token with --auth-token-file (the head's ~/.ray/auth_token, or what `ray "
+                        "get-auth-token` prints there, saved to a file)"
+                    ) from None
         try:
             space = [
                 {
