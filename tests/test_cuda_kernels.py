@@ -93,3 +93,15 @@ def test_matrix_kernel_multi_block_path(dtype):
     _, sigma = torch.ops.itconv_fast.power_iteration_matrix_(w.cuda(), u.cuda(), 2)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(sigma.cpu(), sigma_ref, rtol=tol, atol=0)
+
+
+def test_the_op_itself_refuses_a_list_mixing_cpu_and_cuda():
+    """torch.ops.itconv_fast.soft_couple_ called directly with a CPU and a CUDA tensor (in one group, or in two):
+    a ValueError from the op, nothing modified (this crashed the process on an H200, 2026-11-29)."""
+    for group_sizes in ([2], [1, 1]):
+        cpu, cuda = torch.randn(5), torch.randn(5, device="cuda")
+        before = (cpu.clone(), cuda.clone())
+        for grads in ([cpu, cuda], [cuda, cpu]):
+            with pytest.raises(ValueError, match="one CUDA device|member 1 is on"):
+                torch.ops.itconv_fast.soft_couple_(grads, group_sizes, 0.5, "uniform", None, 0)
+        assert torch.equal(cpu, before[0]) and torch.equal(cuda, before[1])

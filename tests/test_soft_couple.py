@@ -252,6 +252,21 @@ def test_group_spanning_devices_is_refused_on_the_cpu(path):
 
 
 @needs_extension
+def test_the_op_itself_refuses_a_list_on_two_devices():
+    """torch.ops.itconv_fast.soft_couple_ called directly (no wrapper) with CPU and meta tensors in one list: the
+    dispatcher picks the op's Meta kernel, which used to do nothing; it raises, and the CPU tensors stay as they
+    were. (The CPU + CUDA list of the same kind crashed on an H200; tests/test_cuda_kernels.py checks it there.)"""
+    cpu = [torch.randn(3), torch.randn(3)]
+    before = [t.clone() for t in cpu]
+    for group_sizes in ([3], [2, 1], [1, 1, 1]):
+        with pytest.raises(ValueError, match=r"one device, got \['cpu', 'meta'\]"):
+            torch.ops.itconv_fast.soft_couple_(
+                cpu + [torch.empty(3, device="meta")], group_sizes, 0.5, "uniform", None, 0
+            )
+    assert all(torch.equal(a, b) for a, b in zip(cpu, before))
+
+
+@needs_extension
 def test_op_checks_its_own_arguments():
     """Direct torch.ops callers get the C++ checks (ValueError / TypeError) and no modification."""
     grads = [torch.randn(3) for _ in range(3)]

@@ -24,6 +24,13 @@ if _extension.loaded():
 
     @torch.library.register_fake("itconv_fast::soft_couple_")
     def _soft_couple_fake(grads, group_sizes, lam, kernel, bandwidth, skip_first):
+        # Also the op's Meta kernel, which the dispatcher picks for a list that mixes meta tensors with others:
+        # refuse such a list here, as the CPU and CUDA kernels refuse theirs, rather than skip it silently.
+        devices = {t.device for t in grads}
+        if len(devices) > 1:
+            raise ValueError(
+                f"soft_couple_: every gradient must be on one device, got {sorted(str(d) for d in devices)}"
+            )
         return None
 
 

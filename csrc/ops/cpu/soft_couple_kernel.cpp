@@ -221,11 +221,11 @@ void soft_couple_cpu(
     c10::string_view kernel,
     c10::optional<double> bandwidth,
     int64_t skip_first) {
-  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
-  const auto groups = prepare_groups(grads, group_sizes, lam, std::string(kernel), bandwidth, skip_first, write_back);
-  for (const auto& t : grads) {
+  for (const auto& t : grads) {  // first, before anything reads a tensor
     TORCH_CHECK_VALUE(t.device().is_cpu(), "soft_couple_ (CPU): every gradient must be on the CPU, got ", t.device());
   }
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
+  const auto groups = prepare_groups(grads, group_sizes, lam, std::string(kernel), bandwidth, skip_first, write_back);
   if (groups.empty()) return;
 
   std::vector<BoundGroup> bound(groups.size());

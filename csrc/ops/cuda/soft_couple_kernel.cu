@@ -55,14 +55,17 @@ void soft_couple_cuda(
     c10::string_view kernel,
     c10::optional<double> bandwidth,
     int64_t skip_first) {
+  // Every tensor on one CUDA device, checked first, before anything reads a tensor: a list mixing devices is
+  // dispatched here when one of them is CUDA, and crashed the process on an H200 (cause not established).
+  if (grads.empty()) return;
+  const auto device = grads[0].device();
+  for (const auto& t : grads) {
+    TORCH_CHECK_VALUE(t.is_cuda() && t.device() == device, "soft_couple_ (CUDA): every gradient must be on one CUDA ",
+                      "device; got ", t.device(), " and ", device);
+  }
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
   const auto groups = prepare_groups(grads, group_sizes, lam, std::string(kernel), bandwidth, skip_first, write_back);
   if (groups.empty()) return;
-  const auto device = grads[0].device();
-  for (const auto& t : grads) {
-    TORCH_CHECK_VALUE(t.device() == device, "soft_couple_ (CUDA): every gradient must be on ", device, ", got ",
-                      t.device());
-  }
   const c10::cuda::CUDAGuard guard(device);
   if (at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None) {
     couple_with_aten_ops(groups);
