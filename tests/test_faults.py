@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from itconv_fast.cli.app import main
 from itconv_fast.data import datasets
-from itconv_fast.experiments import divergence, training, training_run
+from itconv_fast.experiments import divergence, run_parts, training
 from itconv_fast.experiments import report as reports
 from itconv_fast.experiments import sweep as sweeps
 from itconv_fast.experiments.config import config_from
@@ -146,7 +146,7 @@ def test_a_non_finite_buffer_at_an_epoch_end_keeps_the_previous_checkpoint(tmp_p
         model.register_forward_hook(poison)
         return model
 
-    monkeypatch.setattr(training_run, "build_model", build_with_a_bad_buffer)  # what TrainingRun.start calls
+    monkeypatch.setattr(run_parts, "build_model", build_with_a_bad_buffer)  # what training_parts calls
     config = config_from("quick", epochs=3, **SMALL)
     steps_per_epoch = SMALL["train_size"] // SMALL["batch_size"]
     out = tmp_path / "run"
