@@ -260,12 +260,15 @@ def test_a_sweep_runs_on_a_cluster_with_token_authentication(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     env = dict(
         os.environ,
         ITCONV_FAST_CACHE=str(tmp_path / "cache"),
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN_PATH=str(token),
-        RAY_TMPDIR=str(tmp_path / "ray"),
+        RAY_TMPDIR=ray_tmp,
     )
     env.pop("RAY_AUTH_TOKEN", None)
     # --block: the head's processes live in this process's session, so that killing it stops this cluster alone
@@ -309,3 +312,4 @@ def test_a_sweep_runs_on_a_cluster_with_token_authentication(tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Optional
 
 __all__ = ["check_auth_token_file", "ray_auth"]
@@ -32,6 +33,7 @@ def ray_auth(auth_token_file: Optional[str]):
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=os.path.abspath(auth_token_file))
     os.environ.pop("RAY_AUTH_TOKEN", None)  # the file is what was asked for
+    _refresh_ray_auth()
     try:
         yield
     finally:
@@ -40,3 +42,16 @@ def ray_auth(auth_token_file: Optional[str]):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        _refresh_ray_auth()
+
+
+def _refresh_ray_auth() -> None:
+    """Ray reads the authentication mode and token when it is imported and caches both (its C++ config and token
+    loader); a driver that imported Ray before (the CLI checks that Ray Tune is installed) must have them read
+    again, as Ray's own `ray start` does when it turns token authentication on."""
+    if "ray._raylet" not in sys.modules:
+        return  # read at import, from the environment just set
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()

@@ -394,11 +394,13 @@ def _run_locked(spec, out_dir, address, cpus_per_run, gpus_per_run, verbose, ret
             else:
                 try:
                     ray.init(address=address, **kwargs)
-                except ray.exceptions.AuthenticationError as exc:
+                except (ray.exceptions.AuthenticationError, ConnectionError) as exc:
+                    # A cluster with token authentication refuses a driver without its token; Ray then says only
+                    # that it could not connect (its log says "Unauthenticated").
                     raise SweepError(
-                        f"the Ray cluster at {address} refused this driver's authentication ({exc.message}); pass "
-                        "its token with --auth-token-file (the head's ~/.ray/auth_token, or what `ray "
-                        "get-auth-token` prints there, saved to a file)"
+                        f"could not connect to the Ray cluster at {address} ({getattr(exc, 'message', exc)}). If it "
+                        "runs Ray's token authentication (the default of `ray start --head`), pass its token with "
+                        "--auth-token-file (the head's ~/.ray/auth_token, or what `ray get-auth-token` prints)"
                     ) from None
         try:
             space = [
