@@ -3,7 +3,7 @@
     report, table = run_launch_count()          # `itconv-fast bench launches`
 
 CUDA tensors cannot run a backward without a GPU (autograd's engine needs the device), so each step runs on the
-CPU with the choices the CUDA path makes (training_run.training_parts(cuda_path=True): the whole network
+CPU with the choices the CUDA path makes (run_parts.training_parts(cuda_path=True): the whole network
 channels-last, cuDNN's BatchNorm and ATen's ReLU rather than our fused CPU kernel, SGD's fused kernel; the
 input converted to channels-last) under a LaunchCounter (launch_counter.py). The cases: the plain loop a
 researcher writes (plain_loop.plain_step, SGD's default foreach kernels on CUDA) and `train`'s step
