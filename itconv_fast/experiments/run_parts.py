@@ -72,8 +72,8 @@ def training_parts(
 ) -> TrainingParts:
     """The model, coupler, optimizer and schedule of a run, as `train` makes them on `device`, before any
     resumed state. cuda_path: the choices made for CUDA (default: when device is CUDA): the whole network
-    channels-last, BatchNorm and ReLU as cuDNN's and ATen's ops, and SGD's fused kernel (one launch a step for
-    every parameter, where the default foreach path takes four; the same update). bench/launches.py sets it on
+    channels-last, BatchNorm and ReLU as cuDNN's and ATen's ops, and SGD's fused kernel (one launch a step for all
+    parameters, where the default foreach path takes four; the same update). bench/launches.py sets it on
     the CPU to count a CUDA step's ops there."""
     cuda_path = device.type == "cuda" if cuda_path is None else cuda_path
     model = build_model(config, task).to(device)
