@@ -8,8 +8,11 @@ Runs, on a machine with a GPU and the extension built with its CUDA kernels:
 4. the CUDA-graph check: the quick preset's network with coupling + spectral normalization trained eager, compiled
    and compiled with CUDA graphs (mode="reduce-overhead") from the same weights (benchmarks/compiled_step_probe.py):
    losses against eager, step times;
-5. the ptxas resource usage of every kernel (benchmarks/ptxas_usage.py), when nvcc is there;
-and writes {"machine", "pytest": {returncode, summary, tail}, "bench", "train", "cuda_graphs", "ptxas"} to --out
+5. the launch counts of `bench launches` (counted on the CPU emulation of the CUDA path) against the profiler's
+   kernels and launch calls for the same steps on the GPU (bench.launches.profile_launch_counts);
+6. the ptxas resource usage of every kernel (benchmarks/ptxas_usage.py), when nvcc is there;
+and writes {"machine", "pytest": {returncode, summary, tail}, "bench", "train", "cuda_graphs", "launches", "ptxas"}
+to --out
 (default gpu-check-<host>-<date>.json). Exits non-zero when there is no GPU, or when a test failed.
 
     python benchmarks/gpu_check.py [--quick] [--train-sizes quick,paper] [--paper-steps 200] [--out FILE]
@@ -81,6 +84,19 @@ def main(argv=None) -> int:
     import compiled_step_probe
 
     report["cuda_graphs"] = compiled_step_probe.probe("cuda", steps=30, width=8, blocks=4, regularised="regularised")
+    print("launches: counted against the profiler ...", flush=True)
+    from itconv_fast.bench.launches import profile_launch_counts
+
+    try:
+        report["launches"] = profile_launch_counts()
+        for case, row in report["launches"].items():
+            print(
+                f"  {case:28s} counted {row['counted']:5d}  kernels {row['kernels']:5d}  "
+                f"launch calls {row['launch_calls']:5d}  memory calls {row['memory_calls']:4d}",
+                flush=True,
+            )
+    except Exception as error:  # recorded, not fatal: the rest of the report still comes back
+        report["launches"] = {"error": str(error)[-2000:]}
     try:
         import ptxas_usage
 

@@ -100,3 +100,29 @@ def test_cli_bench_launches_one_case(tmp_path):
     assert json.loads(out.read_text())["rows"][0]["launches"] <= LAUNCH_CEILINGS[PLAIN_LOOP]
     bad = CliRunner().invoke(main, ["bench", "launches", "--case", "nope"])
     assert bad.exit_code == 2 and "unknown case" in bad.output
+
+
+def test_profiled_launches_reads_kernels_launch_calls_and_copies_from_profiler_events():
+    """The device half of the check (`make gpu-check` runs profile_launch_counts on a GPU): what it reads from
+    torch.profiler's events, here on events shaped like the profiler's."""
+    from types import SimpleNamespace
+
+    from itconv_fast.bench.launches import profiled_launches
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [
+        SimpleNamespace(name="aten::conv2d", device_type=cpu),
+        SimpleNamespace(name="cudaLaunchKernel", device_type=cpu),
+        SimpleNamespace(name="cudaLaunchKernelExC", device_type=cpu),
+        SimpleNamespace(name="void cudnn::conv_kernel<...>", device_type=cuda),
+        SimpleNamespace(name="void at::native::elementwise_kernel<...>", device_type=cuda),
+        SimpleNamespace(name="cudaMemcpyAsync", device_type=cpu),
+        SimpleNamespace(name="cudaMemsetAsync", device_type=cpu),
+    ]
+    assert profiled_launches(events) == {"kernels": 2, "launch_calls": 2, "memory_calls": 2}
+
+
+def test_the_cases_build_for_a_device_by_name():
+    cases = launch_cases(["plain loop", "train lam 0"], device="cpu")
+    assert list(cases) == ["plain loop", "train lam 0"]
+    assert count_step(cases["train lam 0"]).launches <= LAUNCH_CEILINGS["train lam 0"]

@@ -12,7 +12,7 @@ both, and each objective. Not counted, and the same in both loops: autocast's bf
 convolutions in bf16: a cast of each kernel forward and of its gradient back). A foreach op off its fast route
 (mixed dtypes or devices) launches one kernel a tensor and is counted so; one on it may still split a long list
 over several launches (multi_tensor_apply's limits), and one of our ops launches what its CUDA kernel does. The
-profiler on the device is the check (`make gpu-check`).
+profiler on the device is the check (`profile_launch_counts`, run by `make gpu-check`).
 
 LAUNCH_GOALS are the budgets a step should meet; LAUNCH_CEILINGS today's counts, which tests/test_launches.py
 holds every change to.
@@ -36,6 +36,8 @@ __all__ = [
     "LAUNCH_CEILINGS",
     "PLAIN_LOOP",
     "TRAIN_CASES",
+    "profiled_launches",
+    "profile_launch_counts",
 ]
 
 PLAIN_LOOP = "plain loop"
@@ -87,25 +89,25 @@ def _small_task() -> datasets.Task:
     return datasets.load("digitclutter", n_digits=3, train_size=16, test_size=8, seed=0, cache_dir=None)
 
 
-def _plain_step(task, x, y) -> Callable[[], None]:
+def _plain_step(task, x, y, device: torch.device) -> Callable[[], None]:
     from ..models import IterResNet
     from .plain_loop import plain_optimizer, plain_step
 
     torch.manual_seed(0)
-    model = IterResNet(task.num_classes, task.in_channels, width=8, blocks=4, stages=3, input_size=32)
+    model = IterResNet(task.num_classes, task.in_channels, width=8, blocks=4, stages=3, input_size=32).to(device)
     model = model.fuse_bn_relu(False).to(memory_format=torch.channels_last).train()
     optimizer, scheduler = plain_optimizer(model, lr=0.2, batch_size=128, weight_decay=5e-4, total=1000, warmup=10)
     optimizer.param_groups[0]["foreach"] = True  # SGD's default for CUDA parameters
-    return lambda: plain_step(model, optimizer, scheduler, task, x, y, channels_last=True, amp=None)
+    amp = dict(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else None  # as plain_epochs
+    return lambda: plain_step(model, optimizer, scheduler, task, x, y, channels_last=True, amp=amp)
 
 
-def _train_step(task, x, y, overrides: dict) -> Callable[[], None]:
+def _train_step(task, x, y, overrides: dict, device: torch.device) -> Callable[[], None]:
     from ..experiments.config import config_from
     from ..experiments.run_parts import EpochTally, make_train_step, training_parts
 
-    config = config_from("quick", device="cpu", compile=False, batch_size=x.shape[0], **overrides)
+    config = config_from("quick", device=str(device), compile=False, batch_size=x.shape[0], **overrides)
     torch.manual_seed(0)
-    device = torch.device("cpu")
     parts = training_parts(config, task, device, cuda_path=True)
     model = parts.model.train()
     step = make_train_step(
@@ -120,20 +122,50 @@ def _train_step(task, x, y, overrides: dict) -> Callable[[], None]:
     return run
 
 
-def launch_cases(names=None) -> dict:
-    """{case: a function running one step of it}, built once (the first call of each warms it up)."""
+def launch_cases(names=None, device="cpu") -> dict:
+    """{case: a function running one step of it}, built once (the first call of each warms it up). device "cpu":
+    the CUDA path's choices on the CPU (what the counter counts); "cuda": the steps themselves, for the profiler."""
+    device = torch.device(device)
     task = _small_task()
-    x, y = next(datasets.batches(task, task.train, 8, train=False))
+    x, y = next(datasets.batches(task, task.train, 8, train=False, device=device))
     names = list(names or [PLAIN_LOOP, *TRAIN_CASES])
     cases = {}
     for name in names:
         if name == PLAIN_LOOP:
-            cases[name] = _plain_step(task, x, y)
+            cases[name] = _plain_step(task, x, y, device)
         elif name in TRAIN_CASES:
-            cases[name] = _train_step(task, x, y, TRAIN_CASES[name])
+            cases[name] = _train_step(task, x, y, TRAIN_CASES[name], device)
         else:
             raise ValueError(f"launch count: unknown case {name!r}; choose from {[PLAIN_LOOP, *TRAIN_CASES]}")
     return cases
+
+
+def profiled_launches(events) -> dict:
+    """What the CUDA profiler saw of one step, from its events (torch.profiler's `events()`): kernels that ran
+    on the device, the host's kernel-launch calls, and its memory copies and sets (the counter counts a copy as
+    an op too)."""
+    kernels = sum(1 for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    launch_calls = sum(1 for e in events if e.name.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+    copies = sum(1 for e in events if e.name.startswith(("cudaMemcpy", "cudaMemset")))
+    return {"kernels": kernels, "launch_calls": launch_calls, "memory_calls": copies}
+
+
+def profile_launch_counts(names=None, warmup: int = 2) -> dict:
+    """On a GPU: each case's step under torch.profiler beside the count of the CPU emulation, as {case:
+    {"counted", "kernels", "launch_calls", "memory_calls"}} (`make gpu-check`; the check of the counter)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    counted = {name: count_step(step).launches for name, step in launch_cases(names, "cpu").items()}
+    out = {}
+    for name, step in launch_cases(names, "cuda").items():
+        for _ in range(warmup):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        out[name] = {"counted": counted[name], **profiled_launches(prof.events())}
+    return out
 
 
 def count_step(step: Callable[[], None], warmup: int = 2) -> LaunchCount:
