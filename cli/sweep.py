@@ -73,15 +73,7 @@ def sweep(
             raise click.BadParameter(str(exc), param_hint="--out") from None
         click.echo(f"wrote {os.path.join(out, 'results.csv')} ({len(rows)} trials)")
         return
-    if auth_token_file is not None:
-        if address is None:
-            raise click.BadParameter("goes with --address (a local Ray needs no token)", param_hint="--auth-token-file")
-        from itconv_fast.experiments.ray_auth import check_auth_token_file
-
-        try:
-            check_auth_token_file(auth_token_file)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--auth-token-file") from None
+    _check_auth_token(address, auth_token_file)
     try:
         import ray.tune  # noqa: F401
     except ImportError:
@@ -155,3 +147,17 @@ def report(sweep_dir, out, references) -> None:
             f"{exc.filename or out}: {exc.strerror or exc}; the previous files are kept"
         ) from None
     click.echo(f"wrote {path}")
+
+
+def _check_auth_token(address, auth_token_file) -> None:
+    """--auth-token-file: with --address only, and a readable one-word token (usage errors before Ray starts)."""
+    if auth_token_file is None:
+        return
+    if address is None:
+        raise click.BadParameter("goes with --address (a local Ray needs no token)", param_hint="--auth-token-file")
+    from itconv_fast.experiments.ray_auth import check_auth_token_file
+
+    try:
+        check_auth_token_file(auth_token_file)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--auth-token-file") from None

@@ -489,3 +489,13 @@ def test_load_rejects_bad_arguments(tmp_path):
         datasets.load("mnist")
     with pytest.raises(ValueError, match="train_size"):
         datasets.load("digitclutter", train_size=0)
+
+
+def test_the_command_line_offers_every_data_set_the_library_loads():
+    """`train --dataset` spells its choices out (the CLI module imports no torch at load); they must be the
+    library's."""
+    from itconv_fast.cli.app import main
+    from itconv_fast.experiments.config import DATASETS as CONFIG_DATASETS
+
+    option = next(p for p in main.commands["train"].params if p.name == "dataset")
+    assert tuple(option.type.choices) == datasets.DATASETS == CONFIG_DATASETS

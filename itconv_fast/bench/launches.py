@@ -26,6 +26,7 @@ import torch
 
 from ..data import datasets
 from .launch_counter import LaunchCounter
+from .runner import machine_description
 
 __all__ = [
     "LaunchCount",
@@ -199,5 +200,5 @@ def run_launch_count(names=None):
             verdict = f"  goal <= {g['reference']} + {LAUNCH_GOALS[name][1]}: "
             verdict += "met" if g["met"] else f"{over} over"
         lines.append(f"  {name:28s} {c.launches:5d} launches, {c.syncs} host reads{verdict}")
-    report = {"benchmark": "launches", "rows": rows, "goals": goals}
+    report = {"benchmark": "launches", "machine": machine_description("cpu"), "rows": rows, "goals": goals}
     return report, "\n".join(lines)

@@ -304,13 +304,18 @@ def lipschitz_report(
             if size is not None and _circular_exact_ok(g, size):
                 for n, s in zip(names, circular_exact_sigmas(g, weights, size).tolist()):
                     rows[n].exact = s
+    _check_bounds(rows, bound_modes)
+    return LipschitzReport([rows[n] for n in order], power_iterations, gram_iterations if gram else 0)
+
+
+_BOUND_TOLERANCE = 1e-3  # a converged power vector holds the bound to float rounding; 0.1% is well above it
+
+
+def _check_bounds(rows: dict, bound_modes: dict) -> None:
+    """Sets bound_held on the rows of the spectrally normalised layers ({name: mode})."""
     for name, mode in bound_modes.items():
         row = rows[name]
         # matrix mode bounds the matrix norm (the operator norm may exceed it); the others the operator norm
         measured = row.matrix if mode == "matrix" else row.bound_measured
         if measured is not None:
             row.bound_held = measured <= row.bound * (1 + _BOUND_TOLERANCE)
-    return LipschitzReport([rows[n] for n in order], power_iterations, gram_iterations if gram else 0)
-
-
-_BOUND_TOLERANCE = 1e-3  # a converged power vector holds the bound to float rounding; 0.1% is well above it

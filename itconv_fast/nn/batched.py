@@ -55,14 +55,7 @@ class BatchedSpectralNorm:
         if not isinstance(model, nn.Module):
             raise TypeError(f"BatchedSpectralNorm: model must be an nn.Module, got {type(model).__name__}")
         selected = self._select(model, include)
-        tied = self._tied(model, selected)
-        named = set() if include is None or callable(include) else set(include)
-        for qualified, others in tied.items():
-            if qualified in named:  # asked for by name: refused, not skipped
-                raise ValueError(
-                    f"BatchedSpectralNorm: {qualified}.weight is tied to {', '.join(others)}; normalising "
-                    f"{qualified} would untie them. Leave it out of include or untie the weights first"
-                )
+        tied = self._tied(model, selected, include)
         selected = [(n, m) for n, m in selected if n not in tied]
         if not selected:
             raise ValueError(
@@ -84,21 +77,7 @@ class BatchedSpectralNorm:
         unsupported = self.unsupported_weights(model)
         self.skipped = unsupported + list(tied)
         if self.skipped:
-            reasons = []
-            if unsupported:
-                reasons.append(f"not a supported layer type: {', '.join(unsupported)}")
-            if tied:
-                reasons.append(
-                    "weight tied to another module's, which normalising would untie: "
-                    + ", ".join(f"{q} (tied to {', '.join(o)})" for q, o in tied.items())
-                )
-            warnings.warn(
-                f"BatchedSpectralNorm: {len(self.skipped)} module(s) with a weight matrix are not normalised ("
-                + "; ".join(reasons)
-                + ")",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            warnings.warn(_skipped_message(unsupported, tied), RuntimeWarning, stacklevel=2)
         self.layers: list[tuple[str, nn.Module]] = []
         for qualified, module in selected:
             spectral_norm(
@@ -125,11 +104,11 @@ class BatchedSpectralNorm:
             model.train(was_training)
 
     @staticmethod
-    def _tied(model, selected) -> dict:
+    def _tied(model, selected, include) -> dict:
         """{qualified name: the other owners of its weight} for the selected layers whose weight is also another
         module's parameter (GPT-2's lm_head and its token embedding): normalising one would silently untie the
-        two, so a model-wide call skips them (listed in `skipped`, named in the warning) and a call that names one
-        in `include` is refused."""
+        two, so a model-wide call skips them (listed in `skipped`, named in the warning). Raises ValueError, before
+        anything changes, for one that `include` names."""
         owners: dict = {}
         for name, module in model.named_modules():
             for pname, p in module.named_parameters(recurse=False):
@@ -139,6 +118,13 @@ class BatchedSpectralNorm:
             others = [o for o in owners.get(id(module.weight), []) if o != f"{qualified}.weight"]
             if others:
                 tied[qualified] = others
+        named = set() if include is None or callable(include) else set(include)
+        for qualified, others in tied.items():
+            if qualified in named:  # asked for by name: refused, not skipped
+                raise ValueError(
+                    f"BatchedSpectralNorm: {qualified}.weight is tied to {', '.join(others)}; normalising "
+                    f"{qualified} would untie them. Leave it out of include or untie the weights first"
+                )
         return tied
 
     @staticmethod
@@ -224,3 +210,15 @@ class BatchedSpectralNorm:
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
         self.layers = []
         self._groups = None
+
+
+def _skipped_message(unsupported: list, tied: dict) -> str:
+    """The one warning naming every module with a weight matrix that is not normalised, and why."""
+    reasons = []
+    if unsupported:
+        reasons.append(f"not a supported layer type: {', '.join(unsupported)}")
+    if tied:
+        owners = ", ".join(f"{q} (tied to {', '.join(o)})" for q, o in tied.items())
+        reasons.append(f"weight tied to another module's, which normalising would untie: {owners}")
+    count = len(unsupported) + len(tied)
+    return f"BatchedSpectralNorm: {count} module(s) with a weight matrix are not normalised ({'; '.join(reasons)})"
