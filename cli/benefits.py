@@ -3,6 +3,7 @@ robustness)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -12,6 +13,7 @@ from itconv_fast.experiments.benefits import BENEFIT_MEASURES
 from itconv_fast.measures.adaptive_depth import DEFAULT_AGREEMENTS, DEFAULT_CONFIDENCES, DEFAULT_TAUS
 from itconv_fast.measures.robustness import DEFAULT_EPSILONS, DEFAULT_SIGMAS
 
+from .model_options import measured_named_model, model_flags, model_options
 from .params import CommaList, FiniteFloatRange
 from .run_access import checkpoint_path, measuring_errors
 
@@ -23,7 +25,14 @@ def _joined(values) -> str:
 
 
 @click.command()
-@click.argument("run", type=click.Path(exists=True))
+@click.argument("run", type=click.Path(exists=True), required=False)
+@model_options
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --model: the directory for benefits.json; not written without it.",
+)
 @click.option(
     "--measures",
     default="all",
@@ -109,6 +118,14 @@ def _joined(values) -> str:
 )
 def benefits(
     run,
+    model_name,
+    model_kwargs,
+    weights,
+    pretrained,
+    data_spec,
+    image_size,
+    seq_len,
+    out,
     measures,
     extra_iterations,
     ks,
@@ -126,7 +143,8 @@ def benefits(
     as_json,
     plot,
 ) -> None:
-    """What converging buys a trained run (directory or checkpoint.pt): the error after k extra iterations on
+    """What converging buys a trained run (directory or checkpoint.pt), or a model by name on your data (--model
+    ... --data ...): the error after k extra iterations on
     its test set and on harder ones (more Digitclutter digits, noise), with the overthinking rate; the error and
     FLOPs when each example leaves a stage once it has converged or its read-out has settled (adaptive depth); and
     the error under Gaussian noise and a PGD attack, with the share certified by the network's Lipschitz bound.
@@ -157,8 +175,17 @@ def benefits(
     from itconv_fast.experiments.benefits import benefits_of_run
     from itconv_fast.io.checkpoint import atomic_write_json
 
-    path = checkpoint_path(run, device)
-    with measuring_errors(path):
+    flags = model_flags(model_name, model_kwargs, weights, pretrained, data_spec, image_size, seq_len)
+    if run is not None and flags:
+        raise click.UsageError("give a RUN or --model with --data, not both")
+    found, folder = None, out
+    if run is None:
+        found = measured_named_model(flags, batch_size=batch_size, test_size=test_size, device=device)
+        path = model_name
+    else:
+        path = checkpoint_path(run, device)
+        folder = os.path.dirname(os.path.abspath(path))
+    with measuring_errors(path), _refused_measures():
         result = benefits_of_run(
             path,
             measures=tuple(chosen),
@@ -175,20 +202,32 @@ def benefits(
             batch_size=batch_size,
             test_size=test_size,
             device=device,
+            evaluation=found,
         )
-    out = os.path.join(os.path.dirname(os.path.abspath(path)), "benefits.json")
-    atomic_write_json(out, result)
     written = []
+    if folder is not None:
+        os.makedirs(folder, exist_ok=True)
+        written.append(os.path.join(folder, "benefits.json"))
+        atomic_write_json(written[-1], result)
     if plot is not None:
         from itconv_fast.experiments.benefits_plot import plot_benefits
 
-        written = plot_benefits(result, plot)
+        written += plot_benefits(result, plot)
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return
     print_benefits(result)
-    for figure in [out] + written:
+    for figure in written:
         click.echo(f"wrote {figure}")
+
+
+@contextlib.contextmanager
+def _refused_measures():
+    """A measure that does not apply to the model (robustness of a text model) is a usage error."""
+    try:
+        yield
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix("benefits: "), param_hint="--measures") from None
 
 
 def print_benefits(result: dict) -> None:

@@ -7,7 +7,7 @@ import click
 
 @click.group()
 def data() -> None:
-    """Data sets: pre-generate Digitclutter, fetch MNIST / CIFAR."""
+    """Data sets: pre-generate Digitclutter, write an image folder, fetch MNIST / CIFAR."""
 
 
 @data.command("digitclutter")
@@ -27,6 +27,26 @@ def data_digitclutter(n_digits, size, seed, debris, out) -> None:
     seconds = time.perf_counter() - start
     datasets.save_digitclutter(out, images, labels, dict(n_images=size, n_digits=n_digits, seed=seed, debris=debris))
     click.echo(f"wrote {out}: {size} images in {seconds:.1f} s ({size / seconds:,.0f} images/s)")
+
+
+@data.command("imagefolder")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="The folder to write (train/ and val/).")
+@click.option("--train-size", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--val-size", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def data_imagefolder(out, train_size, val_size, seed) -> None:
+    """Write Digitclutter images of one digit each as a 10-class image folder (out/train/<digit>/*.png and
+    out/val/<digit>/*.png, 32 x 32 grey PNGs): data to try `--data imagefolder:DIR` on."""
+    import os
+
+    from itconv_fast.data import digitclutter
+    from itconv_fast.data.image_folder import write_image_folder
+
+    classes = [str(d) for d in range(10)]
+    for split, size, offset in (("train", train_size, 0), ("val", val_size, 1)):
+        images, labels = digitclutter.generate(size, 1, seed * 2 + offset)
+        write_image_folder(os.path.join(out, split), images, labels.argmax(1), classes)
+    click.echo(f"wrote {out}: {train_size} training and {val_size} validation images of 10 classes")
 
 
 @data.command("download")

@@ -6,12 +6,20 @@ import os
 
 import click
 
+from .model_options import measured_named_model, model_flags, model_options
 from .params import FiniteFloatRange
 from .run_access import checkpoint_path, measuring_errors
 
 
 @click.command()
-@click.argument("run", type=click.Path(exists=True))
+@click.argument("run", type=click.Path(exists=True), required=False)
+@model_options
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --model: the directory for indices.json (and analysis.json); not written without it.",
+)
 @click.option(
     "--extra-iterations",
     type=click.IntRange(min=1),
@@ -45,12 +53,14 @@ from .run_access import checkpoint_path, measuring_errors
     show_default=True,
     help="Trace summaries: the share of examples whose fixed-point residual is under this.",
 )
-def indices(run, extra_iterations, method, batch_size, test_size, device, plot, measures, threshold) -> None:
-    """Convergence, Recurrence and Divergence indices of a trained run (directory or checkpoint.pt), and
-    with --measures the refinement measures, anytime curves and convergence traces.
+def indices(run, model_name, model_kwargs, weights, pretrained, data_spec, image_size, seq_len, out,
+            extra_iterations, method, batch_size, test_size, device, plot, measures, threshold) -> None:  # fmt: skip
+    """Convergence, Recurrence and Divergence indices of a trained run (directory or checkpoint.pt), or of a model
+    by name on your data (--model timm:resnet18 --data imagefolder:DIR), and with --measures the refinement
+    measures, anytime curves and convergence traces.
 
-    Evaluates on the run's test set, writes indices.json (and analysis.json with --measures) beside the
-    checkpoint, prints a per-stage table.
+    Evaluates on the run's test set (on the data's val/ split, or all of it), writes indices.json (and
+    analysis.json with --measures) beside the checkpoint (in --out), prints a per-stage table.
     """
     from itconv_fast.measures.analysis import MEASURES
 
@@ -68,11 +78,20 @@ def indices(run, extra_iterations, method, batch_size, test_size, device, plot, 
     from itconv_fast.io.checkpoint import atomic_write_json
     from itconv_fast.measures.indices import compute_indices
 
-    path = checkpoint_path(run, device)
-    folder = os.path.dirname(os.path.abspath(path))
+    flags = model_flags(model_name, model_kwargs, weights, pretrained, data_spec, image_size, seq_len)
+    if run is not None and flags:
+        raise click.UsageError("give a RUN or --model with --data, not both")
+    if run is None:
+        found = measured_named_model(flags, batch_size=batch_size, test_size=test_size, device=device)
+        path, folder, name = data_spec, out, model_name
+    else:
+        path = checkpoint_path(run, device)
+        folder = os.path.dirname(os.path.abspath(path))
+        name = os.path.basename(folder)
     analysis = None
     with measuring_errors(path):
-        found = evaluation.run_evaluation(path, batch_size=batch_size, test_size=test_size, device=device)
+        if run is not None:
+            found = evaluation.run_evaluation(path, batch_size=batch_size, test_size=test_size, device=device)
         if chosen == ("indices",):
             report = compute_indices(
                 found.model,
@@ -98,14 +117,15 @@ def indices(run, extra_iterations, method, batch_size, test_size, device, plot, 
                 batch_size=batch_size,
             )
             report = analysis.indices
-    if analysis is not None:
-        atomic_write_json(os.path.join(folder, "analysis.json"), analysis.to_dict())
-    out = os.path.join(folder, "indices.json")
-    atomic_write_json(out, report.to_dict())
-    click.echo(
-        f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}: n = {report.n}, error e* = {report.error:.4f}, "
-        f"chance = {report.chance_error:.4f}"
-    )
+    written = []
+    if folder is not None:
+        os.makedirs(folder, exist_ok=True)
+        if analysis is not None:
+            written.append(os.path.join(folder, "analysis.json"))
+            atomic_write_json(written[-1], analysis.to_dict())
+        written.append(os.path.join(folder, "indices.json"))
+        atomic_write_json(written[-1], report.to_dict())
+    click.echo(f"{name}: n = {report.n}, error e* = {report.error:.4f}, chance = {report.chance_error:.4f}")
     click.echo(f"{'stage':>5} {'CI':>7} {'RI':>7} {'DI':>7} {'fixed-pt res.':>14}")
     for s, st in enumerate(report.stages, start=1):
         click.echo(f"{s:>5} {st.ci:7.3f} {st.ri:7.3f} {st.di:7.3f} {st.fixed_point_residual:14.4f}")
@@ -114,8 +134,8 @@ def indices(run, extra_iterations, method, batch_size, test_size, device, plot, 
         click.echo(f"note: {note}")
     if analysis is not None:
         print_analysis(analysis)
-        click.echo(f"wrote {os.path.join(folder, 'analysis.json')}")
-    click.echo(f"wrote {out}")
+    for written_path in written:
+        click.echo(f"wrote {written_path}")
     if plot:
         if analysis is not None:
             from itconv_fast.measures import plot_analysis

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import click
 
+from .model_options import model_flags, model_options, named_loading_errors
 from .params import FiniteFloatRange
 
 
@@ -163,6 +165,7 @@ def parse_objectives(ctx, param, values):
 )
 @click.option("--no-compile", is_flag=True, help="Same as --compile off.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@model_options
 def train(
     config_file,
     preset,
@@ -199,16 +202,25 @@ def train(
     compile_,
     no_compile,
     no_progress,
+    model_name,
+    model_kwargs,
+    weights,
+    pretrained,
+    data_spec,
+    image_size,
+    seq_len,
 ) -> None:
-    """Train the paper's ResNet with soft gradient coupling and a Lipschitz constraint.
+    """Train the paper's ResNet with soft gradient coupling and a Lipschitz constraint, or fine-tune a model by
+    name on your data with the same objectives (its indices written before and after).
 
     Examples: itconv-fast train --lam 0.5 --sn-mu 0.95; itconv-fast train --objective fixed-point:0.1;
-    itconv-fast train --config run.yaml --seed 1
+    itconv-fast train --config run.yaml --seed 1; itconv-fast train --model timm:resnet18 --weights w.pt
+    --data imagefolder:DIR --objective extra-iterations:1
     """
 
-    from itconv_fast.data import datasets, vision
     from itconv_fast.experiments import training
     from itconv_fast.experiments.divergence import EXIT_DIVERGED, TrainingDiverged
+    from itconv_fast.experiments.named_runs import named_model_and_task
     from itconv_fast.io.checkpoint import CheckpointError
 
     flags = dict(
@@ -242,6 +254,7 @@ def train(
         compile="off" if no_compile else compile_,
     )
     flags = {k: v for k, v in flags.items() if v is not None}
+    flags.update(model_flags(model_name, model_kwargs, weights, pretrained, data_spec, image_size, seq_len))
     config = resolve_train_config(config_file, preset, flags)
     try:
         training.resolve_device(config.device)
@@ -251,44 +264,36 @@ def train(
         raise click.BadParameter(
             f"{config.dataset} needs --data-dir (add --download to fetch it)", param_hint="--data-dir"
         )
-    # Load the data before anything is written: missing or corrupt files are a usage error.
-    try:
-        task = datasets.load(
-            config.dataset,
-            data_dir=config.data_dir,
-            download=config.download,
-            n_digits=config.n_digits,
-            train_size=config.train_size,
-            test_size=config.test_size,
-            seed=config.seed,
-            cache_dir=config.cache_dir or datasets.default_cache_dir(),
-        )
-    except vision.DatasetFilesError as exc:
-        raise click.BadParameter(str(exc), param_hint="--data-dir") from exc
-    except ImportError as exc:  # digits without scikit-learn
-        raise click.BadParameter(str(exc), param_hint="--dataset") from exc
+    # Load the data (and a named model) before anything is written: missing or corrupt files are a usage error.
+    model = None
+    if config.model is not None:
+        with named_loading_errors():
+            model, task = named_model_and_task(config, hold_out=True)
+    else:
+        task = load_builtin_task(config)
     if out is None:
         mu = "none" if config.sn_mu is None else f"{config.sn_mu:g}"
         extra = "".join(f"-{name}{weight:g}" for name, weight in config.objectives.items())
-        out = os.path.join("runs", f"{config.dataset}-lam{config.lam:g}-mu{mu}{extra}-seed{config.seed}")
+        what = config.dataset if config.model is None else re.sub(r"[^A-Za-z0-9_.-]+", "_", config.model)
+        out = os.path.join("runs", f"{what}-lam{config.lam:g}-mu{mu}{extra}-seed{config.seed}")
     if os.path.exists(os.path.join(out, "checkpoint.pt")) and not resume:
         raise click.BadParameter(
             f"{out} already holds a run; pass --resume to continue it or choose another --out", param_hint="--out"
         )
     # Under torchrun every rank runs this command; only rank 0 reports (as only rank 0 writes).
     echo = click.echo if int(os.environ.get("RANK", "0")) == 0 else (lambda *args, **kwargs: None)
-    echo(
-        f"training {config.dataset} (preset {config.preset}): width {config.width}, {config.stages} x {config.blocks} "
-        "blocks, "
-        f"lam {config.lam}, sn_mu {config.sn_mu} ({config.sn_mode}), init {config.resolved_init()}"
-        + "".join(f", {name} x {weight:g}" for name, weight in config.objectives.items())
-        + f" -> {out}"
-    )
+    echo(describe_run(config, task) + f" -> {out}")
     if restart_diverged and not resume:
         raise click.BadParameter("--restart-diverged goes with --resume", param_hint="--restart-diverged")
     try:
         metrics = training.train(
-            config, out, resume=resume, progress=not no_progress, task=task, restart_diverged=restart_diverged
+            config,
+            out,
+            resume=resume,
+            progress=not no_progress,
+            task=task,
+            restart_diverged=restart_diverged,
+            model=model,
         )
     except TrainingDiverged as exc:
         good = exc.record.get("epoch", 1) - 1
@@ -316,6 +321,48 @@ def train(
         f"(chance {metrics['chance_error']:.4f}), train loss {last['train_loss']:.4f}; wrote {out}/metrics.json, "
         f"{out}/checkpoint.pt"
     )
+    for when, summary in metrics.get("indices", {}).items():
+        echo(
+            f"indices {when}: error {summary['error']:.4f}, "
+            + ", ".join(
+                f"{k.upper()} {summary[k]:.3f}" if summary[k] is not None else f"{k.upper()} -"
+                for k in ("ci", "ri", "di")
+            )
+        )
+
+
+def describe_run(config, task) -> str:
+    """The line that opens a run: what trains, on what, with which coupling, bound and objectives."""
+    what = (
+        f"{config.dataset} (preset {config.preset}): width {config.width}, {config.stages} x {config.blocks} blocks, "
+        if config.model is None
+        else f"{config.model} on {config.data} ({len(task.train)} training, {len(task.test)} test examples): "
+    )
+    init = f", init {config.resolved_init()}" if config.model is None else ""
+    return f"training {what}lam {config.lam}, sn_mu {config.sn_mu} ({config.sn_mode}){init}" + "".join(
+        f", {name} x {weight:g}" for name, weight in config.objectives.items()
+    )
+
+
+def load_builtin_task(config):
+    """One of the library's data sets; missing or corrupt files and a missing scikit-learn are usage errors."""
+    from itconv_fast.data import datasets, vision
+
+    try:
+        return datasets.load(
+            config.dataset,
+            data_dir=config.data_dir,
+            download=config.download,
+            n_digits=config.n_digits,
+            train_size=config.train_size,
+            test_size=config.test_size,
+            seed=config.seed,
+            cache_dir=config.cache_dir or datasets.default_cache_dir(),
+        )
+    except vision.DatasetFilesError as exc:
+        raise click.BadParameter(str(exc), param_hint="--data-dir") from exc
+    except ImportError as exc:  # digits without scikit-learn
+        raise click.BadParameter(str(exc), param_hint="--dataset") from exc
 
 
 def resolve_train_config(config_file, preset, flags: dict):

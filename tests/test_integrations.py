@@ -207,3 +207,12 @@ def test_batched_spectral_norm_on_llama_and_a_torchvision_resnet():
     sn = BatchedSpectralNorm(resnet, mode="operator", example_input=x[:1])
     assert sn.skipped == [] and len(sn.layers) == 21  # 20 convolutions and fc
     assert resnet(x).shape == (4, 5)
+
+
+@pytest.mark.parametrize("kind", ["resnet18", "vit", "gpt2"])
+def test_measuring_the_residual_model_leaves_the_models_mode_as_it_was(kind):
+    model, x, y = MODELS[kind]()
+    for mode in (False, True):
+        model.train(mode)
+        compute_indices(residual_model(model), (x, y), extra_iterations=1, error_fn=_error_fn(kind), chance_error=0.9)
+        assert all(m.training == mode for m in model.modules())

@@ -21,7 +21,21 @@ import torch
 
 from . import digitclutter, digits, vision
 
-__all__ = ["DATASETS", "Split", "Task", "load", "batches", "digitclutter_set", "stratified_subset", "default_cache_dir"]
+__all__ = [
+    "DATASETS",
+    "DATA_KINDS",
+    "Split",
+    "Task",
+    "load",
+    "batches",
+    "digitclutter_set",
+    "stratified_subset",
+    "default_cache_dir",
+    "parse_data_spec",
+    "image_folder_task",
+    "text_task",
+    "HELD_OUT_SHARE",
+]
 
 DATASETS = ("digitclutter", "digits", "mnist", "cifar10", "cifar100")
 _STATS = {  # per-channel mean and std of the training images, in [0, 1]
@@ -56,6 +70,11 @@ class Task:
     augment: bool  # CIFAR's padded random crop and flip
     n_digits: Optional[int] = None  # Digitclutter only
     info: dict = field(default_factory=dict)
+    kind: str = "images"  # or "tokens": int64 [N, L] inputs and next-token targets, scored per token
+
+    @property
+    def sequence(self) -> bool:
+        return self.kind == "tokens"
 
     @property
     def multilabel(self) -> bool:
@@ -74,13 +93,14 @@ class Task:
             return (
                 torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
             )
-        return torch.nn.functional.cross_entropy(logits, targets)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten())  # per token for [N, L, K]
 
     def correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per example: True if correct (top-1, or the exact digit set for Digitclutter)."""
+        """Per example (per token, [N, L], for a sequence task): True if correct (top-1, or the exact digit set for
+        Digitclutter). An error rate is the share of its entries that are False."""
         if self.multilabel:
             return digitclutter.exact_set_correct(logits, targets)
-        return logits.argmax(dim=1) == targets
+        return logits.argmax(dim=-1) == targets
 
 
 def default_cache_dir() -> str:
@@ -271,12 +291,83 @@ def batches(
     n = len(split)
     if indices is None:
         indices = torch.randperm(n, generator=generator) if train else torch.arange(n)
-    mean = torch.tensor(task.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(task.std, device=device).view(1, -1, 1, 1)
+    if not task.sequence:
+        mean = torch.tensor(task.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(task.std, device=device).view(1, -1, 1, 1)
     for start in range(0, indices.numel(), batch_size):
         idx = indices[start : start + batch_size]
         x = split.images[idx].to(device, non_blocking=True)
         if train and task.augment:
             x = _augment(x, generator)
-        x = (x.float().div_(255.0) - mean) / std
+        if not task.sequence:  # token ids go to the model as they are
+            x = (x.float().div_(255.0) - mean) / std
         yield x, split.targets[idx].to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A user's data, by path: `imagefolder:DIR` and `text:FILE`.
+
+DATA_KINDS = ("imagefolder", "text")
+HELD_OUT_SHARE = 0.2  # of a single-split folder or file, held out for testing when training
+
+
+def parse_data_spec(spec: str) -> tuple[str, str]:
+    """("imagefolder", DIR) or ("text", FILE) from `imagefolder:DIR` / `text:FILE`; ValueError otherwise."""
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in DATA_KINDS or not path:
+        raise ValueError(f"{spec!r}: expected imagefolder:DIR or text:FILE")
+    return kind, path
+
+
+def _held_out_count(n: int, where: str) -> int:
+    k = max(1, round(HELD_OUT_SHARE * n))
+    if n - k < 1:
+        raise vision.DatasetFilesError(
+            f"{where}: {n} examples, too few to hold {k} out for testing and train on the rest"
+        )
+    return k
+
+
+def image_folder_task(root: str, prep, *, hold_out: bool) -> Task:
+    """A task of a folder in ImageFolder layout (image_folder.py), at the preprocessing `prep`
+    (image_folder.ImagePreprocessing). With train/ and val/: those splits. One split: with hold_out, a fixed
+    class-stratified 20% (seed 0) is the test set and the rest trains; without, everything is the test set (the
+    measuring commands) and the training split is empty."""
+    from .image_folder import image_folder_splits
+
+    train, held = image_folder_splits(root, prep)
+    if train is not None:
+        train_split, test_split = Split(train.images, train.targets), Split(held.images, held.targets)
+    elif hold_out:
+        test = torch.zeros(len(held.targets), dtype=torch.bool)
+        test[stratified_subset(held.targets, _held_out_count(len(held.targets), root), seed=0)] = True
+        train_split = Split(held.images[~test], held.targets[~test])
+        test_split = Split(held.images[test], held.targets[test])
+    else:
+        train_split, test_split = Split(held.images[:0], held.targets[:0]), Split(held.images, held.targets)
+    skipped = len(held.skipped) + (len(train.skipped) if train is not None else 0)
+    info = {"classes": held.classes, "skipped_images": skipped, "path": root}
+    return Task(
+        f"imagefolder:{root}",
+        train_split,
+        test_split,
+        len(held.classes),
+        3,
+        tuple(prep.mean),
+        tuple(prep.std),
+        augment=False,
+        info=info,
+    )
+
+
+def text_task(path: str, encode, seq_len: int, vocab_size: int, *, hold_out: bool) -> Task:
+    """A next-token task of a text file (text.py), tokenised by `encode`. With hold_out the last 20% of the windows
+    are the test set (the text's end, so no test window overlaps a training one); without, every window is."""
+    from .text import token_windows
+
+    inputs, targets = token_windows(path, encode, seq_len)
+    n = inputs.shape[0]
+    k = _held_out_count(n, path) if hold_out else n
+    train, test = Split(inputs[: n - k], targets[: n - k]), Split(inputs[n - k :], targets[n - k :])
+    info = {"path": path, "seq_len": seq_len, "tokens": n * seq_len}
+    return Task(f"text:{path}", train, test, vocab_size, 1, (), (), augment=False, info=info, kind="tokens")

@@ -27,7 +27,7 @@ from ..measures.adaptive_depth import (
 from ..measures.evaluator import check_extra_iterations
 from ..measures.robustness import DEFAULT_EPSILONS, DEFAULT_SIGMAS, check_pgd_steps, check_sizes, robustness_report
 from ..measures.thinking_longer import extra_iteration_grid, thinking_longer_report
-from .evaluation import run_evaluation
+from .evaluation import RunEvaluation, run_evaluation
 
 __all__ = ["benefits_of_run", "benefit_columns", "BENEFIT_MEASURES", "default_harder_digits"]
 
@@ -47,7 +47,7 @@ def _noisy(data: list, sigma: float, seed: int) -> list:
 def _harder_sets(config, data, harder_digits: Sequence[int], noise_sigma: Optional[float], batch_size, device):
     """{name: batches}: the run's test set, Digitclutter with more digits, the noisy test set."""
     sets = {"test set": data}
-    if config.dataset == "digitclutter":
+    if config.dataset == "digitclutter" and config.data is None:
         n_test = sum(x.shape[0] for x, _ in data)
         for n in harder_digits:  # the run's test split (its seed and size), with n digits an image
             task = datasets.load(
@@ -81,12 +81,15 @@ def benefits_of_run(
     batch_size: int = 512,
     test_size: Optional[int] = None,
     device: str = "auto",
+    evaluation: Optional[RunEvaluation] = None,
 ) -> dict:
     """The benefit measures of a run (a run directory or its checkpoint.pt) as a JSON-ready dict.
 
     ks: the k of thinking longer ("log": 0, powers of two, K; "all"; or a list).
     harder_digits: Digitclutter runs only: the digit counts of the harder test sets (default: n + 1 and n + 2).
     taus, confidences, agreements: the levels of adaptive depth's halting rules (an empty one leaves it out).
+    evaluation: measure this (a named model on a user's data: evaluation.named_evaluation) instead of reading
+    `run`, which then only names the result. A text model's inputs are token ids: only thinking-longer applies.
     Raises ValueError naming a bad argument before anything is computed; CheckpointError for a bad checkpoint."""
     unknown = [m for m in measures if m not in BENEFIT_MEASURES]
     if unknown or not measures:
@@ -104,13 +107,19 @@ def benefits_of_run(
     check_extra_iterations(extra_iterations, "benefits")
     extra_iteration_grid(ks, extra_iterations)
     path = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
-    found = run_evaluation(path, batch_size=batch_size, test_size=test_size, device=device)
+    found = evaluation or run_evaluation(path, batch_size=batch_size, test_size=test_size, device=device)
     model, data, config, error_fn = found.model, found.data, found.config, found.error_fn
+    digitclutter_run = config.dataset == "digitclutter" and config.data is None
     if harder_digits is None:
-        harder_digits = default_harder_digits(config.n_digits) if config.dataset == "digitclutter" else ()
+        harder_digits = default_harder_digits(config.n_digits) if digitclutter_run else ()
+    tokens = not data[0][0].is_floating_point()
+    if tokens and (set(measures) - {"thinking-longer"} or noise_sigma):
+        raise ValueError(
+            "benefits: a text model's inputs are token ids; measure thinking-longer alone, with --noise-sigma 0"
+        )
     device = next(model.parameters()).device
     out = {
-        "run": os.path.dirname(os.path.abspath(path)),
+        "run": run if evaluation is not None else os.path.dirname(os.path.abspath(path)),
         "chance_error": found.chance_error,
         "n": sum(len(y) for _, y in data),
     }

@@ -82,6 +82,15 @@ class TrainConfig:
     objectives: dict = field(default_factory=dict)  # extra loss terms, {name: weight} (itconv_fast.objectives)
     objective_k: int = 16  # K_train of the extra-iteration loss
     objective_rho: float = 0.9  # the target sigma of the spectral Jacobian penalty
+    # A model by name (models/named.py: torchvision:NAME, timm:NAME, hf:NAME_OR_PATH, file.py:FUNCTION) trained on
+    # a user's data (imagefolder:DIR, text:FILE) instead of the paper's IterResNet on `dataset`.
+    model: Optional[str] = None
+    model_kwargs: dict = field(default_factory=dict)  # the constructor's keyword arguments
+    weights: Optional[str] = None  # a state dict to start from (read with weights_only=True)
+    pretrained: bool = False  # the library's weights, from its local cache
+    data: Optional[str] = None
+    image_size: Optional[int] = None  # the crop side (default: the model's own preprocessing)
+    seq_len: int = 64  # tokens per example of text data
     preset: str = "quick"
 
     def __post_init__(self) -> None:
@@ -89,6 +98,9 @@ class TrainConfig:
             setattr(self, f.name, _CHECKS[f.name](f.name, getattr(self, f.name)))
         if self.skip_first >= self.blocks:
             raise ConfigError(f"skip_first: must be < blocks ({self.blocks}), got {self.skip_first}", "skip_first")
+        if (self.model is None) != (self.data is None):
+            key = "data" if self.model is not None else "model"
+            raise ConfigError(f"{key}: a model by name and data by path go together (--model with --data)", key)
         if self.batch_size % self.accumulate:
             raise ConfigError(
                 f"accumulate: batch_size {self.batch_size} is not divisible by {self.accumulate}", "accumulate"
@@ -209,6 +221,43 @@ def _objectives(key, v):
     return checked
 
 
+def _model_name(key, v):
+    if v is None:
+        return None
+    from ..models.named import ModelNameError, parse_model_name
+
+    try:
+        parse_model_name(_text(False)(key, v))
+    except ModelNameError as exc:
+        raise ConfigError(f"{key}: {exc}", key) from None
+    return v
+
+
+def _data_spec(key, v):
+    if v is None:
+        return None
+    from ..data.datasets import parse_data_spec
+
+    try:
+        parse_data_spec(_text(False)(key, v))
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}", key) from None
+    return v
+
+
+def _kwargs(key, v):
+    """{name: plain value} (numbers, strings, booleans, None, lists of them): a constructor's keyword arguments."""
+    if v is None:
+        return {}
+    plain = (bool, int, float, str, type(None))
+    if not isinstance(v, dict) or not all(
+        isinstance(k, str) and k.isidentifier() and (isinstance(x, plain) or (
+            isinstance(x, list) and all(isinstance(i, plain) for i in x))) for k, x in v.items()
+    ):  # fmt: skip
+        raise ConfigError(f"{key}: must map argument names to numbers, strings, booleans or lists, got {v!r}", key)
+    return dict(v)
+
+
 _CHECKS = {
     "dataset": _choice(DATASETS),
     "data_dir": _text(True),
@@ -242,6 +291,13 @@ _CHECKS = {
     "objectives": _objectives,
     "objective_k": _int(1),
     "objective_rho": _float(0.0),
+    "model": _model_name,
+    "model_kwargs": _kwargs,
+    "weights": _text(True),
+    "pretrained": _bool,
+    "data": _data_spec,
+    "image_size": _int(1, True),
+    "seq_len": _int(1),
 }
 assert set(_CHECKS) == set(FIELDS), "every TrainConfig field needs a check"
 

@@ -82,8 +82,10 @@ class TrainingDiverged(RuntimeError):
 
 
 def exploding_loss_limit(loss_fn, num_classes: int, target: torch.Tensor) -> float:
-    """EXPLODING_LOSS_FACTOR x the task loss of all-zero logits (a prediction at chance) for one example."""
-    logits = torch.zeros(1, num_classes)
+    """EXPLODING_LOSS_FACTOR x the task loss of all-zero logits (a prediction at chance) for one example (a
+    sequence of tokens: one logit vector per position)."""
+    positions = tuple(target.shape) if target.dim() and not target.is_floating_point() else ()
+    logits = torch.zeros(1, *positions, num_classes)
     chance = float(loss_fn(logits, target.unsqueeze(0).cpu()))
     return EXPLODING_LOSS_FACTOR * chance
 

@@ -15,9 +15,10 @@ from ..io.checkpoint import CheckpointError, load_checkpoint_state
 from ..measures.indices import IndexReport, compute_indices
 from ..models import model_from_state
 from .config import TrainConfig
+from .named_runs import scoring, task_batches, task_for
 from .training import resolve_device
 
-__all__ = ["run_config", "run_evaluation", "RunEvaluation", "indices_of_run"]
+__all__ = ["run_config", "run_evaluation", "RunEvaluation", "indices_of_run", "named_evaluation"]
 
 
 def run_config(run: str) -> TrainConfig:
@@ -58,6 +59,8 @@ def run_evaluation(
     state = load_checkpoint_state(path, map_location=dev, required=("model", "model_config", "config"))
     config = _config_of(state, path)
     model = model_from_state(state, path).to(dev)
+    if config.data is not None:  # a named model's run: its own data, read as the model sees it
+        return named_evaluation(model, task_for(config, model, hold_out=True), config, batch_size, test_size, dev)
     task = datasets.load(
         config.dataset,
         data_dir=config.data_dir,
@@ -85,6 +88,15 @@ def run_evaluation(
         decision_fn=lambda logits: digitclutter.top_set(logits, n),
         config=config,
     )
+
+
+def named_evaluation(model, task, config, batch_size: int, test_size: Optional[int], device) -> RunEvaluation:
+    """A RunEvaluation of a named model on a user's data (named_runs.scoring: top-1, or next-token error)."""
+    if test_size is not None:
+        task.test = datasets.Split(task.test.images[:test_size], task.test.targets[:test_size])
+    score = scoring(task)
+    data = task_batches(task, batch_size, device)
+    return RunEvaluation(model, data, score.chance_error, score.error_fn, score.loss_fn, None, None, config)
 
 
 def indices_of_run(

@@ -32,7 +32,12 @@ __all__ = [
 CPU_CHANNELS_LAST_MIN_WIDTH = 16  # measured: benchmarks/NOTES.md "Memory format on the CPU"
 
 
-def build_model(config: TrainConfig, task: datasets.Task) -> IterResNet:
+def build_model(config: TrainConfig, task: datasets.Task) -> torch.nn.Module:
+    """The run's network: the paper's IterResNet, or the model named by config.model (named_runs.py)."""
+    if config.model is not None:
+        from .named_runs import named_model_of
+
+        return named_model_of(config, None if task.sequence else task.num_classes)
     side = task.train.images.shape[-1]
     return IterResNet(
         num_classes=task.num_classes,
@@ -58,7 +63,7 @@ def objective_values(step: TrainStep) -> dict:
 
 
 class TrainingParts(NamedTuple):
-    model: IterResNet
+    model: torch.nn.Module  # IterResNet, or a NamedModel
     coupler: GradientCoupler
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -68,19 +73,26 @@ class TrainingParts(NamedTuple):
 
 
 def training_parts(
-    config: TrainConfig, task: datasets.Task, device: torch.device, *, cuda_path: Optional[bool] = None
+    config: TrainConfig,
+    task: datasets.Task,
+    device: torch.device,
+    *,
+    cuda_path: Optional[bool] = None,
+    model: Optional[torch.nn.Module] = None,
 ) -> TrainingParts:
     """The model, coupler, optimizer and schedule of a run, as `train` makes them on `device`, before any
     resumed state. cuda_path: the choices made for CUDA (default: when device is CUDA): the whole network
     channels-last, BatchNorm and ReLU as cuDNN's and ATen's ops, and SGD's fused kernel (one launch a step for all
     parameters, where the default foreach path takes four; the same update). bench/launches.py sets it on
-    the CPU to count a CUDA step's ops there."""
+    the CPU to count a CUDA step's ops there. model: the run's model already built (build_model), e.g. by the
+    command that checked it before writing anything."""
     cuda_path = device.type == "cuda" if cuda_path is None else cuda_path
-    model = build_model(config, task).to(device)
-    # NHWC where it is faster: everywhere on CUDA, stages of 16+ channels on the CPU (IterResNet.to_channels_last).
-    model.to_channels_last(min_width=1 if cuda_path else CPU_CHANNELS_LAST_MIN_WIDTH)
-    if cuda_path and device.type != "cuda":
-        model.fuse_bn_relu(False)  # what CUDA runs (iter_resnet._bn_relu fuses on the CPU only)
+    model = (model if model is not None else build_model(config, task)).to(device)
+    if isinstance(model, IterResNet):
+        # NHWC where it is faster: everywhere on CUDA, stages of 16+ channels on the CPU (to_channels_last).
+        model.to_channels_last(min_width=1 if cuda_path else CPU_CHANNELS_LAST_MIN_WIDTH)
+        if cuda_path and device.type != "cuda":
+            model.fuse_bn_relu(False)  # what CUDA runs (iter_resnet._bn_relu fuses on the CPU only)
     coupler = GradientCoupler(
         model, config.lam, kernel=config.coupling_kernel, bandwidth=config.coupling_bandwidth,
         skip_first=config.skip_first,
@@ -106,7 +118,7 @@ def make_train_step(
         net, task, optimizer, scheduler, coupler, device=device, accumulate=config.accumulate,
         distributed=distributed, objectives=objectives, model=model, seed=config.seed,
         loss_limit=exploding_loss_limit(task.loss, task.num_classes, task.train.targets[0]),
-        channels_last=channels_last,
+        channels_last=channels_last if channels_last is not None or isinstance(model, IterResNet) else False,
     )  # fmt: skip
 
 
@@ -119,20 +131,25 @@ class EpochTally:
         self.losses: list = []
         self.wrongs: list = []
         self.sizes: list = []
+        self.scored: list = []
         self.term_sums: dict = {}  # objective name (and name/part) -> sum over examples
 
     def add(self, task: datasets.Task, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, step) -> None:
         n = y.shape[0]
         self.losses.append(loss)
         self.sizes.append(n)
-        self.wrongs.append((~task.correct(logits.float(), y)).sum())
+        correct = task.correct(logits.float(), y)
+        self.scored.append(correct.numel())  # examples, or tokens of a sequence task
+        self.wrongs.append((~correct).sum())
         for key, value in objective_values(step).items():
             self.term_sums[key] = self.term_sums.get(key, 0.0) + value * n
 
-    def totals(self) -> tuple[float, int, int, dict]:
-        """(loss summed over examples, wrong examples, examples, objective sums). The loss sum in float64, in
-        step order: the numbers of summing loss.item() x batch size."""
+    def totals(self) -> tuple[float, int, int, dict, int]:
+        """(loss summed over examples, wrong predictions, examples, objective sums, predictions scored: the
+        examples, or a sequence task's tokens). The loss sum in float64, in step order: the numbers of summing
+        loss.item() x batch size."""
         if not self.losses:
-            return 0.0, 0, 0, dict(self.term_sums)
+            return 0.0, 0, 0, dict(self.term_sums), 0
         loss_sum = sum(v * n for v, n in zip(torch.stack(self.losses).tolist(), self.sizes))
-        return loss_sum, int(torch.stack(self.wrongs).sum()), sum(self.sizes), dict(self.term_sums)
+        wrong = int(torch.stack(self.wrongs).sum())
+        return loss_sum, wrong, sum(self.sizes), dict(self.term_sums), sum(self.scored)

@@ -54,6 +54,7 @@ def train(
     return_model: bool = False,
     on_epoch=None,
     restart_diverged: bool = False,
+    model=None,
 ):
     """Trains (or resumes) a run; returns the metrics dict also written to out_dir/metrics.json.
     (train_epochs, the same run as a generator of its epochs' records.)
@@ -68,6 +69,9 @@ def train(
     stop_after_epochs: end after this many epochs of this call (for tests of interruption and resume).
     return_model: return (metrics, model) instead of metrics.
     on_epoch: called on rank 0 with each finished epoch's record, after its checkpoint is written.
+    model: the run's model already built for the configuration (with `task`: a named model and its data), or None.
+    A named model's run (config.model) also writes its indices before training (indices_before.json) and after
+    (indices.json), on its test split.
     Under torchrun (WORLD_SIZE > 1) every rank trains on its shard of each global batch with
     DistributedDataParallel (gloo on CPU, nccl on CUDA); only rank 0 writes.
     """
@@ -81,6 +85,7 @@ def train(
         return_model=return_model,
         on_epoch=on_epoch,
         restart_diverged=restart_diverged,
+        model=model,
     )
     while True:
         try:
@@ -100,10 +105,11 @@ def train_epochs(
     return_model: bool = False,
     on_epoch=None,
     restart_diverged: bool = False,
+    model=None,
 ):
     """`train` as a generator: yields each finished epoch's record (after its checkpoint is written) and returns
     what train returns. Lets a caller interleave the epochs of several runs (itconv-fast bench train)."""
-    run = TrainingRun.start(config, out_dir, resume=resume, task=task, restart_diverged=restart_diverged)
+    run = TrainingRun.start(config, out_dir, resume=resume, task=task, restart_diverged=restart_diverged, model=model)
     from tqdm.auto import tqdm
 
     show = progress and run.rank == 0

@@ -45,6 +45,9 @@ __all__ = [
 ]
 
 
+INDICES_BEFORE, INDICES_AFTER = "indices_before.json", "indices.json"  # a named model's, around its fine-tuning
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,20 +62,26 @@ def evaluate(model, task: datasets.Task, split: datasets.Split, device, batch_si
     """(mean loss, error) of the model on a split, in eval mode."""
     was = model.training
     model.eval()
-    loss_sum, wrong, n = 0.0, 0, 0
+    loss_sum, wrong, n, scored = 0.0, 0, 0, 0
     for x, y in datasets.batches(task, split, batch_size, train=False, device=device):
         with autocast(device):
             logits = model(x)
         logits = logits.float()
         loss_sum += task.loss(logits, y).item() * x.shape[0]
-        wrong += (~task.correct(logits, y)).sum().item()
+        correct = task.correct(logits, y)  # per example, or per token of a sequence task
+        wrong += (~correct).sum().item()
+        scored += correct.numel()
         n += x.shape[0]
     model.train(was)
-    return loss_sum / max(n, 1), wrong / max(n, 1)
+    return loss_sum / max(n, 1), wrong / max(scored, 1)
 
 
-def _load_task(config: TrainConfig, rank: int) -> datasets.Task:
-    """The run's data set (downloaded by rank 0 alone when asked)."""
+def _load_task(config: TrainConfig, rank: int, model=None) -> datasets.Task:
+    """The run's data set (downloaded by rank 0 alone when asked); a named model's data as that model sees it."""
+    if config.data is not None:
+        from .named_runs import task_for
+
+        return task_for(config, model, hold_out=True)
     return datasets.load(
         config.dataset, data_dir=config.data_dir, download=config.download and rank == 0, n_digits=config.n_digits,
         train_size=config.train_size, test_size=config.test_size, seed=config.seed,
@@ -116,9 +125,17 @@ class TrainingRun:
 
     @classmethod
     def start(
-        cls, config: TrainConfig, out_dir: str, *, resume: bool, task: Optional[datasets.Task], restart_diverged: bool
+        cls,
+        config: TrainConfig,
+        out_dir: str,
+        *,
+        resume: bool,
+        task: Optional[datasets.Task],
+        restart_diverged: bool,
+        model: Optional[torch.nn.Module] = None,
     ) -> "TrainingRun":
-        """Process group, seeds, data, model, optimizer and schedule, the resumed state, compilation and the step."""
+        """Process group, seeds, data, model, optimizer and schedule, the resumed state, compilation and the step.
+        model, task: both already built for the configuration (build_model; the named model's data), or None."""
         device, rank, world, distributed = _init_distributed(resolve_device(config.device))
         parts = world * config.accumulate
         if config.accumulate < 1 or config.batch_size % parts:
@@ -129,8 +146,14 @@ class TrainingRun:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed)
-        task = task if task is not None else _load_task(config, rank)
-        model, coupler, optimizer, scheduler, lr, total_steps, warmup = training_parts(config, task, device)
+        if task is None and config.data is not None:  # a named model's data is read with the model's preprocessing
+            from .named_runs import data_classes, named_model_of
+
+            model = model if model is not None else named_model_of(config, data_classes(config))
+        task = task if task is not None else _load_task(config, rank, model)
+        model, coupler, optimizer, scheduler, lr, total_steps, warmup = training_parts(
+            config, task, device, model=model
+        )
         generator = torch.Generator().manual_seed(config.seed)
 
         os.makedirs(out_dir, exist_ok=True)
@@ -148,6 +171,10 @@ class TrainingRun:
         if rank == 0:
             write_config_file(os.path.join(out_dir, "config.yaml"), config)
             writer = event_writer(out_dir, start_epoch)
+        if config.model is not None and rank == 0 and start_epoch == 0:  # a fine-tuned model's indices, before
+            from .named_runs import write_indices
+
+            metrics["indices"] = {"before": write_indices(model, task, device, os.path.join(out_dir, INDICES_BEFORE))}
         net = _wrap_network(model, config, device, distributed, total_steps - scheduler.last_epoch, metrics)
         step = make_train_step(net, model, task, optimizer, scheduler, coupler, config, device,
                                distributed=distributed)  # fmt: skip
@@ -193,7 +220,7 @@ class TrainingRun:
             tally.add(task, loss, logits, y, step)
             if show and i % 20 == 0:
                 batch_bar.set_postfix(loss=f"{loss.item():.3f}")
-        loss_sum, wrong, seen, term_sums = tally.totals()  # (this read waits for the epoch's last step)
+        loss_sum, wrong, seen, term_sums, scored = tally.totals()  # (this read waits for the epoch's last step)
         train_seconds = time.perf_counter() - started  # the training pass alone
         self._check_state(epoch)
         test_loss, test_error = evaluate(self.model, task, task.test, self.device)
@@ -202,7 +229,7 @@ class TrainingRun:
         record = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
-            "train_error": wrong / max(seen, 1),
+            "train_error": wrong / max(scored, 1),
             "test_loss": test_loss,
             "test_error": test_error,
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -278,6 +305,16 @@ class TrainingRun:
     def finish(self) -> None:
         self.metrics["chance_error"] = self.task.chance_error
         self.metrics["status"] = "ok" if len(self.metrics["epochs"]) == self.config.epochs else "stopped"
+        if self.config.model is not None and self.rank == 0 and self.metrics["status"] == "ok":  # and after
+            from .named_runs import indices_summary, write_indices
+
+            indices = self.metrics.setdefault("indices", {})
+            before = os.path.join(self.out_dir, INDICES_BEFORE)
+            if "before" not in indices and os.path.isfile(before):  # a resumed run: measured by its first start
+                indices["before"] = indices_summary(before)
+            indices["after"] = write_indices(
+                self.model, self.task, self.device, os.path.join(self.out_dir, INDICES_AFTER)
+            )
         if self.rank == 0:
             self.writer.close()
             atomic_write_json(os.path.join(self.out_dir, "metrics.json"), self.metrics)

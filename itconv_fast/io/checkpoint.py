@@ -23,6 +23,7 @@ __all__ = [
     "CheckpointError",
     "save_checkpoint",
     "load_checkpoint_state",
+    "load_state_dict_file",
     "rng_state",
     "set_rng_state",
     "atomic_file",
@@ -156,6 +157,39 @@ def load_checkpoint_state(path: str, map_location="cpu", required=("model", "mod
     missing = [key for key in required if key not in state]
     if missing:
         raise CheckpointError(f"{path}: not an itconv-fast checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+def load_state_dict_file(path: str, map_location="cpu") -> dict:
+    """A model's state dict from a file a user hands us: a .safetensors file, or a torch file (read with
+    weights_only=True) holding a state dict, a dict with one under "state_dict" or "model" (an itconv-fast
+    checkpoint among them). Raises FileNotFoundError or CheckpointError, one line naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no weights file at {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device=str(map_location))
+        else:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure of an untrusted file is the same one-line error
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it holds objects other than tensors and plain values (refused: loading them could run code)"
+        else:
+            reason = _one_line(exc)
+        raise CheckpointError(f"{path}: not a readable state dict: {reason}") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise CheckpointError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
     return state
 
 

@@ -4,8 +4,15 @@ torchvision-like ResNets used by benchmarks and examples. Builds on ops, nn and 
 """
 
 from . import zoo
-from .integrations import hf_decoder_adapter, residual_model, timm_vit_adapter, torchvision_resnet_adapter
+from .integrations import (
+    hf_decoder_adapter,
+    residual_model,
+    timm_resnet_adapter,
+    timm_vit_adapter,
+    torchvision_resnet_adapter,
+)
 from .iter_resnet import INITS, Block, IterResNet, Stage, Transition, load_checkpoint, model_from_state
+from .named import ModelNameError, NamedModel, create_network, named_model, parse_model_name
 from .residual import (
     LayerResidual,
     ResidualStack,
@@ -38,5 +45,11 @@ __all__ = [
     "residual_model",
     "torchvision_resnet_adapter",
     "timm_vit_adapter",
+    "timm_resnet_adapter",
+    "NamedModel",
+    "named_model",
+    "create_network",
+    "parse_model_name",
+    "ModelNameError",
     "hf_decoder_adapter",
 ]

@@ -1,5 +1,5 @@
-"""The models people use, as residual models in one call: a torchvision ResNet, a timm VisionTransformer, and a
-Hugging Face decoder (GPT-2, Llama-style). Each adapter wraps the model's own modules (not copies), so that
+"""The models people use, as residual models in one call: a torchvision or timm ResNet, a timm VisionTransformer, and
+a Hugging Face decoder (GPT-2, Llama-style). Each adapter wraps the model's own modules (not copies), so that
 `compute_indices`, `analyze`, `GradientCoupler` and the objectives work on them, and reproduces the model's own
 outputs (tested against the real libraries, with random weights).
 
@@ -16,7 +16,12 @@ from torch import nn
 
 from .residual import ResidualStack
 
-__all__ = ["residual_model", "torchvision_resnet_adapter", "timm_vit_adapter", "hf_decoder_adapter"]
+__all__ = [
+    "residual_model", "torchvision_resnet_adapter", "timm_resnet_adapter", "timm_vit_adapter", "hf_decoder_adapter",
+    "SUPPORTED",
+]  # fmt: skip
+
+SUPPORTED = "torchvision and timm ResNets, timm VisionTransformers, Hugging Face GPT-2 and Llama-style decoders"
 
 
 class _Call(nn.Module):
@@ -43,7 +48,15 @@ def torchvision_resnet_adapter(model: nn.Module) -> ResidualStack:
     for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"):
         if not hasattr(model, name):
             raise TypeError(f"torchvision_resnet_adapter: expected a torchvision ResNet (no {name!r})")
-    layers = [model.layer1, model.layer2, model.layer3, model.layer4]
+    stages, firsts = _resnet_stages([model.layer1, model.layer2, model.layer3, model.layer4])
+    stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, *([firsts[0]] if firsts[0] else []))
+    transitions = [first if first is not None else nn.Identity() for first in firsts[1:]]
+    head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
+    return ResidualStack.from_layers(stem, stages, head, transitions)
+
+
+def _resnet_stages(layers):
+    """(stages of same-shape blocks, the shape-changing first block of each layer or None)."""
 
     def split(layer):
         first = layer[0] if getattr(layer[0], "downsample", None) is not None else None
@@ -51,11 +64,29 @@ def torchvision_resnet_adapter(model: nn.Module) -> ResidualStack:
 
     firsts, stages = zip(*(split(layer) for layer in layers))
     if any(not blocks for blocks in stages):
-        raise ValueError("torchvision_resnet_adapter: every stage needs a block that keeps its shape")
-    stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, *([firsts[0]] if firsts[0] else []))
+        raise ValueError("resnet adapter: every stage needs a block that keeps its shape")
+    return [list(blocks) for blocks in stages], list(firsts)
+
+
+def _timm_resnet_stem(resnet, x):
+    return resnet.maxpool(resnet.act1(resnet.bn1(resnet.conv1(x))))
+
+
+def _timm_head(model, z):
+    return model.forward_head(z)
+
+
+def timm_resnet_adapter(model: nn.Module) -> ResidualStack:
+    """A timm ResNet (`conv1`, `bn1`, `act1`, `maxpool`, `layer1..4`, `forward_head`) as 4 stages, split as
+    torchvision_resnet_adapter splits torchvision's: each block computes act(z + F(z)), f(z) = block(z) - z; a block
+    with a `downsample` is the transition into its stage."""
+    for name in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4", "forward_head"):
+        if not hasattr(model, name):
+            raise TypeError(f"timm_resnet_adapter: expected a timm ResNet (no {name!r})")
+    stages, firsts = _resnet_stages([model.layer1, model.layer2, model.layer3, model.layer4])
+    stem = nn.Sequential(_Call(model, _timm_resnet_stem), *([firsts[0]] if firsts[0] else []))
     transitions = [first if first is not None else nn.Identity() for first in firsts[1:]]
-    head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
-    return ResidualStack.from_layers(stem, [list(blocks) for blocks in stages], head, transitions)
+    return ResidualStack.from_layers(stem, stages, _Call(model, _timm_head), transitions)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,11 +174,16 @@ def hf_decoder_adapter(model: nn.Module) -> ResidualStack:
 
 
 def residual_model(model: nn.Module) -> ResidualStack:
-    """The residual model of a torchvision ResNet, a timm VisionTransformer or a Hugging Face decoder."""
+    """The residual model of a torchvision or timm ResNet, a timm VisionTransformer or a Hugging Face decoder, in the
+    model's train / eval mode (so that a measure that restores the stack's mode leaves the model's as it was)."""
+    if hasattr(model, "layer4") and hasattr(model, "act1") and hasattr(model, "forward_head"):
+        return timm_resnet_adapter(model).train(model.training)
     if hasattr(model, "layer4") and hasattr(model, "fc"):
-        return torchvision_resnet_adapter(model)
+        return torchvision_resnet_adapter(model).train(model.training)
     if hasattr(model, "patch_embed") and hasattr(model, "blocks"):
-        return timm_vit_adapter(model)
+        return timm_vit_adapter(model).train(model.training)
     if hasattr(model, "lm_head"):
-        return hf_decoder_adapter(model)
-    raise TypeError(f"residual_model: no adapter for {type(model).__name__}; wrap it with ResidualStack")
+        return hf_decoder_adapter(model).train(model.training)
+    raise TypeError(
+        f"residual_model: no adapter for {type(model).__name__} (supported: {SUPPORTED}); wrap it with ResidualStack"
+    )

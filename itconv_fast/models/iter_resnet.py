@@ -380,11 +380,15 @@ def load_checkpoint(path: str, map_location="cpu") -> IterResNet:
     return model_from_state(state, path if not os.path.isdir(path) else os.path.join(path, "checkpoint.pt"))
 
 
-def model_from_state(state: dict, where: str) -> IterResNet:
-    """The IterResNet of a checkpoint already read (load_checkpoint_state), in eval mode; `where` names the file in
-    the CheckpointError of a state that does not fit."""
+def model_from_state(state: dict, where: str) -> nn.Module:
+    """The IterResNet (or NamedModel) of a checkpoint already read (load_checkpoint_state), in eval mode; `where`
+    names the file in the CheckpointError of a state that does not fit."""
     if not isinstance(state["model_config"], dict):
         raise CheckpointError(f"{where}: not an itconv-fast checkpoint (model_config is not a dict)")
+    if "source" in state["model_config"]:  # a model by name (named.py), fine-tuned by `train --model`
+        from .named import named_model_from_state
+
+        return named_model_from_state(state, where)
     try:
         model = IterResNet(**state["model_config"])
         model.load_state_dict(state["model"])
