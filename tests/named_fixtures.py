@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
+from click.testing import CliRunner
 
+from itconv_fast.cli.app import main
 from itconv_fast.data import digitclutter
 from itconv_fast.data.image_folder import write_image_folder
 
@@ -85,3 +88,63 @@ def token_windows_by_hand(directory, text, seq_len):
     n = (len(ids) - 1) // seq_len
     ids = torch.tensor(ids)
     return ids[: n * seq_len].view(n, seq_len), ids[1 : n * seq_len + 1].view(n, seq_len)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The hand computations: what a user writes with the libraries themselves, and the command line's runner.
+
+
+def invoke(args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def hand_batches(val_dir, transform):
+    """The folder's images through torchvision's ImageFolder and a DataLoader."""
+    import torchvision
+
+    dataset = torchvision.datasets.ImageFolder(str(val_dir), transform=transform, allow_empty=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=512)
+    return [(x, y) for x, y in loader]
+
+
+def torchvision_case(name, image_size):
+    """(model with seed-0 random weights, torchvision's eval transform at the crop image_size, extra CLI flags)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, num_classes=10)
+    preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    resize = round(image_size * preset.resize_size[0] / preset.crop_size[0])  # the weights' ratio at the new crop
+    from torchvision.transforms._presets import ImageClassification
+
+    return model, ImageClassification(crop_size=image_size, resize_size=resize), []
+
+
+def timm_case(name, kwargs):
+    """(model with seed-0 random weights, timm's eval transform from its data config, the --model-kwargs flags)."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **kwargs)
+    size = kwargs.get("img_size", 224)
+    config = resolve_data_config({"input_size": (3, size, size)}, model=model)
+    flags = [f"--model-kwargs={k}={v}" for k, v in kwargs.items()]
+    return model, create_transform(**config), flags
+
+
+IMAGE_CASES = {
+    "torchvision:resnet18": lambda: torchvision_case("resnet18", 32),
+    "timm:resnet18": lambda: timm_case("resnet18", {}),
+    "timm:vit_tiny_patch16_224": lambda: timm_case(
+        "vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 3}
+    ),
+}
+
+
+def assert_same_indices(written: dict, report):
+    assert written["n"] == report.n and written["error"] == pytest.approx(report.error)
+    assert len(written["stages"]) == len(report.stages)
+    for mine, theirs in zip(written["stages"], report.stages):
+        assert mine["e_conv"] == pytest.approx(theirs.e_conv) and mine["e_drop"] == pytest.approx(theirs.e_drop)
+        assert mine["e_div"] == pytest.approx(theirs.e_div)

@@ -208,3 +208,23 @@ def test_lipschitz_dropin_example_bounds_every_layer(tmp_path):
             assert row.exact <= 1.01
     assert after.product_operator <= 1 + 1e-3 < before.product_operator
     assert (tmp_path / "report.md").read_text().count("| product |") == 2
+
+
+def test_finetune_to_converge_example_runs_the_three_runs_of_each_model(tmp_path):
+    """examples/finetune_to_converge.py at a tiny size: per model an ordinary run and two fine-tunes from its
+    checkpoint, each with the indices before (those of the network it started from) and after."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "finetune_to_converge", os.path.join(ROOT, "examples", "finetune_to_converge.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(
+        ["--out", str(tmp_path), "--train-size", "128", "--val-size", "20", "--epochs", "1", "--tune-epochs", "1"]
+    )
+    assert [r["run"] for r in rows] == list(module.RUNS) * 2
+    for model in module.MODELS:
+        ordinary, *tuned = [r for r in rows if r["model"] == model]
+        assert all(r["before"] == ordinary["after"] for r in tuned)  # both start from the ordinary run's weights
+    assert (tmp_path / "results.md").read_text().count("| timm:vit_tiny_patch16_224 |") == 3

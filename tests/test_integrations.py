@@ -31,6 +31,12 @@ def _vit():
     return model, torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
 
 
+def _timm_resnet():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", num_classes=5), torch.randn(4, 3, 48, 48), torch.randint(0, 5, (4,))
+
+
 def _gpt2(layers=3):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -61,6 +67,7 @@ def _llama():
 MODELS = {
     "resnet18": lambda: _torchvision("resnet18"),
     "resnet50": lambda: _torchvision("resnet50"),
+    "timm-resnet18": _timm_resnet,
     "vit": _vit,
     "gpt2": _gpt2,
     "llama": _llama,
@@ -108,7 +115,7 @@ def test_analyze_on_a_vit():
     assert len(report.stages) == 1 and len(report.stages[0].anytime_error) == 4 + 2
 
 
-@pytest.mark.parametrize("kind", ["resnet18", "gpt2"])
+@pytest.mark.parametrize("kind", ["resnet18", "timm-resnet18", "gpt2"])
 def test_full_coupling_keeps_recurrently_initialised_blocks_identical(kind):
     model, x, y = MODELS[kind]()
     stack = residual_model(model.train())

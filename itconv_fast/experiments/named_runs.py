@@ -32,18 +32,21 @@ __all__ = [
 ]
 
 
-def named_model_of(config: TrainConfig, num_classes: Optional[int], *, with_weights: bool = True) -> NamedModel:
-    """The run's model: its name, keyword arguments and spectral normalization; with_weights: the library's
-    pretrained weights or the --weights file (without: what a checkpoint's state dict is loaded into)."""
+def named_model_of(config: TrainConfig, num_classes: Optional[int]) -> NamedModel:
+    """The run's model: its name, keyword arguments, spectral normalization and starting weights (the library's
+    pretrained ones, the --weights file, or random ones drawn from config.seed, whoever calls: the global generator
+    is left as it was)."""
     sn = None if config.sn_mu is None else {"mu": config.sn_mu, "mode": config.sn_mode}
-    return named_model(
-        config.model,
-        num_classes=num_classes,
-        kwargs=config.model_kwargs,
-        sn=sn,
-        pretrained=config.pretrained and with_weights,
-        weights=config.weights if with_weights else None,
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return named_model(
+            config.model,
+            num_classes=num_classes,
+            kwargs=config.model_kwargs,
+            sn=sn,
+            pretrained=config.pretrained,
+            weights=config.weights,
+        )
 
 
 def data_classes(config: TrainConfig) -> Optional[int]:
@@ -53,7 +56,22 @@ def data_classes(config: TrainConfig) -> Optional[int]:
 
 
 def task_for(config: TrainConfig, model: NamedModel, *, hold_out: bool) -> datasets.Task:
-    """The data of `config.data` as the model sees it (see datasets.image_folder_task and text_task for hold_out)."""
+    """The data of `config.data` as the model sees it (see datasets.image_folder_task and text_task for hold_out),
+    cut to config.train_size (a seeded, class-stratified subset of images; the first windows of a text) and
+    config.test_size (the first examples)."""
+    task = _full_task(config, model, hold_out)
+    if config.train_size is not None and config.train_size < len(task.train):
+        if task.sequence:
+            keep = torch.arange(config.train_size)
+        else:
+            keep = datasets.stratified_subset(task.train.targets, config.train_size, config.seed)
+        task.train = datasets.Split(task.train.images[keep], task.train.targets[keep])
+    if config.test_size is not None and config.test_size < len(task.test):
+        task.test = datasets.Split(task.test.images[: config.test_size], task.test.targets[: config.test_size])
+    return task
+
+
+def _full_task(config: TrainConfig, model: NamedModel, hold_out: bool) -> datasets.Task:
     kind, path = datasets.parse_data_spec(config.data)
     if kind == "imagefolder":
         prep = image_preprocessing(model)

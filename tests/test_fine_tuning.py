@@ -1,0 +1,251 @@
+"""Fine-tuning a model by name on a user's data (`train --model ... --data ...`): the indices before and after equal
+the hand computation on the weights it started from and ended with, a killed run resumes to the same weights, a
+language model fine-tunes with coupling and spectral normalization, `benefits` measures models by name, and a
+script's model is measured again only with its script named."""
+
+import json
+import math
+
+import pytest
+import torch
+from named_fixtures import (
+    assert_same_indices,
+    hand_batches,
+    image_folder,
+    invoke,
+    language_model,
+    token_windows_by_hand,
+    torchvision_case,
+)
+
+from itconv_fast import compute_indices
+from itconv_fast.models.integrations import residual_model
+
+torchvision = pytest.importorskip("torchvision")
+timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return image_folder(tmp_path_factory.mktemp("images"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning.
+
+
+def test_fine_tuning_writes_the_indices_before_and_after_and_resumes(folder, tmp_path):
+    model, transform, _ = torchvision_case("resnet18", 32)
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    common = [
+        "train",
+        "--model",
+        "torchvision:resnet18",
+        "--weights",
+        weights,
+        "--data",
+        f"imagefolder:{folder}",
+        "--image-size",
+        32,
+        "--objective",
+        "extra-iterations:1",
+        "--objective-k",
+        2,
+        "--batch-size",
+        20,
+        "--lr",
+        0.02,
+        "--epochs",
+        2,
+        "--no-progress",
+        "--compile",
+        "off",
+    ]
+    result = invoke([*common, "--out", tmp_path / "run"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    assert "indices before: error" in result.output and "indices after: error" in result.output
+    # Before: the indices of the weights handed in, on the val split, by hand.
+    data = hand_batches(folder / "val", transform)
+    before = compute_indices(residual_model(model.eval()), data, extra_iterations=16, chance_error=0.9)
+    assert_same_indices(json.loads((run / "indices_before.json").read_text()), before)
+    # After: the fine-tuned checkpoint's network, loaded into a fresh torchvision model by hand.
+    state = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    tuned = torchvision.models.resnet18(num_classes=10)
+    tuned.load_state_dict({k.removeprefix("network."): v for k, v in state.items()})
+    after = compute_indices(residual_model(tuned.eval()), data, extra_iterations=16, chance_error=0.9)
+    assert_same_indices(json.loads((run / "indices.json").read_text()), after)
+    assert not tuned.training  # measuring the stack leaves the model in the mode it was in
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["indices"]["after"]["di"] == (None if math.isnan(after.di) else pytest.approx(after.di))
+    with torch.no_grad():
+        wrong = sum(int((tuned(x).argmax(1) != y).sum()) for x, y in data)
+    assert metrics["epochs"][-1]["test_error"] == pytest.approx(wrong / 20)
+    # A killed run resumes from its last epoch and ends where the uninterrupted one did.
+    from itconv_fast.experiments.config import build_config
+    from itconv_fast.experiments.training import train
+
+    config = build_config("quick", json.loads((run / "metrics.json").read_text())["config"])
+    train(config, str(tmp_path / "part"), progress=False, stop_after_epochs=1)
+    train(config, str(tmp_path / "part"), progress=False, resume=True)
+    resumed = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
+    for key in state:
+        torch.testing.assert_close(resumed[key], state[key], rtol=0, atol=0)
+    part = json.loads((tmp_path / "part" / "metrics.json").read_text())
+    assert part["indices"]["before"] == metrics["indices"]["before"]
+    # The measuring commands rebuild the run's model from its checkpoint.
+    result = invoke(["indices", run])
+    assert result.exit_code == 0, result.output
+    assert_same_indices(json.loads((run / "indices.json").read_text()), after)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
+def test_fine_tuning_a_language_model_with_coupling_and_spectral_norm(kind, tmp_path):
+    directory, text = language_model(tmp_path, kind)
+    result = invoke(
+        [
+            "train",
+            "--model",
+            f"hf:{directory}",
+            "--pretrained",
+            "--data",
+            f"text:{text}",
+            "--seq-len",
+            12,
+            "--lam",
+            0.5,
+            "--sn-mu",
+            0.9,
+            "--objective",
+            "extra-iterations:1",
+            "--objective-k",
+            2,
+            "--batch-size",
+            16,
+            "--lr",
+            0.02,
+            "--epochs",
+            2,
+            "--no-progress",
+            "--compile",
+            "off",
+            "--out",
+            tmp_path / "run",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["indices"]) == {"before", "after"}
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    normalised = {k for k in state if ".parametrizations.weight.original" in k}
+    assert normalised and all(".h." in k or ".layers." in k for k in normalised)  # the blocks' layers only
+    # The next-token error of the last epoch, by hand: the test split is the text's last 20% of windows.
+    inputs, targets = token_windows_by_hand(directory, text, 12)
+    held = max(1, round(0.2 * len(inputs)))
+    result = invoke(["indices", tmp_path / "run", "--extra-iterations", 2])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "indices.json").read_text())["n"] == held
+    assert 0 <= metrics["epochs"][-1]["test_error"] <= 1
+
+
+def test_benefits_of_models_by_name(folder, tmp_path):
+    directory, text = language_model(tmp_path, "gpt2")
+    base = [
+        "benefits",
+        "--model",
+        f"hf:{directory}",
+        "--pretrained",
+        "--data",
+        f"text:{text}",
+        "--seq-len",
+        12,
+        "--extra-iterations",
+        2,
+        "--ks",
+        "0,2",
+    ]
+    result = invoke([*base, "--measures", "thinking-longer", "--noise-sigma", 0, "--out", tmp_path])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads((tmp_path / "benefits.json").read_text())["thinking_longer"]) == {"test set"}
+    refused = invoke([*base, "--measures", "robustness"])
+    assert refused.exit_code == 2 and "token ids" in refused.output
+    image = invoke(
+        [
+            "benefits",
+            "--model",
+            "torchvision:resnet18",
+            "--data",
+            f"imagefolder:{folder}",
+            "--image-size",
+            32,
+            "--extra-iterations",
+            2,
+            "--ks",
+            "0,2",
+            "--pgd-steps",
+            2,
+            "--epsilons",
+            "0.03",
+            "--sigmas",
+            "0.1",
+            "--taus",
+            "0.1",
+            "--confidences",
+            "0.9",
+            "--agreements",
+            "1",
+        ]
+    )
+    assert image.exit_code == 0, image.output
+    assert "noise sigma 0.1" in image.output and "PGD eps 0.03" in image.output
+
+
+def test_a_script_models_run_is_measured_with_its_script_named_again(folder, tmp_path):
+    script = tmp_path / "models.py"
+    script.write_text(
+        "import torchvision\ndef build(num_classes):\n    return torchvision.models.resnet18(num_classes=num_classes)\n"
+    )
+    result = invoke(
+        [
+            "train",
+            "--model",
+            f"{script}:build",
+            "--data",
+            f"imagefolder:{folder}",
+            "--image-size",
+            32,
+            "--epochs",
+            1,
+            "--batch-size",
+            16,
+            "--no-progress",
+            "--compile",
+            "off",
+            "--out",
+            tmp_path / "r",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    refused = invoke(["indices", tmp_path / "r"])
+    assert refused.exit_code == 2 and "which a checkpoint does not run" in refused.output
+    again = invoke(
+        [
+            "indices",
+            "--model",
+            f"{script}:build",
+            "--weights",
+            tmp_path / "r" / "checkpoint.pt",
+            "--data",
+            f"imagefolder:{folder}",
+            "--image-size",
+            32,
+            "--out",
+            tmp_path / "m",
+        ]
+    )
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "m" / "indices.json").read_text()) == json.loads(
+        (tmp_path / "r" / "indices.json").read_text()
+    )
