@@ -321,14 +321,13 @@ def train(
         f"(chance {metrics['chance_error']:.4f}), train loss {last['train_loss']:.4f}; wrote {out}/metrics.json, "
         f"{out}/checkpoint.pt"
     )
-    for when, summary in metrics.get("indices", {}).items():
-        echo(
-            f"indices {when}: error {summary['error']:.4f}, "
-            + ", ".join(
-                f"{k.upper()} {summary[k]:.3f}" if summary[k] is not None else f"{k.upper()} -"
-                for k in ("ci", "ri", "di")
-            )
-        )
+    for when, summary in metrics.get("indices", {}).items():  # a named model's, before and after fine-tuning
+        values = ", ".join(f"{k.upper()} {_number(summary[k], '.3f')}" for k in ("ci", "ri", "di"))
+        echo(f"indices {when}: error {_number(summary['error'], '.4f')}, {values} (undefined: -)")
+
+
+def _number(value, spec: str) -> str:
+    return "-" if value is None or value != value else format(value, spec)  # None (from JSON) or NaN: undefined
 
 
 def describe_run(config, task) -> str:

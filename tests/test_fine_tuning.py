@@ -14,12 +14,14 @@ from named_fixtures import (
     image_folder,
     invoke,
     language_model,
+    timm_case,
     token_windows_by_hand,
     torchvision_case,
 )
 
 from itconv_fast import compute_indices
 from itconv_fast.models.integrations import residual_model
+from itconv_fast.models.residual import sequence_error
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -249,3 +251,101 @@ def test_a_script_models_run_is_measured_with_its_script_named_again(folder, tmp
     assert json.loads((tmp_path / "m" / "indices.json").read_text()) == json.loads(
         (tmp_path / "r" / "indices.json").read_text()
     )
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _library_model(spec, kwargs, tuned_state):
+    """The library's own model with a fine-tuned run's weights, loaded by hand."""
+    if spec.startswith("hf:"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(spec[3:])
+    elif spec.startswith("timm:"):
+        model = timm.create_model(spec[5:], num_classes=10, **kwargs)
+    else:
+        model = torchvision.models.get_model(spec.split(":")[1], num_classes=10)
+    model.load_state_dict({k.removeprefix("network."): v for k, v in tuned_state.items()})
+    return model.eval()
+
+
+FINE_TUNED = {
+    "timm:resnet18": ({}, None),
+    "timm:vit_tiny_patch16_224": ({"img_size": 32, "patch_size": 8, "depth": 3}, None),
+    "torchvision:resnet50": ({}, 32),
+    "gpt2": ({}, None),
+    "llama": ({}, None),
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "timm:resnet18",
+        "timm:vit_tiny_patch16_224",
+        "gpt2",
+        *(pytest.param(c, marks=pytest.mark.slow) for c in ("torchvision:resnet50", "llama")),
+    ],
+)
+def test_a_fine_tuned_networks_indices_and_error_equal_the_hand_computation(case, folder, tmp_path):
+    """Fine-tuned with coupling and the extra-iteration loss; the checkpoint's network, loaded by hand into the
+    library's own model, gives the indices.json and the last epoch's test error that train wrote."""
+    kwargs, image_size = FINE_TUNED[case]
+    if case in ("gpt2", "llama"):
+        directory, text = language_model(tmp_path, case)
+        spec, data, extra = f"hf:{directory}", f"text:{text}", ["--pretrained", "--seq-len", 12]
+    else:
+        spec, data = case, f"imagefolder:{folder}"
+        extra = [f"--model-kwargs={k}={v}" for k, v in kwargs.items()] + (
+            ["--image-size", image_size] if image_size else []
+        )
+    result = invoke(
+        [
+            "train",
+            "--model",
+            spec,
+            "--data",
+            data,
+            *extra,
+            "--lam",
+            0.5,
+            "--objective",
+            "extra-iterations:1",
+            "--objective-k",
+            2,
+            "--batch-size",
+            16,
+            "--lr",
+            0.02,
+            "--epochs",
+            1,
+            "--no-progress",
+            "--compile",
+            "off",
+            "--out",
+            tmp_path / "run",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    model = _library_model(spec, kwargs, torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"])
+    if case in ("gpt2", "llama"):
+        inputs, targets = token_windows_by_hand(directory, text, 12)
+        held = max(1, round(0.2 * len(inputs)))
+        data_by_hand = [(inputs[-held:], targets[-held:])]
+        error_fn, chance = sequence_error, 1 - 1 / model.config.vocab_size
+    else:
+        if case.startswith("timm:"):
+            _, transform, _ = timm_case(case[5:], kwargs)
+        else:
+            _, transform, _ = torchvision_case(case.split(":")[1], image_size)
+        data_by_hand = hand_batches(folder / "val", transform)
+        error_fn, chance = None, 0.9
+    report = compute_indices(
+        residual_model(model), data_by_hand, extra_iterations=16, error_fn=error_fn, chance_error=chance
+    )
+    assert_same_indices(json.loads((tmp_path / "run" / "indices.json").read_text()), report)
+    with torch.no_grad():
+        wrong = sum(int(_logits(model(x)).argmax(-1).ne(y).sum()) for x, y in data_by_hand)
+    scored = sum(y.numel() for _, y in data_by_hand)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["epochs"][-1]["test_error"] == pytest.approx(wrong / scored)

@@ -280,6 +280,7 @@ def test_a_run_configuration_names_its_model_and_data_together():
 
     config = build_config("quick", {"model": "timm:resnet18", "data": "imagefolder:x", "model_kwargs": {"a": [1]}})
     assert config.model_kwargs == {"a": [1]} and config.seq_len == 64
+    assert config.train_size is None and config.test_size is None  # not the quick preset's 12,000 / 2,000
     for values, key in (
         ({"model": "timm:resnet18"}, "data"),
         ({"data": "imagefolder:x"}, "model"),

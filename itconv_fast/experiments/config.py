@@ -312,12 +312,16 @@ def _check_keys(values: dict, where: str) -> None:
 
 
 def build_config(preset: str = "quick", values: Optional[dict] = None) -> TrainConfig:
-    """The preset's values, then every entry of `values` as given (None included: `sn_mu: null` is off)."""
+    """The preset's values, then every entry of `values` as given (None included: `sn_mu: null` is off). With a
+    model by name the preset's train_size and test_size (its data sets') are not used."""
     values = dict(values or {})
     _check_keys(values, "configuration")
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}; got {preset!r}", "preset")
     merged = dict(PRESETS[preset])
+    if values.get("model") is not None:  # a preset's data sizes are those of the library's data sets, not a user's
+        merged.pop("train_size", None)
+        merged.pop("test_size", None)
     merged.update(values)
     merged["preset"] = preset
     return TrainConfig(**merged)
