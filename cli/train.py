@@ -126,6 +126,12 @@ def parse_objectives(ctx, param, values):
     default=None,
     help="The target sigma of jacobian-spectral: max(0, sigma - rho)^2 is penalised (default 0.9).",
 )
+@click.option(
+    "--freeze-bn",
+    is_flag=True,
+    default=None,
+    help="BatchNorm layers normalise with their running statistics throughout training (fine-tuning's frozen BN).",
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option(
@@ -189,6 +195,7 @@ def train(
     objectives,
     objective_k,
     objective_rho,
+    freeze_bn,
     epochs,
     batch_size,
     accumulate,
@@ -244,6 +251,7 @@ def train(
         objectives=objectives,
         objective_k=objective_k,
         objective_rho=objective_rho,
+        freeze_bn=freeze_bn or None,
         epochs=epochs,
         batch_size=batch_size,
         accumulate=accumulate,

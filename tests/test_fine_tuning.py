@@ -349,3 +349,49 @@ def test_a_fine_tuned_networks_indices_and_error_equal_the_hand_computation(case
     scored = sum(y.numel() for _, y in data_by_hand)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["epochs"][-1]["test_error"] == pytest.approx(wrong / scored)
+
+
+def test_frozen_batchnorm_trains_with_the_running_statistics_and_keeps_them(folder, tmp_path):
+    model, _, _ = torchvision_case("resnet18", 32)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    result = invoke(
+        [
+            "train",
+            "--model",
+            "torchvision:resnet18",
+            "--weights",
+            tmp_path / "w.pt",
+            "--data",
+            f"imagefolder:{folder}",
+            "--image-size",
+            32,
+            "--freeze-bn",
+            "--objective",
+            "extra-iterations:1",
+            "--objective-k",
+            2,
+            "--batch-size",
+            16,
+            "--lr",
+            0.02,
+            "--epochs",
+            1,
+            "--no-progress",
+            "--compile",
+            "off",
+            "--out",
+            tmp_path / "run",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    before = model.state_dict()
+    for key in before:
+        if "running_" in key or "num_batches_tracked" in key:
+            torch.testing.assert_close(state["network." + key], before[key], rtol=0, atol=0)
+    assert any(not torch.equal(state["network." + k], before[k]) for k in before if k.endswith("bn1.weight"))
+    from itconv_fast.experiments.training_run import freeze_batchnorm
+
+    model.train()
+    freeze_batchnorm(model)
+    assert model.training and not model.bn1.training and model.layer1[0].conv1.training

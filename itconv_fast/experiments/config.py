@@ -82,6 +82,7 @@ class TrainConfig:
     objectives: dict = field(default_factory=dict)  # extra loss terms, {name: weight} (itconv_fast.objectives)
     objective_k: int = 16  # K_train of the extra-iteration loss
     objective_rho: float = 0.9  # the target sigma of the spectral Jacobian penalty
+    freeze_bn: bool = False  # BatchNorm layers normalise with their running statistics, which stay as they are
     # A model by name (models/named.py: torchvision:NAME, timm:NAME, hf:NAME_OR_PATH, file.py:FUNCTION) trained on
     # a user's data (imagefolder:DIR, text:FILE) instead of the paper's IterResNet on `dataset`.
     model: Optional[str] = None
@@ -291,6 +292,7 @@ _CHECKS = {
     "objectives": _objectives,
     "objective_k": _int(1),
     "objective_rho": _float(0.0),
+    "freeze_bn": _bool,
     "model": _model_name,
     "model_kwargs": _kwargs,
     "weights": _text(True),

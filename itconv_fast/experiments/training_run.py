@@ -41,6 +41,7 @@ __all__ = [
     "evaluate",
     "resolve_device",
     "objective_values",
+    "freeze_batchnorm",
     "CPU_CHANNELS_LAST_MIN_WIDTH",
 ]
 
@@ -87,6 +88,15 @@ def _load_task(config: TrainConfig, rank: int, model=None) -> datasets.Task:
         train_size=config.train_size, test_size=config.test_size, seed=config.seed,
         cache_dir=config.cache_dir or datasets.default_cache_dir(),
     )  # fmt: skip
+
+
+def freeze_batchnorm(model: torch.nn.Module) -> None:
+    """Puts every BatchNorm layer in eval mode: it normalises with its running statistics and does not update them
+    (its affine parameters still train). Training then computes what evaluation does, extra iterations of an
+    objective included."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def _init_distributed(device: torch.device) -> tuple[torch.device, int, int, bool]:
@@ -190,6 +200,8 @@ class TrainingRun:
         config, task, step = self.config, self.task, self.step
         started = time.perf_counter()
         self.model.train()
+        if config.freeze_bn:  # fine-tuning's frozen BatchNorm: the running statistics, in every forward
+            freeze_batchnorm(self.model)
         order = torch.randperm(len(task.train), generator=self.generator)
         # Each global batch is cut into world x accumulate equal micro-batches; micro-batch m of rank r is
         # part r * accumulate + m. So N processes and N accumulation steps see the same examples per step.
