@@ -312,3 +312,16 @@ def test_random_weights_are_drawn_from_the_runs_seed(folder, tmp_path):
     second = invoke([*args, "--out", tmp_path / "b"])
     assert first.exit_code == second.exit_code == 0, first.output
     assert (tmp_path / "a" / "indices.json").read_text() == (tmp_path / "b" / "indices.json").read_text()
+
+
+def test_measuring_reads_the_held_out_split_alone(tmp_path):
+    root = image_folder(tmp_path, train=12, val=10)
+    (root / "train" / "3" / "broken.png").write_bytes(b"not an image")
+    prep = ImagePreprocessing(32, 36)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # train/ and its broken file are never opened
+        task = image_folder_task(str(root), prep, hold_out=False)
+    assert len(task.train) == 0 and len(task.test) == 10
+    with pytest.warns(RuntimeWarning, match="skipped 1 of 13"):
+        task = image_folder_task(str(root), prep, hold_out=True)
+    assert (len(task.train), len(task.test), task.info["skipped_images"]) == (12, 10, 1)

@@ -331,11 +331,11 @@ def _held_out_count(n: int, where: str) -> int:
 def image_folder_task(root: str, prep, *, hold_out: bool) -> Task:
     """A task of a folder in ImageFolder layout (image_folder.py), at the preprocessing `prep`
     (image_folder.ImagePreprocessing). With train/ and val/: those splits. One split: with hold_out, a fixed
-    class-stratified 20% (seed 0) is the test set and the rest trains; without, everything is the test set (the
-    measuring commands) and the training split is empty."""
+    class-stratified 20% (seed 0) is the test set and the rest trains; without hold_out (the measuring commands),
+    the test set is val/ (or everything, for one split), and the training split is empty (train/ is not read)."""
     from .image_folder import image_folder_splits
 
-    train, held = image_folder_splits(root, prep)
+    train, held = image_folder_splits(root, prep, with_train=hold_out)  # measuring reads the held-out split alone
     if train is not None:
         train_split, test_split = Split(train.images, train.targets), Split(held.images, held.targets)
     elif hold_out:

@@ -135,16 +135,19 @@ def folder_classes(root: str) -> list:
         raise DatasetFilesError(f"{root}: no class folders ({exc})") from None
 
 
-def image_folder_splits(root: str, prep: ImagePreprocessing) -> tuple[Optional[FolderImages], FolderImages]:
+def image_folder_splits(
+    root: str, prep: ImagePreprocessing, *, with_train: bool = True
+) -> tuple[Optional[FolderImages], FolderImages]:
     """(train, held out) of a folder with train/ and val/ (or validation/, test/), or (None, everything) for a
-    folder of class folders alone."""
+    folder of class folders alone. with_train=False reads the held-out split alone (train is then None)."""
     held_out = next((os.path.join(root, n) for n in HELD_OUT_SPLITS if os.path.isdir(os.path.join(root, n))), None)
     train_dir = os.path.join(root, "train")
     if os.path.isdir(train_dir):
         if held_out is None:
             raise DatasetFilesError(f"{root}: has train/ but no {'/, '.join(HELD_OUT_SPLITS)}/ beside it")
-        train = read_image_folder(train_dir, prep)
-        return train, read_image_folder(held_out, prep, classes=train.classes)
+        classes = folder_classes(root)
+        train = read_image_folder(train_dir, prep) if with_train else None
+        return train, read_image_folder(held_out, prep, classes=classes)
     return None, read_image_folder(root, prep)
 
 
