@@ -31,7 +31,7 @@ def _joined(values) -> str:
     "--out",
     type=click.Path(file_okay=False),
     default=None,
-    help="With --model: the directory for benefits.json; not written without it.",
+    help="The directory for benefits.json: by default beside a run's checkpoint; with --model, not written without it.",
 )
 @click.option(
     "--measures",
@@ -184,7 +184,7 @@ def benefits(
         path = model_name
     else:
         path = checkpoint_path(run, device)
-        folder = os.path.dirname(os.path.abspath(path))
+        folder = out or os.path.dirname(os.path.abspath(path))
     with measuring_errors(path), _refused_measures():
         result = benefits_of_run(
             path,

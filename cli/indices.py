@@ -18,7 +18,8 @@ from .run_access import checkpoint_path, measuring_errors
     "--out",
     type=click.Path(file_okay=False),
     default=None,
-    help="With --model: the directory for indices.json (and analysis.json); not written without it.",
+    help="The directory for indices.json (and analysis.json): by default beside a run's checkpoint; with --model, "
+    "not written without it.",
 )
 @click.option(
     "--extra-iterations",
@@ -86,8 +87,8 @@ def indices(run, model_name, model_kwargs, weights, pretrained, data_spec, image
         path, folder, name = data_spec, out, model_name
     else:
         path = checkpoint_path(run, device)
-        folder = os.path.dirname(os.path.abspath(path))
-        name = os.path.basename(folder)
+        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        folder = out or os.path.dirname(os.path.abspath(path))
     analysis = None
     with measuring_errors(path):
         if run is not None:

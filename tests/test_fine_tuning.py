@@ -97,10 +97,10 @@ def test_fine_tuning_writes_the_indices_before_and_after_and_resumes(folder, tmp
         torch.testing.assert_close(resumed[key], state[key], rtol=0, atol=0)
     part = json.loads((tmp_path / "part" / "metrics.json").read_text())
     assert part["indices"]["before"] == metrics["indices"]["before"]
-    # The measuring commands rebuild the run's model from its checkpoint.
-    result = invoke(["indices", run])
+    # The measuring commands rebuild the run's model from its checkpoint (and write where --out says).
+    result = invoke(["indices", run, "--out", tmp_path / "elsewhere"])
     assert result.exit_code == 0, result.output
-    assert_same_indices(json.loads((run / "indices.json").read_text()), after)
+    assert_same_indices(json.loads((tmp_path / "elsewhere" / "indices.json").read_text()), after)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
