@@ -13,9 +13,9 @@ from itconv_fast.experiments.benefits import BENEFIT_MEASURES
 from itconv_fast.measures.adaptive_depth import DEFAULT_AGREEMENTS, DEFAULT_CONFIDENCES, DEFAULT_TAUS
 from itconv_fast.measures.robustness import DEFAULT_EPSILONS, DEFAULT_SIGMAS
 
-from .model_options import measured_named_model, model_flags, model_options
+from .model_options import measuring_target, model_flags, model_options
 from .params import CommaList, FiniteFloatRange
-from .run_access import checkpoint_path, measuring_errors
+from .run_access import measuring_errors
 
 MEASURE_CHOICES = BENEFIT_MEASURES  # the library's list: one place names the measures
 
@@ -176,15 +176,7 @@ def benefits(
     from itconv_fast.io.checkpoint import atomic_write_json
 
     flags = model_flags(model_name, model_kwargs, weights, pretrained, data_spec, image_size, seq_len)
-    if run is not None and flags:
-        raise click.UsageError("give a RUN or --model with --data, not both")
-    found, folder = None, out
-    if run is None:
-        found = measured_named_model(flags, batch_size=batch_size, test_size=test_size, device=device)
-        path = model_name
-    else:
-        path = checkpoint_path(run, device)
-        folder = out or os.path.dirname(os.path.abspath(path))
+    found, path, folder = measuring_target(run, flags, out, batch_size=batch_size, test_size=test_size, device=device)
     with measuring_errors(path), _refused_measures():
         result = benefits_of_run(
             path,

@@ -6,9 +6,9 @@ import os
 
 import click
 
-from .model_options import measured_named_model, model_flags, model_options
+from .model_options import measuring_target, model_flags, model_options
 from .params import FiniteFloatRange
-from .run_access import checkpoint_path, measuring_errors
+from .run_access import measuring_errors
 
 
 @click.command()
@@ -80,15 +80,8 @@ def indices(run, model_name, model_kwargs, weights, pretrained, data_spec, image
     from itconv_fast.measures.indices import compute_indices
 
     flags = model_flags(model_name, model_kwargs, weights, pretrained, data_spec, image_size, seq_len)
-    if run is not None and flags:
-        raise click.UsageError("give a RUN or --model with --data, not both")
-    if run is None:
-        found = measured_named_model(flags, batch_size=batch_size, test_size=test_size, device=device)
-        path, folder, name = data_spec, out, model_name
-    else:
-        path = checkpoint_path(run, device)
-        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-        folder = out or os.path.dirname(os.path.abspath(path))
+    found, path, folder = measuring_target(run, flags, out, batch_size=batch_size, test_size=test_size, device=device)
+    name = model_name if run is None else os.path.basename(os.path.dirname(os.path.abspath(path)))
     analysis = None
     with measuring_errors(path):
         if run is not None:

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from typing import NamedTuple, Optional
 
 import click
 
-__all__ = ["model_options", "model_flags", "named_loading_errors", "measured_named_model"]
+__all__ = ["model_options", "model_flags", "named_loading_errors", "measured_named_model", "measuring_target"]
 
 
 def _parse_kwargs(ctx, param, values):
@@ -141,3 +143,23 @@ def measured_named_model(flags: dict, *, batch_size: int, test_size, device: str
     with named_loading_errors():
         model, task = named_model_and_task(config, hold_out=False)
     return named_evaluation(model.to(dev).eval(), task, config, batch_size, test_size, dev)
+
+
+class MeasuringTarget(NamedTuple):
+    found: Optional[object]  # a named model's RunEvaluation; None: the command reads the run's checkpoint
+    path: str  # the run's checkpoint.pt, or the model's name (what errors name)
+    folder: Optional[str]  # where the results go; None: not written
+
+
+def measuring_target(run, flags: dict, out, *, batch_size: int, test_size, device: str) -> MeasuringTarget:
+    """What a measuring command measures: RUN (its checkpoint checked; results beside it unless --out), or
+    --model with --data (measured_named_model; results in --out only). Both, or neither, is a usage error."""
+    from .run_access import checkpoint_path
+
+    if run is not None and flags:
+        raise click.UsageError("give a RUN or --model with --data, not both")
+    if run is None:
+        found = measured_named_model(flags, batch_size=batch_size, test_size=test_size, device=device)
+        return MeasuringTarget(found, flags["model"], out)
+    path = checkpoint_path(run, device)
+    return MeasuringTarget(None, path, out or os.path.dirname(os.path.abspath(path)))

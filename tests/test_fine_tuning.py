@@ -28,6 +28,11 @@ timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
 
+# The fine-tuning runs' flags: the extra-iteration loss at K_train 2, small batches; no progress bars, no compile.
+TUNE = ["--objective", "extra-iterations:1", "--objective-k", 2, "--batch-size", 16, "--lr", 0.02]
+QUIET = ["--no-progress", "--compile", "off"]
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return image_folder(tmp_path_factory.mktemp("images"))
@@ -51,19 +56,10 @@ def test_fine_tuning_writes_the_indices_before_and_after_and_resumes(folder, tmp
         f"imagefolder:{folder}",
         "--image-size",
         32,
-        "--objective",
-        "extra-iterations:1",
-        "--objective-k",
-        2,
-        "--batch-size",
-        20,
-        "--lr",
-        0.02,
+        *TUNE,
         "--epochs",
         2,
-        "--no-progress",
-        "--compile",
-        "off",
+        *QUIET,
     ]
     result = invoke([*common, "--out", tmp_path / "run"])
     assert result.exit_code == 0, result.output
@@ -120,19 +116,10 @@ def test_fine_tuning_a_language_model_with_coupling_and_spectral_norm(kind, tmp_
             0.5,
             "--sn-mu",
             0.9,
-            "--objective",
-            "extra-iterations:1",
-            "--objective-k",
-            2,
-            "--batch-size",
-            16,
-            "--lr",
-            0.02,
+            *TUNE,
             "--epochs",
             2,
-            "--no-progress",
-            "--compile",
-            "off",
+            *QUIET,
             "--out",
             tmp_path / "run",
         ]
@@ -222,9 +209,7 @@ def test_a_script_models_run_is_measured_with_its_script_named_again(folder, tmp
             1,
             "--batch-size",
             16,
-            "--no-progress",
-            "--compile",
-            "off",
+            *QUIET,
             "--out",
             tmp_path / "r",
         ]
@@ -309,19 +294,10 @@ def test_a_fine_tuned_networks_indices_and_error_equal_the_hand_computation(case
             *extra,
             "--lam",
             0.5,
-            "--objective",
-            "extra-iterations:1",
-            "--objective-k",
-            2,
-            "--batch-size",
-            16,
-            "--lr",
-            0.02,
+            *TUNE,
             "--epochs",
             1,
-            "--no-progress",
-            "--compile",
-            "off",
+            *QUIET,
             "--out",
             tmp_path / "run",
         ]
@@ -366,19 +342,10 @@ def test_frozen_batchnorm_trains_with_the_running_statistics_and_keeps_them(fold
             "--image-size",
             32,
             "--freeze-bn",
-            "--objective",
-            "extra-iterations:1",
-            "--objective-k",
-            2,
-            "--batch-size",
-            16,
-            "--lr",
-            0.02,
+            *TUNE,
             "--epochs",
             1,
-            "--no-progress",
-            "--compile",
-            "off",
+            *QUIET,
             "--out",
             tmp_path / "run",
         ]

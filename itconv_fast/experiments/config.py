@@ -15,6 +15,7 @@ naming the file.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -222,28 +223,19 @@ def _objectives(key, v):
     return checked
 
 
-def _model_name(key, v):
-    if v is None:
-        return None
-    from ..models.named import ModelNameError, parse_model_name
+def _spec(module: str, parser: str):
+    """A string or None that module.parser accepts (imported when first used; it raises ValueError otherwise)."""
 
-    try:
-        parse_model_name(_text(False)(key, v))
-    except ModelNameError as exc:
-        raise ConfigError(f"{key}: {exc}", key) from None
-    return v
+    def check(key, v):
+        if v is None:
+            return None
+        try:
+            getattr(importlib.import_module(module, __package__), parser)(_text(False)(key, v))
+        except ValueError as exc:  # ModelNameError is one
+            raise ConfigError(f"{key}: {exc}", key) from None
+        return v
 
-
-def _data_spec(key, v):
-    if v is None:
-        return None
-    from ..data.datasets import parse_data_spec
-
-    try:
-        parse_data_spec(_text(False)(key, v))
-    except ValueError as exc:
-        raise ConfigError(f"{key}: {exc}", key) from None
-    return v
+    return check
 
 
 def _kwargs(key, v):
@@ -293,11 +285,11 @@ _CHECKS = {
     "objective_k": _int(1),
     "objective_rho": _float(0.0),
     "freeze_bn": _bool,
-    "model": _model_name,
+    "model": _spec("..models.named", "parse_model_name"),
     "model_kwargs": _kwargs,
     "weights": _text(True),
     "pretrained": _bool,
-    "data": _data_spec,
+    "data": _spec("..data.datasets", "parse_data_spec"),
     "image_size": _int(1, True),
     "seq_len": _int(1),
 }

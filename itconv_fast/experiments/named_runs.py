@@ -121,21 +121,17 @@ def task_batches(task: datasets.Task, batch_size: int, device) -> list:
 def measure_indices(
     model: torch.nn.Module, task: datasets.Task, device, *, batch_size: int = 128, extra_iterations: int = 16
 ) -> IndexReport:
-    """The indices of the model on the task's test split (in eval mode; its train/eval mode is kept)."""
-    was = model.training
-    model.eval()
-    try:
-        score = scoring(task)
-        return compute_indices(
-            model,
-            task_batches(task, batch_size, device),
-            extra_iterations=extra_iterations,
-            chance_error=score.chance_error,
-            error_fn=score.error_fn,
-            batch_size=batch_size,
-        )
-    finally:
-        model.train(was)
+    """The indices of the model on the task's test split (compute_indices evaluates in eval mode and puts the
+    model's mode back)."""
+    score = scoring(task)
+    return compute_indices(
+        model,
+        task_batches(task, batch_size, device),
+        extra_iterations=extra_iterations,
+        chance_error=score.chance_error,
+        error_fn=score.error_fn,
+        batch_size=batch_size,
+    )
 
 
 def write_indices(model: torch.nn.Module, task: datasets.Task, device, path: str) -> dict:

@@ -135,6 +135,23 @@ def _one_line(exc: BaseException) -> str:
     return first if len(first) <= 200 else first[:197] + "..."
 
 
+def _load_untrusted(path: str, map_location, what: str):
+    """A file a user hands us: a .safetensors file, or a torch file read with weights_only=True. Any failure is
+    one CheckpointError line naming the file and `what` it should have been."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path, device=str(map_location))
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure of an untrusted file is the same one-line error
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it holds objects other than tensors and plain values (refused: loading them could run code)"
+        else:
+            reason = _one_line(exc)
+        raise CheckpointError(f"{path}: not a readable {what}: {reason}") from None
+
+
 def load_checkpoint_state(path: str, map_location="cpu", required=("model", "model_config")) -> dict:
     """The state dict of a checkpoint (a file, or a run directory holding checkpoint.pt), read with
     weights_only=True. Raises FileNotFoundError if it is missing and CheckpointError if it is not a
@@ -144,14 +161,7 @@ def load_checkpoint_state(path: str, map_location="cpu", required=("model", "mod
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure of an untrusted file is the same one-line error
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            reason = "it holds objects other than tensors and plain values (refused: loading them could run code)"
-        else:
-            reason = _one_line(exc)
-        raise CheckpointError(f"{path}: not a readable itconv-fast checkpoint: {reason}") from None
+    state = _load_untrusted(path, map_location, "itconv-fast checkpoint")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not an itconv-fast checkpoint (a {type(state).__name__}, not a dict)")
     missing = [key for key in required if key not in state]
@@ -166,19 +176,7 @@ def load_state_dict_file(path: str, map_location="cpu") -> dict:
     checkpoint among them). Raises FileNotFoundError or CheckpointError, one line naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no weights file at {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path, device=str(map_location))
-        else:
-            state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure of an untrusted file is the same one-line error
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            reason = "it holds objects other than tensors and plain values (refused: loading them could run code)"
-        else:
-            reason = _one_line(exc)
-        raise CheckpointError(f"{path}: not a readable state dict: {reason}") from None
+    state = _load_untrusted(path, map_location, "state dict")
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):

@@ -325,18 +325,9 @@ def named_model_from_state(state: dict, where: str) -> NamedModel:
                 f"{where}: its model comes from a script ({source}), which a checkpoint does not run; measure it with "
                 f"--model {source} --weights {where}"
             )
-        sn = config.get("sn")
-        model = NamedModel(
-            create_network(source, num_classes=config.get("num_classes"), kwargs=config.get("kwargs")),
-            {
-                "source": source,
-                "num_classes": config.get("num_classes"),
-                "kwargs": dict(config.get("kwargs") or {}),
-                "sn": sn,
-            },
+        model = named_model(
+            source, num_classes=config.get("num_classes"), kwargs=config.get("kwargs"), sn=config.get("sn")
         )
-        if sn is not None:
-            apply_spectral_norm(model, sn["mu"], sn["mode"])
         model.load_state_dict(state["model"])
     except (ModelNameError, TypeError, KeyError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
