@@ -1,12 +1,15 @@
-"""`itconv-fast lipschitz`: per-layer Lipschitz constants of a model script or a checkpoint."""
+"""`itconv-fast lipschitz`: per-layer Lipschitz constants of a model script, a checkpoint or a model by name."""
 
 from __future__ import annotations
 
 import click
 
+from .model_options import model_options, named_loading_errors
+
 
 @click.command()
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source", type=click.Path(exists=True), required=False)
+@model_options(data=False)
 @click.option(
     "--power-iterations",
     type=click.IntRange(min=1),
@@ -30,23 +33,54 @@ import click
     help="Also write the report as JSON here.",
 )
 @click.option("--markdown", is_flag=True, help="Print a Markdown table instead of the text table.")
-def lipschitz(source, power_iterations, gram_iterations, no_gram, json_out, markdown) -> None:
+def lipschitz(
+    source,
+    power_iterations,
+    gram_iterations,
+    no_gram,
+    json_out,
+    markdown,
+    model_name,
+    model_kwargs,
+    weights,
+    pretrained,
+    image_size,
+    seq_len,
+) -> None:
     """Per-layer Lipschitz constants of a model: SOURCE is a training checkpoint (run directory or
-    checkpoint.pt) or a Python script.
+    checkpoint.pt, also of a model fine-tuned by name) or a Python script; or, without SOURCE, --model SPEC
+    (with --weights, --pretrained, --model-kwargs; zeros of --image-size / --seq-len as the example input).
 
     A script must define `model` (an nn.Module) or `build_model()`, and `example_input` (a tensor) or
     `example_input()`; it runs as Python, so only pass scripts you trust (checkpoints are read with
     weights_only=True). Prints matrix, operator, Gram-bound and (circular padding) exact sigma per layer.
     """
-    from itconv_fast.experiments.model_source import ModelScriptError, load_model_source
+    from itconv_fast.experiments.model_source import ModelScriptError, load_model_source, load_named_source
     from itconv_fast.measures.lipschitz import lipschitz_report
 
-    try:
-        model, example = load_model_source(source)
-    except ModelScriptError as exc:  # the user's script failed
-        raise click.ClickException(str(exc)) from None
-    except ValueError as exc:  # not a usable script or checkpoint (CheckpointError included)
-        raise click.BadParameter(str(exc), param_hint="SOURCE") from None
+    named = dict(model_kwargs=model_kwargs, weights=weights, pretrained=pretrained)
+    if (source is None) == (model_name is None):
+        raise click.UsageError("give a SOURCE (a script or a run) or --model SPEC, not both")
+    if source is not None and any(named.values()):
+        given = next(k for k, v in named.items() if v)
+        raise click.UsageError(f"--{given.replace('_', '-')} goes with --model")
+    if model_name is not None:
+        with named_loading_errors():
+            model, example = load_named_source(
+                model_name,
+                kwargs=model_kwargs,
+                weights=weights,
+                pretrained=bool(pretrained),
+                image_size=image_size,
+                seq_len=seq_len,
+            )
+    else:
+        try:
+            model, example = load_model_source(source)
+        except ModelScriptError as exc:  # the user's script failed
+            raise click.ClickException(str(exc)) from None
+        except ValueError as exc:  # not a usable script or checkpoint (CheckpointError included)
+            raise click.BadParameter(str(exc), param_hint="SOURCE") from None
     report = lipschitz_report(
         model, example, power_iterations=power_iterations, gram_iterations=gram_iterations, gram=not no_gram
     )

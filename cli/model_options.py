@@ -28,6 +28,15 @@ def _parse_kwargs(ctx, param, values):
     return out or None
 
 
+_DATA_OPTION = click.option(
+    "--data",
+    "data_spec",
+    default=None,
+    metavar="SPEC",
+    help="imagefolder:DIR (torchvision's ImageFolder layout: train/ and val/, or class folders alone) or "
+    "text:FILE (next-token error, the model's tokenizer), read with the model's own preprocessing.",
+)
+
 _OPTIONS = [
     click.option(
         "--model",
@@ -57,14 +66,7 @@ _OPTIONS = [
         default=None,
         help="The library's own weights for --model, from its local cache (never downloaded).",
     ),
-    click.option(
-        "--data",
-        "data_spec",
-        default=None,
-        metavar="SPEC",
-        help="imagefolder:DIR (torchvision's ImageFolder layout: train/ and val/, or class folders alone) or "
-        "text:FILE (next-token error, the model's tokenizer), read with the model's own preprocessing.",
-    ),
+    _DATA_OPTION,
     click.option(
         "--image-size",
         type=click.IntRange(min=1),
@@ -77,10 +79,13 @@ _OPTIONS = [
 ]
 
 
-def model_options(command):
+def model_options(command=None, *, data: bool = True):
     """Adds the model and data options to a command (parameters model_name, model_kwargs, weights, pretrained,
-    data_spec, image_size, seq_len)."""
-    for option in reversed(_OPTIONS):
+    data_spec, image_size, seq_len); `@model_options(data=False)` leaves out --data (data_spec) for a command that
+    reads no data."""
+    if command is None:
+        return lambda command: model_options(command, data=data)
+    for option in reversed(_OPTIONS if data else [o for o in _OPTIONS if o is not _DATA_OPTION]):
         command = option(command)
     return command
 

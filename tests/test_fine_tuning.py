@@ -19,7 +19,7 @@ from named_fixtures import (
     torchvision_case,
 )
 
-from itconv_fast import compute_indices
+from itconv_fast import compute_indices, lipschitz_report
 from itconv_fast.models.integrations import residual_model
 from itconv_fast.models.residual import sequence_error
 
@@ -97,6 +97,12 @@ def test_fine_tuning_writes_the_indices_before_and_after_and_resumes(folder, tmp
     result = invoke(["indices", run, "--out", tmp_path / "elsewhere"])
     assert result.exit_code == 0, result.output
     assert_same_indices(json.loads((tmp_path / "elsewhere" / "indices.json").read_text()), after)
+    # `lipschitz RUN` measures the fine-tuned network at the run's image size.
+    result = invoke(["lipschitz", run, "--power-iterations", 5, "--no-gram", "--json", tmp_path / "l.json"])
+    assert result.exit_code == 0, result.output
+    by_hand = lipschitz_report(tuned, torch.zeros(1, 3, 32, 32), power_iterations=5, gram=False).to_dict()
+    by_hand = json.loads(json.dumps(by_hand))  # as written
+    assert json.loads((tmp_path / "l.json").read_text())["layers"] == by_hand["layers"]
 
 
 @pytest.mark.parametrize("kind", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
@@ -137,6 +143,10 @@ def test_fine_tuning_a_language_model_with_coupling_and_spectral_norm(kind, tmp_
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "indices.json").read_text())["n"] == held
     assert 0 <= metrics["epochs"][-1]["test_error"] <= 1
+    # `lipschitz RUN`: the language model's layers on a window of the run's 12 tokens, the normalised ones at mu.
+    result = invoke(["lipschitz", tmp_path / "run", "--power-iterations", 30, "--no-gram", "--markdown"])
+    assert result.exit_code == 0, result.output
+    assert "| lm_head |" in result.output and "warning" not in result.output.lower()
 
 
 def test_benefits_of_models_by_name(folder, tmp_path):

@@ -325,3 +325,29 @@ def test_measuring_reads_the_held_out_split_alone(tmp_path):
     with pytest.warns(RuntimeWarning, match="skipped 1 of 13"):
         task = image_folder_task(str(root), prep, hold_out=True)
     assert (len(task.train), len(task.test), task.info["skipped_images"]) == (12, 10, 1)
+
+
+def test_lipschitz_of_a_model_by_name_equals_the_report_on_the_same_network(tmp_path):
+    """`lipschitz --model`: the seed-0 network the library builds, measured on zeros of --image-size, as by hand; the
+    products of an unmeasured column print as '-'; SOURCE and --model are one or the other."""
+    from itconv_fast import lipschitz_report
+
+    model, _, _ = torchvision_case("resnet18", 32)
+    args = ["lipschitz", "--model", "torchvision:resnet18", "--model-kwargs", "num_classes=10", "--image-size", 32]
+    result = invoke([*args, "--power-iterations", 5, "--no-gram", "--json", tmp_path / "l.json"])
+    assert result.exit_code == 0, result.output
+    by_hand = lipschitz_report(model.eval(), torch.zeros(1, 3, 32, 32), power_iterations=5, gram=False).to_dict()
+    by_hand = json.loads(json.dumps(by_hand))  # as written
+    written = json.loads((tmp_path / "l.json").read_text())
+    assert written["layers"] == by_hand["layers"] and written["product_operator"] == by_hand["product_operator"]
+    assert {r["name"]: r["input_size"] for r in written["layers"]}["layer1.0.conv1"] == [8, 8]
+    product = next(line for line in result.output.splitlines() if line.startswith("product"))
+    assert "nan" not in product and product.split()[-1] == "-"
+    for bad, message in (
+        ([], "give a SOURCE"),
+        ([tmp_path / "l.json", "--model", "torchvision:resnet18"], "not both"),
+        ([tmp_path / "l.json", "--weights", tmp_path / "l.json"], "--weights goes with --model"),
+        (["--model", "torchvision:no_such_net"], "no such model"),
+    ):
+        result = invoke(["lipschitz", *bad])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

@@ -1,14 +1,16 @@
-"""The model and example input that `itconv-fast lipschitz` measures, from a user's script or a training run
-directory: the file reading kept out of measures/, which computes on models it is handed."""
+"""The model and example input that `itconv-fast lipschitz` measures, from a user's script, a training run directory
+(the paper's network or a model fine-tuned by name) or a model by name: the file reading kept out of measures/, which
+computes on models it is handed."""
 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ["ModelScriptError", "load_model_source"]
+__all__ = ["ModelScriptError", "load_model_source", "load_named_source"]
 
 
 class ModelScriptError(RuntimeError):
@@ -42,11 +44,37 @@ def load_model_source(source: str):
         if not isinstance(example, (torch.Tensor, tuple, list)):
             raise ValueError(f"{source} defines no `example_input` (a tensor, or a function returning one)")
         return model, example
-    from ..models import load_checkpoint
+    from ..io.checkpoint import load_checkpoint_state
+    from ..models.iter_resnet import model_from_state
+    from ..models.named import NamedModel, example_input
 
     path = os.path.join(source, "checkpoint.pt") if os.path.isdir(source) else source
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint.pt in {source}")
-    model = load_checkpoint(path)
+    state = load_checkpoint_state(path)
+    model = model_from_state(state, path)
+    if isinstance(model, NamedModel):  # fine-tuned by `train --model`: its network, at the run's input size
+        run = state.get("config") if isinstance(state.get("config"), dict) else {}
+        return model.network, example_input(model, run.get("image_size"), run.get("seq_len"))
     cfg = model.config
     return model, torch.zeros(1, cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+
+
+def load_named_source(
+    spec: str,
+    *,
+    kwargs: Optional[dict] = None,
+    weights: Optional[str] = None,
+    pretrained: bool = False,
+    image_size: Optional[int] = None,
+    seq_len: Optional[int] = None,
+):
+    """(network, example input) of a model by name (models.named: `torchvision:resnet18`, `timm:...`, `hf:...`,
+    `file.py:FUNCTION`) with the weights given (random ones drawn from seed 0 otherwise, the global generator left as
+    it was); raises ModelNameError, CheckpointError or ValueError, one line."""
+    from ..models.named import example_input, named_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = named_model(spec, kwargs=kwargs, weights=weights, pretrained=pretrained)
+    return model.network.eval(), example_input(model, image_size, seq_len)

@@ -91,8 +91,8 @@ class LipschitzReport:
         return self._product("matrix")
 
     def rows(self) -> list[list[str]]:
-        def f(x):
-            return "-" if x is None else f"{x:.4g}"
+        def f(x):  # None: not measured; a product with a layer not measured is NaN
+            return "-" if x is None or math.isnan(x) else f"{x:.4g}"
 
         header = ["layer", "type", "input", "matrix", "operator", "gram bound", "exact (FFT)"]
         body = [

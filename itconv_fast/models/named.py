@@ -32,6 +32,7 @@ __all__ = [
     "NamedModel",
     "named_model",
     "image_preprocessing",
+    "example_input",
     "load_tokenizer",
 ]
 
@@ -294,6 +295,17 @@ def image_preprocessing(model: NamedModel) -> ImagePreprocessing:
             return ImagePreprocessing(224, 256)
         return ImagePreprocessing(t.crop_size[0], t.resize_size[0], tuple(t.mean), tuple(t.std), t.interpolation.value)
     return ImagePreprocessing(224, 256)
+
+
+def example_input(model: NamedModel, image_size: Optional[int] = None, seq_len: Optional[int] = None) -> torch.Tensor:
+    """One input of the network, zeros (what `itconv-fast lipschitz` runs to find each layer's input size): token
+    ids [1, seq_len (default 64)] for an `hf:` model; otherwise an image [1, C, S, S], C the first convolution's input
+    channels (3 without one), S image_size or the crop of the model's preprocessing."""
+    if parse_model_name(model.config["source"])[0] == "hf":
+        return torch.zeros(1, seq_len or 64, dtype=torch.long)
+    first = next((m for m in model.network.modules() if isinstance(m, nn.Conv2d)), None)
+    side = image_size or image_preprocessing(model).size
+    return torch.zeros(1, first.in_channels if first is not None else 3, side, side)
 
 
 def load_tokenizer(model: NamedModel):
