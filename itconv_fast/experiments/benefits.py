@@ -161,12 +161,12 @@ def benefits_of_run(
 
 def benefit_columns(result: dict) -> dict:
     """The result-table columns of a `benefits_of_run` result (a sweep's results.csv): per thinking-longer test
-    set its error, gain, best k and overthinking rate; adaptive depth's compute saved; per sigma and epsilon the
-    noise, PGD errors and certified shares."""
+    set its error, gain, held-out gain, best k and overthinking rate; adaptive depth's compute saved; per sigma and
+    epsilon the noise, PGD errors and certified shares."""
     columns = {}
     for name, r in result.get("thinking_longer", {}).items():
         key = name.replace(" ", "_")
-        for field in ("error", "gain", "best_k", "error_at_K", "overthinking_rate"):
+        for field in ("error", "gain", "heldout_gain", "best_k", "error_at_K", "overthinking_rate"):
             columns[f"tl_{key}_{field}"] = r[field]
     if "adaptive_depth" in result:
         r = result["adaptive_depth"]

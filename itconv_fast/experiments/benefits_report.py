@@ -38,7 +38,7 @@ def benefit_metrics(rows: list, sigma: float = 0.5, eps: float = 0.03) -> list:
     (not the training distribution's own), the compute saved, the noise error near sigma, the PGD error and the
     certified share near eps."""
     out = []
-    harder = [k for k in rows[0] if k.startswith("tl_") and k.endswith("_gain") and k != "tl_test_set_gain"]
+    harder = [k for k in rows[0] if k.startswith("tl_") and k.endswith("_gain") and not k.startswith("tl_test_set")]
     out += [(k, "gain " + k[3:-5].replace("digitclutter-", "DC-").replace("_", " "), False) for k in harder]
     if "tl_test_set_gain" in rows[0]:
         out.append(("tl_test_set_gain", "gain test set", False))
@@ -189,7 +189,7 @@ def benefits_section(rows: list, folder: str, stem: str) -> list:
                 r, lo, hi, n = correlation([t[index] for t in at], [t.get(column) for t in at])
                 cells.append("n/a" if math.isnan(r) else f"{r:+.2f} [{lo:+.2f}, {hi:+.2f}]")
             lines.append(f"| {name} | {size} | {n} | " + " | ".join(cells) + " |")
-    gains = [(k, "gain " + n[5:]) for k, n, _ in metrics if k.startswith("tl_") and k != "tl_test_set_gain"]
+    gains = [(k, "gain " + n[5:]) for k, n, _ in metrics if k.startswith("tl_") and not k.startswith("tl_test_set")]
     robust = [(k, n) for k, n, _ in metrics if k.startswith(("noise_error", "pgd_error"))]
     figures = [
         ("gain-di", "Gain from thinking longer against DI", [("di", k, n) for k, n in gains]),

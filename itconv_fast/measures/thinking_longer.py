@@ -12,6 +12,12 @@ input), so that a weight-shared network (lam = 1, every block the same) runs its
 recurrent "deep thinking" networks are run longer on harder inputs (Schwarzschild et al. 2021; Bansal et al.
 2022). Unlike the Divergence Index, which perturbs one stage at a time, every stage iterates at once.
 
+The best k is chosen on the examples it is scored on, so `gain` (the error at k = 0 minus the best error, >= 0)
+is biased upwards: over six k's that differ by a few examples each, the smallest error is partly luck.
+`heldout_gain` is not: the examples are split into two halves (even and odd positions), the best k is chosen on
+one half and its gain measured on the other, both ways, and the two gains averaged (weighted by the halves'
+sizes). It can be negative: the k that looked best on one half loses on the other.
+
 The pass is batched: the first stage's K extra iterations are built incrementally from its output, and the outputs
 for several k go through the later stages together (up to `batch_size` rows a forward), each row group taking its
 own number of extra iterations there. `reference_thinking_longer` is the unbatched check: one plain forward per k.
@@ -51,13 +57,16 @@ class ThinkingLongerReport:
     = K).
 
     overthinking_rate: the share of examples right at k = 0 and wrong at k = K; rescued_rate: wrong at k = 0 and
-    right at k = K."""
+    right at k = K.
+
+    heldout_gain: the gain with the best k chosen on other examples (module docstring); NaN for one example."""
 
     errors: list
     n: int
     overthinking_rate: float
     rescued_rate: float
     ks: list
+    heldout_gain: float = float("nan")
 
     @property
     def extra_iterations(self) -> int:
@@ -74,7 +83,8 @@ class ThinkingLongerReport:
 
     @property
     def gain(self) -> float:
-        """errors[0] - best_error: what thinking longer buys at its best k (>= 0)."""
+        """errors[0] - best_error: what thinking longer buys at its best k (>= 0; chosen on the same examples, so
+        biased upwards: heldout_gain is not)."""
         return self.errors[0] - self.best_error
 
     def to_dict(self) -> dict:
@@ -186,6 +196,7 @@ def thinking_longer_report(
     K = extra_iterations
     ks = extra_iteration_grid(ks, K)
     tally = Tally()
+    seen = [0]  # examples before this batch: their positions decide the halves
 
     def per_batch(x, y):
         wrong = wrong_by_extra_iterations(model, x, y, K, wrong_fn, batch_size, ks).double()
@@ -193,7 +204,27 @@ def thinking_longer_report(
             tally.add(i, wrong[:, i].sum())
         tally.add("over", ((1 - wrong[:, 0]) * wrong[:, -1]).sum())
         tally.add("rescued", (wrong[:, 0] * (1 - wrong[:, -1])).sum())
+        odd = (torch.arange(seen[0], seen[0] + wrong.shape[0], device=wrong.device) % 2).bool()
+        seen[0] += wrong.shape[0]
+        for half, rows in ((0, ~odd), (1, odd)):
+            tally.add(("n", half), rows.sum())
+            for i in range(len(ks)):
+                tally.add((half, i), wrong[rows, i].sum())
 
     n, _ = evaluate_batches(model, data, batch_size, "thinking_longer_report", per_batch)
     errors = [tally[i] / n for i in range(len(ks))]
-    return ThinkingLongerReport(errors, n, tally["over"] / n, tally["rescued"] / n, ks)
+    wrong_by_half = [[tally[(h, i)] for i in range(len(ks))] for h in (0, 1)]
+    heldout = _heldout_gain(wrong_by_half, [tally[("n", h)] for h in (0, 1)])
+    return ThinkingLongerReport(errors, n, tally["over"] / n, tally["rescued"] / n, ks, heldout)
+
+
+def _heldout_gain(wrong: list, n: list) -> float:
+    """wrong[h][i]: the wrong count of half h at the i-th k; n[h]: its size. The gain of the k chosen on one half
+    (the lowest error, the smallest k on ties), measured on the other, both ways, weighted by size."""
+    if min(n) == 0:
+        return float("nan")
+    gain = 0.0
+    for chosen_on, scored_on in ((0, 1), (1, 0)):
+        best = min(range(len(wrong[chosen_on])), key=lambda i: (wrong[chosen_on][i], i))
+        gain += wrong[scored_on][0] - wrong[scored_on][best]  # = n[scored_on] * (its error gain)
+    return gain / sum(n)
