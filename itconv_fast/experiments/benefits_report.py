@@ -100,16 +100,20 @@ def _against(ax, rows, x_key: str, y_key: str, sizes: list) -> None:
 
 
 def _figure(path: str, panels: list, rows, sizes, title: str) -> bool:
-    """panels: [(x column, y column, y label)] side by side; False (nothing drawn) when no panel has data."""
+    """panels: [(x column, y column, y label)], three to a row; False (nothing drawn) when no panel has data."""
     panels = [p for p in panels if any(r.get(p[1]) is not None for r in rows)]
     if not panels:
         return False
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 2.6, 4.2), squeeze=False)
-    for ax, (x_key, y_key, y_label) in zip(axes[0], panels):
+    columns = min(3, len(panels))
+    lines = -(-len(panels) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(4.6 * columns + 2.6, 4.2 * lines), squeeze=False)
+    for ax, (x_key, y_key, y_label) in zip(axes.flat, panels):
         _against(ax, [r for r in rows if r.get(y_key) is not None], x_key, y_key, sizes)
         ax.set_xlabel("Divergence Index" if x_key == "di" else x_key)
         ax.set_ylabel(y_label)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
     axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(title + f"\n(filled: train size {sizes[-1]}; hollow: {', '.join(map(str, sizes[:-1])) or '-'})",
                  fontsize=9)  # fmt: skip
@@ -160,7 +164,8 @@ def benefits_section(rows: list, folder: str, stem: str) -> list:
         "## Benefits",
         "",
         "Per variant and training-set size, mean ± sd over seeds. Gains: the error at k = 0 minus the lowest error "
-        "over k = 0..K extra iterations of every stage, on each harder test set (DC-n: Digitclutter with n digits). "
+        "over k = 0..K extra iterations of every stage, on each harder test set (DC-n: Digitclutter with n digits); "
+        "heldout: with k chosen on the other half of the examples (not biased upwards by the choice; can be < 0). "
         "Compute saved: adaptive depth's, at no more than 0.5 points of error above the full network, the best "
         "halting rule. Noise and PGD: errors under Gaussian noise and an L-infinity attack of the size shown "
         "(input units); certified: the share certified right at that size (spectrally normalised networks' bound).",
