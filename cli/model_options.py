@@ -44,7 +44,8 @@ _OPTIONS = [
         default=None,
         metavar="SPEC",
         help="A model by name instead of the paper's ResNet: torchvision:NAME, timm:NAME, hf:NAME_OR_PATH or "
-        "path/to/file.py:FUNCTION (random weights unless --pretrained or --weights). Goes with --data.",
+        "path/to/file.py:FUNCTION (random weights unless --pretrained or --weights); train, indices and benefits "
+        "take it with --data.",
     ),
     click.option(
         "--model-kwargs",

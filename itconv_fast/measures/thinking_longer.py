@@ -20,7 +20,8 @@ sizes). It can be negative: the k that looked best on one half loses on the othe
 
 The pass is batched: the first stage's K extra iterations are built incrementally from its output, and the outputs
 for several k go through the later stages together (up to `batch_size` rows a forward), each row group taking its
-own number of extra iterations there. `reference_thinking_longer` is the unbatched check: one plain forward per k.
+own number of extra iterations there. `forward_with_extra_iterations` is the unbatched definition: one plain
+forward per k, which the tests hold the pass to.
 """
 
 from __future__ import annotations
