@@ -125,3 +125,34 @@ def test_the_heldout_gain_is_not_biased_upwards_by_choosing_k():
         held_out.append(_heldout_gain([wrong[0::2].sum(0).tolist(), wrong[1::2].sum(0).tolist()], [1000, 1000]))
     assert sum(in_sample) / 200 > 0.01
     assert abs(sum(held_out) / 200) < 0.003
+
+
+def test_a_weight_shared_stage_runs_its_block_T_plus_k_times():
+    model = net(init="recurrent", stages=1)
+    x, _ = inputs(model, n=8)
+    stage = model.stages[0]
+    with torch.no_grad():
+        z = model.stem(x)
+        for _ in range(3 + 2):
+            z = z + stage.blocks[0].residual(z)
+        assert torch.equal(forward_with_extra_iterations(model, x, 2), model.head(z))
+
+
+def test_a_custom_error_function_and_bad_arguments():
+    model = net()
+    x, y = inputs(model, n=16)
+    always = thinking_longer_report(
+        model, (x, y), extra_iterations=2, ks="all", error_fn=lambda logits, t: torch.ones_like(t) > 0
+    )
+    assert always.errors == [1.0, 1.0, 1.0] and always.overthinking_rate == 0.0
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="extra_iterations"):
+            thinking_longer_report(model, (x, y), extra_iterations=bad)
+    with pytest.raises(ValueError, match="batch_size"):
+        thinking_longer_report(model, (x, y), batch_size=0)
+    for bad in ("some", [5], [-1], [1.5], [True]):
+        with pytest.raises(ValueError, match="ks must be"):
+            thinking_longer_report(model, (x, y), extra_iterations=4, ks=bad)
+    with pytest.raises(TypeError, match="not a residual model"):
+        thinking_longer_report(nn.Linear(2, 2), (x, y))
+    assert not model.training
