@@ -144,9 +144,13 @@ def test_fine_tuning_a_language_model_with_coupling_and_spectral_norm(kind, tmp_
     assert json.loads((tmp_path / "run" / "indices.json").read_text())["n"] == held
     assert 0 <= metrics["epochs"][-1]["test_error"] <= 1
     # `lipschitz RUN`: the language model's layers on a window of the run's 12 tokens, the normalised ones at mu.
-    result = invoke(["lipschitz", tmp_path / "run", "--power-iterations", 30, "--no-gram", "--markdown"])
+    out = tmp_path / "l.json"
+    result = invoke(["lipschitz", tmp_path / "run", "--power-iterations", 30, "--no-gram", "--markdown", "--json", out])
     assert result.exit_code == 0, result.output
-    assert "| lm_head |" in result.output and "warning" not in result.output.lower()
+    assert "| lm_head |" in result.output
+    layers = {r["name"]: r for r in json.loads(out.read_text())["layers"]}
+    bounded = [r for r in layers.values() if r["bound"] is not None]
+    assert bounded and all(r["bound"] == pytest.approx(0.9) and r["bound_held"] for r in bounded)
 
 
 def test_benefits_of_models_by_name(folder, tmp_path):

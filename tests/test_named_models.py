@@ -343,6 +343,15 @@ def test_lipschitz_of_a_model_by_name_equals_the_report_on_the_same_network(tmp_
     assert {r["name"]: r["input_size"] for r in written["layers"]}["layer1.0.conv1"] == [8, 8]
     product = next(line for line in result.output.splitlines() if line.startswith("product"))
     assert "nan" not in product and product.split()[-1] == "-"
+    # A language model by name: transformers' Conv1D projections (linear layers stored transposed) are measured.
+    directory, _ = language_model(tmp_path, "gpt2")
+    lm = ["lipschitz", "--model", f"hf:{directory}", "--pretrained", "--seq-len", 12, "--no-gram", "--json"]
+    result = invoke([*lm, tmp_path / "lm.json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads((tmp_path / "lm.json").read_text())["layers"]}
+    weight = transformers.AutoModelForCausalLM.from_pretrained(str(directory)).transformer.h[0].attn.c_attn.weight
+    expected = torch.linalg.matrix_norm(weight.detach().double(), ord=2).item()
+    assert rows["transformer.h.0.attn.c_attn"]["matrix"] == pytest.approx(expected, rel=1e-5)
     for bad, message in (
         ([], "give a SOURCE"),
         ([tmp_path / "l.json", "--model", "torchvision:resnet18"], "not both"),

@@ -35,6 +35,7 @@ from ..nn.geometry import (
     output_size,
     power_steps,
     supported_layer,
+    transposed_linear,
 )
 from ..nn.parametrization import spectral_parametrization
 
@@ -199,8 +200,8 @@ def circular_exact_sigmas(geometry: LayerGeometry, weights: list[torch.Tensor], 
 def _record_input_sizes(model: nn.Module, example_input) -> dict:
     sizes, handles = {}, []
     for name, module in model.named_modules():
-        if supported_layer(module) and not isinstance(module, nn.Linear):
-            nd = len(module.kernel_size)
+        if supported_layer(module) and not (isinstance(module, nn.Linear) or transposed_linear(module)):
+            nd = len(module.kernel_size)  # a convolution: its input's spatial size decides its operator norm
 
             def hook(mod, args, name=name, nd=nd):
                 if args and isinstance(args[0], torch.Tensor):

@@ -90,15 +90,10 @@ class LayerGeometry:
 
 def transposed_linear(module: nn.Module) -> bool:
     """A linear layer that stores its weight transposed, [in, out], and computes x @ W + b: Hugging Face
-    transformers' `Conv1D` (GPT-2's attention and MLP projections). Recognised by name, without importing
-    transformers."""
-    cls = type(module)
-    return (
-        cls.__name__ == "Conv1D"
-        and cls.__module__.startswith("transformers")
-        and isinstance(getattr(module, "weight", None), torch.Tensor)
-        and module.weight.dim() == 2
-    )
+    transformers' `Conv1D` (GPT-2's attention and MLP projections), parametrized or not (torch's parametrize makes
+    a subclass). Recognised by name, without importing transformers."""
+    conv1d = any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
+    return conv1d and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
 
 
 def supported_layer(module: nn.Module) -> bool:
