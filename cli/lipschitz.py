@@ -58,7 +58,9 @@ def lipschitz(
     from itconv_fast.experiments.model_source import ModelScriptError, load_model_source, load_named_source
     from itconv_fast.measures.lipschitz import lipschitz_report
 
-    named = dict(model_kwargs=model_kwargs, weights=weights, pretrained=pretrained)
+    named = dict(
+        model_kwargs=model_kwargs, weights=weights, pretrained=pretrained, image_size=image_size, seq_len=seq_len
+    )  # a script or a run names its own weights and input
     if (source is None) == (model_name is None):
         raise click.UsageError("give a SOURCE (a script or a run) or --model SPEC, not both")
     if source is not None and any(named.values()):

@@ -356,6 +356,7 @@ def test_lipschitz_of_a_model_by_name_equals_the_report_on_the_same_network(tmp_
         ([], "give a SOURCE"),
         ([tmp_path / "l.json", "--model", "torchvision:resnet18"], "not both"),
         ([tmp_path / "l.json", "--weights", tmp_path / "l.json"], "--weights goes with --model"),
+        ([tmp_path / "l.json", "--image-size", 32], "--image-size goes with --model"),
         (["--model", "torchvision:no_such_net"], "no such model"),
     ):
         result = invoke(["lipschitz", *bad])

@@ -74,7 +74,5 @@ def load_named_source(
     it was); raises ModelNameError, CheckpointError or ValueError, one line."""
     from ..models.named import example_input, named_model
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = named_model(spec, kwargs=kwargs, weights=weights, pretrained=pretrained)
+    model = named_model(spec, kwargs=kwargs, weights=weights, pretrained=pretrained, seed=0)
     return model.network.eval(), example_input(model, image_size, seq_len)

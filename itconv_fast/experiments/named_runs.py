@@ -37,16 +37,15 @@ def named_model_of(config: TrainConfig, num_classes: Optional[int]) -> NamedMode
     pretrained ones, the --weights file, or random ones drawn from config.seed, whoever calls: the global generator
     is left as it was)."""
     sn = None if config.sn_mu is None else {"mu": config.sn_mu, "mode": config.sn_mode}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        return named_model(
-            config.model,
-            num_classes=num_classes,
-            kwargs=config.model_kwargs,
-            sn=sn,
-            pretrained=config.pretrained,
-            weights=config.weights,
-        )
+    return named_model(
+        config.model,
+        num_classes=num_classes,
+        kwargs=config.model_kwargs,
+        sn=sn,
+        pretrained=config.pretrained,
+        weights=config.weights,
+        seed=config.seed,
+    )
 
 
 def data_classes(config: TrainConfig) -> Optional[int]:

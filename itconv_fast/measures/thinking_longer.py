@@ -201,20 +201,18 @@ def thinking_longer_report(
 
     def per_batch(x, y):
         wrong = wrong_by_extra_iterations(model, x, y, K, wrong_fn, batch_size, ks).double()
-        for i in range(len(ks)):
-            tally.add(i, wrong[:, i].sum())
         tally.add("over", ((1 - wrong[:, 0]) * wrong[:, -1]).sum())
         tally.add("rescued", (wrong[:, 0] * (1 - wrong[:, -1])).sum())
         odd = (torch.arange(seen[0], seen[0] + wrong.shape[0], device=wrong.device) % 2).bool()
         seen[0] += wrong.shape[0]
-        for half, rows in ((0, ~odd), (1, odd)):
+        for half, rows in ((0, ~odd), (1, odd)):  # wrong counts per k, per half: the errors are their sums
             tally.add(("n", half), rows.sum())
-            for i in range(len(ks)):
-                tally.add((half, i), wrong[rows, i].sum())
+            for i, count in enumerate(wrong[rows].sum(0).tolist()):
+                tally.add((half, i), count)
 
     n, _ = evaluate_batches(model, data, batch_size, "thinking_longer_report", per_batch)
-    errors = [tally[i] / n for i in range(len(ks))]
     wrong_by_half = [[tally[(h, i)] for i in range(len(ks))] for h in (0, 1)]
+    errors = [(wrong_by_half[0][i] + wrong_by_half[1][i]) / n for i in range(len(ks))]
     heldout = _heldout_gain(wrong_by_half, [tally[("n", h)] for h in (0, 1)])
     return ThinkingLongerReport(errors, n, tally["over"] / n, tally["rescued"] / n, ks, heldout)
 

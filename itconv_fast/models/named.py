@@ -219,11 +219,26 @@ class NamedModel(nn.Module):
 
 
 def named_model(
-    spec: str, *, num_classes=None, kwargs=None, pretrained=False, weights: Optional[str] = None, sn=None
+    spec: str,
+    *,
+    num_classes=None,
+    kwargs=None,
+    pretrained=False,
+    weights: Optional[str] = None,
+    sn=None,
+    seed: Optional[int] = None,
 ) -> NamedModel:
     """create_network wrapped as a NamedModel; weights: a state dict file (load_state_dict_file: a network's state
     dict, or a NamedModel's / an itconv-fast checkpoint's, whose `network.` prefix is taken off); sn: {"mu", "mode"}
-    of BatchedSpectralNorm on the layers inside the residual blocks, applied before the weights are loaded."""
+    of BatchedSpectralNorm on the layers inside the residual blocks, applied before the weights are loaded; seed:
+    the random weights drawn from it, whoever calls (the global generator left as it was), else from the global
+    generator."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return named_model(
+                spec, num_classes=num_classes, kwargs=kwargs, pretrained=pretrained, weights=weights, sn=sn
+            )
     network = create_network(spec, num_classes=num_classes, kwargs=kwargs, pretrained=pretrained)
     config = {"source": spec, "num_classes": num_classes, "kwargs": dict(kwargs or {}), "sn": sn}
     model = NamedModel(network, config)
